@@ -1,9 +1,26 @@
-"""gradsight: is a small gradient *converged*, or did the signal vanish on its way back?"""
+"""gradsight: is a small gradient *converged*, or did the signal vanish on its way back?
+
+Public API (stable names)::
+
+    d = gradsight.diagnose(model, (inputs, targets), loss_fn, lr=None)
+    d.status, d.layers, d.layer("3"), d.nonfinite_origin, d.to_dict(), d.to_html(path)
+"""
 
 from __future__ import annotations
 
 from gradsight._errors import GradsightError
+from gradsight.diagnosis import STATUSES, Diagnosis, LayerDiagnosis, diagnose
+from gradsight.probes import SignalFlow, SignalProbe
 
 __version__ = "0.1.0"
 
-__all__ = ["GradsightError", "__version__"]
+__all__ = [
+    "STATUSES",
+    "Diagnosis",
+    "GradsightError",
+    "LayerDiagnosis",
+    "SignalFlow",
+    "SignalProbe",
+    "__version__",
+    "diagnose",
+]

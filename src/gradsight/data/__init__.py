@@ -56,7 +56,7 @@ def load_digits(
         images = arrays["images"].astype(np.float64) / 16.0
         target = arrays["target"].astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(target))
-    n_test = int(round(test_fraction * len(target)))
+    n_test = round(test_fraction * len(target))
     test_idx, train_idx = order[:n_test], order[n_test:]
     mean = images[train_idx].mean(axis=0)
     std = images[train_idx].std(axis=0)

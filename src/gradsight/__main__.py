@@ -1,0 +1,7 @@
+"""``python -m gradsight``."""
+
+import sys
+
+from gradsight.cli import main
+
+sys.exit(main())

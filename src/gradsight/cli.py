@@ -1,0 +1,102 @@
+"""Command line: ``gradsight demo`` and ``gradsight diagnose MODULE:FACTORY``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gradsight import __version__
+from gradsight._errors import GradsightError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gradsight",
+        description="Tell, layer by layer, whether a small gradient means converged or vanished.",
+    )
+    p.add_argument("--version", action="version", version=f"gradsight {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train the built-in cases on digits and diagnose them")
+    demo.add_argument("--quick", action="store_true", help="short budget (10 epochs, ~10 s)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per model (default 40)")
+    demo.add_argument("--width", type=int, default=64, help="hidden width (default 64)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("gradsight-runs/demo"),
+        help="parent directory; each run writes a new run-NNN inside (default %(default)s)",
+    )
+
+    diag = sub.add_parser(
+        "diagnose",
+        help="diagnose a model returned by MODULE:FACTORY",
+        description="FACTORY() must return (model, batch, loss_fn), batch = (inputs, targets).",
+    )
+    diag.add_argument("target", metavar="MODULE:FACTORY")
+    diag.add_argument("--lr", type=float, default=None, help="learning rate used in training")
+    diag.add_argument("--json", type=Path, default=None, help="also write the diagnosis as JSON")
+    diag.add_argument("--html", type=Path, default=None, help="also write an HTML page")
+    return p
+
+
+def _load_factory(target: str) -> tuple[Any, Any, Any]:
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise GradsightError(f"expected MODULE:FACTORY, e.g. mypkg.models:make, got {target!r}.")
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise GradsightError(
+            f"cannot import module {module_name!r} ({exc}); run from the directory that "
+            "contains it or install it."
+        ) from None
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise GradsightError(f"{module_name!r} has no callable {attr!r}.")
+    made = factory()
+    if not isinstance(made, tuple) or len(made) != 3:
+        raise GradsightError(
+            f"{target}() must return (model, batch, loss_fn), got {type(made).__name__}"
+            + (f" of length {len(made)}" if isinstance(made, tuple) else "")
+            + "."
+        )
+    return made
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``gradsight`` command; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from gradsight.demo import run_demo
+
+            if args.epochs is not None and args.epochs < 1:
+                raise GradsightError(f"--epochs must be at least 1, got {args.epochs}.")
+            run_demo(
+                args.out, quick=args.quick, epochs=args.epochs, width=args.width, seed=args.seed
+            )
+        elif args.command == "diagnose":
+            from gradsight.diagnosis import diagnose
+
+            model, batch, loss_fn = _load_factory(args.target)
+            d = diagnose(model, batch, loss_fn, lr=args.lr)
+            print(d)
+            if args.json:
+                args.json.write_text(d.to_json(indent=2), encoding="utf-8")
+            if args.html:
+                d.to_html(args.html)
+    except GradsightError as exc:
+        print(f"gradsight: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

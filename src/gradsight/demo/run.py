@@ -1,0 +1,170 @@
+"""``gradsight demo``: the seed's argument, run on the user's own machine.
+
+Two 10-layer MLPs on the built-in digits, trained with plain SGD for the same budget:
+
+* sigmoid with Xavier init: stuck at the loss of a constant prediction (ln 10 ≈ 2.30);
+  its early layers are ``vanishing`` — the sigmoid derivative (≤ 0.25) shrinks the
+  backward signal about ×0.24 per layer;
+* ReLU with He init: the same depth learns (> 95% held-out accuracy), no layer vanishes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from torch import nn
+
+from gradsight.data import load_digits
+from gradsight.demo.models import mlp
+from gradsight.demo.train import TrainResult, train
+from gradsight.diagnosis import Diagnosis, diagnose
+
+__all__ = ["ARMS", "Arm", "run_demo"]
+
+_STATUS_STYLE = {
+    "vanishing": "bold dark_orange",
+    "exploding": "bold red",
+    "nonfinite": "bold red",
+    "dead": "bold grey50",
+    "converged": "bold green",
+    "ok": "green",
+}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration the demo trains and diagnoses."""
+
+    key: str
+    title: str
+    activation: str
+    init: str
+    lr: float
+
+
+ARMS = (
+    Arm("sigmoid-sgd", "10-layer sigmoid MLP, Xavier init, SGD lr 0.1", "sigmoid", "xavier", 0.1),
+    Arm("relu-he-sgd", "10-layer ReLU MLP, He init, SGD lr 0.1", "relu", "he", 0.1),
+)
+
+
+def new_run_dir(out: Path, console: Console) -> Path:
+    """A fresh numbered run directory under ``out``; earlier runs are never touched."""
+    out.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in out.iterdir() if (m := re.fullmatch(r"run-(\d+)", p.name))]
+    run = out / f"run-{max(taken, default=0) + 1:03d}"
+    run.mkdir()
+    if taken:
+        console.print(f"[dim]{len(taken)} earlier run(s) in {out} kept; writing {run}[/dim]")
+    return run
+
+
+def run_demo(
+    out: str | Path = "gradsight-runs/demo",
+    *,
+    quick: bool = False,
+    epochs: int | None = None,
+    width: int = 64,
+    seed: int = 0,
+    console: Console | None = None,
+) -> Path:
+    """Train and diagnose the demo arms; return the run directory written.
+
+    Args:
+        out: Parent directory; each call writes a new ``run-NNN`` inside it.
+        quick: Shorter budget (10 epochs instead of 40).
+        epochs: Explicit number of epochs (overrides ``quick``).
+        width: Hidden width of the MLPs.
+        seed: Seed for initialization and minibatch order.
+    """
+    # The per-layer table needs ~110 columns; a pipe or CI log has no width of its own.
+    console = console or Console(width=None if Console().is_terminal else 120)
+    n_epochs = epochs if epochs is not None else (10 if quick else 40)
+    train_data, test_data = load_digits(seed=seed)
+    run = new_run_dir(Path(out), console)
+    # The diagnosis batch: a fixed slice of the training data, as a user would pass one.
+    diag_batch = (train_data[0][:512], train_data[1][:512])
+    results: dict[str, tuple[TrainResult, Diagnosis]] = {}
+    with Progress(
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        for arm in ARMS:
+            torch.manual_seed(seed)
+            model = mlp(10, width, activation=arm.activation, init=arm.init)
+            history = train(
+                model,
+                partial(_sgd, lr=arm.lr),
+                train_data,
+                test_data,
+                epochs=n_epochs,
+                seed=seed,
+                label=arm.key,
+                progress=progress,
+            )
+            model.train()
+            d = diagnose(model, diag_batch, nn.functional.cross_entropy, lr=arm.lr)
+            results[arm.key] = (history, d)
+            (run / f"{arm.key}.json").write_text(
+                json.dumps(
+                    {
+                        "arm": arm.title,
+                        "epochs": n_epochs,
+                        "train_loss": history.train_loss,
+                        "test_accuracy": history.test_accuracy,
+                        "diagnosis": d.to_dict(),
+                    },
+                    indent=2,
+                ),
+                encoding="utf-8",
+            )
+            d.to_html(run / f"{arm.key}.html")
+    summary_lines = []
+    for arm in ARMS:
+        history, d = results[arm.key]
+        console.rule(f"[bold]{arm.title}[/bold] — {n_epochs} epochs")
+        console.print(_rich_table(d))
+        ratio = d.first_last_grad_ratio
+        line = (
+            f"final training loss {history.train_loss[-1]:.3f}, held-out accuracy "
+            f"{history.test_accuracy[-1]:.1%}; first/last layer gradient ratio "
+            f"{ratio:.1e}"
+            if ratio is not None
+            else "n/a"
+        )
+        console.print(line)
+        console.print(d.summary, highlight=False)
+        summary_lines += [f"== {arm.title}", line, d.summary, ""]
+    (run / "summary.txt").write_text("\n".join(summary_lines), encoding="utf-8")
+    console.print(f"\nWrote {run} (JSON and HTML per model, summary.txt).")
+    return run
+
+
+def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=lr)
+
+
+def _rich_table(d: Diagnosis) -> Table:
+    rows = d.table()
+    table = Table(show_header=True, header_style="bold")
+    for col in rows[0] if rows else []:
+        table.add_column(
+            col, justify="left" if col in ("layer", "type", "status") else "right", no_wrap=True
+        )
+    for row in rows:
+        style = _STATUS_STYLE.get(row["status"], "")
+        table.add_row(
+            *[f"[{style}]{v}[/]" if k == "status" and style else v for k, v in row.items()]
+        )
+    return table

@@ -1,0 +1,136 @@
+"""``gradsight.diagnose``: one forward and backward pass, per-layer verdicts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradsight._batch import compute_loss, split_batch, trainable_parameters
+from gradsight._errors import GradsightError
+from gradsight._state import preserved
+from gradsight.diagnosis.baseline import constant_baseline_loss
+from gradsight.diagnosis.result import Diagnosis
+from gradsight.diagnosis.verdict import LayerEvidence, judge, worst_status
+from gradsight.probes.signal import SignalFlow, SignalProbe, parameter_owners
+
+__all__ = ["diagnose"]
+
+
+def diagnose(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    lr: float | None = None,
+) -> Diagnosis:
+    """Diagnose, layer by layer, whether small gradients mean converged or vanished.
+
+    Runs one forward and one backward pass of ``model`` on ``batch`` with hooks that
+    keep only reductions, and judges each parameter-owning module (see
+    :mod:`gradsight.diagnosis.verdict` for the scale-invariant rules).
+
+    The model is left exactly as it was: parameters and their ``.grad`` (gradients are
+    taken with ``torch.autograd.grad``), train/eval mode (the pass runs in the current
+    mode), buffers such as BatchNorm running statistics (restored), and the global RNG
+    state (the pass runs on a forked, fixed-seed RNG, so dropout masks are reproducible).
+
+    Args:
+        model: The model, in the mode it trains in.
+        batch: ``(inputs, targets)``; ``model(inputs)`` (or ``model(*inputs)`` for a tuple,
+            ``model(**inputs)`` for a dict) gives the outputs.
+        loss_fn: ``loss_fn(outputs, targets)`` returns the scalar training loss.
+        lr: The learning rate used in training, if known.
+
+    Returns:
+        A :class:`~gradsight.diagnosis.result.Diagnosis`.
+
+    Raises:
+        GradsightError: for a model without trainable parameters, a batch that is not
+            an ``(inputs, targets)`` pair or that the model rejects, or a loss that is not
+            a scalar.
+
+    Example:
+        >>> import gradsight
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> layers = []
+        >>> for _ in range(10):
+        ...     layers += [nn.Linear(32, 32), nn.Sigmoid()]
+        >>> model = nn.Sequential(*layers, nn.Linear(32, 4))
+        >>> x, y = torch.randn(256, 32), torch.randint(0, 4, (256,))
+        >>> d = gradsight.diagnose(model, (x, y), nn.functional.cross_entropy)
+        >>> d.status, d.layer("0").status
+        ('vanishing', 'vanishing')
+    """
+    named = trainable_parameters(model)
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
+        raise GradsightError(
+            f"lr must be a positive number (the learning rate used in training), got {lr!r}. "
+            "Pass e.g. lr=0.1, or leave it out."
+        )
+    _, targets = split_batch(batch)
+    params = [p for _, p in named]
+    with preserved(model):
+        with SignalProbe(model, check_finite=True) as probe:
+            outputs, loss = compute_loss(model, batch, loss_fn)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flow = probe.result()
+        loss_value = float(loss.detach())
+        baseline = (
+            constant_baseline_loss(outputs, targets, loss_fn) if math.isfinite(loss_value) else None
+        )
+    grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
+    evidence = _evidence(model, flow, grad_of)
+    layers, plateau, summary = judge(evidence, loss=loss_value, baseline_loss=baseline)
+    finite = math.isfinite(loss_value) and all(
+        math.isfinite(v) for e in evidence for v in e.grad_norms.values()
+    )
+    origin = None
+    if not finite:
+        origin = flow.nonfinite_forward or flow.nonfinite_backward
+        summary = (
+            f"The loss or a gradient is NaN/Inf (loss {loss_value}); it starts at module "
+            f"{origin!r}.\n" + summary
+        )
+    status = "nonfinite" if not finite else worst_status([layer.status for layer in layers])
+    return Diagnosis(
+        status=status,
+        layers=layers,
+        loss=loss_value,
+        baseline_loss=baseline,
+        plateau=plateau,
+        lr=None if lr is None else float(lr),
+        nonfinite_origin=origin,
+        summary=summary,
+    )
+
+
+def _evidence(
+    model: nn.Module, flow: SignalFlow, grad_of: Mapping[int, torch.Tensor | None]
+) -> list[LayerEvidence]:
+    signals = {m.name: m for m in flow.modules}
+    owners = dict(parameter_owners(model))
+    order = [m.name for m in flow.modules] + flow.unused
+    out = []
+    for name in order:
+        module = owners[name]
+        grad_norms, param_norms = {}, {}
+        for pname, p in module.named_parameters(recurse=False):
+            if id(p) not in grad_of:
+                continue  # frozen
+            g = grad_of[id(p)]
+            grad_norms[pname] = 0.0 if g is None else float(torch.linalg.vector_norm(g))
+            param_norms[pname] = float(torch.linalg.vector_norm(p.detach()))
+        out.append(
+            LayerEvidence(
+                name=name,
+                module_type=type(module).__name__,
+                signal=signals.get(name),
+                grad_norms=grad_norms,
+                param_norms=param_norms,
+            )
+        )
+    return out

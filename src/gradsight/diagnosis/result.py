@@ -1,0 +1,240 @@
+"""The result of a diagnosis: one object, several exporters (text, dict/JSON, HTML)."""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gradsight._errors import GradsightError
+
+__all__ = ["STATUSES", "Diagnosis", "LayerDiagnosis"]
+
+#: Layer statuses from least to most alarming; a model's status is its worst layer's.
+#: ``nonfinite`` marks layers whose gradient holds NaN/Inf.
+STATUSES = ("converged", "ok", "vanishing", "dead", "exploding", "nonfinite")
+
+
+@dataclass
+class LayerDiagnosis:
+    """Verdict and measurements for one parameter-owning module.
+
+    Attributes:
+        name: Qualified module name, as in ``model.named_modules()``.
+        module_type: The module's class name, e.g. ``"Linear"``.
+        status: One of ``ok``, ``vanishing``, ``converged``, ``exploding``, ``dead``
+            (``nonfinite`` when its gradient holds NaN/Inf).
+        reason: One sentence that quotes the numbers behind the status.
+        grad_norm: ‖∂L/∂θ‖ over the module's own trainable parameters (None if frozen).
+        signal_norm: ‖∂L/∂output‖, the backward signal reaching the module.
+        saturation: Fraction of flat entries of the activation after the module.
+        dead_fraction: Fraction of units after the module flat on the whole batch.
+        activation: Name of the activation after the module, if one was recognised.
+        attenuation: ‖δ_this‖ / ‖δ_next‖: how the signal changes on its way back from
+            the next layer's output to this one's (< 1 shrinks).
+        activation_factor: The part of ``attenuation`` due to what lies between the two
+            layers (the activation derivative): ‖δ_this‖ / ‖∂L/∂input of next‖.
+        weight_factor: The part due to the module itself: ‖∂L/∂input‖ / ‖∂L/∂output‖.
+        relative_grad: Σ‖g_p‖·‖p‖ in quadrature over the module's parameters: the
+            first-order loss change per *relative* change of its weights. Unchanged when
+            a ReLU layer is rescaled (×k, next ÷k); relative to the loss it is unchanged
+            when the loss is scaled.
+        headroom: Loss still to be won by this layer, relative to the loss (needs the
+            curvature engine; None when not computed).
+        step_ratio: Curvature-optimal step over the step the layer gets (None when not
+            computed).
+        param_grad_norms: ‖∂L/∂p‖ for each of the module's own parameters.
+        advice: Remedies for the cause named in ``reason``, most supported first.
+    """
+
+    name: str
+    module_type: str
+    status: str
+    reason: str
+    grad_norm: float | None
+    signal_norm: float | None
+    saturation: float | None = None
+    dead_fraction: float | None = None
+    activation: str | None = None
+    attenuation: float | None = None
+    activation_factor: float | None = None
+    weight_factor: float | None = None
+    relative_grad: float | None = None
+    headroom: float | None = None
+    step_ratio: float | None = None
+    param_grad_norms: dict[str, float] = field(default_factory=dict)
+    advice: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict (JSON-serialisable; NaN/Inf become strings)."""
+        return {k: _jsonable(v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Diagnosis:
+    """What :func:`gradsight.diagnose` found: per-layer verdicts and the model's.
+
+    Attributes:
+        status: The worst layer status, or ``"nonfinite"`` when the loss or a gradient
+            is NaN/Inf.
+        layers: One :class:`LayerDiagnosis` per parameter-owning module, forward order.
+        loss: The loss on the batch.
+        baseline_loss: The loss of the best constant prediction (None if unknown).
+        plateau: True when the loss is no better than ``baseline_loss``.
+        lr: The learning rate the verdicts assume (None: not given).
+        nonfinite_origin: The first module whose output (or, if the forward pass is
+            finite, backward signal) is NaN/Inf; else None.
+        summary: Plain-language summary: which layers vanish, where and why.
+    """
+
+    status: str
+    layers: list[LayerDiagnosis]
+    loss: float
+    baseline_loss: float | None = None
+    plateau: bool = False
+    lr: float | None = None
+    nonfinite_origin: str | None = None
+    summary: str = ""
+
+    def layer(self, name: str) -> LayerDiagnosis:
+        """The layer with qualified module name ``name`` (as in ``named_modules()``)."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        known = ", ".join(repr(layer.name) for layer in self.layers)
+        raise GradsightError(
+            f"no parameter-owning module named {name!r}; the diagnosed layers are: {known}. "
+            "Use a name from model.named_modules()."
+        )
+
+    @property
+    def first_last_grad_ratio(self) -> float | None:
+        """Gradient norm of the first trainable layer over that of the last one."""
+        norms = [layer.grad_norm for layer in self.layers if layer.grad_norm is not None]
+        if len(norms) < 2 or not norms[-1]:
+            return None
+        return norms[0] / norms[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-Python dict of everything measured, JSON-serialisable."""
+        return {
+            "status": self.status,
+            "loss": _jsonable(self.loss),
+            "baseline_loss": _jsonable(self.baseline_loss),
+            "plateau": self.plateau,
+            "lr": _jsonable(self.lr),
+            "nonfinite_origin": self.nonfinite_origin,
+            "first_last_grad_ratio": _jsonable(self.first_last_grad_ratio),
+            "summary": self.summary,
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        """``to_dict()`` as a JSON string."""
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def table(self) -> list[dict[str, str]]:
+        """Rows of the per-layer table, formatted for display (shared by all exporters)."""
+        return [
+            {
+                "layer": layer.name or "(model)",
+                "type": layer.module_type,
+                "status": layer.status,
+                "grad norm": _fmt(layer.grad_norm),
+                "signal norm": _fmt(layer.signal_norm),
+                "attenuation": _fmt(layer.attenuation, digits=2),
+                "activation": layer.activation or "-",
+                "saturation": _pct(layer.saturation),
+                "dead": _pct(layer.dead_fraction),
+            }
+            for layer in self.layers
+        ]
+
+    def __str__(self) -> str:
+        rows = self.table()
+        cols = list(rows[0]) if rows else []
+        widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in cols}
+        lines = [
+            f"gradsight diagnosis: {self.status}  (loss {_fmt(self.loss)}, constant-prediction "
+            f"baseline {_fmt(self.baseline_loss)})",
+            "  ".join(c.ljust(widths[c]) for c in cols),
+            "  ".join("-" * widths[c] for c in cols),
+        ]
+        lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
+        if self.summary:
+            lines += ["", self.summary]
+        return "\n".join(lines)
+
+    def to_html(self, path: str | Path) -> Path:
+        """Write a self-contained HTML page of the diagnosis and return its path."""
+        rows = self.table()
+        cols = list(rows[0]) if rows else []
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = []
+        for row, layer in zip(rows, self.layers, strict=True):
+            cells = "".join(f"<td>{html.escape(row[c])}</td>" for c in cols)
+            body.append(
+                f'<tr class="{html.escape(layer.status)}">{cells}</tr>'
+                f'<tr class="reason"><td colspan="{len(cols)}">{html.escape(layer.reason)}'
+                + "".join(f"<br>→ {html.escape(a)}" for a in layer.advice)
+                + "</td></tr>"
+            )
+        page = _HTML.format(
+            status=html.escape(self.status),
+            loss=html.escape(_fmt(self.loss)),
+            baseline=html.escape(_fmt(self.baseline_loss)),
+            summary=html.escape(self.summary).replace("\n", "<br>"),
+            head=head,
+            body="".join(body),
+        )
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(page, encoding="utf-8")
+        return out
+
+
+_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>gradsight diagnosis</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ padding: 4px 10px; text-align: left; }}
+th {{ border-bottom: 2px solid #444; }} tr.reason td {{ color: #555; font-size: 90%;
+  border-bottom: 1px solid #ddd; padding-bottom: 8px; }}
+tr.vanishing td:nth-child(3) {{ color: #b35c00; font-weight: bold; }}
+tr.exploding td:nth-child(3), tr.nonfinite td:nth-child(3) {{ color: #c00; font-weight: bold; }}
+tr.dead td:nth-child(3) {{ color: #777; font-weight: bold; }}
+tr.converged td:nth-child(3) {{ color: #1a7f37; font-weight: bold; }}
+</style></head><body>
+<h1>gradsight diagnosis: {status}</h1>
+<p>loss {loss}; best constant prediction {baseline}</p>
+<p>{summary}</p>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+</body></html>
+"""
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    return f"{value:.{digits - 1}e}" if not 1e-2 <= abs(value) < 1e4 else f"{value:.{digits}g}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value

@@ -1,0 +1,362 @@
+"""From measurements to per-layer verdicts, with reasons that quote the numbers.
+
+Every rule here compares quantities that do not change when the loss is multiplied by
+a constant, nor when a ReLU network is reparametrized without changing its function
+(a layer ×k, the next ÷k):
+
+* the *sensitivity* s_l = ‖∂L/∂z_l‖·‖z_l‖ of the loss to a relative change of the
+  layer's output z_l, compared across layers (s_l / max_j s_j). When the chain rule
+  crushes the backward signal on its way to layer l, s_l is a tiny fraction of the
+  output layer's: that is *vanishing*, whatever the raw gradient sizes are;
+* the *scale-free gradient* G_l = (Σ_p ‖g_p‖²‖p‖²)^½ relative to the loss L: the
+  first-order loss change per relative change of the layer's weights. When it is
+  negligible while the signal does reach the layer, the layer sits at a stationary
+  point: *converged*;
+* the loss against the best constant prediction (plateau) and against zero;
+* the fraction of units after the layer whose activation is flat on the whole batch
+  (*dead*).
+
+A rule on raw gradient magnitudes (|g| < 1e-7 means vanishing) fails both invariances,
+and cannot tell a layer at its optimum from a layer the signal does not reach.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from gradsight.diagnosis.result import STATUSES, LayerDiagnosis
+from gradsight.probes.signal import ModuleSignal
+
+__all__ = ["LayerEvidence", "Thresholds", "judge", "worst_status"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds (all on scale-free quantities).
+
+    Attributes:
+        vanishing: s_l / max_j s_j below this: the signal reaching the layer is lost.
+        exploding: s_l / s_output above this: the signal grows on its way back.
+        converged: G_l / L below this: no relative weight change moves the loss.
+        solved: L / baseline below this: the loss is (almost) all won.
+        plateau: the loss is within this fraction of the constant-prediction baseline.
+        dead: at least this fraction of the units after the layer are dead.
+    """
+
+    vanishing: float = 1e-3
+    exploding: float = 1e3
+    converged: float = 1e-5
+    solved: float = 1e-4
+    plateau: float = 0.05
+    dead: float = 0.5
+
+
+@dataclass
+class LayerEvidence:
+    """What was measured on one parameter-owning module."""
+
+    name: str
+    module_type: str
+    signal: ModuleSignal | None  # None: the module did not run
+    grad_norms: dict[str, float] = field(default_factory=dict)  # trainable params only
+    param_norms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def frozen(self) -> bool:
+        return not self.grad_norms
+
+    @property
+    def grad_norm(self) -> float | None:
+        if self.frozen:
+            return None
+        return math.sqrt(math.fsum(g * g for g in self.grad_norms.values()))
+
+    @property
+    def relative_grad(self) -> float | None:
+        if self.frozen:
+            return None
+        return math.sqrt(
+            math.fsum((g * self.param_norms[k]) ** 2 for k, g in self.grad_norms.items())
+        )
+
+
+def worst_status(statuses: Sequence[str]) -> str:
+    """The most alarming status in ``statuses`` (``converged`` < ``ok`` < ... )."""
+    return max(statuses, key=STATUSES.index) if statuses else "ok"
+
+
+def judge(
+    evidence: Sequence[LayerEvidence],
+    *,
+    loss: float,
+    baseline_loss: float | None,
+    thresholds: Thresholds | None = None,
+) -> tuple[list[LayerDiagnosis], bool, str]:
+    """Turn per-layer evidence into verdicts.
+
+    Returns:
+        ``(layers, plateau, summary)``.
+    """
+    th = thresholds or Thresholds()
+    ran = [e for e in evidence if e.signal is not None]
+    sens = {e.name: e.signal.sensitivity for e in ran if e.signal is not None}
+    s_max = max(sens.values(), default=0.0)
+    output_layer = ran[-1] if ran else None
+    s_out = sens.get(output_layer.name, 0.0) if output_layer else 0.0
+    scale = abs(loss) if loss else 0.0
+    plateau = (
+        baseline_loss is not None and baseline_loss > 0 and loss >= (1 - th.plateau) * baseline_loss
+    )
+    solved = (
+        baseline_loss is not None and baseline_loss > 0 and abs(loss) <= th.solved * baseline_loss
+    )
+    g_max = max((e.relative_grad or 0.0 for e in ran), default=0.0)
+    model_stationary = scale > 0 and g_max <= th.converged * scale and not plateau
+
+    index = {e.name: i for i, e in enumerate(ran)}
+    layers = []
+    for e in evidence:
+        sig = e.signal
+        d = LayerDiagnosis(
+            name=e.name,
+            module_type=e.module_type,
+            status="ok",
+            reason="",
+            grad_norm=e.grad_norm,
+            signal_norm=None if sig is None else sig.signal_norm,
+            relative_grad=e.relative_grad,
+            param_grad_norms=dict(e.grad_norms),
+        )
+        if sig is not None:
+            act = sig.activation
+            if act is not None:
+                d.activation, d.saturation, d.dead_fraction = (
+                    act.name,
+                    act.saturation,
+                    act.dead_fraction,
+                )
+            d.weight_factor = sig.weight_factor
+            i = index[e.name]
+            if i + 1 < len(ran):
+                nxt = ran[i + 1].signal
+                assert nxt is not None
+                d.attenuation = _ratio(sig.signal_norm, nxt.signal_norm)
+                d.activation_factor = _ratio(sig.signal_norm, nxt.input_signal_norm)
+        _decide(d, e, ran, sens, s_max, s_out, scale, plateau, solved, model_stationary, th)
+        layers.append(d)
+    return layers, plateau, _summary(layers, ran, loss, baseline_loss, plateau)
+
+
+def _decide(
+    d: LayerDiagnosis,
+    e: LayerEvidence,
+    ran: Sequence[LayerEvidence],
+    sens: dict[str, float],
+    s_max: float,
+    s_out: float,
+    scale: float,
+    plateau: bool,
+    solved: bool,
+    model_stationary: bool,
+    th: Thresholds,
+) -> None:
+    if e.signal is None:
+        d.status = "dead"
+        d.reason = "not called in the forward pass: it gets no gradient and passes no signal."
+        d.advice = ["Remove the module or call it in forward(); unused parameters waste memory."]
+        return
+    if any(not math.isfinite(g) for g in e.grad_norms.values()):
+        d.status = "nonfinite"
+        d.reason = "its gradient holds NaN/Inf; see the diagnosis' nonfinite_origin."
+        return
+    if d.dead_fraction is not None and d.dead_fraction >= th.dead:
+        d.status = "dead"
+        d.reason = (
+            f"{d.dead_fraction:.0%} of the units after it ({d.activation}) are flat on every "
+            "sample of the batch: they pass no backward signal and their incoming weights "
+            f"get no gradient (gradient norm {_e(d.grad_norm)})."
+        )
+        d.advice = _advice("dead")
+        return
+    frozen = " (frozen: requires_grad=False, not judged as a learner)" if e.frozen else ""
+    s = sens[e.name]
+    rel_sens = s / s_max if s_max > 0 else 0.0
+    g_rel = (e.relative_grad or 0.0) / scale if scale > 0 else 0.0
+    i = next(k for k, r in enumerate(ran) if r.name == e.name)
+    if s_out > 0 and s / s_out >= th.exploding and i + 1 < len(ran):
+        d.status = "exploding"
+        d.reason = (
+            f"the loss is {s / s_out:.1e}× more sensitive to this layer's output than to the "
+            f"output layer's: the backward signal grows on its way back"
+            f"{_chain_cause(ran, i)}{frozen}."
+        )
+        d.advice = _advice("exploding")
+        return
+    if e.frozen:
+        d.reason = f"frozen (requires_grad=False): not trained; loss sensitivity {_e(s)}."
+        return
+    if solved:
+        d.status = "converged"
+        d.reason = (
+            f"the loss {_e(scale)} is below {th.solved:.0e} of the best constant prediction's: "
+            "there is (almost) nothing left to win."
+        )
+        return
+    if rel_sens < th.vanishing and not model_stationary:
+        d.status = "vanishing"
+        ref = max(sens, key=lambda k: sens[k])
+        plateau_note = (
+            " while the loss is no better than the best constant prediction" if plateau else ""
+        )
+        d.reason = (
+            f"gradient {_e(d.grad_norm)}: the loss's sensitivity to this layer's output is "
+            f"{rel_sens:.1e} of layer {ref}'s{plateau_note}; {_chain_cause(ran, i)}."
+        ).replace("; , ", "; ")
+        d.advice = _advice(_cause_kind(ran, i))
+        return
+    if g_rel <= th.converged:
+        d.status = "converged"
+        d.reason = (
+            f"the signal reaches it (sensitivity {rel_sens:.1e} of the largest) but a relative "
+            f"change of its weights moves the loss by at most {g_rel:.1e} of the loss: a "
+            "gradient that is small because the layer sits at a stationary point."
+        )
+        return
+    d.reason = (
+        f"learning: gradient {_e(d.grad_norm)}, a relative weight change moves the loss by up "
+        f"to {g_rel:.1e}× its value; the signal reaching it is {rel_sens:.1e} of the largest."
+    )
+
+
+def _chain_cause(ran: Sequence[LayerEvidence], i: int) -> str:
+    """Where, between layer i and the output, the backward signal changes, and why."""
+    later = ran[i:]
+    if len(later) < 2:
+        return ""
+    first, last = later[0].signal, later[-1].signal
+    assert first is not None and last is not None
+    total = _ratio(first.signal_norm, last.signal_norm)
+    if total is None:
+        return ""
+    steps = len(later) - 1
+    per = total ** (1 / steps)
+    acts = [r.signal.activation for r in later[:-1] if r.signal and r.signal.activation]
+    wfs = [wf for r in later[1:] if r.signal and (wf := r.signal.weight_factor) is not None]
+    verb = "attenuated" if total < 1 else "amplified"
+    span = f"layers {later[1].name}–{later[-1].name}" if steps > 1 else f"layer {later[1].name}"
+    parts = [
+        f"the backward signal is {verb} ×{total:.1e} from layer {later[-1].name} back to here "
+        f"(×{per:.2f} per layer through {span}"
+    ]
+    causes = []
+    if acts:
+        names = sorted({a.name for a in acts})
+        mean_d = sum(a.mean_derivative for a in acts) / len(acts)
+        max_d = max(a.max_derivative for a in acts)
+        sat = sum(a.saturation for a in acts) / len(acts)
+        dead = max(a.dead_fraction for a in acts)
+        c = f"{'/'.join(names)} derivatives average {mean_d:.2f} (at most {max_d:g})"
+        if sat >= 0.05:
+            c += f", {sat:.0%} of units saturated"
+        if dead >= 0.05:
+            c += f", up to {dead:.0%} of units dead"
+        causes.append(c)
+    if wfs:
+        gm = math.exp(sum(math.log(w) for w in wfs if w > 0) / max(1, len(wfs)))
+        causes.append(f"weights scale it ×{gm:.2f} per layer")
+    return parts[0] + (": " + "; ".join(causes) if causes else "") + ")"
+
+
+def _cause_kind(ran: Sequence[LayerEvidence], i: int) -> str:
+    acts = [r.signal.activation for r in ran[i:-1] if r.signal and r.signal.activation]
+    wfs = [wf for r in ran[i + 1 :] if r.signal and (wf := r.signal.weight_factor) is not None]
+    act_loss = sum(math.log(max(a.rms_derivative, 1e-12)) for a in acts) if acts else 0.0
+    weight_loss = sum(math.log(max(w, 1e-12)) for w in wfs) if wfs else 0.0
+    if acts and max(a.dead_fraction for a in acts) >= 0.25:
+        return "dead"
+    return "saturation" if act_loss <= weight_loss else "small_weights"
+
+
+_ADVICE = {
+    "saturation": [
+        "Use a non-saturating activation (ReLU, GELU) with He initialization: its derivative "
+        "is 1 on the active side instead of at most 0.25 (sigmoid).",
+        "Add normalization (LayerNorm/BatchNorm) before each activation to keep "
+        "pre-activations in the region where the derivative is large.",
+        "Add residual connections so that the signal has an identity path back.",
+        "Give each layer its own step size from its curvature (gradsight.optim, K-FAC, or "
+        "at least Adam) instead of one global learning rate.",
+    ],
+    "small_weights": [
+        "Initialize with a variance-preserving scale (Xavier for tanh/sigmoid, He for ReLU) "
+        "so that each layer passes the backward signal at about ×1.",
+        "Add normalization or residual connections.",
+        "Give each layer its own step size from its curvature (gradsight.optim, K-FAC, Adam).",
+    ],
+    "dead": [
+        "Lower the learning rate or warm it up: large steps push ReLU units into the "
+        "region where they never activate.",
+        "Use LeakyReLU/GELU, whose derivative is never exactly zero.",
+        "Re-initialize the biases (zero or small positive) and use He initialization.",
+    ],
+    "exploding": [
+        "Lower the learning rate below 2/λmax of the layer's curvature, or clip gradients.",
+        "Initialize at a smaller weight scale (at the edge of chaos, e.g. σ_w² ≈ 1.76 for "
+        "tanh with σ_b² = 0.05).",
+        "Add normalization layers to keep the backward signal from growing.",
+    ],
+}
+
+
+def _advice(kind: str) -> list[str]:
+    return list(_ADVICE.get(kind, []))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or not (math.isfinite(a) and math.isfinite(b)):
+        return None
+    return a / b
+
+
+def _e(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def _summary(
+    layers: Sequence[LayerDiagnosis],
+    ran: Sequence[LayerEvidence],
+    loss: float,
+    baseline_loss: float | None,
+    plateau: bool,
+) -> str:
+    lines = []
+    base = f"{baseline_loss:.3g}" if baseline_loss is not None else "unknown"
+    if plateau:
+        lines.append(
+            f"The loss {loss:.3g} is no better than predicting a constant ({base}): the "
+            "model has learned nothing from its inputs yet."
+        )
+    else:
+        lines.append(f"Loss {loss:.3g} (best constant prediction: {base}).")
+    by_status: dict[str, list[str]] = {}
+    for layer in layers:
+        by_status.setdefault(layer.status, []).append(layer.name)
+    for status, verb in (
+        ("vanishing", "vanishing: far from their optimum, but the signal does not reach them"),
+        ("exploding", "exploding"),
+        ("dead", "dead"),
+        ("converged", "converged: small gradients that are meant to be small"),
+    ):
+        names = by_status.get(status)
+        if names:
+            lines.append(f"Layers {', '.join(names)}: {verb}.")
+    vanishing = [layer for layer in layers if layer.status == "vanishing"]
+    if vanishing:
+        lines.append(f"Why, for layer {vanishing[0].name}: {vanishing[0].reason}")
+        if vanishing[0].advice:
+            lines.append(f"First remedy: {vanishing[0].advice[0]}")
+    if not any(s in by_status for s in ("vanishing", "exploding", "dead", "nonfinite")):
+        lines.append("No layer is starved of signal.")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""The command line: demo (never clobbers), diagnose MODULE:FACTORY, argument errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gradsight.cli import main
+
+
+def test_demo_quick_writes_a_new_run_each_time(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--epochs", "2", "--out", str(tmp_path)]) == 0
+    first = capsys.readouterr().out
+    assert "vanishing" in first and "first/last layer gradient ratio" in first
+    assert main(["demo", "--epochs", "1", "--out", str(tmp_path)]) == 0
+    second = capsys.readouterr().out
+    assert "1 earlier run(s)" in second
+    runs = sorted(p.name for p in tmp_path.iterdir())
+    assert runs == ["run-001", "run-002"]
+    data = json.loads((tmp_path / "run-001" / "sigmoid-sgd.json").read_text())
+    assert data["epochs"] == 2 and data["diagnosis"]["layers"][0]["status"] == "vanishing"
+    assert (tmp_path / "run-001" / "relu-he-sgd.html").read_text().startswith("<!doctype html>")
+
+
+def test_diagnose_factory(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "my_factory.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torch import nn
+
+            def make():
+                torch.manual_seed(0)
+                model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+                batch = (torch.randn(32, 4), torch.randint(0, 2, (32,)))
+                return model, batch, nn.functional.cross_entropy
+            """
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    out_json = tmp_path / "d.json"
+    assert main(["diagnose", "my_factory:make", "--json", str(out_json)]) == 0
+    assert "gradsight diagnosis" in capsys.readouterr().out
+    assert len(json.loads(out_json.read_text())["layers"]) == 2
+    assert main(["diagnose", "my_factory"]) == 2
+    assert "expected MODULE:FACTORY" in capsys.readouterr().err
+    assert main(["diagnose", "no_such_module:make"]) == 2
+    assert "cannot import module 'no_such_module'" in capsys.readouterr().err
+
+
+def test_unknown_argument_exits_2_with_usage(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--bogus"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_python_dash_m_entry_point() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "gradsight", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("gradsight ")

@@ -1,0 +1,216 @@
+"""diagnose(): verdicts on the reference cases, model left untouched, clear errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gradsight
+from gradsight import GradsightError, diagnose
+from gradsight.demo.models import mlp
+
+ce = nn.functional.cross_entropy
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x), 32):
+            idx = perm[i : i + 32]
+            opt.zero_grad()
+            ce(model(x[idx]), y[idx]).backward()
+            opt.step()
+
+
+def test_sigmoid_mlp_early_layers_vanish_and_reason_names_the_chain(digits) -> None:
+    (x, y), _ = digits
+    model = mlp(10, 64, activation="sigmoid", init="xavier")
+    _train(model, x, y, epochs=3, lr=0.1)
+    d = diagnose(model, (x[:512], y[:512]), ce, lr=0.1)
+    assert d.status == "vanishing"
+    assert d.plateau
+    first, last = d.layers[0], d.layers[-1]
+    assert first.status == "vanishing" and d.layers[1].status == "vanishing"
+    assert last.status != "vanishing"
+    assert d.first_last_grad_ratio is not None and d.first_last_grad_ratio <= 1e-4
+    assert "sigmoid derivatives" in first.reason and "layers 2–18" in first.reason
+    assert first.advice and "activation" in first.advice[0]
+    assert "vanishing" in d.summary
+
+
+def test_relu_he_mlp_has_no_vanishing_layer(digits) -> None:
+    (x, y), _ = digits
+    model = mlp(10, 64, activation="relu", init="he")
+    _train(model, x, y, epochs=3, lr=0.05)
+    d = diagnose(model, (x[:512], y[:512]), ce)
+    assert not {layer.status for layer in d.layers} & {"vanishing", "exploding", "dead"}
+    assert d.first_last_grad_ratio is not None and d.first_last_grad_ratio > 1e-2
+
+
+def test_least_squares_solution_is_converged() -> None:
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = torch.randn(100, 5)
+        y = x @ torch.randn(5, 2) + 0.5 * torch.randn(100, 2)  # residual stays: loss > 0
+        model = nn.Linear(5, 2)
+        xa = torch.cat([x, torch.ones(100, 1)], dim=1)
+        sol = torch.linalg.lstsq(xa, y).solution
+        with torch.no_grad():
+            model.weight.copy_(sol[:5].T)
+            model.bias.copy_(sol[5])
+        for scale in (1e-8, 1.0, 1e8):
+            d = diagnose(model, (x, y), lambda o, t, s=scale: s * nn.functional.mse_loss(o, t))
+            assert d.status == "converged", (scale, d)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_dead_relu_layer() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    d = diagnose(model, (torch.randn(64, 8), torch.randint(0, 3, (64,))), ce)
+    assert d.layer("0").status == "dead"
+    assert "100%" in d.layer("0").reason
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+def test_status_unchanged_when_loss_is_scaled(scale: float, digits) -> None:
+    (x, y), _ = digits
+    model = mlp(10, 32, activation="sigmoid", init="xavier")
+    batch = (x[:256], y[:256])
+    base = [layer.status for layer in diagnose(model, batch, ce).layers]
+    scaled = diagnose(model, batch, lambda o, t: scale * ce(o, t))
+    assert [layer.status for layer in scaled.layers] == base
+
+
+@pytest.mark.parametrize("k", [1e-3, 1e3])
+def test_status_unchanged_under_relu_reparametrization(k: float, digits) -> None:
+    (x, y), _ = digits
+    model = mlp(6, 32, activation="relu", init="he").double()
+    batch = (x[:256].double(), y[:256])
+    base = diagnose(model, batch, ce)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[2].weight.mul_(k)
+        twin[2].bias.mul_(k)
+        twin[4].weight.div_(k)
+    assert torch.allclose(twin(batch[0]), model(batch[0]), rtol=1e-9)
+    d = diagnose(twin, batch, ce)
+    assert [layer.status for layer in d.layers] == [layer.status for layer in base.layers]
+
+
+def test_model_left_bitwise_unchanged() -> None:
+    model = nn.Sequential(
+        nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)
+    )
+    model.train()
+    batch = (torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    ce(model(batch[0]), batch[1]).backward()  # the user has gradients in .grad
+    state = copy.deepcopy(model.state_dict())
+    grads = [p.grad.clone() for p in model.parameters()]
+    rng = torch.get_rng_state()
+    d1 = diagnose(model, batch, ce)
+    d2 = diagnose(model, batch, ce)
+    assert model.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # incl. BatchNorm running statistics
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert torch.equal(p.grad, g)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert d1.to_dict() == d2.to_dict()  # reproducible despite dropout
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_hooks_removed_when_the_model_raises() -> None:
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.lin(x)
+            raise RuntimeError("user bug")
+
+    model = Broken()
+    with pytest.raises(GradsightError, match=r"model\(inputs\) failed with RuntimeError: user bug"):
+        diagnose(model, (torch.randn(2, 2), torch.zeros(2)), nn.functional.mse_loss)
+    assert not model.lin._forward_hooks and not model.lin._forward_pre_hooks
+    assert not torch._C._is_torch_function_mode_enabled()
+
+
+def test_error_for_model_without_trainable_parameters() -> None:
+    model = nn.Linear(3, 1).requires_grad_(False)
+    with pytest.raises(GradsightError, match=r"no trainable parameters.*requires_grad_\(True\)"):
+        diagnose(model, (torch.randn(4, 3), torch.randn(4, 1)), nn.functional.mse_loss)
+
+
+def test_error_for_batch_of_wrong_shape() -> None:
+    model = nn.Linear(3, 1)
+    with pytest.raises(GradsightError, match=r"model\(inputs\) failed.*shape=\(4, 5\)"):
+        diagnose(model, (torch.randn(4, 5), torch.randn(4, 1)), nn.functional.mse_loss)
+    with pytest.raises(GradsightError, match=r"batch must be a pair \(inputs, targets\)"):
+        diagnose(model, torch.randn(4, 3), nn.functional.mse_loss)
+    with pytest.raises(GradsightError, match=r"batch is empty"):
+        diagnose(model, (torch.randn(0, 3), torch.randn(0, 1)), nn.functional.mse_loss)
+
+
+def test_error_for_non_scalar_loss() -> None:
+    model = nn.Linear(3, 1)
+    with pytest.raises(
+        GradsightError, match=r"scalar tensor, got a tensor of shape \(4, 1\).*mean"
+    ):
+        diagnose(model, (torch.randn(4, 3), torch.randn(4, 1)), lambda o, t: (o - t) ** 2)
+
+
+def test_error_for_bad_lr() -> None:
+    with pytest.raises(GradsightError, match=r"lr must be a positive number.*got -1"):
+        diagnose(
+            nn.Linear(2, 1), (torch.randn(3, 2), torch.randn(3, 1)), nn.functional.mse_loss, lr=-1
+        )
+
+
+class _LogLayer(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)  # NaN for negative inputs
+
+
+def test_nonfinite_origin_names_the_faulty_module() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), _LogLayer(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].bias.fill_(-50.0)
+    d = diagnose(model, (torch.randn(8, 4), torch.randint(0, 2, (8,))), ce)
+    assert d.status == "nonfinite"
+    assert d.nonfinite_origin == "1"
+
+
+def test_nonfinite_backward_origin_when_forward_is_finite() -> None:
+    class Sqrt(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sqrt(x)  # finite at 0, infinite derivative
+
+    model = nn.Sequential(nn.Linear(3, 3), Sqrt(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    d = diagnose(model, (torch.randn(5, 3), torch.randn(5, 1)), nn.functional.mse_loss)
+    assert d.status == "nonfinite"
+    assert d.nonfinite_origin == "1"
+    assert d.layer("0").status == "nonfinite" and d.layer("2").status != "nonfinite"
+
+
+def test_exports_and_layer_lookup() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
+    d = diagnose(model, (torch.randn(16, 3), torch.randn(16, 1)), nn.functional.mse_loss)
+    assert [layer.name for layer in d.layers] == ["0", "2"]
+    assert d.layer("2").name == "2"
+    with pytest.raises(GradsightError, match=r"no parameter-owning module named 'nope'.*'0', '2'"):
+        d.layer("nope")
+    data = d.to_dict()
+    assert data["status"] == d.status and len(data["layers"]) == 2
+    assert "grad norm" in str(d) and d.layers[0].status in gradsight.STATUSES

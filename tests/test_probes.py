@@ -1,0 +1,177 @@
+"""Signal-flow probe numbers against hand computations, and hook hygiene."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradsight.probes import FLAT_FRACTION, SignalProbe, parameter_owners
+
+
+def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((out - y) ** 2).mean()
+
+
+def _count_hooks(model: nn.Module) -> int:
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+def test_three_layer_sigmoid_mlp_matches_hand_computed_deltas() -> None:
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Sequential(
+            nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)
+        )
+        x, y = torch.randn(7, 3), torch.randn(7, 2)
+        with SignalProbe(model) as probe:
+            torch.autograd.grad(_mse(model(x), y), list(model.parameters()))
+        flow = probe.result()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+    w1, b1, w2, b2, w3, b3 = (p.detach() for p in model.parameters())
+    z1 = x @ w1.T + b1
+    a1 = torch.sigmoid(z1)
+    z2 = a1 @ w2.T + b2
+    a2 = torch.sigmoid(z2)
+    z3 = a2 @ w3.T + b3
+    d3 = 2 * (z3 - y) / z3.numel()  # ∂L/∂z3
+    g_a2 = d3 @ w3  # ∂L/∂(input of layer 3)
+    d2 = g_a2 * a2 * (1 - a2)
+    g_a1 = d2 @ w2
+    d1 = g_a1 * a1 * (1 - a1)
+
+    assert [m.name for m in flow.modules] == ["0", "2", "4"]
+    for name, delta, z in (("0", d1, z1), ("2", d2, z2), ("4", d3, z3)):
+        assert flow[name].signal_norm == pytest.approx(float(delta.norm()), rel=1e-12)
+        assert flow[name].output_norm == pytest.approx(float(z.norm()), rel=1e-12)
+    assert flow["0"].input_signal_norm is None  # the data needs no gradient
+    assert flow["2"].input_signal_norm == pytest.approx(float(g_a1.norm()), rel=1e-12)
+    assert flow["4"].weight_factor == pytest.approx(float(g_a2.norm() / d3.norm()), rel=1e-12)
+
+    s1 = torch.sigmoid(z1) * (1 - torch.sigmoid(z1))
+    act = flow["0"].activation
+    assert act is not None and act.name == "sigmoid" and act.max_derivative == 0.25
+    assert act.mean_derivative == pytest.approx(float(s1.mean()), rel=1e-12)
+    assert act.rms_derivative == pytest.approx(float(s1.pow(2).mean().sqrt()), rel=1e-12)
+    flat = float((s1 <= FLAT_FRACTION * 0.25).double().mean())
+    assert act.saturation == pytest.approx(flat)
+    assert flow["4"].activation is None
+
+
+def test_saturation_and_dead_units_by_construction() -> None:
+    layer = nn.Linear(2, 4)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor([-100.0, -100.0, 0.5, 100.0]))
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(4, 1))
+    with SignalProbe(model) as probe:
+        model(torch.randn(8, 2)).sum().backward()
+    act = probe.result()["0"].activation
+    assert act is not None
+    assert act.dead_fraction == pytest.approx(0.5)  # units 0 and 1 never active
+    assert act.saturation == pytest.approx(0.5)
+
+    sat = nn.Linear(1, 2)
+    with torch.no_grad():
+        sat.weight.zero_()
+        sat.bias.copy_(torch.tensor([10.0, 0.0]))  # σ'(10) ≈ 4.5e-5: flat; σ'(0) = 0.25
+    model = nn.Sequential(sat, nn.Sigmoid(), nn.Linear(2, 1))
+    with SignalProbe(model) as probe:
+        model(torch.randn(5, 1)).sum().backward()
+    act = probe.result()["0"].activation
+    assert act is not None
+    assert act.saturation == pytest.approx(0.5) and act.dead_fraction == pytest.approx(0.5)
+    expected = (0.25 + math.exp(-10) / (1 + math.exp(-10)) ** 2) / 2
+    assert act.mean_derivative == pytest.approx(expected, rel=1e-5)
+
+
+def test_inplace_relu_gives_gradient_of_pre_activation() -> None:
+    torch.set_default_dtype(torch.float64)
+    try:
+        lin1, lin2 = nn.Linear(3, 6), nn.Linear(6, 2)
+        inplace = nn.Sequential(lin1, nn.ReLU(inplace=True), lin2)
+        x = torch.randn(9, 3)
+        with SignalProbe(inplace) as probe:
+            inplace(x).pow(2).sum().backward()
+        flow = probe.result()
+        z = lin1(x).detach().requires_grad_(True)
+        lin2(torch.relu(z)).pow(2).sum().backward()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert flow["0"].signal_norm == pytest.approx(float(z.grad.norm()), rel=1e-12)
+    assert flow["0"].activation is not None and flow["0"].activation.name == "relu"
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4))
+        self.scale = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        h = torch.tanh(self.inner(x)) * self.scale  # a functional activation
+        return h, {"aux": h.sum(dim=1)}
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = _Block()
+        self.shared = nn.Linear(4, 4)
+        self.frozen = nn.Linear(4, 4).requires_grad_(False)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h, extra = self.block(x)
+        h = self.shared(torch.relu(self.shared(h)))  # called twice
+        return {"y": self.head(self.frozen(h)), "aux": extra["aux"]}
+
+
+def test_nested_tuple_dict_outputs_shared_and_frozen_modules() -> None:
+    net = _Net()
+    with SignalProbe(net) as probe:
+        out = net(torch.randn(6, 4))
+        (out["y"].sum() + out["aux"].sum()).backward()
+    flow = probe.result()
+    names = [m.name for m in flow.modules]
+    assert names == ["block", "block.inner.0", "shared", "frozen", "head"]
+    assert flow["shared"].calls == 2
+    assert flow["block.inner.0"].activation is not None
+    assert flow["block.inner.0"].activation.name == "tanh"
+    assert flow["frozen"].signal_norm is not None  # the signal passes a frozen layer
+    assert all(m.signal_norm is not None and m.signal_norm > 0 for m in flow.modules)
+    assert _count_hooks(net) == 0
+
+
+def test_hooks_removed_after_exception_in_user_code() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+    before = _count_hooks(model)
+    with pytest.raises(RuntimeError, match="boom"), SignalProbe(model):
+        model(torch.randn(3, 2))
+        raise RuntimeError("boom")
+    assert _count_hooks(model) == before == 0
+    # No torch function mode is left active either.
+    assert not torch._C._is_torch_function_mode_enabled()
+
+
+def test_tensor_hooks_left_on_a_retained_graph_record_nothing_after_exit() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Sigmoid(), nn.Linear(2, 1))
+    with SignalProbe(model) as probe:
+        loss = model(torch.randn(3, 2)).sum()
+        loss.backward(retain_graph=True)
+    flow_before = probe.result()
+    loss.backward()  # runs the same graph again, outside the probe
+    assert probe.result()["0"].signal_norm == flow_before["0"].signal_norm
+
+
+def test_parameter_owners_lists_shared_modules_once() -> None:
+    lin = nn.Linear(2, 2)
+    model = nn.Sequential(lin, nn.Tanh(), lin)
+    assert [n for n, _ in parameter_owners(model)] == ["0"]
