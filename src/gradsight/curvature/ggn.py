@@ -1,0 +1,210 @@
+"""The generalized Gauss-Newton matrix of a model's loss on a batch, as a linear operator.
+
+With ``f(θ)`` the model outputs on the batch, ``J = ∂f/∂θ_B`` their Jacobian with
+respect to a block of parameters and ``H_out = ∂²L/∂f²`` the Hessian of the loss in
+output space, the GGN (Schraudolph 2002; Martens 2020, "New insights and perspectives on
+the natural gradient method") is
+
+    G = Jᵀ H_out J.
+
+It drops from the Hessian the term Σ ∂L/∂f · ∂²f/∂θ², so it is positive semi-definite
+whenever the loss is convex in the outputs, and equals the Hessian for a model linear in
+θ_B. ``H_out`` is analytic for cross-entropy, ``(diag(p) − ppᵀ)/n`` per sample with
+``p = softmax(logits)``, and for the mean squared error, ``2/n · I``; any other loss
+gets its output-space Hessian from autograd.
+
+Products ``G v`` run on a graph retained from one forward pass: ``J v`` by the
+double-vjp trick (``J v = ∂(Jᵀu · v)/∂u`` with a dummy ``u``), then ``H_out``, then
+``Jᵀ(·)`` by one backward pass; several vectors at once through vmap.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradsight._batch import split_batch
+from gradsight._errors import GradsightError
+from gradsight.curvature._blocks import ParamsSpec, forward_loss, frozen_rng, resolve_params
+from gradsight.curvature._operator import CurvatureOperator
+from gradsight.curvature.hessian import _double_backward
+
+__all__ = ["GGNOperator", "output_hessian"]
+
+OutputHessian = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GGNOperator(CurvatureOperator):
+    """Generalized Gauss-Newton matrix ``Jᵀ H_out J`` of the loss for a block of parameters.
+
+    Args:
+        model: the network; left exactly as found (see :class:`HessianOperator`).
+        batch: ``(inputs, targets)``; ``model(inputs)`` must return one tensor.
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        params: the block; ``None`` for all trainable parameters.
+        loss_hessian: ``"auto"`` (analytic for cross-entropy and MSE, autograd otherwise)
+            or ``"autograd"`` (always autograd).
+        max_batch: most vectors multiplied in one vmapped pass.
+
+    Example:
+        For a model linear in its parameters the GGN is the Hessian; with the MSE of a
+        linear layer it is ``2 XᵀX / (n · outputs)`` per output row:
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gradsight.curvature import GGNOperator, HessianOperator
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Linear(3, 2, bias=False).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        >>> G = GGNOperator(model, (x, y), nn.MSELoss()).to_dense()
+        >>> H = HessianOperator(model, (x, y), nn.MSELoss()).to_dense()
+        >>> closed_form = torch.kron(torch.eye(2, dtype=torch.float64), 2 * x.T @ x / 16)
+        >>> torch.allclose(G, closed_form), torch.allclose(G, H)
+        (True, True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        params: ParamsSpec = None,
+        *,
+        loss_hessian: Literal["auto", "autograd"] = "auto",
+        max_batch: int = 64,
+    ) -> None:
+        named = resolve_params(model, params)
+        tensors = [p for _, p in named]
+        device = tensors[0].device
+        rng_state = torch.get_rng_state()
+        _, targets = split_batch(batch)
+        outputs, loss = forward_loss(model, batch, loss_fn, rng_state, device)
+        if not isinstance(outputs, torch.Tensor):
+            raise GradsightError(
+                f"the GGN needs model(inputs) to return one tensor, got a "
+                f"{type(outputs).__name__}. Wrap the model so that it returns the tensor "
+                "the loss is computed from, or use kind='hessian'."
+            )
+        (dloss_dout,) = torch.autograd.grad(loss, outputs, retain_graph=True)
+        grads = torch.autograd.grad(
+            outputs, tensors, dloss_dout, retain_graph=True, allow_unused=True
+        )
+        gradient = torch.cat(
+            [
+                (g if g is not None else torch.zeros_like(p)).flatten()
+                for g, p in zip(grads, tensors, strict=True)
+            ]
+        )
+        dummy = torch.zeros_like(outputs, requires_grad=True)
+        jt_dummy = torch.autograd.grad(
+            outputs, tensors, dummy, create_graph=True, allow_unused=True
+        )
+        self._jt_dummy = [
+            j if j is not None else torch.zeros_like(p)
+            for j, p in zip(jt_dummy, tensors, strict=True)
+        ]
+        self._live = [i for i, j in enumerate(self._jt_dummy) if j.requires_grad]
+        self._dummy = dummy
+        self._outputs = outputs
+        with frozen_rng(rng_state, device):
+            self._h_out = output_hessian(
+                loss_fn, outputs.detach(), targets, analytic=loss_hessian == "auto"
+            )
+        super().__init__(
+            [n for n, _ in named], tensors, gradient.detach(), float(loss.detach()), max_batch
+        )
+
+    def _matmat(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if not self._live:
+            return [torch.zeros_like(v) for v in vectors]
+        (jv,) = _double_backward(self._jt_dummy, self._live, [self._dummy], vectors)
+        hjv = self._h_out(jv)
+        return _double_backward([self._outputs], [0], self._params, [hjv])
+
+
+def output_hessian(
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    outputs: torch.Tensor,
+    targets: Any,
+    *,
+    analytic: bool = True,
+) -> OutputHessian:
+    """``W ↦ H_out W`` for stacked ``W`` of shape ``(k, *outputs.shape)``.
+
+    Analytic for ``nn.CrossEntropyLoss`` / ``F.cross_entropy`` without class weights and
+    for ``nn.MSELoss`` / ``F.mse_loss`` with targets of the outputs' shape, both with
+    ``reduction`` ``"mean"`` or ``"sum"``; otherwise (or with ``analytic=False``) the
+    Hessian-vector products of ``loss_fn`` in output space by double backward.
+    """
+    if analytic:
+        fast = _cross_entropy_hessian(loss_fn, outputs, targets) or _mse_hessian(
+            loss_fn, outputs, targets
+        )
+        if fast is not None:
+            return fast
+    out = outputs.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(out, targets)
+        (g,) = torch.autograd.grad(loss, out, create_graph=True)
+    if not g.requires_grad:  # the loss is linear in the outputs
+        return lambda w: torch.zeros_like(w)
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        return _double_backward([g], [0], [out], [w])[0]
+
+    return apply
+
+
+def _cross_entropy_hessian(
+    loss_fn: Any, outputs: torch.Tensor, targets: Any
+) -> OutputHessian | None:
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if loss_fn.weight is not None:
+            return None
+        reduction, ignore_index = loss_fn.reduction, loss_fn.ignore_index
+    elif loss_fn is F.cross_entropy:
+        reduction, ignore_index = "mean", -100
+    else:
+        return None
+    if reduction not in ("mean", "sum") or not isinstance(targets, torch.Tensor):
+        return None
+    cdim = 1 if outputs.ndim >= 2 else 0
+    probs = torch.softmax(outputs, dim=cdim)
+    if targets.is_floating_point():  # class probabilities: every position counts
+        if targets.shape != outputs.shape:
+            return None
+        weight = torch.ones_like(probs)
+        count = outputs.numel() // outputs.shape[cdim]
+    else:  # class indices: positions labelled ignore_index drop out of sum and mean
+        mask = (targets != ignore_index).to(outputs.dtype)
+        weight = mask.unsqueeze(cdim).expand_as(probs)
+        count = int(mask.sum())
+    scale = 1.0 / max(count, 1) if reduction == "mean" else 1.0
+    pw = probs * weight * scale
+
+    def apply(w: torch.Tensor) -> torch.Tensor:
+        return pw * (w - (probs * w).sum(dim=cdim + 1, keepdim=True))
+
+    return apply
+
+
+def _mse_hessian(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputHessian | None:
+    if isinstance(loss_fn, nn.MSELoss):
+        reduction = loss_fn.reduction
+    elif loss_fn is F.mse_loss:
+        reduction = "mean"
+    else:
+        return None
+    if (
+        reduction not in ("mean", "sum")
+        or not isinstance(targets, torch.Tensor)
+        or targets.shape != outputs.shape
+    ):
+        return None
+    scale = 2.0 / outputs.numel() if reduction == "mean" else 2.0
+    return lambda w: scale * w
