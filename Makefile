@@ -27,9 +27,11 @@ demo: $(VENV)/.installed
 demo-quick: $(VENV)/.installed
 	$(BIN)/gradsight demo --quick
 
+LINT_PATHS := src tests $(wildcard benchmarks)
+
 lint: $(VENV)/.installed-dev
-	$(BIN)/ruff format --check src tests benchmarks
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/ruff check $(LINT_PATHS)
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
