@@ -68,7 +68,7 @@ def damped_cg(
         b: right-hand side of shape ``(D,)``.
         damping: ``λ ≥ 0``.
         tol: relative residual at which to stop.
-        max_iter: iteration cap; defaults to ``min(D, 200)``.
+        max_iter: iteration cap; defaults to ``min(10 D, 500)``.
 
     Example:
         >>> import torch
@@ -86,7 +86,7 @@ def damped_cg(
         )
     if not damping >= 0:
         raise GradsightError(f"damping must be >= 0, got {damping!r}.")
-    cap = min(dim, 200) if max_iter is None else max_iter
+    cap = min(10 * dim, 500) if max_iter is None else max_iter
     b = b.to(dtype=dtype, device=device)
     x = torch.zeros_like(b)
     r = b.clone()
