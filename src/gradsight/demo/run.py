@@ -85,8 +85,8 @@ def run_demo(
         width: Hidden width of the MLPs.
         seed: Seed for initialization and minibatch order.
     """
-    # The per-layer table needs ~110 columns; a pipe or CI log has no width of its own.
-    console = console or Console(width=None if Console().is_terminal else 120)
+    # The per-layer table needs ~140 columns; a pipe or CI log has no width of its own.
+    console = console or Console(width=None if Console().is_terminal else 160)
     n_epochs = epochs if epochs is not None else (10 if quick else 40)
     train_data, test_data = load_digits(seed=seed)
     run = new_run_dir(Path(out), console)

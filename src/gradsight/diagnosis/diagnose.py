@@ -13,6 +13,12 @@ from gradsight._batch import compute_loss, split_batch, trainable_parameters
 from gradsight._errors import GradsightError
 from gradsight._state import preserved
 from gradsight.diagnosis.baseline import constant_baseline_loss
+from gradsight.diagnosis.headroom import (
+    BlockCurvature,
+    ModelHeadroom,
+    block_curvature,
+    model_headroom,
+)
 from gradsight.diagnosis.result import Diagnosis
 from gradsight.diagnosis.verdict import LayerEvidence, judge, worst_status
 from gradsight.probes.signal import SignalFlow, SignalProbe, parameter_owners
@@ -25,6 +31,8 @@ def diagnose(
     batch: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     lr: float | None = None,
+    *,
+    curvature: bool = True,
 ) -> Diagnosis:
     """Diagnose, layer by layer, whether small gradients mean converged or vanished.
 
@@ -42,7 +50,13 @@ def diagnose(
         batch: ``(inputs, targets)``; ``model(inputs)`` (or ``model(*inputs)`` for a tuple,
             ``model(**inputs)`` for a dict) gives the outputs.
         loss_fn: ``loss_fn(outputs, targets)`` returns the scalar training loss.
-        lr: The learning rate used in training, if known.
+        lr: The learning rate used in training, if known. Step ratios and the
+            ``lr·λmax > 2`` stability test use it; without it the step a layer gets is
+            the largest one stable for the whole model, 2/λmax.
+        curvature: Also measure curvature (Gauss-Newton λmax, curvature-optimal step and
+            Newton-decrement headroom per layer, and the whole model's headroom). Costs a
+            few dozen Gauss-Newton-vector products per layer; ``False`` gives the signal
+            flow alone (one forward and backward pass).
 
     Returns:
         A :class:`~gradsight.diagnosis.result.Diagnosis`.
@@ -84,9 +98,23 @@ def diagnose(
         )
     grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
     evidence = _evidence(model, flow, grad_of)
-    layers, plateau, summary = judge(evidence, loss=loss_value, baseline_loss=baseline)
     finite = math.isfinite(loss_value) and all(
         math.isfinite(v) for e in evidence for v in e.grad_norms.values()
+    )
+    blocks: dict[str, BlockCurvature] = {}
+    whole: ModelHeadroom | None = None
+    if curvature and finite:
+        whole = model_headroom(model, batch, loss_fn)
+        for e in evidence:
+            if e.signal is not None and not e.frozen:
+                blocks[e.name] = block_curvature(model, batch, loss_fn, _trainable(model, e.name))
+    layers, plateau, summary = judge(
+        evidence,
+        loss=loss_value,
+        baseline_loss=baseline,
+        lr=None if lr is None else float(lr),
+        curvature=blocks,
+        model=whole,
     )
     origin = None
     if not finite:
@@ -105,7 +133,16 @@ def diagnose(
         lr=None if lr is None else float(lr),
         nonfinite_origin=origin,
         summary=summary,
+        headroom=None if whole is None else whole.headroom,
+        realized_decrease=None if whole is None else whole.realized,
+        lambda_max=None if whole is None else whole.lambda_max,
     )
+
+
+def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The module's own trainable parameters (its block)."""
+    module = model.get_submodule(name)
+    return [p for p in module.parameters(recurse=False) if p.requires_grad]
 
 
 def _evidence(

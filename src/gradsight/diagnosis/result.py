@@ -42,10 +42,13 @@ class LayerDiagnosis:
             first-order loss change per *relative* change of its weights. Unchanged when
             a ReLU layer is rescaled (×k, next ÷k); relative to the loss it is unchanged
             when the loss is scaled.
-        headroom: Loss still to be won by this layer, relative to the loss (needs the
-            curvature engine; None when not computed).
-        step_ratio: Curvature-optimal step over the step the layer gets (None when not
-            computed).
+        headroom: Loss a damped Newton step on this layer alone would win, as a fraction
+            of the loss: ½gᵀ(G + λI)⁻¹g / L, λ relative to the layer's own curvature
+            (None when curvature was not computed).
+        step_ratio: The curvature-optimal step α* = gᵀg/gᵀGg for this layer over the step
+            it gets (``lr``, or 2/λmax of the whole model when no lr is given).
+        lambda_max: Largest Gauss-Newton eigenvalue of the layer's block.
+        optimal_step: α*, the curvature-optimal step size along the layer's gradient.
         param_grad_norms: ‖∂L/∂p‖ for each of the module's own parameters.
         advice: Remedies for the cause named in ``reason``, most supported first.
     """
@@ -65,6 +68,8 @@ class LayerDiagnosis:
     relative_grad: float | None = None
     headroom: float | None = None
     step_ratio: float | None = None
+    lambda_max: float | None = None
+    optimal_step: float | None = None
     param_grad_norms: dict[str, float] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
 
@@ -88,6 +93,12 @@ class Diagnosis:
         nonfinite_origin: The first module whose output (or, if the forward pass is
             finite, backward signal) is NaN/Inf; else None.
         summary: Plain-language summary: which layers vanish, where and why.
+        headroom: Loss a damped Newton step on the whole model would win, as a fraction
+            of the loss (None when curvature was not computed).
+        realized_decrease: Fraction of the held-out half of the batch's loss that a
+            Levenberg-Marquardt Gauss-Newton step fitted on the other half removed.
+        lambda_max: Largest Gauss-Newton eigenvalue of the whole model; 2/λmax is the
+            largest stable gradient step.
     """
 
     status: str
@@ -98,6 +109,9 @@ class Diagnosis:
     lr: float | None = None
     nonfinite_origin: str | None = None
     summary: str = ""
+    headroom: float | None = None
+    realized_decrease: float | None = None
+    lambda_max: float | None = None
 
     def layer(self, name: str) -> LayerDiagnosis:
         """The layer with qualified module name ``name`` (as in ``named_modules()``)."""
@@ -128,6 +142,9 @@ class Diagnosis:
             "lr": _jsonable(self.lr),
             "nonfinite_origin": self.nonfinite_origin,
             "first_last_grad_ratio": _jsonable(self.first_last_grad_ratio),
+            "headroom": _jsonable(self.headroom),
+            "realized_decrease": _jsonable(self.realized_decrease),
+            "lambda_max": _jsonable(self.lambda_max),
             "summary": self.summary,
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -149,6 +166,8 @@ class Diagnosis:
                 "activation": layer.activation or "-",
                 "saturation": _pct(layer.saturation),
                 "dead": _pct(layer.dead_fraction),
+                "step ratio": _fmt(layer.step_ratio, digits=2),
+                "headroom": _fmt(layer.headroom, digits=2),
             }
             for layer in self.layers
         ]

@@ -23,9 +23,10 @@ and cannot tell a layer at its optimum from a layer the signal does not reach.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom
 from gradsight.diagnosis.result import STATUSES, LayerDiagnosis
 from gradsight.probes.signal import ModuleSignal
 
@@ -43,6 +44,8 @@ class Thresholds:
         solved: L / baseline below this: the loss is (almost) all won.
         plateau: the loss is within this fraction of the constant-prediction baseline.
         dead: at least this fraction of the units after the layer are dead.
+        headroom: a Newton step (layer or model) predicting less than this fraction of
+            the loss, and a held-out step realizing less, means nothing is left to win.
     """
 
     vanishing: float = 1e-3
@@ -51,6 +54,7 @@ class Thresholds:
     solved: float = 1e-4
     plateau: float = 0.05
     dead: float = 0.5
+    headroom: float = 1e-4
 
 
 @dataclass
@@ -87,81 +91,133 @@ def worst_status(statuses: Sequence[str]) -> str:
     return max(statuses, key=STATUSES.index) if statuses else "ok"
 
 
+@dataclass(frozen=True)
+class _Context:
+    """Model-level facts every layer's verdict is judged against."""
+
+    th: Thresholds
+    ran: Sequence[LayerEvidence]
+    sens: dict[str, float]
+    s_max: float
+    s_out: float
+    scale: float
+    plateau: bool
+    solved: bool
+    has_headroom: bool
+    lr: float | None
+    step_used: float | None
+    curvature: Mapping[str, BlockCurvature]
+
+
 def judge(
     evidence: Sequence[LayerEvidence],
     *,
     loss: float,
     baseline_loss: float | None,
+    lr: float | None = None,
+    curvature: Mapping[str, BlockCurvature] | None = None,
+    model: ModelHeadroom | None = None,
     thresholds: Thresholds | None = None,
 ) -> tuple[list[LayerDiagnosis], bool, str]:
     """Turn per-layer evidence into verdicts.
+
+    Args:
+        evidence: Per-layer measurements, forward order.
+        loss: The loss on the batch.
+        baseline_loss: Loss of the best constant prediction, if known.
+        lr: The learning rate used in training; None to judge at the largest stable
+            step for the whole model, 2/λmax.
+        curvature: Per-layer curvature (by layer name), if computed.
+        model: Whole-model curvature and headroom, if computed.
 
     Returns:
         ``(layers, plateau, summary)``.
     """
     th = thresholds or Thresholds()
+    curvature = curvature or {}
     ran = [e for e in evidence if e.signal is not None]
     sens = {e.name: e.signal.sensitivity for e in ran if e.signal is not None}
-    s_max = max(sens.values(), default=0.0)
-    output_layer = ran[-1] if ran else None
-    s_out = sens.get(output_layer.name, 0.0) if output_layer else 0.0
     scale = abs(loss) if loss else 0.0
-    plateau = (
+    plateau = bool(
         baseline_loss is not None and baseline_loss > 0 and loss >= (1 - th.plateau) * baseline_loss
     )
-    solved = (
+    solved = bool(
         baseline_loss is not None and baseline_loss > 0 and abs(loss) <= th.solved * baseline_loss
     )
-    g_max = max((e.relative_grad or 0.0 for e in ran), default=0.0)
-    model_stationary = scale > 0 and g_max <= th.converged * scale and not plateau
-
+    if model is not None:
+        has_headroom = (
+            plateau or model.headroom >= th.headroom or (model.realized or 0.0) >= th.headroom
+        )
+    else:
+        g_max = max((e.relative_grad or 0.0 for e in ran), default=0.0)
+        has_headroom = plateau or scale == 0 or g_max > th.converged * scale
+    step_used = lr
+    if step_used is None and model is not None and model.lambda_max > 0:
+        step_used = 2.0 / model.lambda_max
+    ctx = _Context(
+        th=th,
+        ran=ran,
+        sens=sens,
+        s_max=max(sens.values(), default=0.0),
+        s_out=sens.get(ran[-1].name, 0.0) if ran else 0.0,
+        scale=scale,
+        plateau=plateau,
+        solved=solved,
+        has_headroom=has_headroom,
+        lr=lr,
+        step_used=step_used,
+        curvature=curvature,
+    )
     index = {e.name: i for i, e in enumerate(ran)}
     layers = []
     for e in evidence:
-        sig = e.signal
-        d = LayerDiagnosis(
-            name=e.name,
-            module_type=e.module_type,
-            status="ok",
-            reason="",
-            grad_norm=e.grad_norm,
-            signal_norm=None if sig is None else sig.signal_norm,
-            relative_grad=e.relative_grad,
-            param_grad_norms=dict(e.grad_norms),
-        )
-        if sig is not None:
-            act = sig.activation
-            if act is not None:
-                d.activation, d.saturation, d.dead_fraction = (
-                    act.name,
-                    act.saturation,
-                    act.dead_fraction,
-                )
-            d.weight_factor = sig.weight_factor
-            i = index[e.name]
-            if i + 1 < len(ran):
-                nxt = ran[i + 1].signal
-                assert nxt is not None
-                d.attenuation = _ratio(sig.signal_norm, nxt.signal_norm)
-                d.activation_factor = _ratio(sig.signal_norm, nxt.input_signal_norm)
-        _decide(d, e, ran, sens, s_max, s_out, scale, plateau, solved, model_stationary, th)
+        d = _measurements(e, ran, index, curvature.get(e.name), step_used)
+        _decide(d, e, ctx)
         layers.append(d)
-    return layers, plateau, _summary(layers, ran, loss, baseline_loss, plateau)
+    return layers, plateau, _summary(layers, loss, baseline_loss, plateau, model, lr)
 
 
-def _decide(
-    d: LayerDiagnosis,
+def _measurements(
     e: LayerEvidence,
     ran: Sequence[LayerEvidence],
-    sens: dict[str, float],
-    s_max: float,
-    s_out: float,
-    scale: float,
-    plateau: bool,
-    solved: bool,
-    model_stationary: bool,
-    th: Thresholds,
-) -> None:
+    index: Mapping[str, int],
+    curv: BlockCurvature | None,
+    step_used: float | None,
+) -> LayerDiagnosis:
+    sig = e.signal
+    d = LayerDiagnosis(
+        name=e.name,
+        module_type=e.module_type,
+        status="ok",
+        reason="",
+        grad_norm=e.grad_norm,
+        signal_norm=None if sig is None else sig.signal_norm,
+        relative_grad=e.relative_grad,
+        param_grad_norms=dict(e.grad_norms),
+    )
+    if curv is not None:
+        d.headroom = curv.headroom
+        d.lambda_max = curv.lambda_max
+        d.optimal_step = curv.alpha_star
+        if step_used and math.isfinite(curv.alpha_star):
+            d.step_ratio = curv.alpha_star / step_used
+    if sig is None:
+        return d
+    act = sig.activation
+    if act is not None:
+        d.activation, d.saturation, d.dead_fraction = act.name, act.saturation, act.dead_fraction
+    d.weight_factor = sig.weight_factor
+    i = index[e.name]
+    if i + 1 < len(ran):
+        nxt = ran[i + 1].signal
+        assert nxt is not None
+        d.attenuation = _ratio(sig.signal_norm, nxt.signal_norm)
+        d.activation_factor = _ratio(sig.signal_norm, nxt.input_signal_norm)
+    return d
+
+
+def _decide(d: LayerDiagnosis, e: LayerEvidence, ctx: _Context) -> None:
+    th = ctx.th
     if e.signal is None:
         d.status = "dead"
         d.reason = "not called in the forward pass: it gets no gradient and passes no signal."
@@ -180,54 +236,85 @@ def _decide(
         )
         d.advice = _advice("dead")
         return
-    frozen = " (frozen: requires_grad=False, not judged as a learner)" if e.frozen else ""
-    s = sens[e.name]
-    rel_sens = s / s_max if s_max > 0 else 0.0
-    g_rel = (e.relative_grad or 0.0) / scale if scale > 0 else 0.0
-    i = next(k for k, r in enumerate(ran) if r.name == e.name)
-    if s_out > 0 and s / s_out >= th.exploding and i + 1 < len(ran):
+    s = ctx.sens[e.name]
+    rel_sens = s / ctx.s_max if ctx.s_max > 0 else 0.0
+    g_rel = (e.relative_grad or 0.0) / ctx.scale if ctx.scale > 0 else 0.0
+    i = next(k for k, r in enumerate(ctx.ran) if r.name == e.name)
+    step_note = _step_note(d, ctx)
+    if ctx.lr is not None and d.lambda_max is not None and ctx.lr * d.lambda_max > 2:
         d.status = "exploding"
         d.reason = (
-            f"the loss is {s / s_out:.1e}× more sensitive to this layer's output than to the "
-            f"output layer's: the backward signal grows on its way back"
-            f"{_chain_cause(ran, i)}{frozen}."
+            f"lr·λmax = {ctx.lr:g}·{d.lambda_max:.2e} = {ctx.lr * d.lambda_max:.1f} > 2: a "
+            "gradient step of this size is unstable for this layer's block (the largest "
+            f"stable step is {2 / d.lambda_max:.1e})."
+        )
+        d.advice = _advice("exploding")
+        return
+    if ctx.s_out > 0 and s / ctx.s_out >= th.exploding and i + 1 < len(ctx.ran):
+        d.status = "exploding"
+        d.reason = (
+            f"the loss is {s / ctx.s_out:.1e}× more sensitive to this layer's output than to "
+            "the output layer's: the backward signal grows on its way back; "
+            f"{_chain_cause(ctx.ran, i)}."
         )
         d.advice = _advice("exploding")
         return
     if e.frozen:
         d.reason = f"frozen (requires_grad=False): not trained; loss sensitivity {_e(s)}."
         return
-    if solved:
+    if ctx.solved:
         d.status = "converged"
         d.reason = (
-            f"the loss {_e(scale)} is below {th.solved:.0e} of the best constant prediction's: "
-            "there is (almost) nothing left to win."
+            f"the loss {_e(ctx.scale)} is below {th.solved:.0e} of the best constant "
+            "prediction's: there is (almost) nothing left to win."
         )
         return
-    if rel_sens < th.vanishing and not model_stationary:
+    if not ctx.has_headroom:
+        d.status = "converged"
+        d.reason = (
+            "no headroom left for the model: "
+            + _headroom_note(d, g_rel)
+            + "; its gradient is small because it is meant to be small."
+        )
+        return
+    if rel_sens < th.vanishing:
         d.status = "vanishing"
-        ref = max(sens, key=lambda k: sens[k])
-        plateau_note = (
-            " while the loss is no better than the best constant prediction" if plateau else ""
+        ref = max(ctx.sens, key=lambda k: ctx.sens[k])
+        where = (
+            " while the loss is no better than the best constant prediction" if ctx.plateau else ""
         )
         d.reason = (
             f"gradient {_e(d.grad_norm)}: the loss's sensitivity to this layer's output is "
-            f"{rel_sens:.1e} of layer {ref}'s{plateau_note}; {_chain_cause(ran, i)}."
-        ).replace("; , ", "; ")
-        d.advice = _advice(_cause_kind(ran, i))
+            f"{rel_sens:.1e} of layer {ref}'s{where}; {_chain_cause(ctx.ran, i)}{step_note}."
+        )
+        d.advice = _advice(_cause_kind(ctx.ran, i))
         return
-    if g_rel <= th.converged:
+    layer_done = d.headroom < th.headroom if d.headroom is not None else g_rel <= th.converged
+    if layer_done:
         d.status = "converged"
         d.reason = (
-            f"the signal reaches it (sensitivity {rel_sens:.1e} of the largest) but a relative "
-            f"change of its weights moves the loss by at most {g_rel:.1e} of the loss: a "
-            "gradient that is small because the layer sits at a stationary point."
+            f"the signal reaches it (sensitivity {rel_sens:.1e} of the largest) but "
+            + _headroom_note(d, g_rel)
+            + ": a gradient that is small because the layer sits at its optimum."
         )
         return
     d.reason = (
-        f"learning: gradient {_e(d.grad_norm)}, a relative weight change moves the loss by up "
-        f"to {g_rel:.1e}× its value; the signal reaching it is {rel_sens:.1e} of the largest."
+        f"learning: gradient {_e(d.grad_norm)}; {_headroom_note(d, g_rel)}; the signal "
+        f"reaching it is {rel_sens:.1e} of the largest{step_note}."
     )
+
+
+def _headroom_note(d: LayerDiagnosis, g_rel: float) -> str:
+    if d.headroom is not None:
+        return f"a Newton step on this layer alone would win {d.headroom:.1e} of the loss"
+    return f"a relative change of its weights moves the loss by at most {g_rel:.1e}× its value"
+
+
+def _step_note(d: LayerDiagnosis, ctx: _Context) -> str:
+    if d.step_ratio is None or ctx.step_used is None:
+        return ""
+    used = f"lr {ctx.lr:g}" if ctx.lr is not None else f"2/λmax = {ctx.step_used:.1e}"
+    return f"; its curvature-optimal step is {d.step_ratio:.1e}× the one it gets ({used})"
 
 
 def _chain_cause(ran: Sequence[LayerEvidence], i: int) -> str:
@@ -326,10 +413,11 @@ def _e(x: float | None) -> str:
 
 def _summary(
     layers: Sequence[LayerDiagnosis],
-    ran: Sequence[LayerEvidence],
     loss: float,
     baseline_loss: float | None,
     plateau: bool,
+    model: ModelHeadroom | None,
+    lr: float | None,
 ) -> str:
     lines = []
     base = f"{baseline_loss:.3g}" if baseline_loss is not None else "unknown"
@@ -340,6 +428,23 @@ def _summary(
         )
     else:
         lines.append(f"Loss {loss:.3g} (best constant prediction: {base}).")
+    if model is not None:
+        realized = "n/a" if model.realized is None else f"{model.realized:.1%}"
+        lines.append(
+            f"Headroom: the damped quadratic model of the whole network predicts a decrease of "
+            f"{model.headroom:.2g}× the loss; a Levenberg-Marquardt Gauss-Newton step realized "
+            f"{realized} of it on held-out data."
+        )
+        if lr is not None and lr * model.lambda_max > 2:
+            lines.append(
+                f"lr {lr:g} exceeds the largest stable step 2/λmax = {2 / model.lambda_max:.2e}."
+            )
+    ratios = [layer.step_ratio for layer in layers if layer.step_ratio]
+    if len(ratios) >= 2 and min(ratios) > 0 and max(ratios) / min(ratios) >= 100:
+        lines.append(
+            f"Curvature-optimal steps span {max(ratios) / min(ratios):.0e}×: one learning rate "
+            "cannot suit every layer."
+        )
     by_status: dict[str, list[str]] = {}
     for layer in layers:
         by_status.setdefault(layer.status, []).append(layer.name)
