@@ -173,18 +173,19 @@ def xtrace(A: Any, num_matvecs: int, *, seed: int = 0) -> TraceEstimate:
     gen = torch.Generator(device=device).manual_seed(seed)
     Om = torch.randn(dim, m, generator=gen, dtype=dtype, device=device)
     Om = math.sqrt(dim) * Om / Om.norm(dim=0, keepdim=True)
-    Y = A @ Om
-    Q, R = torch.linalg.qr(Y)
-    # The small m × m algebra runs in float64 whatever the operator's dtype.
-    Q64, R64, Om64 = Q.double(), R.double(), Om.double()
+    Y = (A @ Om).double()
+    # The QR and the small m × m algebra run in float64 whatever the operator's dtype:
+    # in float32 the sketch loses orthogonality when a few eigenvalues dominate.
+    Q64, R64 = torch.linalg.qr(Y)
+    Om64 = Om.double()
     W = Q64.T @ Om64
     S = torch.linalg.inv(R64).T
     S = S / S.norm(dim=0, keepdim=True)
     dSW = (S * W).sum(dim=0)
     scale = math.sqrt(dim - m + 1) / torch.sqrt(dim - (W**2).sum(dim=0) + dSW**2)
     Om64, R64, W = Om64 * scale, R64 * scale, W * scale
-    Y64 = Y.double() * scale
-    Z = (A @ Q).double()
+    Y64 = Y * scale
+    Z = (A @ Q64.to(dtype)).double()
     H = Q64.T @ Z
     HW = H @ W
     T = Z.T @ Om64
