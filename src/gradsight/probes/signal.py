@@ -17,6 +17,17 @@ probe measures, per parameter-owning module (a module with parameters of its own
 * statistics of the first activation applied after the module (module or function
   form): mean and RMS derivative, saturated fraction and dead units.
 
+Lean mode, for monitoring every training step (:class:`gradsight.Monitor`):
+``activations="modules"``, ``input_signals=False``, ``output_norms=False`` and
+``activation_samples=n`` keep the hot path to one forward hook and one tensor hook per
+module. Activations are then recognised only in module form (``nn.Sigmoid()``, not
+``torch.sigmoid``), since watching every torch function call costs more than the step
+itself; the weight factor comes from ``activation_signal_norm``, the signal at the
+output of the activation before the next layer, instead of a view of each input;
+activation statistics are computed once per :meth:`SignalProbe.collect` for all layers
+of one shape at a time, on the first ``n`` samples of the batch, from tensors that
+autograd keeps for the backward pass anyway.
+
 Only reductions are kept (a few scalars per module call); no activation or gradient
 tensor outlives its hook. Hooks are tensor hooks registered from forward hooks rather
 than ``register_full_backward_hook``, which fails on modules followed by in-place
@@ -29,14 +40,27 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
-from gradsight.probes.activations import ActivationSpec, match_activation
+from gradsight._errors import GradsightError
+from gradsight.probes.activations import (
+    FLAT_FRACTION,
+    GELU,
+    RELU,
+    SIGMOID,
+    SILU,
+    SOFTPLUS,
+    TANH,
+    ActivationSpec,
+    _hardtanh,
+    _leaky,
+    match_activation,
+)
 
 __all__ = [
     "ActivationStats",
@@ -104,6 +128,7 @@ class ModuleSignal:
     input_signal_norm: float | None
     output_norm: float | None
     activation: ActivationStats | None
+    activation_signal_norm: float | None = None
 
     @property
     def sensitivity(self) -> float:
@@ -117,6 +142,12 @@ class ModuleSignal:
     def weight_factor(self) -> float | None:
         """‖∂L/∂input‖ / ‖∂L/∂output‖: how much the module itself scales the signal."""
         return _ratio(self.input_signal_norm, self.signal_norm)
+
+    @property
+    def activation_factor(self) -> float | None:
+        """‖∂L/∂output‖ / ‖∂L/∂φ(output)‖: how much the activation after the module
+        scales the signal on its way back (``activations="modules"`` mode only)."""
+        return _ratio(self.signal_norm, self.activation_signal_norm)
 
 
 @dataclass
@@ -177,6 +208,25 @@ class _ActivationAccumulator:
         elif self.alive.shape == alive.shape:  # a shared module called on other shapes: skip
             self.alive = self.alive | alive
 
+    def add_reduced(
+        self,
+        count: int,
+        flat: torch.Tensor,
+        dsum: torch.Tensor,
+        dsq: torch.Tensor,
+        alive: torch.Tensor,
+    ) -> None:
+        """Fold in statistics reduced elsewhere (the lean mode's batched reductions)."""
+        self.count += count
+        self.flat = self.flat + flat.double().cpu()
+        self.dsum = self.dsum + dsum.double().cpu()
+        self.dsq = self.dsq + dsq.double().cpu()
+        alive = alive.cpu()
+        if self.alive is None:
+            self.alive = alive
+        elif self.alive.shape == alive.shape:
+            self.alive = self.alive | alive
+
     def result(self) -> ActivationStats | None:
         if self.count == 0 or self.alive is None:
             return None
@@ -200,8 +250,29 @@ class _ModuleAccumulator:
         self.out_norms: list[torch.Tensor] = []
         self.in_norms: list[torch.Tensor] = []
         self.value_norms: list[torch.Tensor] = []
+        self.act_out_norms: list[torch.Tensor] = []
         self.activation: _ActivationAccumulator | None = None
         self.unit_dim = 1 if isinstance(module, _CHANNEL_FIRST) else -1
+        # Lean mode: the tensor the activation module after this one saw, reduced later,
+        # and the reductions of earlier calls.
+        self.pending: tuple[_ModuleActivation, torch.Tensor] | None = None
+        self.reduced: list[_Reduced] = []
+
+    def clear(self) -> None:
+        self.out_norms.clear()
+        self.in_norms.clear()
+        self.value_norms.clear()
+        self.act_out_norms.clear()
+        self.activation = None
+        self.pending = None
+        self.reduced.clear()
+
+    def fold_reduced(self) -> None:
+        for r in self.reduced:
+            if self.activation is None or self.activation.spec != r.spec:
+                self.activation = _ActivationAccumulator(r.spec)
+            self.activation.add_reduced(r.count, r.flat, r.dsum, r.dsq, r.alive)
+        self.reduced.clear()
 
     def result(self) -> ModuleSignal:
         return ModuleSignal(
@@ -212,6 +283,7 @@ class _ModuleAccumulator:
             input_signal_norm=_combine(self.in_norms),
             output_norm=_combine(self.value_norms),
             activation=None if self.activation is None else self.activation.result(),
+            activation_signal_norm=_combine(self.act_out_norms),
         )
 
 
@@ -241,6 +313,118 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 def _differentiable(t: torch.Tensor) -> bool:
     return t.requires_grad and (t.is_floating_point() or t.is_complex())
+
+
+# --------------------------------------------------------------------------- lean mode
+
+
+@dataclass(frozen=True)
+class _ModuleActivation:
+    """An activation module and how to get φ' from what its forward hook sees."""
+
+    spec: ActivationSpec
+    # φ' as a function of the module's *output* y (None: use spec.derivative on the input).
+    from_output: Callable[[torch.Tensor], torch.Tensor] | None
+
+
+def _sigmoid_from_output(y: torch.Tensor) -> torch.Tensor:
+    return y - y * y  # σ' = σ(1 − σ)
+
+
+def _tanh_from_output(y: torch.Tensor) -> torch.Tensor:
+    return 1 - y * y  # tanh' = 1 − tanh²
+
+
+def _module_activation(module: nn.Module) -> _ModuleActivation | None:
+    """The activation an ``nn`` activation module computes, or None.
+
+    Sigmoid, tanh and the ReLU family are read off their output (which autograd keeps
+    for their backward pass: no extra memory, and in-place variants are fine); GELU,
+    SiLU and softplus off their input, unless the module works in place.
+    """
+    if isinstance(module, nn.Sigmoid):
+        return _ModuleActivation(SIGMOID, _sigmoid_from_output)
+    if isinstance(module, nn.Tanh):
+        return _ModuleActivation(TANH, _tanh_from_output)
+    if isinstance(module, nn.ReLU):
+        return _ModuleActivation(RELU, RELU.derivative)  # y > 0 exactly where z > 0
+    if isinstance(module, nn.LeakyReLU) and module.negative_slope >= 0:
+        spec = _leaky(module.negative_slope)
+        return _ModuleActivation(spec, spec.derivative)
+    if isinstance(module, nn.Hardtanh):  # also ReLU6; y ∈ (lo, hi) exactly where z is
+        spec = _hardtanh(module.min_val, module.max_val)
+        return _ModuleActivation(spec, spec.derivative)
+    if getattr(module, "inplace", False):
+        return None
+    if isinstance(module, nn.GELU):
+        return _ModuleActivation(GELU, None)
+    if isinstance(module, nn.SiLU):
+        return _ModuleActivation(SILU, None)
+    if isinstance(module, nn.Softplus) and module.beta == 1:
+        return _ModuleActivation(SOFTPLUS, None)
+    return None
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    """One call's activation statistics in the lean mode (0-d tensors, on device)."""
+
+    spec: ActivationSpec
+    count: int
+    flat: torch.Tensor
+    dsum: torch.Tensor
+    dsq: torch.Tensor
+    alive: torch.Tensor
+    saturation: torch.Tensor
+    dead_fraction: torch.Tensor
+    mean_derivative: torch.Tensor
+    rms_derivative: torch.Tensor
+
+
+def _reduce_pending(accs: list[_ModuleAccumulator]) -> None:
+    """Reduce the lean mode's pending activation tensors, one group of shapes at a time.
+
+    Layers whose activation tensors share activation, shape, dtype and device are
+    stacked and reduced together: a dozen tensor operations for the whole group instead
+    of a dozen per layer, and no copy to the host.
+    """
+    groups: dict[tuple[Any, ...], list[_ModuleAccumulator]] = {}
+    for acc in accs:
+        if acc.pending is None:
+            continue
+        act, t = acc.pending
+        key = (act, acc.unit_dim % max(t.ndim, 1), t.shape, t.dtype, t.device)
+        groups.setdefault(key, []).append(acc)
+    with torch.no_grad():
+        for (act, unit_dim, shape, _, _), members in groups.items():
+            tensors = [m.pending[1] for m in members]  # type: ignore[index]
+            x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
+            d = (act.from_output or act.spec.derivative)(x).abs()
+            flat = d <= FLAT_FRACTION * act.spec.max_derivative
+            dims = tuple(range(1, x.ndim))
+            flat_n = flat.sum(dim=dims, dtype=d.dtype) if dims else flat.to(d.dtype)
+            dsum = d.sum(dim=dims) if dims else d
+            dsq = torch.linalg.vector_norm(d, dim=dims).square() if dims else d.square()
+            if len(shape) == 0:
+                alive = ~flat.reshape(-1, 1)
+            else:  # per unit (feature or channel): not flat somewhere on the batch
+                units = shape[unit_dim]
+                alive = (~flat).movedim(unit_dim + 1, 1).reshape(len(members), units, -1).any(2)
+            count = int(math.prod(shape)) if shape else 1
+            stats = zip(
+                flat_n.unbind(),
+                dsum.unbind(),
+                dsq.unbind(),
+                alive.unbind(),
+                (flat_n / count).unbind(),
+                (1.0 - alive.to(d.dtype).mean(dim=1)).unbind(),
+                (dsum / count).unbind(),
+                (dsq / count).sqrt().unbind(),
+                strict=True,
+            )
+            for m, st in zip(members, stats, strict=True):
+                m.reduced.append(_Reduced(act.spec, count, *st))
+                m.pending = None
 
 
 # --------------------------------------------------------------------------- the probe
@@ -282,10 +466,18 @@ class SignalProbe:
 
     Args:
         model: The model to observe.
-        activations: Record statistics of the activation following each module
-            (watches torch function calls during the block).
+        activations: Record statistics of the activation following each module:
+            ``True`` (or ``"functions"``) watches torch function calls during the block,
+            which finds functional activations too; ``"modules"`` hooks only ``nn``
+            activation modules (much cheaper, and also records
+            ``activation_signal_norm``); ``False`` records none.
         check_finite: Also watch every module (not only parameter owners) for
             NaN/Inf outputs and backward signals, to locate where they start.
+        input_signals: Record ‖∂L/∂input‖ through each module (one view and one tensor
+            hook per input and call). Without it ``weight_factor`` is None.
+        output_norms: Record ‖output‖ (one reduction per call).
+        activation_samples: With ``activations="modules"``: activation statistics from
+            the first this many samples (dim 0) of each call only (None: all).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -305,12 +497,26 @@ class SignalProbe:
         self,
         model: nn.Module,
         *,
-        activations: bool = True,
+        activations: bool | Literal["functions", "modules"] = True,
         check_finite: bool = False,
+        input_signals: bool = True,
+        output_norms: bool = True,
+        activation_samples: int | None = None,
     ) -> None:
+        if activations not in (True, False, "functions", "modules"):
+            raise GradsightError(
+                f"activations must be True, False, 'functions' or 'modules', got {activations!r}."
+            )
+        if activation_samples is not None and activation_samples < 1:
+            raise GradsightError(
+                f"activation_samples must be a positive int or None, got {activation_samples!r}."
+            )
         self.model = model
         self.activations = activations
         self.check_finite = check_finite
+        self.input_signals = input_signals
+        self.output_norms = output_norms
+        self.activation_samples = activation_samples
         self._accs: dict[int, _ModuleAccumulator] = {}
         self._order: list[_ModuleAccumulator] = []
         self._handles: list[RemovableHandle] = []
@@ -323,6 +529,16 @@ class SignalProbe:
         self._first_bad_grad: tuple[str, str] | None = None  # (module name, "in"/"out")
 
     # -- lifecycle
+    @property
+    def recording(self) -> bool:
+        """Whether the hooks record; set False to pause them between measured steps."""
+        return self._active
+
+    @recording.setter
+    def recording(self, on: bool) -> None:
+        if self._handles:  # only while entered
+            self._active = bool(on)
+
     def __enter__(self) -> SignalProbe:
         owners = {id(m) for _, m in parameter_owners(self.model)}
         seen: set[int] = set()
@@ -336,11 +552,22 @@ class SignalProbe:
                     continue
                 acc = _ModuleAccumulator(name, module, owns)
                 self._accs[id(module)] = acc
-                self._handles.append(
-                    module.register_forward_pre_hook(self._pre_hook(acc), with_kwargs=True)
-                )
-                self._handles.append(module.register_forward_hook(self._post_hook(acc)))
-            if self.activations:
+                if self.input_signals or self.check_finite:
+                    self._handles.append(
+                        module.register_forward_pre_hook(self._pre_hook(acc), with_kwargs=True)
+                    )
+                if self.input_signals or self.check_finite or self.output_norms:
+                    self._handles.append(module.register_forward_hook(self._post_hook(acc)))
+                else:
+                    self._handles.append(module.register_forward_hook(self._lean_post_hook(acc)))
+            if self.activations == "modules":
+                for module in self.model.modules():
+                    act = _module_activation(module)
+                    if act is not None and id(module) not in self._accs:
+                        self._handles.append(
+                            module.register_forward_hook(self._activation_hook(act))
+                        )
+            elif self.activations:
                 self._mode = _ActivationWatcher(self)
                 self._mode.__enter__()
         except BaseException:
@@ -377,6 +604,8 @@ class SignalProbe:
                 if acc.calls == 0:
                     self._order.append(acc)
             acc.calls += 1
+            if not self.input_signals:
+                return None
             # Route each differentiable input through its own view so that the tensor
             # hook sees the gradient through this module only (not, e.g., a skip path).
             # One view per distinct tensor keeps `query is key`-style checks intact.
@@ -409,8 +638,16 @@ class SignalProbe:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active:
                 return
+            if not self.input_signals and not self.check_finite:  # no pre-hook counted it
+                if acc.owns_params and acc.calls == 0:
+                    self._order.append(acc)
+                acc.calls += 1
             for t in _tensors(output):
-                if acc.owns_params and (t.is_floating_point() or t.is_complex()):
+                if (
+                    self.output_norms
+                    and acc.owns_params
+                    and (t.is_floating_point() or t.is_complex())
+                ):
                     with torch.no_grad():
                         acc.value_norms.append(torch.linalg.vector_norm(t.detach()))
                 if (
@@ -424,6 +661,61 @@ class SignalProbe:
                     self._tensor_handles.append(t.register_hook(self._grad_hook(acc, "out")))
             if acc.owns_params:
                 self._pending_owner = acc
+
+        return hook
+
+    def _lean_post_hook(self, acc: _ModuleAccumulator) -> Callable[[nn.Module, Any, Any], None]:
+        # The hot path of the lean mode: one Python call and one tensor hook per call.
+        order = self._order
+        norms = acc.out_norms
+        norm = torch.linalg.vector_norm
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            if self._active:
+                norms.append(norm(grad.detach()))
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if not self._active or not torch.is_grad_enabled():  # e.g. an evaluation pass
+                self._pending_owner = None  # nor may the activation after it be attributed
+                return
+            if acc.calls == 0:
+                order.append(acc)
+            acc.calls += 1
+            if isinstance(output, torch.Tensor):
+                if output.requires_grad:
+                    output.register_hook(grad_hook)
+            else:
+                for t in _tensors(output):
+                    if _differentiable(t):
+                        t.register_hook(grad_hook)
+            self._pending_owner = acc
+
+        return hook
+
+    def _activation_hook(self, act: _ModuleActivation) -> Callable[[nn.Module, Any, Any], None]:
+        samples = self.activation_samples
+        norm = torch.linalg.vector_norm
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            owner = self._pending_owner
+            if owner is None or not isinstance(output, torch.Tensor):
+                return
+            self._pending_owner = None
+            t = output if act.from_output is not None else args[0]
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                if samples is not None and t.ndim > 0 and t.shape[0] > samples:
+                    t = t[:samples]
+                if owner.pending is not None:  # a second call before collect(): reduce it
+                    _reduce_pending([owner])
+                owner.pending = (act, t.detach())
+            if output.requires_grad:
+                out_norms = owner.act_out_norms
+
+                def grad_hook(grad: torch.Tensor) -> None:
+                    if self._active:
+                        out_norms.append(norm(grad.detach()))
+
+                output.register_hook(grad_hook)
 
         return hook
 
@@ -446,8 +738,74 @@ class SignalProbe:
         return hook
 
     # -- result
+    def collect(self) -> list[tuple[str, str, torch.Tensor]]:
+        """Measurements since the last ``collect()``, as ``(module, metric, value)``; reset.
+
+        For monitoring: values are 0-d tensors on the model's device (nothing is copied
+        to the host, so there is no synchronisation); norms of several calls combine in
+        quadrature. Metrics: ``signal_norm``, ``input_signal_norm``, ``output_norm``,
+        ``activation_signal_norm`` (lean mode), ``saturation``, ``dead_fraction``,
+        ``mean_derivative``, ``rms_derivative``. Absent values are left out.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 1))
+            >>> with SignalProbe(model, activations="modules", input_signals=False) as probe:
+            ...     model(torch.randn(16, 4)).sum().backward()
+            ...     rows = probe.collect()
+            >>> sorted({metric for _, metric, _ in rows})[:3]
+            ['activation_signal_norm', 'dead_fraction', 'mean_derivative']
+            >>> probe.collect()
+            []
+        """
+        _reduce_pending(self._order)
+        rows: list[tuple[str, str, torch.Tensor]] = []
+        for acc in self._order:
+            if not acc.owns_params:
+                continue
+            for metric, norms in (
+                ("signal_norm", acc.out_norms),
+                ("input_signal_norm", acc.in_norms),
+                ("output_norm", acc.value_norms),
+                ("activation_signal_norm", acc.act_out_norms),
+            ):
+                if len(norms) == 1:
+                    rows.append((acc.name, metric, norms[0]))
+                elif norms:
+                    rows.append((acc.name, metric, torch.linalg.vector_norm(torch.stack(norms))))
+            stats: tuple[torch.Tensor, ...]
+            if len(acc.reduced) == 1 and acc.activation is None:  # the usual case
+                r = acc.reduced[0]
+                stats = (r.saturation, r.dead_fraction, r.mean_derivative, r.rms_derivative)
+            else:
+                acc.fold_reduced()
+                a = acc.activation
+                if a is None or not a.count or a.alive is None:
+                    stats = ()
+                else:
+                    n = float(a.count)
+                    stats = (
+                        a.flat / n,
+                        1.0 - a.alive.double().mean(),
+                        a.dsum / n,
+                        (a.dsq / n).sqrt(),
+                    )
+            rows += [
+                (acc.name, metric, value)
+                for metric, value in zip(
+                    ("saturation", "dead_fraction", "mean_derivative", "rms_derivative"),
+                    stats,
+                    strict=False,
+                )
+            ]
+            acc.clear()
+        self._pending_owner = None
+        return rows
+
     def result(self) -> SignalFlow:
         """Reduce what was recorded into a :class:`SignalFlow` (forward order)."""
+        _reduce_pending(self._order)
+        for acc in self._order:
+            acc.fold_reduced()
         modules = [acc.result() for acc in self._order]
         called = {id(acc.module) for acc in self._order}
         unused = [name for name, m in parameter_owners(self.model) if id(m) not in called]
