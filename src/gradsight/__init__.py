@@ -4,13 +4,19 @@ Public API (stable names)::
 
     d = gradsight.diagnose(model, (inputs, targets), loss_fn, lr=None)
     d.status, d.layers, d.layer("3"), d.nonfinite_origin, d.to_dict(), d.to_html(path)
+
+    with gradsight.Monitor(model, logdir="runs/a", every=1) as mon:  # mon.step(loss)
+        ...                                                          # after backward()
+    gradsight.report("runs/a")  # -> path of a self-contained HTML report
 """
 
 from __future__ import annotations
 
 from gradsight._errors import GradsightError
 from gradsight.diagnosis import STATUSES, Diagnosis, LayerDiagnosis, diagnose
+from gradsight.monitor import Monitor
 from gradsight.probes import SignalFlow, SignalProbe
+from gradsight.report import report
 
 __version__ = "0.1.0"
 
@@ -19,8 +25,10 @@ __all__ = [
     "Diagnosis",
     "GradsightError",
     "LayerDiagnosis",
+    "Monitor",
     "SignalFlow",
     "SignalProbe",
     "__version__",
     "diagnose",
+    "report",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -188,51 +187,20 @@ class Diagnosis:
         return "\n".join(lines)
 
     def to_html(self, path: str | Path) -> Path:
-        """Write a self-contained HTML page of the diagnosis and return its path."""
-        rows = self.table()
-        cols = list(rows[0]) if rows else []
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-        body = []
-        for row, layer in zip(rows, self.layers, strict=True):
-            cells = "".join(f"<td>{html.escape(row[c])}</td>" for c in cols)
-            body.append(
-                f'<tr class="{html.escape(layer.status)}">{cells}</tr>'
-                f'<tr class="reason"><td colspan="{len(cols)}">{html.escape(layer.reason)}'
-                + "".join(f"<br>→ {html.escape(a)}" for a in layer.advice)
-                + "</td></tr>"
-            )
-        page = _HTML.format(
-            status=html.escape(self.status),
-            loss=html.escape(_fmt(self.loss)),
-            baseline=html.escape(_fmt(self.baseline_loss)),
-            summary=html.escape(self.summary).replace("\n", "<br>"),
-            head=head,
-            body="".join(body),
-        )
+        """Write a self-contained HTML page of the diagnosis and return its path.
+
+        The page is built from the same blocks as the run report of
+        :func:`gradsight.report` (verdict table with reasons and advice).
+        """
+        from gradsight.report._html import diagnosis_section, page
+
+        body = "<h1>gradsight diagnosis</h1>" + diagnosis_section(self)
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(page, encoding="utf-8")
+        out.write_text(
+            page(f"gradsight diagnosis: {self.status}", body, with_plots=False), encoding="utf-8"
+        )
         return out
-
-
-_HTML = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>gradsight diagnosis</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; }} th, td {{ padding: 4px 10px; text-align: left; }}
-th {{ border-bottom: 2px solid #444; }} tr.reason td {{ color: #555; font-size: 90%;
-  border-bottom: 1px solid #ddd; padding-bottom: 8px; }}
-tr.vanishing td:nth-child(3) {{ color: #b35c00; font-weight: bold; }}
-tr.exploding td:nth-child(3), tr.nonfinite td:nth-child(3) {{ color: #c00; font-weight: bold; }}
-tr.dead td:nth-child(3) {{ color: #777; font-weight: bold; }}
-tr.converged td:nth-child(3) {{ color: #1a7f37; font-weight: bold; }}
-</style></head><body>
-<h1>gradsight diagnosis: {status}</h1>
-<p>loss {loss}; best constant prediction {baseline}</p>
-<p>{summary}</p>
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-</body></html>
-"""
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

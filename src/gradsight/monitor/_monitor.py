@@ -1,0 +1,481 @@
+"""``gradsight.Monitor``: measure a real training run every few steps, into a run store."""
+
+from __future__ import annotations
+
+import platform
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from gradsight._errors import GradsightError
+from gradsight.monitor._curvature import CurvatureTier
+from gradsight.probes.signal import SignalProbe, parameter_owners
+from gradsight.store import RunWriter
+
+__all__ = ["Monitor"]
+
+LossFn = Callable[[Any, Any], torch.Tensor]
+
+# Metrics that scale with the loss, divided by the loss scale of a GradScaler.
+_SCALED = frozenset({"grad_norm", "signal_norm", "activation_signal_norm", "input_signal_norm"})
+
+
+class Monitor:
+    """Record per-layer signal flow, gradients and (optionally) curvature during training.
+
+    Use it as a context manager, or call :meth:`close` at the end; call :meth:`step`
+    once per optimizer step, after ``backward()`` (and before ``optimizer.step()``)::
+
+        with gradsight.Monitor(model, logdir="runs/a", optimizer=opt) as mon:
+            for x, y in loader:
+                opt.zero_grad()
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                mon.step(loss)
+                opt.step()
+        gradsight.report("runs/a")
+
+    **Cheap tier** (every ``every`` steps): per parameter-owning module, ‖∂L/∂θ‖
+    (``grad_norm``), the backward signal ‖∂L/∂output‖ (``signal_norm``) and at the
+    output of the activation module after it (``activation_signal_norm``; their ratio is
+    the activation factor, and ``activation_signal_norm`` of one layer over
+    ``signal_norm`` of the next the weight factor), the activation's ``saturation``,
+    ``dead_fraction``, ``mean_derivative`` and ``rms_derivative`` (on the first
+    ``activation_samples`` samples), and with an optimizer the learning rate and the
+    update-to-weight ratio ‖Δθ‖/‖θ‖ (``update_ratio``). Model level (layer ``""``):
+    ``loss``, ``lr``, ``loss_scale``. Everything stays on the device until a flush: no
+    ``.item()`` per module.
+
+    Limitation: activations are recognised as ``nn`` modules (``nn.ReLU()``), not as
+    functions (``torch.relu`` in ``forward``); :func:`gradsight.diagnose` sees both.
+
+    **Curvature tier** (every ``curvature_every`` steps, needs ``batch`` and
+    ``loss_fn``): per layer the top Hessian eigenvalue (``lambda_max``, and
+    ``lr_lambda_max``: above 2 the step is unstable), the trace, the curvature-optimal
+    step α* = gᵀg/gᵀHg over the learning rate (``step_ratio``) and ``headroom``, the
+    damped Gauss-Newton decrement ½gᵀ(G+λI)⁻¹g relative to the loss.
+
+    **Gradient accumulation**: call :meth:`step` once per optimizer step, after the last
+    ``backward()``; signal norms of all micro-batches combine in quadrature, activation
+    statistics come from the last micro-batch. **Mixed precision**: pass ``scaler=``
+    (a ``torch.amp.GradScaler``) or ``loss_scale=``; recorded norms are unscaled, and
+    :meth:`step` takes the unscaled loss.
+
+    Measuring does not change training: hooks only read tensors, and parameters after
+    any number of steps are bitwise those of the same run without the monitor.
+
+    Args:
+        model: The model being trained.
+        logdir: Directory of the run store (see :mod:`gradsight.store`).
+        every: Measure the cheap tier every this many steps.
+        curvature_every: Measure the curvature tier every this many steps (None: never).
+        optimizer: The optimizer, for the learning rate and the update-to-weight ratios.
+        scaler: A GradScaler whose scale the losses are multiplied by.
+        loss_scale: A fixed loss scale (instead of ``scaler``).
+        batch, loss_fn: ``(inputs, targets)`` and ``loss_fn(outputs, targets)`` for the
+            curvature tier and the diagnosis at close; :meth:`step` can pass them too.
+        activation_samples: Samples per batch for the activation statistics (None: all).
+        flush_secs: Write buffered measurements at most this many seconds apart; a crash
+            loses at most that much.
+        diagnose_at_close: Run :func:`gradsight.diagnose` at :meth:`close` (when a batch
+            and loss_fn are known) and store it as ``diagnosis.json``.
+        name: Run name shown in reports (default: the logdir's name).
+        overwrite: Replace a run already in ``logdir`` (default: refuse).
+        curvature_probes: Budget of curvature-vector products per layer for the trace.
+
+    Example:
+        >>> import tempfile
+        >>> import gradsight
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> logdir = tempfile.mkdtemp()
+        >>> with gradsight.Monitor(model, logdir=logdir, optimizer=opt) as mon:
+        ...     for _ in range(3):
+        ...         opt.zero_grad()
+        ...         loss = model(torch.randn(16, 4)).pow(2).mean()
+        ...         loss.backward()
+        ...         mon.step(loss)
+        ...         opt.step()
+        >>> run = gradsight.store.load_run(logdir)
+        >>> sorted(run.series("grad_norm")), len(run.series("loss")[""][0])
+        (['0', '2'], 3)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        logdir: str | Path = "gradsight-runs/run",
+        *,
+        every: int = 1,
+        curvature_every: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: Any = None,
+        loss_scale: float | None = None,
+        batch: Any = None,
+        loss_fn: LossFn | None = None,
+        activation_samples: int | None = 32,
+        flush_secs: float = 10.0,
+        diagnose_at_close: bool = True,
+        name: str | None = None,
+        overwrite: bool = False,
+        curvature_probes: int = 20,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise GradsightError(
+                f"Monitor expects a torch.nn.Module, got {type(model).__name__}; "
+                "pass the model being trained."
+            )
+        for arg, value in (("every", every), ("curvature_every", curvature_every)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise GradsightError(f"{arg} must be a positive int, got {value!r}.")
+            if value is not None and value < 1:
+                raise GradsightError(f"{arg} must be a positive int, got {value!r}.")
+        if scaler is not None and loss_scale is not None:
+            raise GradsightError("pass either scaler= or loss_scale=, not both.")
+        if loss_scale is not None and not loss_scale > 0:
+            raise GradsightError(f"loss_scale must be positive, got {loss_scale!r}.")
+        self.model = model
+        self.logdir = Path(logdir)
+        self.every = every
+        self.curvature_every = curvature_every
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.loss_scale = loss_scale
+        self.batch = batch
+        self.loss_fn = loss_fn
+        self.flush_secs = flush_secs
+        self.diagnose_at_close = diagnose_at_close
+        self.steps = 0  # step() calls so far; the next step() records step number `steps`
+        self._closed = False
+        self._last_flush = time.monotonic()
+        self._warned: set[str] = set()
+        self._pending: list[tuple[int, list[tuple[str, str]], torch.Tensor]] = []
+        self._index_cache: tuple[Any, torch.Tensor] | None = None
+
+        owners = parameter_owners(model)
+        self._layers = [name_ for name_, _ in owners]
+        # Trainable parameters, and for each the layer it belongs to (first owner).
+        layer_of: dict[int, int] = {}
+        for i, (_, module) in enumerate(owners):
+            for p in module.parameters(recurse=False):
+                if p.requires_grad:
+                    layer_of.setdefault(id(p), i)
+        self._params = [p for p in model.parameters() if id(p) in layer_of]
+        self._param_layer = [layer_of[id(p)] for p in self._params]
+        if not self._params:
+            raise GradsightError(
+                f"{type(model).__name__} has no trainable parameters to monitor; "
+                "check requires_grad."
+            )
+
+        self._writer = RunWriter(
+            self.logdir,
+            {
+                "name": name or self.logdir.name,
+                "format": 1,
+                "status": "running",
+                "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "model": type(model).__name__,
+                "layers": [
+                    {
+                        "name": n,
+                        "type": type(m).__name__,
+                        "parameters": sum(p.numel() for p in m.parameters(recurse=False)),
+                    }
+                    for n, m in owners
+                ],
+                "every": every,
+                "curvature_every": curvature_every,
+                "optimizer": None if optimizer is None else type(optimizer).__name__,
+                "lr": None if optimizer is None else _lrs(optimizer)[0],
+                "versions": {
+                    "gradsight": _version(),
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                },
+                "steps": 0,
+            },
+            overwrite=overwrite,
+        )
+        self._probe = SignalProbe(
+            model,
+            activations="modules",
+            input_signals=False,
+            output_norms=False,
+            activation_samples=activation_samples,
+        )
+        self._probe.__enter__()
+        self._opt_handles: list[RemovableHandle] = []
+        self._snapshot: list[torch.Tensor] | None = None
+        self._update_pending = False
+        self._sgd_shortcut = False
+        if optimizer is not None:
+            self._attach_optimizer(optimizer)
+        self._curvature = CurvatureTier(model, self._layers, probes=curvature_probes)
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove all hooks, write what is buffered, the diagnosis and the final metadata.
+
+        Safe to call more than once.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._probe.__exit__(None, None, None)
+        for h in self._opt_handles:
+            h.remove()
+        self._drain()
+        self._writer.flush()
+        diagnosed = False
+        if self.diagnose_at_close and self.batch is not None and self.loss_fn is not None:
+            try:
+                from gradsight.diagnosis import diagnose
+
+                lr = None if self.optimizer is None else _lrs(self.optimizer)[0]
+                self.write_diagnosis(diagnose(self.model, self.batch, self.loss_fn, lr=lr))
+                diagnosed = True
+            except Exception as exc:  # the run's data matter more than the verdict
+                warnings.warn(f"gradsight: diagnosis at close failed: {exc}", stacklevel=2)
+        self._writer.update_metadata(
+            status="closed",
+            steps=self.steps,
+            closed=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            diagnosis=diagnosed or bool(self._writer.metadata.get("diagnosis")),
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write_diagnosis(self, diagnosis: Any) -> Path:
+        """Store a :class:`~gradsight.diagnosis.Diagnosis` with the run (``diagnosis.json``),
+        for the report's verdict table; also after :meth:`close`."""
+        path = self._writer.write_json("diagnosis.json", diagnosis.to_dict())
+        self._writer.update_metadata(diagnosis=True)
+        return path
+
+    # ------------------------------------------------------------------ measuring
+    def step(
+        self,
+        loss: torch.Tensor | float | None = None,
+        *,
+        batch: Any = None,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        """Record this training step; call after ``backward()``, before ``optimizer.step()``.
+
+        Args:
+            loss: The (unscaled) loss of the step, a tensor or a float.
+            batch: The step's ``(inputs, targets)``, for the curvature tier and the
+                diagnosis at close (the latest one given is kept).
+            loss_fn: ``loss_fn(outputs, targets)``, likewise.
+        """
+        if self._closed:
+            raise GradsightError("this Monitor is closed; create a new one to keep recording.")
+        if batch is not None:
+            self.batch = batch
+        if loss_fn is not None:
+            self.loss_fn = loss_fn
+        step = self.steps
+        self.steps += 1
+        if step % self.every == 0:
+            self._record(step, loss)
+        else:
+            self._probe.collect()  # hooks were off: nothing to keep, but reset
+        if self.curvature_every is not None and step % self.curvature_every == 0:
+            self._record_curvature(step, loss)
+        # Hooks run only in the passes of steps that are measured.
+        self._probe.recording = self.steps % self.every == 0
+        if time.monotonic() - self._last_flush >= self.flush_secs:
+            self.flush()
+
+    def log(self, metrics: dict[str, float], step: int | None = None, layer: str = "") -> None:
+        """Record extra scalars (e.g. held-out accuracy) at ``step`` (default: the last)."""
+        if self._closed:
+            raise GradsightError("this Monitor is closed; create a new one to keep recording.")
+        keys = [(layer, str(k)) for k in metrics]
+        values = np.array([float(v) for v in metrics.values()], dtype=np.float64)
+        self._writer.append(max(self.steps - 1, 0) if step is None else step, keys, values)
+
+    def flush(self) -> None:
+        """Write buffered measurements now (a new part file)."""
+        self._drain()
+        self._writer.flush()
+        self._writer.update_metadata(steps=self.steps)
+        self._last_flush = time.monotonic()
+
+    def _scale(self) -> torch.Tensor | float | None:
+        if self.loss_scale is not None:
+            return float(self.loss_scale)
+        if self.scaler is None or not getattr(self.scaler, "is_enabled", lambda: True)():
+            return None
+        scale = getattr(self.scaler, "_scale", None)  # a device tensor: no sync
+        return scale if isinstance(scale, torch.Tensor) else float(self.scaler.get_scale())
+
+    def _record(self, step: int, loss: torch.Tensor | float | None) -> None:
+        keys: list[tuple[str, str]] = []
+        values: list[torch.Tensor] = []
+        grads, owners = [], []
+        for p, layer in zip(self._params, self._param_layer, strict=True):
+            if p.grad is not None:
+                grads.append(p.grad)
+                owners.append(layer)
+        if grads:
+            # One multi-tensor reduction for all parameters, combined per layer on device.
+            sq = torch.stack(torch._foreach_norm(grads)).double().square()
+            per_layer = torch.zeros(len(self._layers), dtype=sq.dtype, device=sq.device)
+            per_layer.index_add_(0, self._index(owners, sq.device), sq)
+            used = list(dict.fromkeys(owners))
+            keys += [(self._layers[i], "grad_norm") for i in used]
+            norms = per_layer.sqrt()
+            values.append(norms[used] if len(used) < len(self._layers) else norms)
+        rows = self._probe.collect()
+        if rows:
+            keys += [(layer, metric) for layer, metric, _ in rows]
+            values.append(torch.stack([v for _, _, v in rows]).double())
+        if loss is not None and isinstance(loss, torch.Tensor):
+            keys.append(("", "loss"))
+            values.append(loss.detach().reshape(1).double())
+        if values:
+            vec = torch.cat([v.to(values[0].device) for v in values])
+            scale = self._scale()
+            if scale is not None:
+                mask = torch.tensor([m in _SCALED for _, m in keys], device=vec.device)
+                scale_t = torch.as_tensor(scale, dtype=torch.float64, device=vec.device)
+                vec = torch.cat([torch.where(mask, vec / scale_t, vec), scale_t.reshape(1)])
+                keys.append(("", "loss_scale"))
+            self._emit(step, keys, vec)
+        host = {}
+        if loss is not None and not isinstance(loss, torch.Tensor):
+            host["loss"] = float(loss)
+        if self.optimizer is not None:
+            host["lr"] = _lrs(self.optimizer)[0]
+        if host:
+            self._writer.append(step, [("", k) for k in host], np.array(list(host.values())))
+        self._update_pending = self.optimizer is not None
+
+    def _index(self, owners: list[int], device: torch.device) -> torch.Tensor:
+        key = (tuple(owners), device)
+        if self._index_cache is None or self._index_cache[0] != key:
+            self._index_cache = (key, torch.tensor(owners, device=device))
+        return self._index_cache[1]
+
+    def _emit(self, step: int, keys: list[tuple[str, str]], values: torch.Tensor) -> None:
+        """Buffer device values; they are copied to the host in one go at the next flush."""
+        self._pending.append((step, keys, values))
+
+    def _drain(self) -> None:
+        if not self._pending:
+            return
+        blocks, self._pending = self._pending, []
+        host = torch.cat([v.reshape(-1).double().cpu() for _, _, v in blocks]).numpy()
+        start = 0
+        for step, keys, v in blocks:
+            n = v.numel()
+            self._writer.append(step, keys, host[start : start + n])
+            start += n
+
+    def _record_curvature(self, step: int, loss: torch.Tensor | float | None) -> None:
+        if self.batch is None or self.loss_fn is None:
+            self._warn_once(
+                "curvature",
+                "gradsight.Monitor: the curvature tier needs a batch and a loss function; "
+                "pass step(loss, batch=(x, y), loss_fn=...) or Monitor(..., batch=, loss_fn=). "
+                "Skipping it until both are given.",
+            )
+            return
+        lr = None if self.optimizer is None else _lrs(self.optimizer)[0]
+        # The curvature engine runs its own passes (under torch.func transforms): the
+        # cheap tier's hooks must not see them.
+        self._probe.recording = False
+        try:
+            rows = self._curvature.measure(self.batch, self.loss_fn, lr=lr)
+        except Exception as exc:  # a model the curvature engine cannot handle
+            self._warn_once("curvature-failed", f"gradsight.Monitor: curvature tier failed: {exc}")
+            return
+        finally:
+            self._probe.recording = True
+        if rows:
+            keys = [(layer, metric) for layer, metric, _ in rows]
+            self._writer.append(step, keys, np.array([v for _, _, v in rows], dtype=np.float64))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    # ------------------------------------------------------------------ optimizer
+    def _attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        ours = {id(p) for p in self._params}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in ours:
+                    raise GradsightError(
+                        "the optimizer updates a parameter that is not a trainable parameter "
+                        "of the monitored model; pass the optimizer of this model."
+                    )
+        self._opt_params = [p for g in optimizer.param_groups for p in g["params"]]
+        self._opt_layer = [self._layer_index(p) for p in self._opt_params]
+        self._opt_handles.append(optimizer.register_step_pre_hook(self._before_update))
+        self._opt_handles.append(optimizer.register_step_post_hook(self._after_update))
+
+    def _layer_index(self, p: torch.Tensor) -> int:
+        for q, i in zip(self._params, self._param_layer, strict=True):
+            if q is p:
+                return i
+        raise AssertionError("unreachable: checked in _attach_optimizer")
+
+    def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._update_pending:
+            return
+        with torch.no_grad():
+            if self._snapshot is None:
+                self._snapshot = [torch.empty_like(p) for p in self._opt_params]
+            torch._foreach_copy_(self._snapshot, self._opt_params)
+
+    def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if not self._update_pending or self._snapshot is None:
+            return
+        self._update_pending = False
+        with torch.no_grad():
+            torch._foreach_sub_(self._snapshot, self._opt_params)
+            both = torch.stack(
+                torch._foreach_norm(self._snapshot) + torch._foreach_norm(self._opt_params)
+            ).double()
+        n = len(self._opt_params)
+        index = torch.tensor(self._opt_layer, device=both.device)
+        sq = both.square()
+        dl = torch.zeros(len(self._layers), dtype=sq.dtype, device=sq.device)
+        wl = torch.zeros_like(dl)
+        dl.index_add_(0, index, sq[:n])
+        wl.index_add_(0, index, sq[n:])
+        used = list(dict.fromkeys(self._opt_layer))
+        ratio = (dl.sqrt() / wl.sqrt())[used]
+        self._emit(self.steps - 1, [(self._layers[i], "update_ratio") for i in used], ratio)
+
+
+def _lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    return [float(g["lr"]) for g in optimizer.param_groups]
+
+
+def _version() -> str:
+    from gradsight import __version__
+
+    return __version__

@@ -1,0 +1,226 @@
+"""gradsight.Monitor: exact numbers, training unchanged, scaled losses, accumulation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import gradsight
+from gradsight import GradsightError, Monitor
+from gradsight.curvature import top_eigenvalues
+from gradsight.probes import SignalProbe
+from gradsight.store import load_run
+
+
+def _model(act: type[nn.Module] = nn.Sigmoid, width: int = 16) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, width), act(), nn.Linear(width, width), act(), nn.Linear(width, 3)
+    )
+
+
+def _data(n: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def _train(model: nn.Module, steps: int, mon: Monitor | None, opt: torch.optim.Optimizer) -> None:
+    for i in range(steps):
+        x, y = _data(32, seed=i)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if mon is not None:
+            mon.step(loss)
+        opt.step()
+
+
+def test_training_with_the_monitor_is_bitwise_unchanged(tmp_path: Path) -> None:
+    plain = _model(nn.ReLU)
+    watched = _model(nn.ReLU)
+    opt_a = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
+    opt_b = torch.optim.SGD(watched.parameters(), lr=0.05, momentum=0.9)
+    _train(plain, 100, None, opt_a)
+    with Monitor(watched, logdir=tmp_path / "run", optimizer=opt_b) as mon:
+        _train(watched, 100, mon, opt_b)
+    for p, q in zip(plain.parameters(), watched.parameters(), strict=True):
+        assert torch.equal(p, q)
+    run = load_run(tmp_path / "run")
+    assert run.complete and len(run.series("loss")[""][0]) == 100
+    assert sorted(run.series("update_ratio")) == ["0", "2", "4"]
+
+
+def test_recorded_numbers_match_direct_computation(tmp_path: Path) -> None:
+    model = _model(nn.Sigmoid).double()
+    x, y = _data()
+    x = x.double()
+    with SignalProbe(model) as probe:
+        nn.functional.cross_entropy(model(x), y).backward()
+    ref = probe.result()
+    grads = {
+        n: m.weight.grad.norm() ** 2 + m.bias.grad.norm() ** 2
+        for n, m in model.named_children()
+        if isinstance(m, nn.Linear)
+    }
+    model.zero_grad()
+    with Monitor(model, logdir=tmp_path / "r", activation_samples=None) as mon:
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        mon.step(loss)
+    run = load_run(tmp_path / "r")
+    for name, sq in grads.items():
+        assert run.series("grad_norm")[name][1][0] == pytest.approx(math.sqrt(float(sq)), rel=1e-12)
+        assert run.series("signal_norm")[name][1][0] == pytest.approx(
+            ref[name].signal_norm, rel=1e-12
+        )
+    for name in ("0", "2"):
+        act = ref[name].activation
+        assert act is not None
+        for metric in ("saturation", "dead_fraction", "mean_derivative", "rms_derivative"):
+            got = run.series(metric)[name][1][0]
+            assert got == pytest.approx(getattr(act, metric), abs=1e-12), metric
+    # weight factor of layer "2" = ‖∂L/∂(sigmoid output of "0")‖ / ‖δ_2‖
+    wf = run.series("activation_signal_norm")["0"][1][0] / run.series("signal_norm")["2"][1][0]
+    assert wf == pytest.approx(ref["2"].weight_factor, rel=1e-12)
+    assert run.series("loss")[""][1][0] == pytest.approx(float(loss.detach()))
+
+
+def test_every_and_evaluation_passes(tmp_path: Path) -> None:
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, logdir=tmp_path / "r", every=3, optimizer=opt) as mon:
+        for _ in range(7):
+            _train(model, 1, mon, opt)
+            with torch.no_grad():  # an evaluation pass between steps records nothing
+                model(torch.randn(500, 6))
+    run = load_run(tmp_path / "r")
+    assert run.series("grad_norm")["0"][0].tolist() == [0, 3, 6]
+    assert run.series("update_ratio")["0"][0].tolist() == [0, 3, 6]
+    assert run.series("saturation")["0"][0].tolist() == [0, 3, 6]
+
+
+def test_scaled_losses_are_reported_unscaled(tmp_path: Path) -> None:
+    x, y = _data()
+    norms = {}
+    for key, scale in (("plain", None), ("scaled", 1024.0)):
+        model = _model()
+        with Monitor(model, logdir=tmp_path / key, loss_scale=scale) as mon:
+            loss = nn.functional.cross_entropy(model(x), y)
+            (loss * (scale or 1.0)).backward()
+            mon.step(loss)
+        run = load_run(tmp_path / key)
+        norms[key] = {m: run.series(m)["0"][1][0] for m in ("grad_norm", "signal_norm")}
+    for metric in ("grad_norm", "signal_norm"):
+        assert norms["scaled"][metric] == pytest.approx(norms["plain"][metric], rel=1e-5)
+    assert load_run(tmp_path / "scaled").series("loss_scale")[""][1][0] == 1024.0
+
+
+def test_grad_scaler(tmp_path: Path) -> None:
+    x, y = _data()
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    ref = _model()
+    nn.functional.cross_entropy(ref(x), y).backward()
+    with Monitor(model, logdir=tmp_path / "r", scaler=scaler, optimizer=opt) as mon:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        mon.step(loss)
+        scaler.step(opt)
+        scaler.update()
+    run = load_run(tmp_path / "r")
+    expected = math.sqrt(float(ref[0].weight.grad.norm() ** 2 + ref[0].bias.grad.norm() ** 2))
+    assert run.series("grad_norm")["0"][1][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_accumulation_combines_micro_batches(tmp_path: Path) -> None:
+    model = _model()
+    (x1, y1), (x2, y2) = _data(seed=1), _data(seed=2)
+    with SignalProbe(model) as probe:
+        nn.functional.cross_entropy(model(x1), y1).backward()
+        nn.functional.cross_entropy(model(x2), y2).backward()
+    ref = probe.result()
+    expected = model[2].weight.grad.norm() ** 2 + model[2].bias.grad.norm() ** 2
+    model.zero_grad()
+    with Monitor(model, logdir=tmp_path / "r") as mon:
+        nn.functional.cross_entropy(model(x1), y1).backward()
+        nn.functional.cross_entropy(model(x2), y2).backward()
+        mon.step()
+    run = load_run(tmp_path / "r")
+    assert run.series("grad_norm")["2"][1][0] == pytest.approx(math.sqrt(float(expected)), rel=1e-6)
+    assert run.series("signal_norm")["2"][1][0] == pytest.approx(ref["2"].signal_norm, rel=1e-6)
+
+
+def test_curvature_tier(tmp_path: Path) -> None:
+    model = _model(nn.Tanh, width=8).double()
+    x, y = _data(48)
+    batch = (x.double(), y)
+    loss_fn = nn.functional.cross_entropy
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Monitor(
+            model, logdir=tmp_path / "r", curvature_every=2, optimizer=opt, curvature_probes=6
+        ) as mon:
+            for step in range(4):
+                opt.zero_grad()
+                loss = loss_fn(model(batch[0]), y)
+                loss.backward()
+                if step < 2:
+                    mon.step(loss)  # no batch yet: warned once, skipped
+                else:
+                    mon.step(loss, batch=batch, loss_fn=loss_fn)
+                    if step == 2:
+                        expected = float(
+                            top_eigenvalues(
+                                model, batch, loss_fn, params="2", kind="ggn", tol=1e-8
+                            )[0]
+                        )
+                opt.step()
+    messages = [str(w.message) for w in caught if "curvature tier needs" in str(w.message)]
+    assert len(messages) == 1
+    run = load_run(tmp_path / "r")
+    steps, lam = run.series("lambda_max")["2"]
+    assert steps.tolist() == [2]
+    assert lam[0] == pytest.approx(expected, rel=2e-2)
+    for metric in ("trace", "step_ratio", "headroom", "lr_lambda_max"):
+        assert set(run.series(metric)) == {"0", "2", "4"}, metric
+    assert run.diagnosis is not None and run.diagnosis["layers"][0]["name"] == "0"
+
+
+def test_errors(tmp_path: Path) -> None:
+    model = _model()
+    Monitor(model, logdir=tmp_path / "r").close()
+    with pytest.raises(GradsightError, match="already holds a gradsight run"):
+        Monitor(model, logdir=tmp_path / "r")
+    mon = Monitor(model, logdir=tmp_path / "r", overwrite=True)
+    mon.close()
+    mon.close()  # idempotent
+    with pytest.raises(GradsightError, match="Monitor is closed"):
+        mon.step()
+    with pytest.raises(GradsightError, match="every must be a positive int"):
+        Monitor(model, logdir=tmp_path / "s", every=0)
+    with pytest.raises(GradsightError, match=r"expects a torch\.nn\.Module"):
+        Monitor("model", logdir=tmp_path / "t")  # type: ignore[arg-type]
+    other = torch.optim.SGD(_model().parameters(), lr=0.1)
+    with pytest.raises(GradsightError, match="not a trainable parameter"):
+        Monitor(model, logdir=tmp_path / "u", optimizer=other)
+
+
+def test_hooks_removed_on_close_and_on_exception(tmp_path: Path) -> None:
+    model = _model()
+    before = sum(len(m._forward_hooks) for m in model.modules())
+    with pytest.raises(RuntimeError), Monitor(model, logdir=tmp_path / "r"):
+        raise RuntimeError("user code failed")
+    assert sum(len(m._forward_hooks) for m in model.modules()) == before
+    assert load_run(tmp_path / "r").complete
+
+
+def test_public_names() -> None:
+    assert gradsight.Monitor is Monitor and callable(gradsight.report)
