@@ -25,6 +25,14 @@ def test_demo_quick_writes_a_new_run_each_time(tmp_path: Path, capsys) -> None:
     data = json.loads((tmp_path / "run-001" / "sigmoid-sgd.json").read_text())
     assert data["epochs"] == 2 and data["diagnosis"]["layers"][0]["status"] == "vanishing"
     assert (tmp_path / "run-001" / "relu-he-sgd.html").read_text().startswith("<!doctype html>")
+    # Each arm is recorded by the Monitor, and one report compares them.
+    assert f"Report: {tmp_path / 'run-002' / 'report.html'}" in second
+    report = (tmp_path / "run-001" / "report.html").read_text(encoding="utf-8")
+    assert "Comparison" in report and "10-layer sigmoid MLP" in report
+    for arm in ("sigmoid-sgd", "relu-he-sgd"):
+        logdir = tmp_path / "run-001" / arm
+        assert (logdir / "run.json").exists() and (logdir / "diagnosis.json").exists()
+        assert list(logdir.glob("metrics-*.parquet"))
 
 
 def test_diagnose_factory(tmp_path: Path, monkeypatch, capsys) -> None:

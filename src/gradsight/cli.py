@@ -1,4 +1,4 @@
-"""Command line: ``gradsight demo`` and ``gradsight diagnose MODULE:FACTORY``."""
+"""Command line: ``gradsight demo``, ``gradsight report RUNDIR`` and ``gradsight diagnose``."""
 
 from __future__ import annotations
 
@@ -34,6 +34,29 @@ def _parser() -> argparse.ArgumentParser:
         default=Path("gradsight-runs/demo"),
         help="parent directory; each run writes a new run-NNN inside (default %(default)s)",
     )
+
+    rep = sub.add_parser(
+        "report",
+        help="write an HTML report of recorded runs",
+        description="Write one self-contained HTML report of runs recorded by gradsight.Monitor "
+        "(several runs: compared side by side) and print its path.",
+    )
+    rep.add_argument(
+        "rundirs",
+        nargs="+",
+        type=Path,
+        metavar="RUNDIR",
+        help="a Monitor logdir, or a directory holding several (e.g. a demo run-NNN)",
+    )
+    rep.add_argument(
+        "-o",
+        "--out",
+        type=Path,
+        default=None,
+        help="output file (default: RUNDIR/report.html for one directory, else "
+        "./gradsight-report.html)",
+    )
+    rep.add_argument("--title", default=None, help="page title")
 
     diag = sub.add_parser(
         "diagnose",
@@ -86,6 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_demo(
                 args.out, quick=args.quick, epochs=args.epochs, width=args.width, seed=args.seed
             )
+        elif args.command == "report":
+            from gradsight.report import report
+
+            print(report(args.rundirs, out=args.out, title=args.title))
         elif args.command == "diagnose":
             from gradsight.diagnosis import diagnose
 
