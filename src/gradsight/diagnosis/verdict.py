@@ -22,6 +22,7 @@ and cannot tell a layer at its optimum from a layer the signal does not reach.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,8 @@ class Thresholds:
 
     Attributes:
         vanishing: s_l / max_j s_j below this: the signal reaching the layer is lost.
-        exploding: s_l / s_output above this: the signal grows on its way back.
+        exploding: s_l / s_output above this, with the signal growing at each of at
+            least ``min_chain`` later layers: the signal grows on its way back.
         converged: G_l / L below this: no relative weight change moves the loss.
         solved: L / baseline below this: the loss is (almost) all won.
         plateau: the loss is within this fraction of the constant-prediction baseline.
@@ -55,6 +57,7 @@ class Thresholds:
     plateau: float = 0.05
     dead: float = 0.5
     headroom: float = 1e-4
+    min_chain: int = 3
 
 
 @dataclass
@@ -250,7 +253,7 @@ def _decide(d: LayerDiagnosis, e: LayerEvidence, ctx: _Context) -> None:
         )
         d.advice = _advice("exploding")
         return
-    if ctx.s_out > 0 and s / ctx.s_out >= th.exploding and i + 1 < len(ctx.ran):
+    if ctx.s_out > 0 and s / ctx.s_out >= th.exploding and _grows_back(ctx.ran, i, th.min_chain):
         d.status = "exploding"
         d.reason = (
             f"the loss is {s / ctx.s_out:.1e}× more sensitive to this layer's output than to "
@@ -302,6 +305,15 @@ def _decide(d: LayerDiagnosis, e: LayerEvidence, ctx: _Context) -> None:
         f"learning: gradient {_e(d.grad_norm)}; {_headroom_note(d, g_rel)}; the signal "
         f"reaching it is {rel_sens:.1e} of the largest{step_note}."
     )
+
+
+def _grows_back(ran: Sequence[LayerEvidence], i: int, min_chain: int) -> bool:
+    """Whether the backward signal grows at every one of ``min_chain`` or more layers
+    between layer i and the output: "layer after layer", not one outsized layer."""
+    norms = [r.signal.signal_norm for r in ran[i:] if r.signal and r.signal.signal_norm]
+    if len(norms) <= min_chain or len(norms) < len(ran) - i:
+        return False
+    return all(a > b for a, b in itertools.pairwise(norms))
 
 
 def _headroom_note(d: LayerDiagnosis, g_rel: float) -> str:

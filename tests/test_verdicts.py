@@ -1,0 +1,157 @@
+"""Verdicts on the reference cases, their invariances, and signal-propagation theory."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gradsight
+from gradsight.demo.cases import REFERENCE_CASES, ReferenceCase
+from gradsight.demo.models import mlp
+from gradsight.probes import SignalProbe
+from gradsight.theory import mean_field
+
+ce = nn.functional.cross_entropy
+
+
+@pytest.fixture(scope="module")
+def diagnosed() -> dict[str, gradsight.Diagnosis]:
+    out = {}
+    for case in REFERENCE_CASES:
+        built = case.build()
+        out[case.key] = gradsight.diagnose(built.model, built.batch, built.loss_fn, lr=built.lr)
+    return out
+
+
+@pytest.mark.parametrize("case", REFERENCE_CASES, ids=lambda c: c.key)
+def test_reference_case(case: ReferenceCase, diagnosed: dict[str, gradsight.Diagnosis]) -> None:
+    d = diagnosed[case.key]
+    got = {name: d.layer(name).status for name in case.expect}
+    assert got == case.expect, (case.title, [(la.name, la.status, la.reason) for la in d.layers])
+    assert not [la.name for la in d.layers if la.status in case.forbid], str(d)
+    for layer in d.layers:
+        assert layer.status in gradsight.STATUSES and layer.reason
+
+
+def test_vanishing_reason_quotes_the_chain_and_the_step(diagnosed) -> None:
+    first = diagnosed["sigmoid-sgd"].layer("0")
+    assert "sigmoid derivatives average" in first.reason
+    assert "curvature-optimal step is" in first.reason
+    assert first.advice[0].startswith("Use a non-saturating activation")
+
+
+def test_step_ratios_span_orders_of_magnitude_in_the_sigmoid_mlp(diagnosed) -> None:
+    ratios = [la.step_ratio for la in diagnosed["sigmoid-sgd"].layers]
+    assert all(r is not None and r > 0 for r in ratios)
+    assert max(ratios) / min(ratios) > 1e6  # type: ignore[type-var, operator]
+    # The early layers need far larger steps than the output layer gets.
+    assert ratios[0] > 1e6 * ratios[-1]  # type: ignore[operator]
+
+
+def test_plateau_counts_as_headroom_where_one_step_does_not(diagnosed) -> None:
+    d = diagnosed["sigmoid-sgd"]
+    assert d.plateau
+    # A local damped Gauss-Newton step realizes almost nothing on held-out data...
+    assert d.realized_decrease is not None and d.realized_decrease < 0.05
+    # ...yet the model is stalled, not converged.
+    assert d.status == "vanishing"
+
+
+def test_exploding_only_at_an_unstable_learning_rate() -> None:
+    case = next(c for c in REFERENCE_CASES if c.key == "tanh-chaotic")
+    built = case.build()
+    stable = gradsight.diagnose(built.model, built.batch, built.loss_fn, lr=1e-3)
+    assert "exploding" not in {la.status for la in stable.layers}
+    unstable = gradsight.diagnose(built.model, built.batch, built.loss_fn, lr=0.1)
+    first = unstable.layer("0")
+    assert first.lambda_max is not None and 0.1 * first.lambda_max > 2
+    assert "lr·λmax" in first.reason
+
+
+# ----------------------------------------------------------------------------- invariances
+
+
+def _statuses(model: nn.Module, batch, loss_fn) -> list[str]:  # type: ignore[no-untyped-def]
+    return [la.status for la in gradsight.diagnose(model, batch, loss_fn).layers]
+
+
+@pytest.fixture(scope="module")
+def sigmoid_case(digits):  # type: ignore[no-untyped-def]
+    (x, y), _ = digits
+    torch.manual_seed(1)
+    model = mlp(8, 32, activation="sigmoid", init="xavier").double()
+    batch = (x[:256].double(), y[:256])
+    return model, batch, _statuses(model, batch, ce)
+
+
+@pytest.fixture(scope="module")
+def relu_case(digits):  # type: ignore[no-untyped-def]
+    (x, y), _ = digits
+    torch.manual_seed(2)
+    model = mlp(6, 32, activation="relu", init="he").double()
+    batch = (x[:256].double(), y[:256])
+    return model, batch, _statuses(model, batch, ce)
+
+
+@settings(max_examples=6, deadline=None)
+@given(log_c=st.floats(min_value=-8, max_value=8))
+def test_statuses_invariant_to_loss_scale(sigmoid_case, log_c: float) -> None:  # type: ignore[no-untyped-def]
+    model, batch, base = sigmoid_case
+    assert "vanishing" in base
+    c = 10.0**log_c
+    assert _statuses(model, batch, lambda o, t: c * ce(o, t)) == base
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    log_k=st.floats(min_value=-3, max_value=3),
+    layer=st.sampled_from([0, 2, 4, 6, 8]),
+)
+def test_statuses_invariant_to_relu_reparametrization(relu_case, log_k: float, layer: int) -> None:  # type: ignore[no-untyped-def]
+    model, batch, base = relu_case
+    k = 10.0**log_k
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[layer].weight.mul_(k)
+        twin[layer].bias.mul_(k)
+        twin[layer + 2].weight.div_(k)
+    assert torch.allclose(twin(batch[0]), model(batch[0]), rtol=1e-9, atol=1e-9)
+    assert _statuses(twin, batch, ce) == base
+
+
+# ---------------------------------------------------------------------------- mean field
+
+
+@pytest.mark.parametrize(("sigma_w2", "chi1"), [(1.0, 0.759), (1.761, 1.0), (4.0, 1.342)])
+def test_measured_attenuation_matches_mean_field(sigma_w2: float, chi1: float) -> None:
+    theory = mean_field("tanh", sigma_w2, 0.05)
+    assert theory.chi1 == pytest.approx(chi1, abs=1e-3)  # DESIGN.md's values
+    width, depth = 512, 16
+    measured = []
+    for seed in range(2):
+        gen = torch.Generator().manual_seed(seed)
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            lin = nn.Linear(width, width)
+            with torch.no_grad():
+                lin.weight.normal_(0, math.sqrt(sigma_w2 / width), generator=gen)
+                lin.bias.normal_(0, math.sqrt(0.05), generator=gen)
+            layers += [lin, nn.Tanh()]
+        layers.append(nn.Linear(width, width))
+        model = nn.Sequential(*layers)
+        x = torch.randn(64, width, generator=gen) * math.sqrt(theory.q_star)
+        with SignalProbe(model, activations=False) as probe:
+            out = model(x)
+            (out * torch.randn(out.shape, generator=gen)).sum().backward()
+        s = [m.signal_norm for m in probe.result().modules]
+        # Skip the first layers (q converging to q*); per-layer factor of ‖δ‖².
+        logs = [2 * math.log(s[i] / s[i + 1]) for i in range(4, depth - 1)]  # type: ignore[operator]
+        measured.append(math.exp(sum(logs) / len(logs)))
+    for value in measured:
+        assert value == pytest.approx(theory.chi1, rel=0.05)
