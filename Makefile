@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 demo-quick: $(VENV)/.installed
 	$(BIN)/gradsight demo --quick
 
-LINT_PATHS := src tests $(wildcard benchmarks)
+LINT_PATHS := src tests $(wildcard benchmarks docs)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff format --check $(LINT_PATHS)
