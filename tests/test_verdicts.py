@@ -43,7 +43,16 @@ def test_vanishing_reason_quotes_the_chain_and_the_step(diagnosed) -> None:
     first = diagnosed["sigmoid-sgd"].layer("0")
     assert "sigmoid derivatives average" in first.reason
     assert "curvature-optimal step is" in first.reason
+    # Advice ordered by evidence: the sigmoid derivatives cost most of the signal.
     assert first.advice[0].startswith("Use a non-saturating activation")
+    assert "decades" in first.advice[0]
+    assert any("curvature-optimal steps span" in a for a in first.advice)
+    dead = diagnosed_dead_advice(diagnosed)
+    assert dead[0].startswith("Lower the learning rate")
+
+
+def diagnosed_dead_advice(diagnosed: dict[str, gradsight.Diagnosis]) -> list[str]:
+    return diagnosed["relu-dead"].layer("0").advice
 
 
 def test_step_ratios_span_orders_of_magnitude_in_the_sigmoid_mlp(diagnosed) -> None:

@@ -251,7 +251,7 @@ def _decide(d: LayerDiagnosis, e: LayerEvidence, ctx: _Context) -> None:
             "gradient step of this size is unstable for this layer's block (the largest "
             f"stable step is {2 / d.lambda_max:.1e})."
         )
-        d.advice = _advice("exploding")
+        d.advice = _advice("unstable_step")
         return
     if ctx.s_out > 0 and s / ctx.s_out >= th.exploding and _grows_back(ctx.ran, i, th.min_chain):
         d.status = "exploding"
@@ -260,7 +260,7 @@ def _decide(d: LayerDiagnosis, e: LayerEvidence, ctx: _Context) -> None:
             "the output layer's: the backward signal grows on its way back; "
             f"{_chain_cause(ctx.ran, i)}."
         )
-        d.advice = _advice("exploding")
+        d.advice = _advice("growing_signal")
         return
     if e.frozen:
         d.reason = f"frozen (requires_grad=False): not trained; loss sensitivity {_e(s)}."
@@ -290,7 +290,7 @@ def _decide(d: LayerDiagnosis, e: LayerEvidence, ctx: _Context) -> None:
             f"gradient {_e(d.grad_norm)}: the loss's sensitivity to this layer's output is "
             f"{rel_sens:.1e} of layer {ref}'s{where}; {_chain_cause(ctx.ran, i)}{step_note}."
         )
-        d.advice = _advice(_cause_kind(ctx.ran, i))
+        d.advice = _vanishing_advice(ctx, i)
         return
     layer_done = d.headroom < th.headroom if d.headroom is not None else g_rel <= th.converged
     if layer_done:
@@ -368,49 +368,89 @@ def _chain_cause(ran: Sequence[LayerEvidence], i: int) -> str:
     return parts[0] + (": " + "; ".join(causes) if causes else "") + ")"
 
 
-def _cause_kind(ran: Sequence[LayerEvidence], i: int) -> str:
-    acts = [r.signal.activation for r in ran[i:-1] if r.signal and r.signal.activation]
-    wfs = [wf for r in ran[i + 1 :] if r.signal and (wf := r.signal.weight_factor) is not None]
-    act_loss = sum(math.log(max(a.rms_derivative, 1e-12)) for a in acts) if acts else 0.0
-    weight_loss = sum(math.log(max(w, 1e-12)) for w in wfs) if wfs else 0.0
-    if acts and max(a.dead_fraction for a in acts) >= 0.25:
-        return "dead"
-    return "saturation" if act_loss <= weight_loss else "small_weights"
+def _vanishing_advice(ctx: _Context, i: int) -> list[str]:
+    """Remedies for a vanishing layer, ordered by how much of the signal loss each
+    addresses: the log-factors lost to activation derivatives and to weights between
+    the layer and the output, the saturated and dead fractions, and the spread of the
+    curvature-optimal steps across layers. Curvature scales with the square of the
+    signal, so that spread counts half its decades."""
+    later = ctx.ran[i:]
+    acts = [r.signal.activation for r in later[:-1] if r.signal and r.signal.activation]
+    wfs = [wf for r in later[1:] if r.signal and (wf := r.signal.weight_factor) is not None]
+    act_loss = -sum(math.log10(max(a.rms_derivative, 1e-12)) for a in acts)
+    weight_loss = -sum(math.log10(max(w, 1e-12)) for w in wfs)
+    saturated = max((a.saturation for a in acts), default=0.0)
+    dead = max((a.dead_fraction for a in acts), default=0.0)
+    ratios = [
+        c.alpha_star
+        for c in ctx.curvature.values()
+        if c.alpha_star > 0 and math.isfinite(c.alpha_star)
+    ]
+    spread = math.log10(max(ratios) / min(ratios)) if len(ratios) >= 2 else 0.0
+    names = "/".join(sorted({a.name for a in acts})) or "activation"
+    scored = [
+        (
+            act_loss,
+            f"Use a non-saturating activation (ReLU, GELU) with He initialization: the "
+            f"{names} derivatives after this layer cost the signal {act_loss:.1f} decades.",
+        ),
+        (
+            weight_loss,
+            "Initialize with a variance-preserving scale (Xavier for tanh/sigmoid, He for "
+            f"ReLU): the later layers' weights cost the signal {weight_loss:.1f} decades.",
+        ),
+        (
+            max(act_loss, weight_loss) * (0.5 + saturated),
+            "Add normalization (LayerNorm/BatchNorm) before each activation, keeping "
+            f"pre-activations where the derivative is large ({saturated:.0%} saturated).",
+        ),
+        (
+            0.5 * (act_loss + weight_loss),
+            "Add residual connections so that the signal has an identity path back.",
+        ),
+        (
+            spread / 2,
+            "Give each layer its own step size from its curvature (K-FAC/Gauss-Newton "
+            f"preconditioning, or at least Adam): the curvature-optimal steps span "
+            f"{spread:.0f} decades.",
+        ),
+    ]
+    if dead >= 0.05:
+        scored.append(
+            (
+                10 * dead,
+                f"Up to {dead:.0%} of the units after later layers are dead: use LeakyReLU/GELU "
+                "or a smaller learning rate.",
+            )
+        )
+    return [text for score, text in sorted(scored, key=lambda item: -item[0]) if score > 0]
 
 
 _ADVICE = {
-    "saturation": [
-        "Use a non-saturating activation (ReLU, GELU) with He initialization: its derivative "
-        "is 1 on the active side instead of at most 0.25 (sigmoid).",
-        "Add normalization (LayerNorm/BatchNorm) before each activation to keep "
-        "pre-activations in the region where the derivative is large.",
-        "Add residual connections so that the signal has an identity path back.",
-        "Give each layer its own step size from its curvature (gradsight.optim, K-FAC, or "
-        "at least Adam) instead of one global learning rate.",
-    ],
-    "small_weights": [
-        "Initialize with a variance-preserving scale (Xavier for tanh/sigmoid, He for ReLU) "
-        "so that each layer passes the backward signal at about ×1.",
-        "Add normalization or residual connections.",
-        "Give each layer its own step size from its curvature (gradsight.optim, K-FAC, Adam).",
-    ],
     "dead": [
         "Lower the learning rate or warm it up: large steps push ReLU units into the "
         "region where they never activate.",
         "Use LeakyReLU/GELU, whose derivative is never exactly zero.",
         "Re-initialize the biases (zero or small positive) and use He initialization.",
     ],
-    "exploding": [
-        "Lower the learning rate below 2/λmax of the layer's curvature, or clip gradients.",
+    "unstable_step": [
+        "Lower the learning rate below 2/λmax of the layer's curvature, or give each layer "
+        "its own step size (layer-wise learning rates, curvature-aware optimizers).",
+        "Clip gradients to bound the damage of an occasional unstable step.",
         "Initialize at a smaller weight scale (at the edge of chaos, e.g. σ_w² ≈ 1.76 for "
-        "tanh with σ_b² = 0.05).",
+        "tanh with σ_b² = 0.05): large weights make the early layers' curvature large.",
+    ],
+    "growing_signal": [
+        "Initialize at a smaller weight scale (at the edge of chaos, e.g. σ_w² ≈ 1.76 for "
+        "tanh with σ_b² = 0.05) so that each layer passes the signal at about ×1.",
         "Add normalization layers to keep the backward signal from growing.",
+        "Clip gradients or lower the learning rate for the early layers.",
     ],
 }
 
 
 def _advice(kind: str) -> list[str]:
-    return list(_ADVICE.get(kind, []))
+    return list(_ADVICE[kind])
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
