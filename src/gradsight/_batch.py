@@ -15,7 +15,13 @@ from torch import nn
 
 from gradsight._errors import GradsightError
 
-__all__ = ["call_model", "compute_loss", "split_batch", "trainable_parameters"]
+__all__ = [
+    "call_model",
+    "compute_loss",
+    "split_batch",
+    "trainable_parameters",
+    "unwrap_compiled",
+]
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
@@ -82,6 +88,7 @@ def compute_loss(
             f"gradsight called it with inputs {_describe(inputs)}; expected the batch "
             "(inputs, targets) to hold what your training loop passes to the model "
             "(a tensor for model(x), a tuple for model(*x), a dict for model(**x))."
+            + _mismatch_hint(model, inputs)
         ) from exc
     try:
         loss = loss_fn(outputs, targets)
@@ -135,6 +142,41 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
             "unfreeze at least one layer, e.g. layer.requires_grad_(True)."
         )
     return named
+
+
+def _mismatch_hint(model: nn.Module, inputs: Any) -> str:
+    """A fix for the two most common causes: inputs of another dtype or device."""
+    x = _first_tensor(inputs)
+    p = next(model.parameters(), None)
+    if x is None or p is None:
+        return ""
+    if x.device != p.device:
+        return (
+            f" The inputs are on {x.device} but the model's parameters on {p.device}: "
+            f"move them with inputs.to('{p.device}') or model.to('{x.device}')."
+        )
+    if x.is_floating_point() and p.is_floating_point() and x.dtype != p.dtype:
+        return (
+            f" The inputs are {x.dtype} but the model's parameters {p.dtype}: convert "
+            f"with inputs.to({p.dtype}) or model.to({x.dtype})."
+        )
+    if not x.is_floating_point() and not isinstance(model, nn.Embedding) and p.is_floating_point():
+        return (
+            f" The inputs are {x.dtype} (integers); unless the model starts with an "
+            f"embedding, convert them with inputs.to({p.dtype})."
+        )
+    return ""
+
+
+def unwrap_compiled(model: nn.Module) -> nn.Module:
+    """The eager module inside a ``torch.compile``'d model (itself otherwise).
+
+    gradsight hooks every module and reads every activation, which a compiled graph
+    would have to break up anyway; it diagnoses the original module, which the compiled
+    one shares its parameters and buffers with.
+    """
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:

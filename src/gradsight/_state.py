@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["preserved"]
+__all__ = ["preserved", "swapped_parameters"]
 
 
 @contextmanager
@@ -34,3 +34,29 @@ def preserved(model: nn.Module, *, seed: int | None = 0) -> Iterator[None]:
         with torch.no_grad():
             for live, saved in buffers:
                 live.copy_(saved)
+
+
+@contextmanager
+def swapped_parameters(
+    model: nn.Module, replacements: Mapping[int, torch.Tensor]
+) -> Iterator[None]:
+    """Let ``model`` see other tensors in place of some parameters, then put them back.
+
+    ``replacements`` maps ``id(parameter)`` to the tensor to use instead; every module
+    slot that holds that parameter (tied or shared modules included) sees it. The
+    parameter objects themselves are never written to (no in-place update, no version
+    bump, so an autograd graph the caller holds stays valid), and each slot gets its
+    original object back on exit. Unlike ``torch.func.functional_call``, this restores
+    models in which one module is reachable under two names.
+    """
+    saved: list[tuple[nn.Module, str, torch.nn.Parameter]] = []
+    try:
+        for module in model.modules():  # each module once, however many names it has
+            for key, param in list(module._parameters.items()):
+                if param is not None and id(param) in replacements:
+                    saved.append((module, key, param))
+                    module._parameters[key] = replacements[id(param)]  # type: ignore[assignment]
+        yield
+    finally:
+        for module, key, param in saved:
+            module._parameters[key] = param

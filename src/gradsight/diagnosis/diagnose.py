@@ -8,8 +8,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gradsight._batch import compute_loss, split_batch, trainable_parameters
+from gradsight._batch import compute_loss, split_batch, trainable_parameters, unwrap_compiled
 from gradsight._errors import GradsightError
 from gradsight._state import preserved
 from gradsight.diagnosis.baseline import constant_baseline_loss
@@ -45,6 +46,10 @@ def diagnose(
     mode), buffers such as BatchNorm running statistics (restored), and the global RNG
     state (the pass runs on a forked, fixed-seed RNG, so dropout masks are reproducible).
 
+    A ``torch.compile``'d model is diagnosed through the eager module it wraps (same
+    parameters and buffers); layer names are those of the original model, without the
+    ``_orig_mod.`` prefix.
+
     Args:
         model: The model, in the mode it trains in.
         batch: ``(inputs, targets)``; ``model(inputs)`` (or ``model(*inputs)`` for a tuple,
@@ -79,6 +84,7 @@ def diagnose(
         >>> d.status, d.layer("0").status
         ('vanishing', 'vanishing')
     """
+    model = unwrap_compiled(model)
     named = trainable_parameters(model)
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise GradsightError(
@@ -103,11 +109,24 @@ def diagnose(
     )
     blocks: dict[str, BlockCurvature] = {}
     whole: ModelHeadroom | None = None
+    skipped = ""
     if curvature and finite:
-        whole = model_headroom(model, batch, loss_fn)
-        for e in evidence:
-            if e.signal is not None and not e.frozen:
-                blocks[e.name] = block_curvature(model, batch, loss_fn, _trainable(model, e.name))
+        try:
+            # The math attention kernel has the double backward that curvature products
+            # need (the fused CPU/flash kernels do not); results agree to rounding.
+            with sdpa_kernel(SDPBackend.MATH):
+                whole = model_headroom(model, batch, loss_fn)
+                for e in evidence:
+                    if e.signal is not None and not e.frozen:
+                        block = _trainable(model, e.name)
+                        blocks[e.name] = block_curvature(model, batch, loss_fn, block)
+        except (GradsightError, RuntimeError, NotImplementedError) as exc:
+            # Curvature is a refinement: without it the verdicts rest on signal flow.
+            blocks, whole = {}, None
+            skipped = (
+                f"\nCurvature was not measured ({type(exc).__name__}: {exc}); the verdicts "
+                "rest on signal flow alone."
+            )
     layers, plateau, summary = judge(
         evidence,
         loss=loss_value,
@@ -123,6 +142,7 @@ def diagnose(
             f"The loss or a gradient is NaN/Inf (loss {loss_value}); it starts at module "
             f"{origin!r}.\n" + summary
         )
+    summary += skipped
     status = "nonfinite" if not finite else worst_status([layer.status for layer in layers])
     return Diagnosis(
         status=status,

@@ -28,10 +28,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from gradsight._batch import split_batch
-from gradsight._state import preserved
+from gradsight._batch import call_model, split_batch
+from gradsight._state import preserved, swapped_parameters
 from gradsight.curvature import (
     curvature_operator,
     curvature_step,
@@ -161,8 +160,8 @@ def _realized_decrease(
     fit, held_out = halves
     op = curvature_operator(model, fit, loss_fn, None, kind="ggn")
     lam = float(lanczos(op, 1, tol=1e-1, max_matvecs=20).eigenvalues[0])
-    named = dict(zip(op.names, op._params, strict=True))
-    before = _loss_at(model, held_out, loss_fn, named, None, op.shapes)
+    params = op._params
+    before = _loss_at(model, held_out, loss_fn, params, None)
     if not math.isfinite(before) or before == 0:
         return None
     best = 0.0
@@ -176,7 +175,7 @@ def _realized_decrease(
         )
         if not math.isfinite(nd.decrement):
             continue
-        after = _loss_at(model, held_out, loss_fn, named, nd.step, op.shapes)
+        after = _loss_at(model, held_out, loss_fn, params, nd.step)
         if math.isfinite(after) and after < before:
             best = (before - after) / abs(before)
             break  # the least damping that decreases the held-out loss
@@ -187,36 +186,20 @@ def _loss_at(
     model: nn.Module,
     batch: Any,
     loss_fn: LossFn,
-    named: Mapping[str, torch.Tensor],
+    params: Sequence[torch.Tensor],
     step: torch.Tensor | None,
-    shapes: Sequence[tuple[int, ...]],
 ) -> float:
-    """Loss with ``step`` added to the named parameters, without touching the model."""
+    """Loss with ``step`` added to ``params``, without writing to the model."""
     inputs, targets = split_batch(batch)
-    params: dict[str, torch.Tensor] = {}
-    offset = 0
-    for (name, p), shape in zip(named.items(), shapes, strict=True):
-        n = math.prod(shape)
-        if step is None:
-            params[name] = p.detach()
-        else:
-            params[name] = p.detach() + step[offset : offset + n].view(shape).to(p.dtype)
-        offset += n
-    with preserved(model), torch.no_grad():
-        outputs = functional_call(model, params, _as_args(inputs), _as_kwargs(inputs))
-        return float(loss_fn(outputs, targets))
-
-
-def _as_args(inputs: Any) -> tuple[Any, ...]:
-    if isinstance(inputs, Mapping):
-        return ()
-    if isinstance(inputs, (tuple, list)):
-        return tuple(inputs)
-    return (inputs,)
-
-
-def _as_kwargs(inputs: Any) -> dict[str, Any]:
-    return dict(inputs) if isinstance(inputs, Mapping) else {}
+    replacements: dict[int, torch.Tensor] = {}
+    if step is not None:
+        offset = 0
+        for p in params:
+            n = p.numel()
+            replacements[id(p)] = p.detach() + step[offset : offset + n].view_as(p).to(p.dtype)
+            offset += n
+    with preserved(model), swapped_parameters(model, replacements), torch.no_grad():
+        return float(loss_fn(call_model(model, inputs), targets))
 
 
 def _split_halves(batch: Any) -> tuple[Any, Any] | None:

@@ -113,7 +113,11 @@ class Diagnosis:
     lambda_max: float | None = None
 
     def layer(self, name: str) -> LayerDiagnosis:
-        """The layer with qualified module name ``name`` (as in ``named_modules()``)."""
+        """The layer with qualified module name ``name`` (as in ``named_modules()``).
+
+        Names of a ``torch.compile``'d model may keep their ``_orig_mod.`` prefix.
+        """
+        name = name.removeprefix("_orig_mod.")
         for layer in self.layers:
             if layer.name == name:
                 return layer

@@ -1,0 +1,198 @@
+"""diagnose() on the models people actually have: containers, attention, recurrence, ..."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gradsight
+from gradsight import GradsightError
+
+ce = nn.functional.cross_entropy
+
+
+def _unchanged(model: nn.Module, run) -> gradsight.Diagnosis:  # type: ignore[no-untyped-def]
+    """Run ``run()`` and check the model and RNG come back bitwise unchanged."""
+    state = copy.deepcopy(model.state_dict())
+    slots = list(model.named_parameters(remove_duplicate=False))
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    mode = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    d = run()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # The same Parameter objects in every slot (shared modules, tied weights included).
+    after = list(model.named_parameters(remove_duplicate=False))
+    assert [n for n, _ in after] == [n for n, _ in slots]
+    assert all(a is b for (_, a), (_, b) in zip(after, slots, strict=True))
+    for p, g in zip(model.parameters(), grads, strict=True):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+    assert [m.training for m in model.modules()] == mode
+    assert torch.equal(torch.get_rng_state(), rng)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks == 0
+    for layer in d.layers:
+        assert layer.status in gradsight.STATUSES
+    return d
+
+
+class _DictModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 16), nn.SiLU())
+        self.head = nn.Linear(16, 3)
+        self.aux = nn.Linear(16, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x) * mask
+        return self.head(h), self.aux(h).squeeze(-1)
+
+
+def test_dict_inputs_and_tuple_outputs() -> None:
+    model = _DictModel()
+    inputs = {"x": torch.randn(32, 6), "mask": torch.ones(32, 1)}
+    targets = (torch.randint(0, 3, (32,)), torch.randn(32))
+
+    def loss_fn(
+        out: tuple[torch.Tensor, torch.Tensor], t: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        return ce(out[0], t[0]) + nn.functional.mse_loss(out[1], t[1])
+
+    d = _unchanged(model, lambda: gradsight.diagnose(model, (inputs, targets), loss_fn))
+    assert [la.name for la in d.layers] == ["body.0", "body.2", "head", "aux"]
+    assert d.layer("body.0").activation == "gelu" and d.layer("body.2").activation == "silu"
+    assert d.baseline_loss is None  # no constant baseline for a tuple of outputs
+
+
+class _SeqModel(nn.Module):
+    def __init__(self, cell: type[nn.RNNBase]) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.rnn = cell(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.emb(tokens))
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("cell", [nn.RNN, nn.LSTM, nn.GRU])
+def test_embedding_and_recurrent_layers(cell: type[nn.RNNBase]) -> None:
+    model = _SeqModel(cell)
+    batch = (torch.randint(0, 50, (16, 12)), torch.randint(0, 4, (16,)))
+    d = _unchanged(model, lambda: gradsight.diagnose(model, batch, ce))
+    assert [la.name for la in d.layers] == ["emb", "rnn", "head"]
+    assert d.layer("emb").signal_norm is not None and d.layer("emb").signal_norm > 0
+    assert d.layer("rnn").grad_norm is not None and d.layer("rnn").grad_norm > 0
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_transformer_block_with_attention_layernorm_dropout(train: bool) -> None:
+    model = nn.Sequential(
+        nn.TransformerEncoderLayer(d_model=16, nhead=4, dim_feedforward=32, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(16 * 5, 3),
+    )
+    model.train(train)
+    batch = (torch.randn(8, 5, 16), torch.randint(0, 3, (8,)))
+    d1 = _unchanged(model, lambda: gradsight.diagnose(model, batch, ce))
+    d2 = gradsight.diagnose(model, batch, ce)
+    assert d1.to_dict() == d2.to_dict()  # reproducible despite dropout
+    names = [la.name for la in d1.layers]
+    for name in ("0.self_attn", "0.self_attn.out_proj", "0.linear1", "0.norm1", "2"):
+        assert name in names
+    assert d1.layer("0.self_attn").signal_norm is not None
+
+
+def test_batchnorm_in_eval_and_train_mode_keeps_running_statistics() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)
+    )
+    batch = (torch.randn(8, 3, 8, 8), torch.randint(0, 2, (8,)))
+    for train in (True, False):
+        model.train(train)
+        d = _unchanged(model, lambda: gradsight.diagnose(model, batch, ce))
+        assert d.layer("1").activation == "relu"  # the ReLU follows the BatchNorm
+
+
+def test_torch_compiled_model_is_diagnosed_through_its_eager_module() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 2))
+    compiled = torch.compile(model, backend="eager")
+    batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    eager = gradsight.diagnose(model, batch, ce)
+    d = gradsight.diagnose(compiled, batch, ce)
+    assert [la.name for la in d.layers] == ["0", "2"]
+    assert d.layer("_orig_mod.0").name == "0"
+    assert d.to_dict() == eager.to_dict()
+
+
+def test_frozen_and_shared_layers() -> None:
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(8, 2))
+    model[0].requires_grad_(False)
+    batch = (torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    d = _unchanged(model, lambda: gradsight.diagnose(model, batch, ce))
+    assert [la.name for la in d.layers] == ["0", "2", "5"]
+    assert d.layer("0").grad_norm is None and "frozen" in d.layer("0").reason
+
+
+def test_inputs_of_the_wrong_dtype_get_a_fix() -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(
+        GradsightError, match=r"inputs are torch\.float64.*inputs\.to\(torch\.float32\)"
+    ):
+        gradsight.diagnose(
+            model,
+            (torch.randn(4, 3, dtype=torch.float64), torch.zeros(4, 2)),
+            nn.functional.mse_loss,
+        )
+    with pytest.raises(GradsightError, match=r"torch\.int64 \(integers\).*embedding"):
+        gradsight.diagnose(
+            model, (torch.ones(4, 3, dtype=torch.long), torch.zeros(4, 2)), nn.functional.mse_loss
+        )
+
+
+def test_integer_loss_is_rejected() -> None:
+    model = nn.Linear(3, 2)
+    with pytest.raises(GradsightError, match=r"scalar|floating-point"):
+        gradsight.diagnose(model, (torch.randn(4, 3), None), lambda o, t: o.sum().long())
+
+
+class _Fault(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "log":
+            return torch.log(x - 10.0)  # log of a negative
+        if self.kind == "div":
+            return x / (x - x)  # division by zero
+        return torch.exp(x * 1e3)  # overflow
+
+
+@pytest.mark.parametrize("kind", ["log", "div", "exp"])
+@pytest.mark.parametrize("where", [1, 3])
+def test_nonfinite_origin_names_the_planted_fault(kind: str, where: int) -> None:
+    layers: list[nn.Module] = [
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Linear(4, 4),
+        nn.Tanh(),
+        nn.Linear(4, 2),
+    ]
+    layers.insert(where, _Fault(kind))
+    model = nn.Sequential(*layers)
+    if kind == "exp":
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    m.bias.fill_(5.0)
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    d = _unchanged(model, lambda: gradsight.diagnose(model, batch, ce))
+    assert d.status == "nonfinite"
+    assert d.nonfinite_origin == str(where)
+    assert str(where) in d.summary
