@@ -51,13 +51,18 @@ def constant_baseline_loss(
         [const], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-12
     )
 
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = loss_fn(const.expand_as(outputs), targets)
-        loss.backward()
-        return loss
-
     try:
+        with torch.no_grad():
+            # L-BFGS stops on absolute tolerances: minimize the loss relative to its value
+            # at the start, so that the baseline of c·loss is exactly c times the baseline.
+            scale = abs(float(loss_fn(start.expand_as(outputs), targets))) or 1.0
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_fn(const.expand_as(outputs), targets) / scale
+            loss.backward()
+            return loss
+
         with torch.enable_grad():
             opt.step(closure)
             with torch.no_grad():
