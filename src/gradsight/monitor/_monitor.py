@@ -83,6 +83,11 @@ class Monitor:
         batch, loss_fn: ``(inputs, targets)`` and ``loss_fn(outputs, targets)`` for the
             curvature tier and the diagnosis at close; :meth:`step` can pass them too.
         activation_samples: Samples per batch for the activation statistics (None: all).
+        activation_entries: At most about this many entries per layer for the activation
+            statistics: conv feature maps beyond it are read on a strided spatial grid
+            (None: no cap). Saturation is then an estimate, and ``dead_fraction`` (units
+            flat on every entry read) an upper bound of the batch's; :func:`gradsight.diagnose`
+            measures both on the whole batch.
         flush_secs: Write buffered measurements at most this many seconds apart; a crash
             loses at most that much.
         diagnose_at_close: Run :func:`gradsight.diagnose` at :meth:`close` (when a batch
@@ -124,6 +129,7 @@ class Monitor:
         batch: Any = None,
         loss_fn: LossFn | None = None,
         activation_samples: int | None = 32,
+        activation_entries: int | None = 8192,
         flush_secs: float = 10.0,
         diagnose_at_close: bool = True,
         name: str | None = None,
@@ -213,6 +219,7 @@ class Monitor:
             input_signals=False,
             output_norms=False,
             activation_samples=activation_samples,
+            activation_entries=activation_entries,
         )
         self._probe.__enter__()
         self._opt_handles: list[RemovableHandle] = []

@@ -251,6 +251,9 @@ class _ModuleAccumulator:
         self.in_norms: list[torch.Tensor] = []
         self.value_norms: list[torch.Tensor] = []
         self.act_out_norms: list[torch.Tensor] = []
+        # Lean mode: small gradients whose norms are taken together at collect().
+        self.out_grads: list[torch.Tensor] = []
+        self.act_out_grads: list[torch.Tensor] = []
         self.activation: _ActivationAccumulator | None = None
         self.unit_dim = 1 if isinstance(module, _CHANNEL_FIRST) else -1
         # Lean mode: the tensor the activation module after this one saw, reduced later,
@@ -263,6 +266,8 @@ class _ModuleAccumulator:
         self.in_norms.clear()
         self.value_norms.clear()
         self.act_out_norms.clear()
+        self.out_grads.clear()
+        self.act_out_grads.clear()
         self.activation = None
         self.pending = None
         self.reduced.clear()
@@ -318,6 +323,12 @@ def _differentiable(t: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- lean mode
 
 
+#: Gradients up to this many elements are kept until collect() and reduced there by one
+#: multi-tensor norm (a per-tensor call costs more than the reduction itself); larger
+#: ones are reduced at once, so that no large tensor is held.
+_DEFER_NUMEL = 1 << 18
+
+
 @dataclass(frozen=True)
 class _ModuleActivation:
     """An activation module and how to get φ' from what its forward hook sees."""
@@ -325,6 +336,7 @@ class _ModuleActivation:
     spec: ActivationSpec
     # φ' as a function of the module's *output* y (None: use spec.derivative on the input).
     from_output: Callable[[torch.Tensor], torch.Tensor] | None
+    nonnegative: bool = False  # φ' ≥ 0 as computed: no abs() needed
 
 
 def _sigmoid_from_output(y: torch.Tensor) -> torch.Tensor:
@@ -343,11 +355,11 @@ def _module_activation(module: nn.Module) -> _ModuleActivation | None:
     SiLU and softplus off their input, unless the module works in place.
     """
     if isinstance(module, nn.Sigmoid):
-        return _ModuleActivation(SIGMOID, _sigmoid_from_output)
+        return _ModuleActivation(SIGMOID, _sigmoid_from_output, nonnegative=True)
     if isinstance(module, nn.Tanh):
-        return _ModuleActivation(TANH, _tanh_from_output)
-    if isinstance(module, nn.ReLU):
-        return _ModuleActivation(RELU, RELU.derivative)  # y > 0 exactly where z > 0
+        return _ModuleActivation(TANH, _tanh_from_output, nonnegative=True)
+    if isinstance(module, nn.ReLU):  # y > 0 exactly where z > 0
+        return _ModuleActivation(RELU, RELU.derivative, nonnegative=True)
     if isinstance(module, nn.LeakyReLU) and module.negative_slope >= 0:
         spec = _leaky(module.negative_slope)
         return _ModuleActivation(spec, spec.derivative)
@@ -363,6 +375,16 @@ def _module_activation(module: nn.Module) -> _ModuleActivation | None:
     if isinstance(module, nn.Softplus) and module.beta == 1:
         return _ModuleActivation(SOFTPLUS, None)
     return None
+
+
+def _strided(t: torch.Tensor, unit_dim: int, entries: int) -> torch.Tensor:
+    """``t`` on an evenly strided grid of every dimension but samples (0) and units."""
+    dims = [d for d in range(1, t.ndim) if d != unit_dim]
+    stride = math.ceil((t.numel() / entries) ** (1.0 / len(dims)))
+    index: list[slice] = [slice(None)] * t.ndim
+    for d in dims:
+        index[d] = slice(None, None, stride)
+    return t[tuple(index)]
 
 
 @dataclass(frozen=True)
@@ -399,7 +421,9 @@ def _reduce_pending(accs: list[_ModuleAccumulator]) -> None:
         for (act, unit_dim, shape, _, _), members in groups.items():
             tensors = [m.pending[1] for m in members]  # type: ignore[index]
             x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
-            d = (act.from_output or act.spec.derivative)(x).abs()
+            d = (act.from_output or act.spec.derivative)(x)
+            if not act.nonnegative:
+                d = d.abs()
             flat = d <= FLAT_FRACTION * act.spec.max_derivative
             dims = tuple(range(1, x.ndim))
             flat_n = flat.sum(dim=dims, dtype=d.dtype) if dims else flat.to(d.dtype)
@@ -478,6 +502,10 @@ class SignalProbe:
         output_norms: Record ‖output‖ (one reduction per call).
         activation_samples: With ``activations="modules"``: activation statistics from
             the first this many samples (dim 0) of each call only (None: all).
+        activation_entries: With ``activations="modules"``: at most about this many
+            entries per call for the statistics; beyond it, tensors with dimensions
+            other than samples and units (conv feature maps) are subsampled on an
+            evenly strided grid of those dimensions (None: no cap).
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -502,6 +530,7 @@ class SignalProbe:
         input_signals: bool = True,
         output_norms: bool = True,
         activation_samples: int | None = None,
+        activation_entries: int | None = None,
     ) -> None:
         if activations not in (True, False, "functions", "modules"):
             raise GradsightError(
@@ -517,6 +546,7 @@ class SignalProbe:
         self.input_signals = input_signals
         self.output_norms = output_norms
         self.activation_samples = activation_samples
+        self.activation_entries = activation_entries
         self._accs: dict[int, _ModuleAccumulator] = {}
         self._order: list[_ModuleAccumulator] = []
         self._handles: list[RemovableHandle] = []
@@ -667,12 +697,16 @@ class SignalProbe:
     def _lean_post_hook(self, acc: _ModuleAccumulator) -> Callable[[nn.Module, Any, Any], None]:
         # The hot path of the lean mode: one Python call and one tensor hook per call.
         order = self._order
-        norms = acc.out_norms
+        norms, grads = acc.out_norms, acc.out_grads
         norm = torch.linalg.vector_norm
 
         def grad_hook(grad: torch.Tensor) -> None:
             if self._active:
-                norms.append(norm(grad.detach()))
+                if grad.numel() <= _DEFER_NUMEL:
+                    grads.append(grad)
+                else:
+                    with torch.no_grad():
+                        norms.append(norm(grad))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active or not torch.is_grad_enabled():  # e.g. an evaluation pass
@@ -694,6 +728,7 @@ class SignalProbe:
 
     def _activation_hook(self, act: _ModuleActivation) -> Callable[[nn.Module, Any, Any], None]:
         samples = self.activation_samples
+        entries = self.activation_entries
         norm = torch.linalg.vector_norm
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -705,15 +740,21 @@ class SignalProbe:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 if samples is not None and t.ndim > 0 and t.shape[0] > samples:
                     t = t[:samples]
+                if entries is not None and t.ndim > 2 and t.numel() > entries:
+                    t = _strided(t, owner.unit_dim % t.ndim, entries)
                 if owner.pending is not None:  # a second call before collect(): reduce it
                     _reduce_pending([owner])
-                owner.pending = (act, t.detach())
+                owner.pending = (act, t)  # read under no_grad in _reduce_pending
             if output.requires_grad:
-                out_norms = owner.act_out_norms
+                out_norms, out_grads = owner.act_out_norms, owner.act_out_grads
 
                 def grad_hook(grad: torch.Tensor) -> None:
                     if self._active:
-                        out_norms.append(norm(grad.detach()))
+                        if grad.numel() <= _DEFER_NUMEL:
+                            out_grads.append(grad)
+                        else:
+                            with torch.no_grad():
+                                out_norms.append(norm(grad))
 
                 output.register_hook(grad_hook)
 
@@ -758,6 +799,7 @@ class SignalProbe:
             []
         """
         _reduce_pending(self._order)
+        self._reduce_deferred()
         rows: list[tuple[str, str, torch.Tensor]] = []
         for acc in self._order:
             if not acc.owns_params:
@@ -801,9 +843,27 @@ class SignalProbe:
         self._pending_owner = None
         return rows
 
+    def _reduce_deferred(self) -> None:
+        """Norms of the gradients the lean hooks kept, by one multi-tensor reduction."""
+        grads: list[torch.Tensor] = []
+        into: list[list[torch.Tensor]] = []
+        for acc in self._order:
+            for kept, norms in (
+                (acc.out_grads, acc.out_norms),
+                (acc.act_out_grads, acc.act_out_norms),
+            ):
+                grads += kept
+                into += [norms] * len(kept)
+                kept.clear()
+        if grads:
+            with torch.no_grad():
+                for norms, n in zip(into, torch._foreach_norm(grads), strict=True):
+                    norms.append(n)
+
     def result(self) -> SignalFlow:
         """Reduce what was recorded into a :class:`SignalFlow` (forward order)."""
         _reduce_pending(self._order)
+        self._reduce_deferred()
         for acc in self._order:
             acc.fold_reduced()
         modules = [acc.result() for acc in self._order]
