@@ -305,20 +305,23 @@ def attenuation_chain(run: Run) -> Figure | None:
     if chain is None:
         return None
     names = [label(layer) for layer in chain["layers"]]
+    # Markers, not bars: on a log axis spanning decades a bar's length means nothing.
     data = [
         {
-            "type": "bar",
-            "name": "activation factor ‖φ'⊙g‖/‖g‖",
+            "type": "scatter",
+            "mode": "markers",
+            "name": "activation factor ‖φ'⊙g‖/‖g‖ (after this layer)",
             "x": names,
             "y": _list(np.array(chain["activation"])),
-            "marker": {"color": "#e69f00"},
+            "marker": {"color": "#e69f00", "symbol": "diamond", "size": 11},
         },
         {
-            "type": "bar",
-            "name": "weight factor ‖Wᵀδ‖/‖δ‖",
+            "type": "scatter",
+            "mode": "markers",
+            "name": "weight factor ‖Wᵀδ‖/‖δ‖ (this layer)",
             "x": names,
             "y": _list(np.array(chain["weight"])),
-            "marker": {"color": "#56b4e9"},
+            "marker": {"color": "#0072b2", "symbol": "square", "size": 9},
         },
         {
             "type": "scatter",
@@ -342,7 +345,6 @@ def attenuation_chain(run: Run) -> Figure | None:
         "layer (forward order)",
         "factor (log scale; < 1 shrinks)",
         log_y=True,
-        barmode="group",
     )
     layout["xaxis"]["type"] = "category"
     layout["legend"] = {"orientation": "h", "y": -0.22, "font": {"size": 11}}
