@@ -17,6 +17,8 @@ from torch.utils.hooks import RemovableHandle
 
 from gradsight._errors import GradsightError
 from gradsight.monitor._curvature import CurvatureTier
+from gradsight.monitor._distributed import DistributedReducer, NullWriter, unwrap_parallel
+from gradsight.monitor._sinks import Sink, TeeWriter
 from gradsight.probes.signal import SignalProbe, parameter_owners
 from gradsight.store import RunWriter
 
@@ -95,6 +97,11 @@ class Monitor:
         name: Run name shown in reports (default: the logdir's name).
         overwrite: Replace a run already in ``logdir`` (default: refuse).
         curvature_probes: Budget of curvature-vector products per layer for the trace.
+        distributed: Under ``torch.distributed`` with several ranks (None: detected),
+            reduce each step's measurements across ranks so that they equal a single
+            process on the global batch, and write from rank 0 only (see
+            :mod:`gradsight.monitor._distributed`; the curvature tier is then off, and the
+            diagnosis at close is rank 0's shard). False: every rank records on its own.
 
     Example:
         >>> import tempfile
@@ -135,6 +142,7 @@ class Monitor:
         name: str | None = None,
         overwrite: bool = False,
         curvature_probes: int = 20,
+        distributed: bool | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradsightError(
@@ -150,6 +158,18 @@ class Monitor:
             raise GradsightError("pass either scaler= or loss_scale=, not both.")
         if loss_scale is not None and not loss_scale > 0:
             raise GradsightError(f"loss_scale must be positive, got {loss_scale!r}.")
+        model = unwrap_parallel(model)  # DDP's inner module: plain names, no collectives
+        self._dist = DistributedReducer.detect(distributed)
+        if self._dist is not None and curvature_every is not None:
+            # Curvature products would need an all-reduce inside every matvec, with all
+            # ranks in lockstep; gradsight.curvature has no such operator yet.
+            warnings.warn(
+                "gradsight.Monitor: the curvature tier is not supported under "
+                "torch.distributed yet (each rank would measure its own shard only); "
+                "curvature_every is ignored. Run gradsight.curvature on one process instead.",
+                stacklevel=2,
+            )
+            curvature_every = None
         self.model = model
         self.logdir = Path(logdir)
         self.every = every
@@ -184,7 +204,8 @@ class Monitor:
                 "check requires_grad."
             )
 
-        self._writer = RunWriter(
+        writer = RunWriter if self._dist is None or self._dist.is_writer else NullWriter
+        self._writer: RunWriter | NullWriter | TeeWriter = writer(
             self.logdir,
             {
                 "name": name or self.logdir.name,
@@ -251,7 +272,12 @@ class Monitor:
         self._drain()
         self._writer.flush()
         diagnosed = False
-        if self.diagnose_at_close and self.batch is not None and self.loss_fn is not None:
+        if (
+            self.diagnose_at_close
+            and self.batch is not None
+            and self.loss_fn is not None
+            and (self._dist is None or self._dist.is_writer)
+        ):
             try:
                 from gradsight.diagnosis import diagnose
 
@@ -313,6 +339,16 @@ class Monitor:
         if time.monotonic() - self._last_flush >= self.flush_secs:
             self.flush()
 
+    def add_sink(self, sink: Sink) -> None:
+        """Also send every block of rows written to the run store to ``sink(step, keys,
+        values)`` (TensorBoard, a Lightning logger: see :mod:`gradsight.integrations`).
+
+        Blocks arrive as they are written: device measurements at each flush, host ones
+        (``lr``, :meth:`log`) at once. Under torch.distributed, on rank 0 only, reduced.
+        """
+        if self._dist is None or self._dist.is_writer:
+            self._writer = TeeWriter.wrap(self._writer, sink)
+
     def log(self, metrics: dict[str, float], step: int | None = None, layer: str = "") -> None:
         """Record extra scalars (e.g. held-out accuracy) at ``step`` (default: the last)."""
         if self._closed:
@@ -353,6 +389,8 @@ class Monitor:
             keys += [(self._layers[i], "grad_norm") for i in used]
             norms = per_layer.sqrt()
             values.append(norms[used] if len(used) < len(self._layers) else norms)
+        if self._dist is not None:
+            self._dist.capture(self._probe)
         rows = self._probe.collect()
         if rows:
             keys += [(layer, metric) for layer, metric, _ in rows]
@@ -368,6 +406,8 @@ class Monitor:
                 scale_t = torch.as_tensor(scale, dtype=torch.float64, device=vec.device)
                 vec = torch.cat([torch.where(mask, vec / scale_t, vec), scale_t.reshape(1)])
                 keys.append(("", "loss_scale"))
+            if self._dist is not None:
+                vec = self._dist.reduce(keys, vec)
             self._emit(step, keys, vec)
         host = {}
         if loss is not None and not isinstance(loss, torch.Tensor):

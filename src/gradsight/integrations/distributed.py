@@ -1,0 +1,67 @@
+"""gradsight under ``torch.distributed``: data parallelism (DDP), and what holds for FSDP.
+
+**DDP.** Create the :class:`~gradsight.Monitor` on every rank after
+``init_process_group`` (the model or its ``DistributedDataParallel`` wrapper), with the
+same logdir everywhere, and call ``mon.step(loss)`` on every rank at every step. The
+Monitor detects the process group and
+
+* reduces each measured step across ranks with one ``all_reduce``, so that the values
+  equal those of one process on the concatenated batch: backward-signal norms from
+  summed squares (÷W, since DDP averages gradients), saturation and derivative
+  averages weighted by each rank's entry counts, dead units as units flat on every
+  rank, the loss averaged; parameter gradient norms are DDP's averaged gradients
+  already (:mod:`gradsight.monitor._distributed` has the details);
+* writes the run store, the diagnosis at close (rank 0's shard) and any sinks
+  (TensorBoard, Lightning loggers) on rank 0 only.
+
+Equality with the single process needs the same activation sample on both: the
+Monitor reads activation statistics from the first ``activation_samples`` samples of
+each rank (default 32), so pass ``activation_samples=None`` to compare. BatchNorm
+without ``SyncBatchNorm`` normalizes per shard: the run then differs from the single
+process in training itself, not in measuring.
+
+Not supported under DDP: the curvature tier (``curvature_every``): its curvature-vector
+products would have to be all-reduced inside every Lanczos/CG iteration with all ranks
+in lockstep; the Monitor warns and leaves it off. Run :mod:`gradsight.curvature` on
+one process (a checkpoint and a batch) instead.
+
+**FSDP** (``torch.distributed.fsdp``): not supported. Each rank holds a shard of every
+flat parameter and of its gradient, so per-layer gradient norms would need summed
+squares of the shards (and a map from flat-parameter shards back to layers), and the
+forward hooks see unsharded modules only inside FSDP's all-gather. What holds: the
+backward-signal and activation statistics, which come from module outputs, reduce
+exactly as under DDP when the Monitor watches the modules FSDP wraps. What does not:
+``grad_norm`` and ``update_ratio`` (each rank sees its shard only), and the diagnosis
+at close (it needs the full parameters on one rank). Use ``distributed=False`` with a
+logdir per rank to record the shard-local view meanwhile.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradsight.monitor._distributed import DistributedReducer, NullWriter, unwrap_parallel
+
+__all__ = ["DistributedReducer", "NullWriter", "is_writer", "rank", "unwrap_parallel", "world_size"]
+
+
+def rank() -> int:
+    """This process's rank in the default process group (0 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks of the default process group (1 without torch.distributed)."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_writer() -> bool:
+    """Whether this process writes runs and reports (rank 0, or a single process).
+
+    Example:
+        >>> is_writer()  # no process group here
+        True
+    """
+    return rank() == 0

@@ -1,0 +1,95 @@
+"""The Monitor under torch.distributed (DDP, gloo, 2 CPU ranks) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gradsight
+from gradsight.store import load_run
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from _dist_case import batches, make_model, train  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch.distributed is not available"
+)
+
+
+def _torchrun(script: Path, *args: str, timeout: float = 150) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def _table(run: gradsight.store.Run) -> dict[tuple[int, str, str], float]:
+    return {
+        (int(s), str(layer), str(m)): float(v)
+        for s, layer, m, v in zip(run.steps, run.layers, run.metrics, run.values, strict=True)
+    }
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    _torchrun(HERE / "_dist_worker.py", str(out))
+    return out
+
+
+def test_ddp_statistics_equal_single_process_on_concatenated_batch(
+    ddp_run: Path, tmp_path: Path
+) -> None:
+    model = make_model()
+    train(model, batches(), tmp_path / "single", distributed=False)
+    single = _table(load_run(tmp_path / "single"))
+    ddp = _table(load_run(ddp_run / "run"))
+    assert set(ddp) == set(single)
+    metrics = {m for _, _, m in single}
+    # Every kind of reduction is exercised: summed squares, count-weighted fractions,
+    # per-unit masks, the mean loss, values equal on all ranks.
+    assert {
+        "grad_norm",
+        "signal_norm",
+        "activation_signal_norm",
+        "saturation",
+        "dead_fraction",
+        "mean_derivative",
+        "rms_derivative",
+        "loss",
+        "update_ratio",
+    } <= metrics
+    keys = sorted(single)
+    a = np.array([ddp[k] for k in keys])
+    b = np.array([single[k] for k in keys])
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+    # The case is not degenerate: a shard alone would give other numbers.
+    dead = [single[k] for k in keys if k[2] == "dead_fraction" and k[1] == "2"]
+    assert 0 < min(dead) < 1, dead
+
+
+def test_ddp_run_and_report_written_once_by_rank_zero(ddp_run: Path) -> None:
+    ranks = [json.loads((ddp_run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["writer"] for r in ranks] == ["RunWriter", "NullWriter"]
+    assert ranks[0]["report"] == str(ddp_run / "run" / "report.html")
+    assert ranks[1]["report"] is None
+    files = sorted(p.name for p in (ddp_run / "run").iterdir())
+    assert files.count("run.json") == 1 and files.count("report.html") == 1
+    run = load_run(ddp_run / "run")
+    assert run.complete and run.metadata["steps"] == 3
+    html = (ddp_run / "run" / "report.html").read_text()
+    assert "grad_norm" in html or "gradient" in html
