@@ -12,6 +12,7 @@ Public API (stable names)::
 
 from __future__ import annotations
 
+from gradsight import lab, optim
 from gradsight._errors import GradsightError
 from gradsight.diagnosis import STATUSES, Diagnosis, LayerDiagnosis, diagnose
 from gradsight.monitor import Monitor
@@ -30,5 +31,7 @@ __all__ = [
     "SignalProbe",
     "__version__",
     "diagnose",
+    "lab",
+    "optim",
     "report",
 ]

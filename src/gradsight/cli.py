@@ -67,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
     diag.add_argument("--lr", type=float, default=None, help="learning rate used in training")
     diag.add_argument("--json", type=Path, default=None, help="also write the diagnosis as JSON")
     diag.add_argument("--html", type=Path, default=None, help="also write an HTML page")
+
+    lab = sub.add_parser(
+        "lab",
+        help="step-size lab: GD vs Newton under rescaling, per-layer steps of a deep MLP",
+        description="Write an offline HTML page showing why a fixed step size fails when the "
+        "loss or the variables are rescaled, and how far apart a deep sigmoid MLP's "
+        "per-layer curvature-optimal steps are; print its path.",
+    )
+    lab.add_argument("--quick", action="store_true", help="fewer scale factors (seconds)")
+    lab.add_argument(
+        "-o", "--out", type=Path, default=Path("gradsight-lab.html"), help="output file"
+    )
     return p
 
 
@@ -123,6 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.json.write_text(d.to_json(indent=2), encoding="utf-8")
             if args.html:
                 d.to_html(args.html)
+        elif args.command == "lab":
+            from gradsight.lab import write_lab_html
+
+            print(write_lab_html(args.out, quick=args.quick))
     except GradsightError as exc:
         print(f"gradsight: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,39 @@
+"""Curvature-aware optimization: the remedy for a step size that suits no layer.
+
+- :class:`GaussNewton`: a :class:`torch.optim.Optimizer` that takes per-layer
+  Kronecker-factored Gauss-Newton directions (Martens & Grosse 2015) and sets every
+  layer's step size and momentum from the exact Gauss-Newton quadratic model, with
+  Levenberg–Marquardt damping and a trust-region test (Martens 2010). Its steps do not
+  change when the loss is multiplied by a constant.
+- :func:`make_optimizer` and :func:`step_on_batch`: what a training loop calls, for
+  this optimizer or any other.
+- :class:`ClosureGGN`: the curvature engine's GGN operator built from a closure's graph.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.Sigmoid(), nn.Linear(8, 3))
+    >>> opt = make_optimizer(model)
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> first = step_on_batch(opt, model, nn.functional.cross_entropy, x, y)
+    >>> later = [step_on_batch(opt, model, nn.functional.cross_entropy, x, y) for _ in range(20)]
+    >>> later[-1] < first
+    True
+"""
+
+from __future__ import annotations
+
+from gradsight.optim._closure_ggn import ClosureGGN
+from gradsight.optim.gauss_newton import GaussNewton, StepInfo
+from gradsight.optim.kfac import KroneckerFactors, damped_inverse
+from gradsight.optim.training import make_optimizer, step_on_batch
+
+__all__ = [
+    "ClosureGGN",
+    "GaussNewton",
+    "KroneckerFactors",
+    "StepInfo",
+    "damped_inverse",
+    "make_optimizer",
+    "step_on_batch",
+]
