@@ -81,14 +81,18 @@ def small_cnn() -> nn.Sequential:
 
 
 def timeit(fn: Callable[[], Any], repeat: int = 7) -> float:
-    """Median wall time in milliseconds after one warm-up call."""
+    """Fastest wall time in milliseconds after one warm-up call.
+
+    The minimum, not the median: the benchmark machine is shared, and interference only
+    ever adds time.
+    """
     fn()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+    return 1e3 * min(times)
 
 
 def exact_trace_backpack(model: nn.Module, batch: tuple[Any, Any]) -> float:
@@ -140,29 +144,37 @@ def bench(name: str, model: nn.Module, batch: tuple[Any, Any]) -> dict[str, Any]
     # Traces: exact reference, then estimators over seeds (time includes setup).
     exact = exact_trace_backpack(model, batch)
     r["exact_trace"] = exact
-    pyh_err, pyh_t = [], []
+    # Interleaved per seed (PyHessian, then each gradsight method), so that load from
+    # other processes on a shared machine hits both sides alike.
+    methods = ("xtrace", "hutch++", "hutchinson")
+    errs: dict[str, list[float]] = {m: [] for m in ("pyh", *methods)}
+    secs: dict[str, list[float]] = {m: [] for m in ("pyh", *methods)}
+    ses: dict[str, list[float]] = {m: [] for m in methods}
     for seed in SEEDS:
         torch.manual_seed(seed)
         start = time.perf_counter()
         ph = pyhessian_hessian(copy.deepcopy(model), loss_fn, data=batch, cuda=False)
-        est = statistics.fmean(ph.trace(maxIter=PYH_TRACE_PROBES, tol=-1e9))
-        pyh_t.append(time.perf_counter() - start)
-        pyh_err.append(abs(est - exact) / abs(exact))
-    r["pyh_trace_err"] = statistics.median(pyh_err)
-    r["pyh_trace_ms"] = 1e3 * statistics.median(pyh_t)
-    for method in ("xtrace", "hutch++", "hutchinson"):
-        errs, ts, ses = [], [], []
-        for seed in SEEDS:
+        value = statistics.fmean(ph.trace(maxIter=PYH_TRACE_PROBES, tol=-1e9))
+        secs["pyh"].append(time.perf_counter() - start)
+        errs["pyh"].append(abs(value - exact) / abs(exact))
+        for method in methods:
             start = time.perf_counter()
             est = gc.trace(
                 model, batch, loss_fn, probes=GS_TRACE_PRODUCTS, method=method, seed=seed
             )
-            ts.append(time.perf_counter() - start)
-            errs.append(abs(est.estimate - exact) / abs(exact))
-            ses.append(est.stderr / abs(exact))
-        r[f"{method}_err"] = statistics.median(errs)
-        r[f"{method}_ms"] = 1e3 * statistics.median(ts)
-        r[f"{method}_se"] = statistics.median(ses)
+            secs[method].append(time.perf_counter() - start)
+            errs[method].append(abs(est.estimate - exact) / abs(exact))
+            ses[method].append(est.stderr / abs(exact))
+    r["pyh_trace_err"] = statistics.median(errs["pyh"])
+    r["pyh_trace_ms"] = 1e3 * min(secs["pyh"])
+    for method in methods:
+        r[f"{method}_err"] = statistics.median(errs[method])
+        r[f"{method}_ms"] = 1e3 * min(secs[method])
+        r[f"{method}_se"] = statistics.median(ses[method])
+        # Per seed, gradsight's time over PyHessian's time in the same stretch of load.
+        r[f"{method}_ratio"] = statistics.median(
+            a / b for a, b in zip(secs[method], secs["pyh"], strict=True)
+        )
 
     # Top eigenvalue.
     ref = gc.lanczos(H, k=1, tol=1e-10, max_matvecs=200).eigenvalues[0].item()
@@ -181,7 +193,7 @@ def bench(name: str, model: nn.Module, batch: tuple[Any, Any]) -> dict[str, Any]
         pyh_e.append(abs(eig[0] - ref) / abs(ref))
     r["pyh_eig_n"] = statistics.median(pyh_n)
     r["pyh_eig_err"] = statistics.median(pyh_e)
-    r["pyh_eig_ms"] = 1e3 * statistics.median(pyh_ms)
+    r["pyh_eig_ms"] = 1e3 * min(pyh_ms)
     gs_n, gs_e, gs_ms = [], [], []
     for seed in SEEDS:
         start = time.perf_counter()
@@ -194,7 +206,7 @@ def bench(name: str, model: nn.Module, batch: tuple[Any, Any]) -> dict[str, Any]
     r["gs_eig_n_max"] = max(gs_n)
     r["gs_eig_err"] = statistics.median(gs_e)
     r["gs_eig_err_max"] = max(gs_e)
-    r["gs_eig_ms"] = 1e3 * statistics.median(gs_ms)
+    r["gs_eig_ms"] = 1e3 * min(gs_ms)
     # Oracle counts: products each method needs before its estimate is within 1e-3 of
     # the reference (no stopping rule involved).
     lz, pw = [], []
@@ -271,7 +283,7 @@ def table(results: list[dict[str, Any]]) -> str:
             f"gradsight {label}, {GS_TRACE_PRODUCTS} products: median rel. error (stderr) / time",
             lambda r, m=method: (
                 f"{r[m + '_err']:.2%} ({r[m + '_se']:.1%}) / {r[m + '_ms']:.0f} ms "
-                f"= {r[m + '_ms'] / r['pyh_trace_ms']:.2f}× PyHessian"
+                f"= {r[m + '_ratio']:.2f}× PyHessian"
             ),
         )
     row("λ_max (Lanczos reference, tol 1e-10)", lambda r: f"{r['lambda_max']:.6g}")
@@ -295,7 +307,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def goals(r: dict[str, Any]) -> list[str]:
     hvp_ratio = r["hvp_db_ms"] / r["grad_ms"]
-    trace_ok = r["xtrace_err"] <= r["pyh_trace_err"] and r["xtrace_ms"] <= 0.5 * r["pyh_trace_ms"]
+    trace_ok = r["xtrace_err"] <= r["pyh_trace_err"] and r["xtrace_ratio"] <= 0.5
     eig_ok = r["gs_eig_err_max"] <= 1e-3 and r["gs_eig_n"] <= 0.5 * r["pyh_eig_n"]
     mark = {True: "met", False: "NOT met"}
     return [
@@ -303,7 +315,8 @@ def goals(r: dict[str, Any]) -> list[str]:
         f"- trace with {GS_TRACE_PRODUCTS} products at ≤ PyHessian's {PYH_TRACE_PROBES}-probe "
         "error "
         f"({r['xtrace_err']:.2%} vs {r['pyh_trace_err']:.2%}) in ≤ half its time "
-        f"({r['xtrace_ms']:.0f} vs {r['pyh_trace_ms']:.0f} ms): {mark[trace_ok]}",
+        f"({r['xtrace_ms']:.0f} vs {r['pyh_trace_ms']:.0f} ms, median per-seed ratio "
+        f"{r['xtrace_ratio']:.2f}): {mark[trace_ok]}",
         f"- top eigenvalue to 1e-3 (max error over seeds {r['gs_eig_err_max']:.1e}) with ≤ half "
         f"the products of PyHessian's power iteration (median {r['gs_eig_n']:g} vs "
         f"{r['pyh_eig_n']:g}; PyHessian's own error {r['pyh_eig_err']:.1e}): {mark[eig_ok]}",
@@ -340,9 +353,11 @@ def main() -> None:
         "",
         f"Machine: {machine()}.",
         "",
-        "Digits, batch 256, cross-entropy, float32; times are medians over repeats "
-        f"(traces and eigenvalues: over seeds {list(SEEDS)}), set-up included for traces "
-        "and eigenvalues (gradsight builds its operator, PyHessian its graph).",
+        "Digits, batch 256, cross-entropy, float32. Errors are medians over seeds "
+        f"{list(SEEDS)}; times are the fastest of the repeats (of the seeds for traces and "
+        "eigenvalues), because the machine is shared and interference only adds time. "
+        "Set-up is included for traces and eigenvalues (gradsight builds its operator, "
+        "PyHessian its graph).",
         "",
         table(results),
         "",
