@@ -88,3 +88,12 @@ def test_lab_page_is_self_contained(tmp_path) -> None:  # type: ignore[no-untype
     out = write_lab_html(tmp_path / "lab.html", lab)
     text = out.read_text(encoding="utf-8")
     assert "Plotly.newPlot" in text and "<script src=" not in text
+
+
+def test_cli_lab_writes_page(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from gradsight.cli import main
+
+    out = tmp_path / "lab.html"
+    assert main(["lab", "--quick", "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    assert "curvature-optimal" in out.read_text(encoding="utf-8")
