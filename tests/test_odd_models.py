@@ -196,3 +196,35 @@ def test_nonfinite_origin_names_the_planted_fault(kind: str, where: int) -> None
     assert d.status == "nonfinite"
     assert d.nonfinite_origin == str(where)
     assert str(where) in d.summary
+
+
+def test_recurrent_layer_records_the_signal_through_time() -> None:
+    torch.set_default_dtype(torch.float64)
+    try:
+        rnn = nn.RNN(3, 8, batch_first=True)
+        with torch.no_grad():
+            rnn.weight_hh_l0.mul_(0.2)  # a contracting recurrence
+        head = nn.Linear(8, 2)
+
+        class LastStep(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.rnn, self.head = rnn, head
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                return self.head(self.rnn(x)[0][:, -1])
+
+        model = LastStep()
+        x, y = torch.randn(4, 10, 3), torch.randint(0, 2, (4,))
+        d = _unchanged(model, lambda: gradsight.diagnose(model, (x, y), ce))
+        # Reference: the gradient of the loss with respect to each input step.
+        xr = x.clone().requires_grad_(True)
+        (gx,) = torch.autograd.grad(ce(model(xr), y), xr)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    expected = gx.pow(2).sum(dim=(0, 2)).sqrt()
+    steps = d.layer("rnn").time_signal_norms
+    assert steps is not None and len(steps) == 10
+    assert torch.allclose(torch.tensor(steps, dtype=torch.float64), expected, rtol=1e-10)
+    assert steps[0] < 1e-2 * steps[-1]
+    assert "vanishing through time" in d.layer("rnn").reason

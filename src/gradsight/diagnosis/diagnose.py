@@ -96,7 +96,8 @@ def diagnose(
     with preserved(model):
         with SignalProbe(model, check_finite=True) as probe:
             outputs, loss = compute_loss(model, batch, loss_fn)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            wanted = params + probe.extra_inputs
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True)[: len(params)]
         flow = probe.result()
         loss_value = float(loss.detach())
         baseline = (

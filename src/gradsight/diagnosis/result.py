@@ -48,6 +48,8 @@ class LayerDiagnosis:
             it gets (``lr``, or 2/λmax of the whole model when no lr is given).
         lambda_max: Largest Gauss-Newton eigenvalue of the layer's block.
         optimal_step: α*, the curvature-optimal step size along the layer's gradient.
+        time_signal_norms: Recurrent layers: ‖∂L/∂x_t‖ of the input at each time step t,
+            the backward signal through time.
         param_grad_norms: ‖∂L/∂p‖ for each of the module's own parameters.
         advice: Remedies for the cause named in ``reason``, most supported first.
     """
@@ -69,6 +71,7 @@ class LayerDiagnosis:
     step_ratio: float | None = None
     lambda_max: float | None = None
     optimal_step: float | None = None
+    time_signal_norms: list[float] | None = None
     param_grad_norms: dict[str, float] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
 

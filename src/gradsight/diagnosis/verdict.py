@@ -176,6 +176,7 @@ def judge(
     for e in evidence:
         d = _measurements(e, ran, index, curvature.get(e.name), step_used)
         _decide(d, e, ctx)
+        d.reason += _through_time(d)
         layers.append(d)
     return layers, plateau, _summary(layers, loss, baseline_loss, plateau, model, lr)
 
@@ -206,6 +207,8 @@ def _measurements(
             d.step_ratio = curv.alpha_star / step_used
     if sig is None:
         return d
+    if sig.time_signal_norms is not None:
+        d.time_signal_norms = list(sig.time_signal_norms)
     act = sig.activation
     if act is not None:
         d.activation, d.saturation, d.dead_fraction = act.name, act.saturation, act.dead_fraction
@@ -314,6 +317,20 @@ def _grows_back(ran: Sequence[LayerEvidence], i: int, min_chain: int) -> bool:
     if len(norms) <= min_chain or len(norms) < len(ran) - i:
         return False
     return all(a > b for a, b in itertools.pairwise(norms))
+
+
+def _through_time(d: LayerDiagnosis) -> str:
+    """A sentence on the signal through time of a recurrent layer, if it fades."""
+    steps = d.time_signal_norms
+    if not steps or len(steps) < 2 or max(steps) <= 0:
+        return ""
+    ratio = steps[0] / max(steps)
+    if ratio >= 1e-2:
+        return ""
+    return (
+        f" Through time the signal fades: at the first of {len(steps)} steps it is "
+        f"{ratio:.1e} of the strongest step's (vanishing through time)."
+    )
 
 
 def _headroom_note(d: LayerDiagnosis, g_rel: float) -> str:

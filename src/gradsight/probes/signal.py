@@ -119,6 +119,9 @@ class ModuleSignal:
 
     Norms are Euclidean norms over the whole batch (all calls of the module, all of
     its tensor outputs/inputs); ``None`` where no gradient reached the tensor.
+    ``time_signal_norms`` (recurrent layers only) holds ‖∂L/∂x_t‖ for each time step t
+    of the layer's input sequence: it carries the backward signal through time, so its
+    fall from the last step to the first is vanishing through time.
     """
 
     name: str
@@ -129,6 +132,7 @@ class ModuleSignal:
     output_norm: float | None
     activation: ActivationStats | None
     activation_signal_norm: float | None = None
+    time_signal_norms: tuple[float, ...] | None = None
 
     @property
     def sensitivity(self) -> float:
@@ -254,6 +258,7 @@ class _ModuleAccumulator:
         # Lean mode: small gradients whose norms are taken together at collect().
         self.out_grads: list[torch.Tensor] = []
         self.act_out_grads: list[torch.Tensor] = []
+        self.time_sq: list[torch.Tensor] = []  # recurrent layers: per-step ‖∂L/∂x_t‖²
         self.activation: _ActivationAccumulator | None = None
         self.unit_dim = 1 if isinstance(module, _CHANNEL_FIRST) else -1
         # Lean mode: the tensor the activation module after this one saw, reduced later,
@@ -268,6 +273,7 @@ class _ModuleAccumulator:
         self.act_out_norms.clear()
         self.out_grads.clear()
         self.act_out_grads.clear()
+        self.time_sq.clear()
         self.activation = None
         self.pending = None
         self.reduced.clear()
@@ -289,6 +295,7 @@ class _ModuleAccumulator:
             output_norm=_combine(self.value_norms),
             activation=None if self.activation is None else self.activation.result(),
             activation_signal_norm=_combine(self.act_out_norms),
+            time_signal_norms=_combine_steps(self.time_sq),
         )
 
 
@@ -297,6 +304,14 @@ def _combine(norms: list[torch.Tensor]) -> float | None:
         return None
     vals = [float(n) for n in norms]
     return math.sqrt(math.fsum(v * v for v in vals))
+
+
+def _combine_steps(squares: list[torch.Tensor]) -> tuple[float, ...] | None:
+    """Per-step norms from per-step squared norms of several calls (same length only)."""
+    if not squares or len({int(sq.numel()) for sq in squares}) != 1:
+        return None
+    total = torch.stack([sq.detach().double().cpu() for sq in squares]).sum(dim=0)
+    return tuple(float(v) for v in total.sqrt())
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -551,6 +566,9 @@ class SignalProbe:
         self._order: list[_ModuleAccumulator] = []
         self._handles: list[RemovableHandle] = []
         self._tensor_handles: list[RemovableHandle] = []
+        #: Leaves the probe made (inputs of recurrent layers) whose gradients it reads:
+        #: pass them to torch.autograd.grad along with the parameters.
+        self.extra_inputs: list[torch.Tensor] = []
         self._mode: _ActivationWatcher | None = None
         self._pending_owner: _ModuleAccumulator | None = None
         self._active = False
@@ -636,6 +654,8 @@ class SignalProbe:
             acc.calls += 1
             if not self.input_signals:
                 return None
+            if isinstance(module, nn.RNNBase) and args and isinstance(args[0], torch.Tensor):
+                args = (self._watch_time(module, acc, args[0]), *args[1:])
             # Route each differentiable input through its own view so that the tensor
             # hook sees the gradient through this module only (not, e.g., a skip path).
             # One view per distinct tensor keeps `query is key`-style checks intact.
@@ -663,6 +683,29 @@ class SignalProbe:
             return wrap(args), wrap(kwargs)
 
         return hook
+
+    def _watch_time(
+        self, module: nn.RNNBase, acc: _ModuleAccumulator, seq: torch.Tensor
+    ) -> torch.Tensor:
+        """Hook the input sequence of a recurrent layer for per-time-step norms."""
+        if not seq.is_floating_point() or seq.ndim < 2:
+            return seq
+        if seq.requires_grad:
+            seq = seq.view_as(seq)
+        else:
+            # Data needs no gradient; a leaf copy gets one. Callers that take gradients
+            # with torch.autograd.grad must ask for these leaves too (extra_inputs).
+            seq = seq.detach().requires_grad_(True)
+            self.extra_inputs.append(seq)
+        time_dim = 1 if module.batch_first and seq.ndim == 3 else 0
+
+        def hook(grad: torch.Tensor) -> None:
+            if self._active:
+                dims = [d for d in range(grad.ndim) if d != time_dim]
+                acc.time_sq.append(grad.detach().pow(2).sum(dim=dims))
+
+        self._tensor_handles.append(seq.register_hook(hook))
+        return seq
 
     def _post_hook(self, acc: _ModuleAccumulator) -> Callable[[nn.Module, Any, Any], None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
