@@ -9,7 +9,10 @@ import pytest
 import gradsight
 
 
-@pytest.mark.parametrize("module", ["gradsight", "gradsight.probes", "gradsight.diagnosis"])
+@pytest.mark.parametrize(
+    "module",
+    ["gradsight", "gradsight.probes", "gradsight.diagnosis", "gradsight.curvature"],
+)
 def test_all_names_importable(module: str) -> None:
     mod = importlib.import_module(module)
     for name in mod.__all__:
@@ -32,3 +35,5 @@ def test_contract_names() -> None:
         assert attr in fields
     for attr in ("status", "layers", "nonfinite_origin"):
         assert attr in gradsight.Diagnosis.__dataclass_fields__
+    assert callable(gradsight.curvature.top_eigenvalues)
+    assert callable(gradsight.curvature.trace)

@@ -8,11 +8,14 @@ Public API (stable names)::
     with gradsight.Monitor(model, logdir="runs/a", every=1) as mon:  # mon.step(loss)
         ...                                                          # after backward()
     gradsight.report("runs/a")  # -> path of a self-contained HTML report
+
+    gradsight.curvature.top_eigenvalues(model, batch, loss_fn, k=1, params=None)
+    gradsight.curvature.trace(model, batch, loss_fn, probes=100, params=None)
 """
 
 from __future__ import annotations
 
-from gradsight import lab, optim
+from gradsight import curvature, lab, optim, theory
 from gradsight._errors import GradsightError
 from gradsight.diagnosis import STATUSES, Diagnosis, LayerDiagnosis, diagnose
 from gradsight.monitor import Monitor
@@ -30,8 +33,10 @@ __all__ = [
     "SignalFlow",
     "SignalProbe",
     "__version__",
+    "curvature",
     "diagnose",
     "lab",
     "optim",
     "report",
+    "theory",
 ]
