@@ -52,7 +52,8 @@ class Monitor:
     ``signal_norm`` of the next the weight factor), the activation's ``saturation``,
     ``dead_fraction``, ``mean_derivative`` and ``rms_derivative`` (on the first
     ``activation_samples`` samples), and with an optimizer the learning rate and the
-    update-to-weight ratio ‖Δθ‖/‖θ‖ (``update_ratio``). Model level (layer ``""``):
+    update-to-weight ratio ‖Δθ‖/‖θ‖ (``update_ratio``, every ``update_every``-th
+    measurement). Model level (layer ``""``):
     ``loss``, ``lr``, ``loss_scale``. Everything stays on the device until a flush: no
     ``.item()`` per module.
 
@@ -80,6 +81,10 @@ class Monitor:
         every: Measure the cheap tier every this many steps.
         curvature_every: Measure the curvature tier every this many steps (None: never).
         optimizer: The optimizer, for the learning rate and the update-to-weight ratios.
+        update_every: Measure the update-to-weight ratio at every this many cheap-tier
+            measurements (default 10): it needs a copy of the parameters before the
+            optimizer step and three passes over them, which at every step would cost
+            more than the rest of the cheap tier together.
         scaler: A GradScaler whose scale the losses are multiplied by.
         loss_scale: A fixed loss scale (instead of ``scaler``).
         batch, loss_fn: ``(inputs, targets)`` and ``loss_fn(outputs, targets)`` for the
@@ -137,6 +142,7 @@ class Monitor:
         loss_fn: LossFn | None = None,
         activation_samples: int | None = 32,
         activation_entries: int | None = 8192,
+        update_every: int = 10,
         flush_secs: float = 10.0,
         diagnose_at_close: bool = True,
         name: str | None = None,
@@ -149,7 +155,11 @@ class Monitor:
                 f"Monitor expects a torch.nn.Module, got {type(model).__name__}; "
                 "pass the model being trained."
             )
-        for arg, value in (("every", every), ("curvature_every", curvature_every)):
+        for arg, value in (
+            ("every", every),
+            ("curvature_every", curvature_every),
+            ("update_every", update_every),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise GradsightError(f"{arg} must be a positive int, got {value!r}.")
             if value is not None and value < 1:
@@ -173,6 +183,7 @@ class Monitor:
         self.model = model
         self.logdir = Path(logdir)
         self.every = every
+        self.update_every = update_every
         self.curvature_every = curvature_every
         self.optimizer = optimizer
         self.scaler = scaler
@@ -246,6 +257,7 @@ class Monitor:
         self._opt_handles: list[RemovableHandle] = []
         self._snapshot: list[torch.Tensor] | None = None
         self._update_pending = False
+        self._measured = 0  # cheap-tier measurements so far
         self._sgd_shortcut = False
         if optimizer is not None:
             self._attach_optimizer(optimizer)
@@ -416,7 +428,10 @@ class Monitor:
             host["lr"] = _lrs(self.optimizer)[0]
         if host:
             self._writer.append(step, [("", k) for k in host], np.array(list(host.values())))
-        self._update_pending = self.optimizer is not None
+        self._measured += 1
+        self._update_pending = (
+            self.optimizer is not None and (self._measured - 1) % self.update_every == 0
+        )
 
     def _index(self, owners: list[int], device: torch.device) -> torch.Tensor:
         key = (tuple(owners), device)
