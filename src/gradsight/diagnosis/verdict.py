@@ -8,11 +8,14 @@ a constant, nor when a ReLU network is reparametrized without changing its funct
   layer's output z_l, compared across layers (s_l / max_j s_j). When the chain rule
   crushes the backward signal on its way to layer l, s_l is a tiny fraction of the
   output layer's: that is *vanishing*, whatever the raw gradient sizes are;
-* the *scale-free gradient* G_l = (Σ_p ‖g_p‖²‖p‖²)^½ relative to the loss L: the
-  first-order loss change per relative change of the layer's weights. When it is
-  negligible while the signal does reach the layer, the layer sits at a stationary
-  point: *converged*;
-* the loss against the best constant prediction (plateau) and against zero;
+* *headroom* (:mod:`gradsight.diagnosis.headroom`): the damped Newton decrement per
+  layer and for the whole model as a fraction of the loss, with damping relative to
+  each block's own curvature, and the held-out decrease of a Levenberg–Marquardt step.
+  The model has headroom when these are not negligible or its loss is no better than
+  the best constant prediction (a *plateau*). A layer the signal reaches but whose own
+  Newton step would win nothing is *converged*. Without curvature, the first-order
+  *scale-free gradient* G_l = (Σ_p ‖g_p‖²‖p‖²)^½ relative to the loss stands in;
+* lr·λmax > 2 for a layer's block (only when the user gives ``lr``): *exploding*;
 * the fraction of units after the layer whose activation is flat on the whole batch
   (*dead*).
 
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 
 from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom
 from gradsight.diagnosis.result import STATUSES, LayerDiagnosis
-from gradsight.probes.signal import ModuleSignal
+from gradsight.probes.signal import ActivationStats, ModuleSignal
 
 __all__ = ["LayerEvidence", "Thresholds", "judge", "worst_status"]
 
@@ -110,6 +113,7 @@ class _Context:
     lr: float | None
     step_used: float | None
     curvature: Mapping[str, BlockCurvature]
+    index: Mapping[str, int]  # position of each layer that ran, in ``ran``
 
 
 def judge(
@@ -170,11 +174,11 @@ def judge(
         lr=lr,
         step_used=step_used,
         curvature=curvature,
+        index={e.name: i for i, e in enumerate(ran)},
     )
-    index = {e.name: i for i, e in enumerate(ran)}
     layers = []
     for e in evidence:
-        d = _measurements(e, ran, index, curvature.get(e.name), step_used)
+        d = _measurements(e, ran, ctx.index, curvature.get(e.name), step_used)
         _decide(d, e, ctx)
         d.reason += _through_time(d)
         layers.append(d)
@@ -245,7 +249,7 @@ def _decide(d: LayerDiagnosis, e: LayerEvidence, ctx: _Context) -> None:
     s = ctx.sens[e.name]
     rel_sens = s / ctx.s_max if ctx.s_max > 0 else 0.0
     g_rel = (e.relative_grad or 0.0) / ctx.scale if ctx.scale > 0 else 0.0
-    i = next(k for k, r in enumerate(ctx.ran) if r.name == e.name)
+    i = ctx.index[e.name]
     step_note = _step_note(d, ctx)
     if ctx.lr is not None and d.lambda_max is not None and ctx.lr * d.lambda_max > 2:
         d.status = "exploding"
@@ -346,6 +350,19 @@ def _step_note(d: LayerDiagnosis, ctx: _Context) -> str:
     return f"; its curvature-optimal step is {d.step_ratio:.1e}× the one it gets ({used})"
 
 
+def _later_factors(
+    ran: Sequence[LayerEvidence], i: int
+) -> tuple[list[ActivationStats], list[float]]:
+    """The activations after layers i…n−1 and the (positive) weight factors of layers
+    i+1…n: the factors the backward signal picks up between the output and layer i."""
+    later = ran[i:]
+    acts = [r.signal.activation for r in later[:-1] if r.signal and r.signal.activation]
+    wfs = [
+        wf for r in later[1:] if r.signal and (wf := r.signal.weight_factor) is not None and wf > 0
+    ]
+    return acts, wfs
+
+
 def _chain_cause(ran: Sequence[LayerEvidence], i: int) -> str:
     """Where, between layer i and the output, the backward signal changes, and why."""
     later = ran[i:]
@@ -358,8 +375,7 @@ def _chain_cause(ran: Sequence[LayerEvidence], i: int) -> str:
         return ""
     steps = len(later) - 1
     per = total ** (1 / steps)
-    acts = [r.signal.activation for r in later[:-1] if r.signal and r.signal.activation]
-    wfs = [wf for r in later[1:] if r.signal and (wf := r.signal.weight_factor) is not None]
+    acts, wfs = _later_factors(ran, i)
     verb = "attenuated" if total < 1 else "amplified"
     span = f"layers {later[1].name}–{later[-1].name}" if steps > 1 else f"layer {later[1].name}"
     parts = [
@@ -380,7 +396,7 @@ def _chain_cause(ran: Sequence[LayerEvidence], i: int) -> str:
             c += f", up to {dead:.0%} of units dead"
         causes.append(c)
     if wfs:
-        gm = math.exp(sum(math.log(w) for w in wfs if w > 0) / max(1, len(wfs)))
+        gm = math.exp(sum(math.log(w) for w in wfs) / len(wfs))
         causes.append(f"weights scale it ×{gm:.2f} per layer")
     return parts[0] + (": " + "; ".join(causes) if causes else "") + ")"
 
@@ -391,9 +407,7 @@ def _vanishing_advice(ctx: _Context, i: int) -> list[str]:
     the layer and the output, the saturated and dead fractions, and the spread of the
     curvature-optimal steps across layers. Curvature scales with the square of the
     signal, so that spread counts half its decades."""
-    later = ctx.ran[i:]
-    acts = [r.signal.activation for r in later[:-1] if r.signal and r.signal.activation]
-    wfs = [wf for r in later[1:] if r.signal and (wf := r.signal.weight_factor) is not None]
+    acts, wfs = _later_factors(ctx.ran, i)
     act_loss = -sum(math.log10(max(a.rms_derivative, 1e-12)) for a in acts)
     weight_loss = -sum(math.log10(max(w, 1e-12)) for w in wfs)
     saturated = max((a.saturation for a in acts), default=0.0)
