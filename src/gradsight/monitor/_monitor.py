@@ -392,21 +392,20 @@ class Monitor:
             if p.grad is not None:
                 grads.append(p.grad)
                 owners.append(layer)
-        if grads:
-            # One multi-tensor reduction for all parameters, combined per layer on device.
-            sq = torch.stack(torch._foreach_norm(grads)).double().square()
+        if self._dist is not None:  # counts and unit masks, before the probe folds them
+            self._dist.capture(self._probe)
+        # One multi-tensor reduction for parameter gradients and kept backward signals.
+        keys, probe_values, grad_norms = self._probe.collect_columns(grads)
+        if grad_norms:
+            sq = torch.stack(grad_norms).double().square()
             per_layer = torch.zeros(len(self._layers), dtype=sq.dtype, device=sq.device)
             per_layer.index_add_(0, self._index(owners, sq.device), sq)
             used = list(dict.fromkeys(owners))
-            keys += [(self._layers[i], "grad_norm") for i in used]
+            keys = [(self._layers[i], "grad_norm") for i in used] + keys
             norms = per_layer.sqrt()
             values.append(norms[used] if len(used) < len(self._layers) else norms)
-        if self._dist is not None:
-            self._dist.capture(self._probe)
-        rows = self._probe.collect()
-        if rows:
-            keys += [(layer, metric) for layer, metric, _ in rows]
-            values.append(torch.stack([v for _, _, v in rows]).double())
+        if probe_values is not None:
+            values.append(probe_values)
         if loss is not None and isinstance(loss, torch.Tensor):
             keys.append(("", "loss"))
             values.append(loss.detach().reshape(1).double())

@@ -392,6 +392,53 @@ def _module_activation(module: nn.Module) -> _ModuleActivation | None:
     return None
 
 
+_STATS = ("saturation", "dead_fraction", "mean_derivative", "rms_derivative")
+
+
+def _group_statistics(
+    accs: list[_ModuleAccumulator],
+) -> list[tuple[list[tuple[str, str]], torch.Tensor]]:
+    """The pending activation statistics of ``accs`` as ``(keys, vector)`` per group of
+    layers with the same activation and tensor shape, and clears them (lean mode)."""
+    groups: dict[tuple[Any, ...], list[_ModuleAccumulator]] = {}
+    for acc in accs:
+        if acc.pending is not None:
+            act, t = acc.pending
+            key = (act.spec.name, id(act.from_output), acc.unit_dim % max(t.ndim, 1), t.shape)
+            groups.setdefault(key, []).append(acc)
+    out = []
+    for (_, _, unit_dim, shape), members in groups.items():
+        act = members[0].pending[0]  # type: ignore[index]
+        tensors = [m.pending[1] for m in members]  # type: ignore[index]
+        x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
+        d = (act.from_output or act.spec.derivative)(x)
+        if not act.nonnegative:
+            d = d.abs()
+        flat = d <= FLAT_FRACTION * act.spec.max_derivative
+        n = len(members)
+        count = max(1, math.prod(shape))
+        if len(shape) == 0:
+            dead = flat.reshape(n).to(d.dtype)
+        else:  # units flat on every entry read
+            units = shape[unit_dim]
+            per_unit = flat.movedim(unit_dim + 1, 1).reshape(n, units, -1)
+            dead = per_unit.all(dim=2).sum(dim=1).to(d.dtype) / units
+        dims = tuple(range(1, x.ndim)) or (0,)
+        stats = torch.stack(
+            [
+                flat.sum(dim=dims).to(d.dtype) / count,
+                dead,
+                d.sum(dim=dims) / count,
+                ((d * d).sum(dim=dims) / count).sqrt(),
+            ],
+            dim=1,
+        )
+        out.append(([(m.name, metric) for m in members for metric in _STATS], stats.reshape(-1)))
+        for m in members:
+            m.pending = None
+    return out
+
+
 def _strided(t: torch.Tensor, unit_dim: int, entries: int) -> torch.Tensor:
     """``t`` on an evenly strided grid of every dimension but samples (0) and units."""
     dims = [d for d in range(1, t.ndim) if d != unit_dim]
@@ -822,6 +869,73 @@ class SignalProbe:
         return hook
 
     # -- result
+    def collect_columns(
+        self, extra: list[torch.Tensor] | tuple[()] = ()
+    ) -> tuple[list[tuple[str, str]], torch.Tensor | None, list[torch.Tensor]]:
+        """:meth:`collect` as one vector, for the per-step hot path of a monitor.
+
+        Returns ``(keys, values, extra_norms)``: ``values[i]`` (on the device) is the
+        measurement ``keys[i] = (module, metric)``, and ``extra_norms`` the norms of the
+        tensors in ``extra`` (e.g. parameter gradients), taken in the same multi-tensor
+        reduction as the lean mode's kept gradients. A few tensor operations in all,
+        whatever the depth of the model.
+
+        Example:
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+            >>> with SignalProbe(model, activations="modules", input_signals=False) as probe:
+            ...     model(torch.randn(16, 4)).sum().backward()
+            ...     keys, values, norms = probe.collect_columns([model[0].weight.grad])
+            >>> len(keys) == len(values), keys[0], len(norms)
+            (True, ('0', 'signal_norm'), 1)
+        """
+        accs = [acc for acc in self._order if acc.owns_params]
+        simple = all(
+            not acc.reduced
+            and not acc.in_norms
+            and not acc.value_norms
+            and len(acc.out_norms) + len(acc.out_grads) <= 1
+            and len(acc.act_out_norms) + len(acc.act_out_grads) <= 1
+            for acc in accs
+        )
+        if not simple:  # several calls per step, or the full probe: the general path
+            extra_norms = list(torch._foreach_norm(list(extra))) if extra else []
+            rows = self.collect()
+            values = torch.stack([v for _, _, v in rows]) if rows else None
+            return [(n, m) for n, m, _ in rows], values, extra_norms
+        grads: list[torch.Tensor] = list(extra)
+        for acc in accs:
+            grads += acc.out_grads
+            grads += acc.act_out_grads
+        with torch.no_grad():
+            norms = list(torch._foreach_norm(grads)) if grads else []
+        extra_norms, norms = norms[: len(extra)], norms[len(extra) :]
+        keys: list[tuple[str, str]] = []
+        scalars: list[torch.Tensor] = []
+        i = 0
+        for acc in accs:
+            for metric, immediate, kept in (
+                ("signal_norm", acc.out_norms, acc.out_grads),
+                ("activation_signal_norm", acc.act_out_norms, acc.act_out_grads),
+            ):
+                if kept:
+                    keys.append((acc.name, metric))
+                    scalars.append(norms[i])
+                    i += 1
+                elif immediate:
+                    keys.append((acc.name, metric))
+                    scalars.append(immediate[0])
+        pieces = [torch.stack(scalars)] if scalars else []
+        with torch.no_grad():
+            for group_keys, vec in _group_statistics(accs):
+                keys += group_keys
+                pieces.append(vec)
+        for acc in accs:
+            acc.clear()
+        self._pending_owner = None
+        if not pieces:
+            return keys, None, extra_norms
+        return keys, torch.cat(pieces) if len(pieces) > 1 else pieces[0], extra_norms
+
     def collect(self) -> list[tuple[str, str, torch.Tensor]]:
         """Measurements since the last ``collect()``, as ``(module, metric, value)``; reset.
 
