@@ -123,8 +123,12 @@ def test_operator_and_dense_estimates_agree(case: Case) -> None:
     for fn in (hutchinson_trace, hutchpp_trace, xtrace):
         a, b = fn(op, 24, seed=3), fn(H, 24, seed=3)
         assert math.isclose(a.estimate, b.estimate, rel_tol=1e-9, abs_tol=1e-12)
-    est = curv.trace(case.model, case.batch, case.loss_fn, probes=2 * H.shape[0] + 2)
+    budget = 2 * H.shape[0] + 2
+    est = curv.trace(case.model, case.batch, case.loss_fn, probes=budget, method="xtrace")
     assert math.isclose(est.estimate, float(torch.trace(H)), rel_tol=1e-8)  # exact at 2D+2
+    default = curv.trace(case.model, case.batch, case.loss_fn, probes=budget)  # Hutch++
+    assert default.method == "hutch++"
+    assert math.isclose(default.estimate, float(torch.trace(H)), rel_tol=5e-2)
 
 
 def test_damped_cg_matches_dense_solve() -> None:

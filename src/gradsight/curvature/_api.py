@@ -112,7 +112,7 @@ def trace(
     params: ParamsSpec = None,
     kind: Kind = "hessian",
     *,
-    method: Literal["xtrace", "hutch++", "hutchinson"] = "xtrace",
+    method: Literal["xtrace", "hutch++", "hutchinson"] = "hutch++",
     seed: int = 0,
 ) -> TraceEstimate:
     """The trace of the loss curvature for a block, with its standard error.
@@ -122,8 +122,11 @@ def trace(
         probes: budget of curvature-vector products.
         params: the block; ``None`` for the whole model.
         kind: ``"hessian"`` or ``"ggn"``.
-        method: :func:`xtrace` (default), :func:`hutchpp_trace` or
-            :func:`hutchinson_trace`.
+        method: :func:`hutchpp_trace` (default), :func:`xtrace` or
+            :func:`hutchinson_trace`. Hutch++ is the default because it measured both
+            more accurate and faster than XTrace at 50 products on the 545k-parameter
+            sigmoid MLP and on a small CNN (``benchmarks/results/curvature.md``); XTrace
+            is exact once ``probes`` reaches the dimension.
         seed: seed of the random test vectors.
 
     Returns:
@@ -135,8 +138,12 @@ def trace(
         >>> model = nn.Linear(3, 1, bias=False).double()
         >>> x = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
         >>> y = torch.zeros(3, 1, dtype=torch.float64)
-        >>> round(trace(model, (x, y), nn.MSELoss(), probes=6).estimate, 8)  # 2·(1+4+9)/3
+        >>> # XTrace is exact once the budget covers the dimension: 2·(1+4+9)/3
+        >>> round(trace(model, (x, y), nn.MSELoss(), probes=6, method="xtrace").estimate, 8)
         9.33333333
+        >>> est = trace(model, (x, y), nn.MSELoss(), probes=30)  # Hutch++, the default
+        >>> abs(est.estimate - 28 / 3) < 1.0
+        True
     """
     op = curvature_operator(model, batch, loss_fn, params, kind)
     estimators = {"xtrace": xtrace, "hutch++": hutchpp_trace, "hutchinson": hutchinson_trace}

@@ -50,8 +50,16 @@ def _random(
     distribution: str,
 ) -> torch.Tensor:
     if distribution == "rademacher":
-        signs = torch.randint(0, 2, (dim, num), generator=gen, device=device)
-        return (2 * signs - 1).to(dtype)
+        # Eight signs from each uniform random byte (its bits are independent fair coins):
+        # drawing one random integer per entry costs more than the products it feeds on
+        # a 545k-parameter model (330 ms against 55 ms for 50 vectors).
+        n = dim * num
+        packed = torch.randint(
+            0, 256, ((n + 7) // 8,), generator=gen, dtype=torch.uint8, device=device
+        )
+        shifts = torch.arange(8, dtype=torch.uint8, device=device)
+        bits = ((packed.unsqueeze(1) >> shifts) & 1).reshape(-1)[:n].reshape(dim, num)
+        return bits.to(dtype).mul_(2).sub_(1)
     if distribution == "normal":
         return torch.randn(dim, num, generator=gen, dtype=dtype, device=device)
     raise GradsightError(f"distribution must be 'rademacher' or 'normal', got {distribution!r}.")
