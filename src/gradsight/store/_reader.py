@@ -104,7 +104,14 @@ def load_run(logdir: str | Path) -> Run:
     pa, pq = pyarrow_modules()
     meta: dict[str, Any] = {}
     if (path / METADATA).exists():
-        meta = json.loads((path / METADATA).read_text(encoding="utf-8"))
+        try:
+            meta = json.loads((path / METADATA).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise GradsightError(
+                f"{path / METADATA} is not valid JSON ({exc}): the run's metadata is damaged. "
+                "gradsight writes it atomically, so another program changed it; restore it "
+                "or delete it to read the metrics alone."
+            ) from None
     tables = []
     for part in sorted(path.glob("metrics-*.parquet")):
         try:
@@ -123,7 +130,10 @@ def load_run(logdir: str | Path) -> Run:
         values = np.zeros(0)
     diagnosis = None
     if (path / "diagnosis.json").exists():
-        diagnosis = json.loads((path / "diagnosis.json").read_text(encoding="utf-8"))
+        try:
+            diagnosis = json.loads((path / "diagnosis.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            warnings.warn(f"skipping unreadable {path / 'diagnosis.json'}: {exc}", stacklevel=2)
     return Run(
         path=path,
         name=str(meta.get("name") or path.name),

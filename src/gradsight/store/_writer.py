@@ -65,7 +65,21 @@ class RunWriter:
     ) -> None:
         self._pa, self._pq = pyarrow_modules()
         self.logdir = Path(logdir)
-        self.logdir.mkdir(parents=True, exist_ok=True)
+        if self.logdir.exists() and not self.logdir.is_dir():
+            raise GradsightError(
+                f"logdir {self.logdir} is a file; expected a directory for the run store "
+                "(created if missing). Pass another path, e.g. logdir='runs/a'."
+            )
+        try:
+            self.logdir.mkdir(parents=True, exist_ok=True)
+            probe = self.logdir / ".gradsight-write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise GradsightError(
+                f"cannot write the run store in logdir {self.logdir} ({exc.strerror or exc}); "
+                "pass a directory you can write to."
+            ) from None
         earlier = sorted(self.logdir.glob("metrics-*.parquet"))
         if (self.logdir / METADATA).exists() or earlier:
             if not overwrite:
