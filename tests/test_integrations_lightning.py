@@ -100,6 +100,11 @@ def _check_run(tmp_path: Path, model: Net, callback: GradsightCallback, rtol: fl
         assert v.tolist() == pytest.approx(ref, rel=rtol)
     for metric in ("signal_norm", "saturation", "dead_fraction"):
         assert set(run.series(metric)) >= {"net.0", "net.2"}, metric
+    # Update ratios, whether the closure runs inside optimizer.step() (32-true,
+    # bf16-mixed) or before it (a GradScaler): at step 0, then every update_every-th.
+    ratios = run.series("update_ratio")
+    assert set(ratios) == {"net.0", "net.2", "net.4"}
+    assert ratios["net.0"][0].tolist() == list(range(0, steps, 10))
     # The trainer's logger got the same numbers under gradsight/<layer>/<metric>.
     with open(tmp_path / "csv" / "version_0" / "metrics.csv") as fh:
         rows = [r for r in csv.DictReader(fh) if r.get("gradsight/net.0/grad_norm")]
@@ -126,11 +131,6 @@ def test_16_mixed_gradscaler_norms_are_unscaled(tmp_path: Path) -> None:
     _check_run(tmp_path, model, callback, rtol=1e-4)
     run = load_run(tmp_path / "run")
     assert set(run.series("loss_scale")[""][1].tolist()) == {2.0**12}
-    # With a GradScaler, Lightning runs the closure before optimizer.step(), so the
-    # Monitor's update-ratio hooks see the step in order. (Without one, the closure runs
-    # inside optimizer.step(), after the Monitor's pre-step hook: update ratios are
-    # then missing; a Monitor fix is pending, see gradsight.integrations.lightning.)
-    assert set(run.series("update_ratio")) == {"net.0", "net.2", "net.4"}
     # Backward signals are unscaled too: they match a float32 run to fp16 accuracy.
     _fit(tmp_path / "fp32", precision="32-true")
     ref = load_run(tmp_path / "fp32" / "run").series("signal_norm")

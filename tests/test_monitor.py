@@ -225,3 +225,34 @@ def test_hooks_removed_on_close_and_on_exception(tmp_path: Path) -> None:
 
 def test_public_names() -> None:
     assert gradsight.Monitor is Monitor and callable(gradsight.report)
+
+
+def test_update_ratios_with_a_closure_optimizer(tmp_path: Path) -> None:
+    """With optimizer.step(closure) the backward (and mon.step) run inside step()."""
+    model = _model()
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=1)
+    x, y = _data(32)
+    expected = []
+    with Monitor(model, logdir=tmp_path / "r", optimizer=opt, update_every=2) as mon:
+        for _ in range(5):
+            before = [p.detach().clone() for p in model[0].parameters()]
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                mon.step(loss)
+                return loss
+
+            opt.step(closure)
+            delta = math.sqrt(
+                sum(
+                    float((p - b).pow(2).sum())
+                    for p, b in zip(model[0].parameters(), before, strict=True)
+                )
+            )
+            norm = math.sqrt(sum(float(p.pow(2).sum()) for p in model[0].parameters()))
+            expected.append(delta / norm)
+    steps, values = load_run(tmp_path / "r").series("update_ratio")["0"]
+    assert steps.tolist() == [0, 2, 4]
+    assert values.tolist() == pytest.approx([expected[0], expected[2], expected[4]], rel=1e-5)

@@ -19,10 +19,9 @@ has no scale. The loss recorded is the loss of the optimizer step: the mean of i
 micro-batch losses, unscaled. Under DDP every rank measures its shard, the Monitor
 reduces them, and global rank 0 writes the run, the report and the logger scalars.
 
-Known gap: without a GradScaler (``32-true``, ``bf16-mixed``) Lightning runs the
-training step and backward *inside* ``optimizer.step(closure)``, after the Monitor's
-optimizer pre-step hook has decided whether to snapshot the parameters, so
-``update_ratio`` is not recorded there (it is with ``16-mixed``); the rest is.
+Without a GradScaler (``32-true``, ``bf16-mixed``) Lightning runs the training step and
+backward *inside* ``optimizer.step(closure)``; the Monitor's optimizer hooks account for
+that, so ``update_ratio`` is recorded in every precision.
 
 Needs ``pytorch-lightning`` (or ``lightning``): ``pip install 'gradsight[lightning]'``.
 """

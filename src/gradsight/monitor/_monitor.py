@@ -256,7 +256,8 @@ class Monitor:
         self._probe.__enter__()
         self._opt_handles: list[RemovableHandle] = []
         self._snapshot: list[torch.Tensor] | None = None
-        self._update_pending = False
+        self._stepped = False  # step() ran since the last optimizer update
+        self._update_step: int | None = None  # the step whose update is being measured
         self._measured = 0  # cheap-tier measurements so far
         self._sgd_shortcut = False
         if optimizer is not None:
@@ -346,6 +347,7 @@ class Monitor:
             self._probe.collect()  # hooks were off: nothing to keep, but reset
         if self.curvature_every is not None and step % self.curvature_every == 0:
             self._record_curvature(step, loss)
+        self._stepped = True  # the next optimizer update belongs to this step
         # Hooks run only in the passes of steps that are measured.
         self._probe.recording = self.steps % self.every == 0
         if time.monotonic() - self._last_flush >= self.flush_secs:
@@ -428,9 +430,6 @@ class Monitor:
         if host:
             self._writer.append(step, [("", k) for k in host], np.array(list(host.values())))
         self._measured += 1
-        self._update_pending = (
-            self.optimizer is not None and (self._measured - 1) % self.update_every == 0
-        )
 
     def _index(self, owners: list[int], device: torch.device) -> torch.Tensor:
         key = (tuple(owners), device)
@@ -503,8 +502,16 @@ class Monitor:
                 return i
         raise AssertionError("unreachable: checked in _attach_optimizer")
 
+    def _update_measured(self, step: int) -> bool:
+        """Whether the optimizer update that follows ``step`` gets an update ratio."""
+        return step % self.every == 0 and (step // self.every) % self.update_every == 0
+
     def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._update_pending:
+        # In a plain loop step() has run for this update; with a closure
+        # (optimizer.step(closure): LBFGS, Lightning) it runs inside, after this hook.
+        step = self.steps - 1 if self._stepped else self.steps
+        self._update_step = step if self._update_measured(step) else None
+        if self._update_step is None:
             return
         with torch.no_grad():
             if self._snapshot is None:
@@ -512,9 +519,10 @@ class Monitor:
             torch._foreach_copy_(self._snapshot, self._opt_params)
 
     def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        if not self._update_pending or self._snapshot is None:
+        self._stepped = False
+        step, self._update_step = self._update_step, None
+        if step is None or self._snapshot is None:
             return
-        self._update_pending = False
         with torch.no_grad():
             torch._foreach_sub_(self._snapshot, self._opt_params)
             both = torch.stack(
@@ -529,7 +537,7 @@ class Monitor:
         wl.index_add_(0, index, sq[n:])
         used = list(dict.fromkeys(self._opt_layer))
         ratio = (dl.sqrt() / wl.sqrt())[used]
-        self._emit(self.steps - 1, [(self._layers[i], "update_ratio") for i in used], ratio)
+        self._emit(step, [(self._layers[i], "update_ratio") for i in used], ratio)
 
 
 def _lrs(optimizer: torch.optim.Optimizer) -> list[float]:
