@@ -175,3 +175,15 @@ def test_parameter_owners_lists_shared_modules_once() -> None:
     lin = nn.Linear(2, 2)
     model = nn.Sequential(lin, nn.Tanh(), lin)
     assert [n for n, _ in parameter_owners(model)] == ["0"]
+
+
+def test_lean_mode_recognises_third_party_activation_modules() -> None:
+    class GELUActivation(nn.Module):  # as in Hugging Face transformers
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.gelu(x)
+
+    model = nn.Sequential(nn.Linear(4, 8), GELUActivation(), nn.Linear(8, 1))
+    with SignalProbe(model, activations="modules", input_signals=False) as probe:
+        model(torch.randn(16, 4)).sum().backward()
+    act = probe.result()["0"].activation
+    assert act is not None and act.name == "gelu"

@@ -389,7 +389,28 @@ def _module_activation(module: nn.Module) -> _ModuleActivation | None:
         return _ModuleActivation(SILU, None)
     if isinstance(module, nn.Softplus) and module.beta == 1:
         return _ModuleActivation(SOFTPLUS, None)
+    # Activation modules of other libraries (Hugging Face transformers' BERT/GPT MLP
+    # blocks use these), read off their input. The tanh approximations of GELU differ
+    # from its exact derivative by less than 0.02, well within the flat threshold.
+    name = type(module).__name__
+    if name in _GELU_MODULES:
+        return _ModuleActivation(GELU, None)
+    if name in _SILU_MODULES:
+        return _ModuleActivation(SILU, None)
     return None
+
+
+_GELU_MODULES = frozenset(
+    {
+        "GELUActivation",
+        "NewGELUActivation",
+        "FastGELUActivation",
+        "GELUTanh",
+        "PytorchGELUTanh",
+        "AccurateGELUActivation",
+    }
+)
+_SILU_MODULES = frozenset({"SiLUActivation", "SwishActivation"})
 
 
 _STATS = ("saturation", "dead_fraction", "mean_derivative", "rms_derivative")
