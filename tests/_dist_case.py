@@ -58,6 +58,7 @@ def train(
     forward: nn.Module | None = None,
     distributed: bool | None = None,
     diagnose: bool = False,
+    curvature_every: int | None = 2,
 ) -> gradsight.Monitor:
     """Train ``STEPS`` SGD steps under a Monitor (``forward``: e.g. the DDP wrapper)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -70,6 +71,7 @@ def train(
         activation_samples=None,
         diagnose_at_close=diagnose,  # diagnose() is tested elsewhere; it costs seconds
         distributed=distributed,
+        curvature_every=curvature_every,  # steps 0 and 2: products averaged over ranks
     ) as mon:
         for x, y in data:
             opt.zero_grad()

@@ -72,11 +72,21 @@ def test_ddp_statistics_equal_single_process_on_concatenated_batch(
         "rms_derivative",
         "loss",
         "update_ratio",
+        # The curvature tier: every product all-reduced, estimators in lockstep.
+        "lambda_max",
+        "trace",
+        "alpha_star",
+        "headroom",
     } <= metrics
     keys = sorted(single)
     a = np.array([ddp[k] for k in keys])
     b = np.array([single[k] for k in keys])
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+    # Headroom comes out of up to 50 CG iterations on a damped system of condition ~1e3,
+    # which amplifies the rounding of shard sums (1e-16) to ~1e-5; the products
+    # themselves (lambda_max, trace, alpha_star) agree to 1e-6 like everything else.
+    rtol = np.array([1e-4 if k[2] == "headroom" else 1e-6 for k in keys])
+    bad = [k for k, x, y, r in zip(keys, a, b, rtol, strict=True) if not np.isclose(x, y, r, 1e-12)]
+    assert not bad, [(k, ddp[k], single[k]) for k in bad]
     # The case is not degenerate: a shard alone would give other numbers.
     dead = [single[k] for k in keys if k[2] == "dead_fraction" and k[1] == "2"]
     assert 0 < min(dead) < 1, dead

@@ -20,10 +20,12 @@ each rank (default 32), so pass ``activation_samples=None`` to compare. BatchNor
 without ``SyncBatchNorm`` normalizes per shard: the run then differs from the single
 process in training itself, not in measuring.
 
-Not supported under DDP: the curvature tier (``curvature_every``): its curvature-vector
-products would have to be all-reduced inside every Lanczos/CG iteration with all ranks
-in lockstep; the Monitor warns and leaves it off. Run :mod:`gradsight.curvature` on
-one process (a checkpoint and a batch) instead.
+The curvature tier (``curvature_every``) under DDP: each rank builds its operator on
+its shard and :class:`gradsight.curvature.distributed.DistributedOperator` averages every
+curvature-vector product, the gradient and the loss over the ranks, so Lanczos, Hutch++
+and CG run in lockstep on all ranks (fixed seeds, identical all-reduced values) and give
+the curvature of the whole batch: λmax, trace and α* equal one process on the
+concatenated batch to 1e-6 (tests/test_distributed.py); the CG-based headroom to 1e-4.
 
 **FSDP** (``torch.distributed.fsdp``): not supported. Each rank holds a shard of every
 flat parameter and of its gradient, so per-layer gradient norms would need summed

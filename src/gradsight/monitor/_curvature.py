@@ -32,13 +32,25 @@ class CurvatureTier:
       over the loss: the fraction of the loss a local second-order step could still win.
 
     Each metric needs a few dozen curvature-vector products, so this tier is meant for
-    every few hundred steps. The model is left as found.
+    every few hundred steps. The model is left as found. Under torch.distributed every
+    product is averaged over the ranks' shards (:class:`~gradsight.curvature.distributed.
+    DistributedOperator`), giving the curvature of the whole batch on every rank.
     """
 
-    def __init__(self, model: nn.Module, layers: list[str], *, probes: int = 20) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[str],
+        *,
+        probes: int = 20,
+        distributed: bool = False,
+        group: Any = None,
+    ) -> None:
         self.model = model
         self.layers = layers
         self.probes = probes
+        self.distributed = distributed
+        self.group = group
 
     def measure(
         self,
@@ -58,7 +70,11 @@ class CurvatureTier:
         rows: list[tuple[str, str, float]] = []
         for layer in self.layers:
             # One operator per layer serves all four estimates (one forward-backward).
-            op = curvature_operator(self.model, batch, loss_fn, params=layer, kind="ggn")
+            op: Any = curvature_operator(self.model, batch, loss_fn, params=layer, kind="ggn")
+            if self.distributed:
+                from gradsight.curvature.distributed import DistributedOperator
+
+                op = DistributedOperator(op, self.group)
             g = op.gradient
             lam = float(lanczos(op, 1, tol=1e-2, max_matvecs=40).eigenvalues[0])
             rows.append((layer, "lambda_max", lam))

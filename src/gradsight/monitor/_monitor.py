@@ -105,8 +105,9 @@ class Monitor:
         distributed: Under ``torch.distributed`` with several ranks (None: detected),
             reduce each step's measurements across ranks so that they equal a single
             process on the global batch, and write from rank 0 only (see
-            :mod:`gradsight.monitor._distributed`; the curvature tier is then off, and the
-            diagnosis at close is rank 0's shard). False: every rank records on its own.
+            :mod:`gradsight.monitor._distributed`; curvature products are averaged over
+            the ranks too, and the diagnosis at close is rank 0's shard). False: every rank
+            records on its own.
 
     Example:
         >>> import tempfile
@@ -170,16 +171,6 @@ class Monitor:
             raise GradsightError(f"loss_scale must be positive, got {loss_scale!r}.")
         model = unwrap_parallel(model)  # DDP's inner module: plain names, no collectives
         self._dist = DistributedReducer.detect(distributed)
-        if self._dist is not None and curvature_every is not None:
-            # Curvature products would need an all-reduce inside every matvec, with all
-            # ranks in lockstep; gradsight.curvature has no such operator yet.
-            warnings.warn(
-                "gradsight.Monitor: the curvature tier is not supported under "
-                "torch.distributed yet (each rank would measure its own shard only); "
-                "curvature_every is ignored. Run gradsight.curvature on one process instead.",
-                stacklevel=2,
-            )
-            curvature_every = None
         self.model = model
         self.logdir = Path(logdir)
         self.every = every
@@ -262,7 +253,14 @@ class Monitor:
         self._sgd_shortcut = False
         if optimizer is not None:
             self._attach_optimizer(optimizer)
-        self._curvature = CurvatureTier(model, self._layers, probes=curvature_probes)
+        self._curvature = CurvatureTier(
+            model,
+            self._layers,
+            probes=curvature_probes,
+            # Under DDP every product is averaged over the ranks' shards (in lockstep).
+            group=self._dist.group if self._dist is not None else None,
+            distributed=self._dist is not None,
+        )
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> Monitor:
