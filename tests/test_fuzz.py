@@ -147,3 +147,26 @@ def test_diagnose_on_random_architectures(arch: Arch) -> None:
     if d.status != "nonfinite":
         scaled = gradsight.diagnose(model, batch, lambda o, t: 1e4 * loss_fn(o, t))  # type: ignore[operator]
         assert [la.status for la in scaled.layers] == [la.status for la in d.layers]
+
+
+@settings(
+    max_examples=max(EXAMPLES // 2, 5),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    derandomize=FIXED,
+)
+@given(arch=architectures)
+def test_monitor_on_random_architectures(arch: Arch, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    model, (x, y), loss_fn = _build(arch)
+    logdir = tmp_path_factory.mktemp("run")
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with gradsight.Monitor(model, logdir=logdir, optimizer=opt, diagnose_at_close=False) as mon:
+        for _ in range(3):
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)  # type: ignore[operator]
+            loss.backward()
+            mon.step(loss)
+            opt.step()
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    run = gradsight.store.load_run(logdir)
+    assert run.complete and len(run.series("loss")[""][0]) == 3

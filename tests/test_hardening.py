@@ -145,3 +145,32 @@ def test_corrupt_diagnosis_is_skipped_and_the_metrics_still_read(tmp_path: Path)
 def test_report_of_a_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(GradsightError, match=r"no-such-dir"):
         gradsight.report(tmp_path / "no-such-dir")
+
+
+def test_inputs_on_another_device_get_a_fix() -> None:
+    model = nn.Linear(3, 2)
+    x = torch.randn(4, 3, device="meta")  # stands in for a GPU tensor on a CPU machine
+    with pytest.raises(
+        GradsightError, match=r"inputs are on meta but the model's parameters on cpu"
+    ):
+        gradsight.diagnose(model, (x, torch.zeros(4, 2)), nn.functional.mse_loss)
+
+
+def test_no_reference_cycles_from_double_backward() -> None:
+    """Curvature products build graphs of graphs (create_graph=True); none may outlive
+    diagnose() through a reference cycle that only the garbage collector could break."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    batch = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    gradsight.diagnose(model, batch, nn.functional.cross_entropy)  # warm-up imports
+    gc.collect()
+    gc.disable()
+    try:
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gradsight.diagnose(model, batch, nn.functional.cross_entropy)
+        gc.collect()
+        cyclic_tensors = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic_tensors == []

@@ -212,21 +212,22 @@ def _split_halves(batch: Any) -> tuple[Any, Any] | None:
     if n < 8:
         return None
     half = n // 2
-
-    def take(obj: Any, sl: slice) -> Any:
-        if isinstance(obj, torch.Tensor):
-            return obj[sl] if obj.ndim > 0 else obj
-        if isinstance(obj, Mapping):
-            return {k: take(v, sl) for k, v in obj.items()}
-        if isinstance(obj, (tuple, list)):
-            return type(obj)(take(v, sl) for v in obj)
-        return obj
-
     first, second = slice(0, half), slice(half, n)
-    return (take(inputs, first), take(targets, first)), (
-        take(inputs, second),
-        take(targets, second),
+    return (
+        (_take(inputs, first), _take(targets, first)),
+        (_take(inputs, second), _take(targets, second)),
     )
+
+
+def _take(obj: Any, rows: slice) -> Any:
+    """``obj`` with every tensor in it (nested tuples, lists, dicts) sliced to ``rows``."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows] if obj.ndim > 0 else obj
+    if isinstance(obj, Mapping):
+        return {k: _take(v, rows) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_take(v, rows) for v in obj)
+    return obj
 
 
 def _leaves(obj: Any) -> list[torch.Tensor]:

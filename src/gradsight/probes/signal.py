@@ -331,6 +331,24 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in nested tuples, lists and dicts.
+
+    A module-level function on purpose: a recursive closure refers to itself through
+    its cell, a reference cycle that would keep the views it made (and the activations
+    they share storage with) alive until the garbage collector runs.
+    """
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_tensors(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def _differentiable(t: torch.Tensor) -> bool:
     return t.requires_grad and (t.is_floating_point() or t.is_complex())
 
@@ -729,26 +747,18 @@ class SignalProbe:
             # One view per distinct tensor keeps `query is key`-style checks intact.
             views: dict[int, torch.Tensor] = {}
 
-            def wrap(obj: Any) -> Any:
-                if isinstance(obj, torch.Tensor):
-                    if not _differentiable(obj):
-                        return obj
-                    if id(obj) not in views:
-                        view = obj.view_as(obj)
-                        self._tensor_handles.append(view.register_hook(self._grad_hook(acc, "in")))
-                        views[id(obj)] = view
-                    return views[id(obj)]
-                if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-                    return tuple(wrap(o) for o in obj)
-                if isinstance(obj, list):
-                    return [wrap(o) for o in obj]
-                if isinstance(obj, dict):
-                    return {k: wrap(v) for k, v in obj.items()}
-                return obj
+            def view_of(t: torch.Tensor) -> torch.Tensor:
+                if not _differentiable(t):
+                    return t
+                if id(t) not in views:
+                    view = t.view_as(t)
+                    self._tensor_handles.append(view.register_hook(self._grad_hook(acc, "in")))
+                    views[id(t)] = view
+                return views[id(t)]
 
             if not any(_differentiable(t) for t in _tensors((args, kwargs))):
                 return None
-            return wrap(args), wrap(kwargs)
+            return _map_tensors(args, view_of), _map_tensors(kwargs, view_of)
 
         return hook
 
