@@ -27,7 +27,7 @@ from torch import nn
 from gradsight._errors import GradsightError
 from gradsight.data import load_digits
 from gradsight.demo.models import mlp
-from gradsight.demo.train import TrainResult, evaluate
+from gradsight.demo.train import TrainResult, train
 from gradsight.diagnosis import Diagnosis, diagnose
 from gradsight.monitor import Monitor
 
@@ -111,16 +111,16 @@ def run_demo(
             with Monitor(
                 model, logdir=run / arm.key, optimizer=opt, name=arm.title, diagnose_at_close=False
             ) as mon:
-                history = _train_monitored(
+                history = train(
                     model,
                     opt,
-                    mon,
                     train_data,
                     test_data,
                     epochs=n_epochs,
                     seed=seed,
                     label=arm.key,
                     progress=progress,
+                    monitor=mon,
                 )
             model.train()
             d = diagnose(model, diag_batch, nn.functional.cross_entropy, lr=arm.lr)
@@ -167,45 +167,6 @@ def run_demo(
     else:
         console.print(f"Report: {path}", highlight=False, soft_wrap=True)
     return run
-
-
-def _train_monitored(
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    mon: Monitor,
-    train_data: tuple[torch.Tensor, torch.Tensor],
-    test_data: tuple[torch.Tensor, torch.Tensor],
-    *,
-    epochs: int,
-    seed: int,
-    label: str,
-    progress: Progress,
-    batch_size: int = 32,
-) -> TrainResult:
-    """The loop of :func:`gradsight.demo.train.train` (same batches, same numbers), with
-    ``mon.step(loss)`` after each backward and the epoch's loss and accuracy logged."""
-    x, y = train_data
-    gen = torch.Generator().manual_seed(seed)
-    result = TrainResult()
-    task = progress.add_task(label, total=epochs, info="")
-    for _ in range(epochs):
-        model.train()
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = perm[i : i + batch_size]
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            mon.step(loss)
-            opt.step()
-        model.eval()
-        loss_all, _ = evaluate(model, x, y)
-        _, acc = evaluate(model, *test_data)
-        result.train_loss.append(loss_all)
-        result.test_accuracy.append(acc)
-        mon.log({"train_loss_full": loss_all, "test_accuracy": acc})
-        progress.update(task, advance=1, info=f"loss {loss_all:.3f}  test acc {acc:.1%}")
-    return result
 
 
 def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:

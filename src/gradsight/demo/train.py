@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-__all__ = ["TrainResult", "train"]
+if TYPE_CHECKING:
+    from gradsight.monitor import Monitor
+
+__all__ = ["TrainResult", "evaluate", "train"]
 
 
 @dataclass
@@ -31,7 +34,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def train(
     model: nn.Module,
-    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+    optimizer: torch.optim.Optimizer,
     train_data: tuple[torch.Tensor, torch.Tensor],
     test_data: tuple[torch.Tensor, torch.Tensor],
     *,
@@ -40,10 +43,14 @@ def train(
     seed: int = 0,
     label: str = "training",
     progress: Progress | None = None,
+    monitor: Monitor | None = None,
 ) -> TrainResult:
-    """Train ``model`` with cross-entropy for ``epochs`` epochs of shuffled minibatches."""
+    """Train ``model`` with cross-entropy for ``epochs`` epochs of shuffled minibatches.
+
+    With a ``monitor``, ``monitor.step(loss)`` follows each backward pass and each epoch's
+    full training loss and held-out accuracy are logged to it.
+    """
     x, y = train_data
-    opt = make_optimizer(model)
     gen = torch.Generator().manual_seed(seed)
     result = TrainResult()
     own = progress is None
@@ -62,15 +69,20 @@ def train(
             perm = torch.randperm(len(x), generator=gen)
             for i in range(0, len(x), batch_size):
                 idx = perm[i : i + batch_size]
-                opt.zero_grad()
-                nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
+                optimizer.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                if monitor is not None:
+                    monitor.step(loss)
+                optimizer.step()
             model.eval()
-            loss, _ = evaluate(model, x, y)
+            loss_all, _ = evaluate(model, x, y)
             _, acc = evaluate(model, *test_data)
-            result.train_loss.append(loss)
+            result.train_loss.append(loss_all)
             result.test_accuracy.append(acc)
-            bar.update(task, advance=1, info=f"loss {loss:.3f}  test acc {acc:.1%}")
+            if monitor is not None:
+                monitor.log({"train_loss_full": loss_all, "test_accuracy": acc})
+            bar.update(task, advance=1, info=f"loss {loss_all:.3f}  test acc {acc:.1%}")
     finally:
         if own:
             bar.stop()
