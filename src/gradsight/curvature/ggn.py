@@ -20,7 +20,7 @@ double-vjp trick (``J v = ∂(Jᵀu · v)/∂u`` with a dummy ``u``), then ``H_o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -36,6 +36,35 @@ from gradsight.curvature.hessian import _double_backward
 __all__ = ["GGNOperator", "output_hessian"]
 
 OutputHessian = Callable[[torch.Tensor], torch.Tensor]
+
+
+def jacobian_transpose_graph(
+    outputs: torch.Tensor, tensors: Sequence[torch.Tensor], output_gradient: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[int]]:
+    """The block's flat gradient Jᵀ(∂L/∂z), and the graph of Jᵀu for a dummy u.
+
+    Differentiating Jᵀu with respect to u along v gives Jv (the double-backward trick),
+    so one graph serves every product Jᵀ H_out J v.
+
+    Returns:
+        ``(gradient, u, Jᵀu per tensor, indices of the tensors z depends on)``.
+    """
+    grads = torch.autograd.grad(
+        outputs, tensors, output_gradient, retain_graph=True, allow_unused=True
+    )
+    gradient = torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).flatten()
+            for g, p in zip(grads, tensors, strict=True)
+        ]
+    )
+    dummy = torch.zeros_like(outputs, requires_grad=True)
+    jt = torch.autograd.grad(outputs, tensors, dummy, create_graph=True, allow_unused=True)
+    jt_dummy = [
+        j if j is not None else torch.zeros_like(p) for j, p in zip(jt, tensors, strict=True)
+    ]
+    live = [i for i, j in enumerate(jt_dummy) if j.requires_grad]
+    return gradient, dummy, jt_dummy, live
 
 
 class GGNOperator(CurvatureOperator):
@@ -91,25 +120,9 @@ class GGNOperator(CurvatureOperator):
                 "the loss is computed from, or use kind='hessian'."
             )
         (dloss_dout,) = torch.autograd.grad(loss, outputs, retain_graph=True)
-        grads = torch.autograd.grad(
-            outputs, tensors, dloss_dout, retain_graph=True, allow_unused=True
+        gradient, self._dummy, self._jt_dummy, self._live = jacobian_transpose_graph(
+            outputs, tensors, dloss_dout
         )
-        gradient = torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).flatten()
-                for g, p in zip(grads, tensors, strict=True)
-            ]
-        )
-        dummy = torch.zeros_like(outputs, requires_grad=True)
-        jt_dummy = torch.autograd.grad(
-            outputs, tensors, dummy, create_graph=True, allow_unused=True
-        )
-        self._jt_dummy = [
-            j if j is not None else torch.zeros_like(p)
-            for j, p in zip(jt_dummy, tensors, strict=True)
-        ]
-        self._live = [i for i, j in enumerate(self._jt_dummy) if j.requires_grad]
-        self._dummy = dummy
         self._outputs = outputs
         with frozen_rng(rng_state, device):
             self._h_out = output_hessian(

@@ -22,6 +22,7 @@ import torch
 
 from gradsight._errors import GradsightError
 from gradsight.curvature import CurvatureOperator
+from gradsight.curvature.ggn import jacobian_transpose_graph
 from gradsight.curvature.hessian import _double_backward
 
 __all__ = ["ClosureGGN"]
@@ -62,25 +63,9 @@ class ClosureGGN(CurvatureOperator):
     ) -> None:
         tensors = list(params)
         (g_out,) = torch.autograd.grad(loss, outputs, create_graph=True)
-        grads = torch.autograd.grad(
-            outputs, tensors, g_out.detach(), retain_graph=True, allow_unused=True
+        gradient, self._dummy, self._jt_dummy, self._live = jacobian_transpose_graph(
+            outputs, tensors, g_out.detach()
         )
-        gradient = torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).flatten()
-                for g, p in zip(grads, tensors, strict=True)
-            ]
-        )
-        dummy = torch.zeros_like(outputs, requires_grad=True)
-        jt_dummy = torch.autograd.grad(
-            outputs, tensors, dummy, create_graph=True, allow_unused=True
-        )
-        self._jt_dummy = [
-            j if j is not None else torch.zeros_like(p)
-            for j, p in zip(jt_dummy, tensors, strict=True)
-        ]
-        self._live = [i for i, j in enumerate(self._jt_dummy) if j.requires_grad]
-        self._dummy = dummy
         self._outputs = outputs
         self._g_out = g_out
         self._loss_is_quadratic_free = not g_out.requires_grad  # loss linear in z: H_out = 0
