@@ -8,7 +8,7 @@ The block is returned in the model's own parameter order, each parameter once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from gradsight._batch import call_model, compute_loss, trainable_parameters
+from gradsight._batch import compute_loss, trainable_parameters
 from gradsight._errors import GradsightError
 
 __all__ = ["ParamsSpec", "forward_loss", "frozen_rng", "resolve_params"]
@@ -122,14 +122,3 @@ def forward_loss(
     """
     with frozen_rng(rng_state, device):
         return compute_loss(_WithBufferCopies(model), batch, loss_fn)
-
-
-def call_functional(
-    model: nn.Module,
-    tensors: Mapping[str, torch.Tensor],
-    inputs: Any,
-) -> Any:
-    """``model`` on ``inputs`` (batch convention) with ``tensors`` swapped in by name."""
-    swapped = _WithBufferCopies(model)
-    swapped.copies.update(tensors)
-    return call_model(swapped, inputs)
