@@ -818,16 +818,7 @@ class SignalProbe:
     def _lean_post_hook(self, acc: _ModuleAccumulator) -> Callable[[nn.Module, Any, Any], None]:
         # The hot path of the lean mode: one Python call and one tensor hook per call.
         order = self._order
-        norms, grads = acc.out_norms, acc.out_grads
-        norm = torch.linalg.vector_norm
-
-        def grad_hook(grad: torch.Tensor) -> None:
-            if self._active:
-                if grad.numel() <= _DEFER_NUMEL:
-                    grads.append(grad)
-                else:
-                    with torch.no_grad():
-                        norms.append(norm(grad))
+        grad_hook = self._deferred_norm_hook(acc.out_norms, acc.out_grads)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active or not torch.is_grad_enabled():  # e.g. an evaluation pass
@@ -847,10 +838,26 @@ class SignalProbe:
 
         return hook
 
+    def _deferred_norm_hook(
+        self, norms: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> Callable[[torch.Tensor], None]:
+        """A tensor hook for the lean mode: small gradients are kept for one multi-tensor
+        norm at collect(), large ones reduced at once (keeping them would cost memory)."""
+        norm = torch.linalg.vector_norm
+
+        def grad_hook(grad: torch.Tensor) -> None:
+            if self._active:
+                if grad.numel() <= _DEFER_NUMEL:
+                    grads.append(grad)
+                else:
+                    with torch.no_grad():
+                        norms.append(norm(grad))
+
+        return grad_hook
+
     def _activation_hook(self, act: _ModuleActivation) -> Callable[[nn.Module, Any, Any], None]:
         samples = self.activation_samples
         entries = self.activation_entries
-        norm = torch.linalg.vector_norm
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             owner = self._pending_owner
@@ -867,17 +874,9 @@ class SignalProbe:
                     _reduce_pending([owner])
                 owner.pending = (act, t)  # read under no_grad in _reduce_pending
             if output.requires_grad:
-                out_norms, out_grads = owner.act_out_norms, owner.act_out_grads
-
-                def grad_hook(grad: torch.Tensor) -> None:
-                    if self._active:
-                        if grad.numel() <= _DEFER_NUMEL:
-                            out_grads.append(grad)
-                        else:
-                            with torch.no_grad():
-                                out_norms.append(norm(grad))
-
-                output.register_hook(grad_hook)
+                output.register_hook(
+                    self._deferred_norm_hook(owner.act_out_norms, owner.act_out_grads)
+                )
 
         return hook
 
