@@ -41,35 +41,12 @@ VARIANTS = ("loop", "loop+monitor", "lightning", "lightning+gradsight")
 
 
 def case(name: str) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]:
-    """The cases of benchmarks/monitor.py: model factory and one fixed batch."""
-    from gradsight.data import load_digits
-    from gradsight.demo.models import mlp
+    """The cases of benchmarks/monitor.py (the same models and batches), so that the
+    overheads of the two tables compare."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from monitor import case as monitor_case
 
-    if name == "mlp-sigmoid":
-        (x, y), _ = load_digits()
-        return lambda: mlp(10, 256, activation="sigmoid", init="xavier"), x[:256], y[:256]
-
-    def small_cnn() -> nn.Sequential:
-        return nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4),
-            nn.Flatten(),
-            nn.Linear(64 * 16, 128),
-            nn.ReLU(),
-            nn.Linear(128, 10),
-        )
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(64, 3, 32, 32, generator=gen)
-    y = torch.randint(0, 10, (64,), generator=gen)
-    return small_cnn, x, y
+    return monitor_case(name)
 
 
 class LoopRunner:
