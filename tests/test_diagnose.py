@@ -10,27 +10,16 @@ from torch import nn
 
 import gradsight
 from gradsight import GradsightError, diagnose
+from gradsight.demo.cases import train_sgd
 from gradsight.demo.models import mlp
 
 ce = nn.functional.cross_entropy
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 32):
-            idx = perm[i : i + 32]
-            opt.zero_grad()
-            ce(model(x[idx]), y[idx]).backward()
-            opt.step()
-
-
 def test_sigmoid_mlp_early_layers_vanish_and_reason_names_the_chain(digits) -> None:
     (x, y), _ = digits
     model = mlp(10, 64, activation="sigmoid", init="xavier")
-    _train(model, x, y, epochs=3, lr=0.1)
+    train_sgd(model, x, y, epochs=3, lr=0.1)
     d = diagnose(model, (x[:512], y[:512]), ce, lr=0.1)
     assert d.status == "vanishing"
     assert d.plateau
@@ -46,7 +35,7 @@ def test_sigmoid_mlp_early_layers_vanish_and_reason_names_the_chain(digits) -> N
 def test_relu_he_mlp_has_no_vanishing_layer(digits) -> None:
     (x, y), _ = digits
     model = mlp(10, 64, activation="relu", init="he")
-    _train(model, x, y, epochs=3, lr=0.05)
+    train_sgd(model, x, y, epochs=3, lr=0.05)
     d = diagnose(model, (x[:512], y[:512]), ce)
     assert not {layer.status for layer in d.layers} & {"vanishing", "exploding", "dead"}
     assert d.first_last_grad_ratio is not None and d.first_last_grad_ratio > 1e-2

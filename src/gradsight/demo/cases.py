@@ -19,7 +19,7 @@ from torch import nn
 from gradsight.data import load_digits
 from gradsight.demo.models import mlp
 
-__all__ = ["REFERENCE_CASES", "Built", "ReferenceCase", "naive_status"]
+__all__ = ["REFERENCE_CASES", "Built", "ReferenceCase", "naive_status", "train_sgd"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -68,8 +68,10 @@ def _scaled(loss_fn: LossFn, c: float) -> LossFn:
     return scaled
 
 
-def _train_sgd(model: nn.Module, epochs: int, lr: float) -> None:
-    (x, y), _ = load_digits()
+def train_sgd(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float
+) -> None:
+    """Plain SGD on cross-entropy, minibatches of 32 in a seeded order (the RNG untouched)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(0)
     for _ in range(epochs):
@@ -84,12 +86,12 @@ def _train_sgd(model: nn.Module, epochs: int, lr: float) -> None:
 
 def _digits_mlp(activation: str, epochs: int, lr: float, scale: float = 1.0) -> Callable[[], Built]:
     def build() -> Built:
+        (x, y), _ = load_digits()
         with torch.random.fork_rng():
             torch.manual_seed(0)
             init = "he" if activation == "relu" else "xavier"
             model = mlp(10, 64, activation=activation, init=init)
-            _train_sgd(model, epochs, lr)
-        (x, y), _ = load_digits()
+            train_sgd(model, x, y, epochs=epochs, lr=lr)
         return Built(model, (x[:512], y[:512]), _scaled(nn.functional.cross_entropy, scale))
 
     return build
