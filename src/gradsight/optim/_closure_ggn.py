@@ -37,6 +37,9 @@ class ClosureGGN(CurvatureOperator):
         params: the parameters (the block), in the order vectors are laid out.
         names: their names (for messages); defaults to ``"0"``, ``"1"``, ….
         max_batch: most vectors multiplied in one vmapped pass.
+        lazy: build the graph of ``Jᵀu`` on the first product instead of at once (the
+            gradient then comes from a plain backward pass); for a caller that may need
+            only the gradient and ``H_out``, as the optimizer between model-based steps.
 
     Attributes:
         output_gradient: ``∂L/∂z`` (detached).
@@ -60,12 +63,27 @@ class ClosureGGN(CurvatureOperator):
         params: Sequence[torch.Tensor],
         names: list[str] | None = None,
         max_batch: int = 64,
+        *,
+        lazy: bool = False,
     ) -> None:
         tensors = list(params)
         (g_out,) = torch.autograd.grad(loss, outputs, create_graph=True)
-        gradient, self._dummy, self._jt_dummy, self._live = jacobian_transpose_graph(
-            outputs, tensors, g_out.detach()
-        )
+        self._jt: tuple[torch.Tensor, list[torch.Tensor], list[int]] | None = None
+        if lazy:
+            grads = torch.autograd.grad(
+                outputs, tensors, g_out.detach(), retain_graph=True, allow_unused=True
+            )
+            gradient = torch.cat(
+                [
+                    (g if g is not None else torch.zeros_like(p)).flatten()
+                    for g, p in zip(grads, tensors, strict=True)
+                ]
+            )
+        else:
+            gradient, dummy, jt_dummy, live = jacobian_transpose_graph(
+                outputs, tensors, g_out.detach()
+            )
+            self._jt = (dummy, jt_dummy, live)
         self._outputs = outputs
         self._g_out = g_out
         self._loss_is_quadratic_free = not g_out.requires_grad  # loss linear in z: H_out = 0
@@ -85,9 +103,15 @@ class ClosureGGN(CurvatureOperator):
         return _double_backward([self._g_out], [0], [self._outputs], [w])[0]
 
     def _matmat(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-        if not self._live:
+        if self._jt is None:
+            _, dummy, jt_dummy, live = jacobian_transpose_graph(
+                self._outputs, self._params, self.output_gradient
+            )
+            self._jt = (dummy, jt_dummy, live)
+        dummy, jt_dummy, live = self._jt
+        if not live:
             return [torch.zeros_like(v) for v in vectors]
-        (jv,) = _double_backward(self._jt_dummy, self._live, [self._dummy], vectors)
+        (jv,) = _double_backward(jt_dummy, live, [dummy], vectors)
         return _double_backward([self._outputs], [0], self._params, [self.output_hessian(jv)])
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KroneckerFactors", "damped_inverse"]
+__all__ = ["KroneckerFactors", "damped_inverse", "damped_inverses"]
 
 
 def damped_inverse(factor: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -51,6 +51,38 @@ def damped_inverse(factor: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.cholesky_inverse(chol)
 
 
+def damped_inverses(factors: list[torch.Tensor], gamma: float) -> list[torch.Tensor]:
+    """:func:`damped_inverse` of every factor, one batched factorization per size.
+
+    A network's layers mostly share a few factor sizes, so stacking them turns a dozen
+    small LAPACK calls (each with its own dispatch overhead) into two or three.
+
+    Example:
+        >>> import torch
+        >>> F = [torch.eye(2) * 4.0, torch.eye(3), torch.eye(2)]
+        >>> [round(float(inv[0, 0]), 3) for inv in damped_inverses(F, 1.0)]
+        [0.125, 0.5, 0.5]
+    """
+    out: list[torch.Tensor | None] = [None] * len(factors)
+    by_size: dict[int, list[int]] = {}
+    for i, f in enumerate(factors):
+        by_size.setdefault(f.shape[0], []).append(i)
+    for d, idx in by_size.items():
+        stack = torch.stack([factors[i] for i in idx])
+        scale = stack.diagonal(dim1=1, dim2=2).mean(dim=1)
+        eye = torch.eye(d, dtype=stack.dtype, device=stack.device)
+        damped = stack + (gamma * scale)[:, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(damped)
+        inv = torch.cholesky_inverse(chol)
+        bad = (info != 0) | ~(scale > 0)
+        if bool(bad.any()):  # rare: fall back one factor at a time
+            for j in bad.nonzero().flatten().tolist():
+                inv[j] = damped_inverse(factors[idx[j]], gamma)
+        for j, i in enumerate(idx):
+            out[i] = inv[j]
+    return [t for t in out if t is not None]
+
+
 @dataclass
 class KroneckerFactors:
     """Running averages of one linear layer's factors ``A = E[ããᵀ]`` and ``S = Σ eeᵀ``.
@@ -64,6 +96,8 @@ class KroneckerFactors:
     A: torch.Tensor
     S: torch.Tensor
     steps: int = 0
+    A_inv: torch.Tensor | None = None
+    S_inv: torch.Tensor | None = None
 
     def update(self, a: torch.Tensor, e: torch.Tensor, decay: float, bias: bool) -> None:
         """Average in one batch's inputs ``a`` ``(n, d_in)`` and signals ``e`` ``(n, d_out)``.
@@ -86,10 +120,16 @@ class KroneckerFactors:
         gamma: float,
         gamma_input: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``S⁻¹ [∇W ∇b] A⁻¹`` with relative damping ``γ`` (``γ_input`` for ``A``)."""
+        """``S⁻¹ [∇W ∇b] A⁻¹`` with relative damping ``γ`` (``γ_input`` for ``A``).
+
+        Uses the inverses stored in ``S_inv`` and ``A_inv`` when present (refreshed by the
+        optimizer every few steps), else computes them from the current factors.
+        """
         g = grad_w if grad_b is None else torch.cat([grad_w, grad_b[:, None]], dim=1)
         gamma_a = gamma if gamma_input is None else gamma_input
-        d = damped_inverse(self.S, gamma) @ g @ damped_inverse(self.A, gamma_a)
+        s_inv = self.S_inv if self.S_inv is not None else damped_inverse(self.S, gamma)
+        a_inv = self.A_inv if self.A_inv is not None else damped_inverse(self.A, gamma_a)
+        d = s_inv @ g @ a_inv
         if grad_b is None:
             return d, None
         return d[:, :-1].contiguous(), d[:, -1].contiguous()
