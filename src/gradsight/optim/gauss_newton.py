@@ -149,6 +149,9 @@ class GaussNewton(torch.optim.Optimizer):
         factor_decay: running-average decay of the factors.
         update_every: refresh the factors and their inverses every ``update_every`` steps.
         warmup: refresh them at every one of the first ``warmup`` steps.
+        exact_outputs: compute the output factors exactly (one batched backward pass
+            over the output basis) for models with at most this many outputs per
+            sample; above, from one random probe per sample with covariance ``H_out``.
         step_size: ``"fixed"`` or ``"model"`` (see the module documentation).
         damping: model mode: initial Levenberg–Marquardt ``λ`` (dimensionless).
         per_layer: model mode: one step size (and momentum) per layer instead of shared.
@@ -182,6 +185,7 @@ class GaussNewton(torch.optim.Optimizer):
         factor_decay: float = 0.95,
         update_every: int = 10,
         warmup: int = 10,
+        exact_outputs: int = 32,
         step_size: str = "fixed",
         damping: float = 1e-2,
         per_layer: bool = False,
@@ -222,6 +226,7 @@ class GaussNewton(torch.optim.Optimizer):
         self.factor_decay = float(factor_decay)
         self.update_every = update_every
         self.warmup = warmup
+        self.exact_outputs = int(exact_outputs)
         self.step_size = step_size
         self.per_layer = per_layer
         self.adapt_every = int(adapt_every)
@@ -329,40 +334,83 @@ class GaussNewton(torch.optim.Optimizer):
     def _update_factors(
         self, op: ClosureGGN, outputs: torch.Tensor, captured: dict, retain: bool
     ) -> None:
-        """Average in this batch's factors, then recompute every inverse."""
+        """Average in this batch's factors, then recompute every inverse.
+
+        The output factor is exact when the model has at most ``exact_outputs`` outputs
+        per sample: with ``B_j = ∂z_j/∂s`` from one batched backward pass over the output
+        basis, ``S = Σₙ Σ_jk B_nj (H_n)_jk B_nkᵀ`` uses the output Hessian ``H_n`` itself
+        (no sampling noise). Otherwise, and for the diagonal of other blocks, one backward
+        pass of a probe whose covariance is ``H_n`` gives an unbiased estimate.
+        """
         blocks = self._blocks
         linear = [i for i, b in enumerate(blocks) if b.linear and i in captured["inputs"]]
         others = [i for i, b in enumerate(blocks) if not b.linear]
-        with torch.no_grad():
-            probe = self._output_probe(op, outputs)
         raw = [captured["linear_out"][i] for i in linear]
         flat_out = [o for group in raw for o in group]
         other_params = [p for i in others for p in blocks[i].params]
-        signals = torch.autograd.grad(
-            outputs,
-            flat_out + other_params,
-            probe,
-            retain_graph=retain,
-            allow_unused=True,
+        n = outputs.shape[0] if outputs.ndim else 0
+        exact = (
+            outputs.ndim == 2
+            and outputs.shape[1] <= self.exact_outputs
+            and all(o.ndim >= 2 and o.shape[0] == n for o in flat_out)
         )
+        out_factors: list[torch.Tensor] = []
+        if exact and flat_out:
+            c = outputs.shape[1]
+            eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device)
+            basis = eye[:, None, :].expand(c, n, c).contiguous()
+            with torch.no_grad():
+                hb = op.output_hessian(basis)  # hb[j, n, k] = (H_n)_kj
+                hb = 0.5 * (hb + hb.permute(2, 1, 0))
+            jac = torch.autograd.grad(
+                outputs,
+                flat_out,
+                basis,
+                retain_graph=retain or bool(other_params),
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+            for j, o in zip(jac, flat_out, strict=True):
+                if j is None:
+                    out_factors.append(torch.zeros(o.shape[-1], o.shape[-1], dtype=o.dtype))
+                    continue
+                j = j.detach()
+                weighted = torch.einsum("jnk,kn...->jn...", hb, j)
+                f = j.reshape(-1, o.shape[-1]).T @ weighted.reshape(-1, o.shape[-1])
+                out_factors.append(0.5 * (f + f.T))
+        probe_targets = ([] if exact else flat_out) + other_params
+        signals: tuple[torch.Tensor | None, ...] = ()
+        if probe_targets:
+            with torch.no_grad():
+                probe = self._output_probe(op, outputs)
+            signals = torch.autograd.grad(
+                outputs, probe_targets, probe, retain_graph=retain, allow_unused=True
+            )
         k = 0
         for i, group in zip(linear, raw, strict=True):
             b = blocks[i]
-            parts = [
-                (s if s is not None else torch.zeros_like(t)).reshape(-1, t.shape[-1])
-                for s, t in zip(signals[k : k + len(group)], group, strict=True)
-            ]
-            k += len(group)
-            e = torch.cat(parts).detach()
             a = torch.cat(captured["inputs"][i])
+            if exact:
+                s_batch = torch.stack(out_factors[k : k + len(group)]).sum(dim=0)
+            else:
+                parts = [
+                    (s if s is not None else torch.zeros_like(t)).reshape(-1, t.shape[-1])
+                    for s, t in zip(signals[k : k + len(group)], group, strict=True)
+                ]
+                e = torch.cat(parts).detach()
+                s_batch = e.T @ e
+            k += len(group)
             has_bias = len(b.params) == 2
             if b.factors is None:
                 d_in = a.shape[1] + int(has_bias)
+                d_out = s_batch.shape[0]
                 b.factors = KroneckerFactors(
                     torch.zeros(d_in, d_in, dtype=a.dtype, device=a.device),
-                    torch.zeros(e.shape[1], e.shape[1], dtype=a.dtype, device=a.device),
+                    torch.zeros(d_out, d_out, dtype=a.dtype, device=a.device),
                 )
-            b.factors.update(a, e, self.factor_decay, has_bias)
+            b.factors.update(a, s_batch, self.factor_decay, has_bias)
+        if exact:
+            k = 0
         for i in others:  # diagonal GGN: E[(Jᵀ H^½ ε)²] is diag(Jᵀ H J)
             b = blocks[i]
             sq = [
@@ -399,22 +447,25 @@ class GaussNewton(torch.optim.Optimizer):
         eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device)
         basis = eye[:, None, :].expand(c, n, c).contiguous()
         hb = op.output_hessian(basis)  # hb[j, n, :] = H_n e_j
-        h = hb.permute(1, 2, 0)
+        h = hb.permute(1, 2, 0).double()  # float64: H_n is often near singular
         h = 0.5 * (h + h.transpose(1, 2))
         eps = torch.randn(n, c, 1, generator=self._generator, dtype=torch.float64)
-        eps = eps.to(dtype=outputs.dtype, device=outputs.device)
+        eps = eps.to(device=outputs.device)
         # A Cholesky factor L (L Lᵀ = H_n) is a square root as good as the symmetric one
         # for the covariance and ~10× cheaper than eigh for many tiny matrices. H_n is
-        # often singular (softmax: rank C − 1), so a jitter of 1e-5 of its mean
-        # eigenvalue makes it definite; it changes the covariance far less than the
-        # sampling noise does. Indefinite or non-finite blocks fall back to eigh.
-        jitter = 1e-5 * h.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(0.0)
-        chol, info = torch.linalg.cholesky_ex(h + jitter[:, None, None] * eye)
-        if not bool((info == 0).all()):
-            evals, evecs = torch.linalg.eigh(h)
+        # often singular (softmax: rank C − 1) and, computed in float32, off by ~1e-7 of
+        # its largest entry; a jitter of 100 rounding units of that entry makes it
+        # definite and changes the covariance far less than the sampling noise does.
+        # Indefinite or non-finite blocks fall back to eigh.
+        unit = 100.0 * torch.finfo(outputs.dtype).eps
+        jitter = unit * h.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(1e-30)
+        chol, info = torch.linalg.cholesky_ex(h + jitter[:, None, None] * eye.double())
+        bad = info != 0
+        if bool(bad.any()):
+            evals, evecs = torch.linalg.eigh(h[bad])
             root = evecs * evals.clamp_min(0.0).sqrt()[:, None, :]
-            return (root @ (evecs.transpose(1, 2) @ eps)).squeeze(2)
-        return (chol @ eps).squeeze(2)
+            chol[bad] = root @ evecs.transpose(1, 2)
+        return (chol @ eps).squeeze(2).to(outputs.dtype)
 
     def _directions(self, grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Per block, minus its damped Gauss-Newton-preconditioned gradient."""

@@ -99,18 +99,18 @@ class KroneckerFactors:
     A_inv: torch.Tensor | None = None
     S_inv: torch.Tensor | None = None
 
-    def update(self, a: torch.Tensor, e: torch.Tensor, decay: float, bias: bool) -> None:
-        """Average in one batch's inputs ``a`` ``(n, d_in)`` and signals ``e`` ``(n, d_out)``.
+    def update(self, a: torch.Tensor, s: torch.Tensor, decay: float, bias: bool) -> None:
+        """Average in one batch's inputs ``a`` ``(n, d_in)`` and output factor ``s``.
 
-        Uses ``min(decay, 1 − 1/(steps + 1))`` so that early estimates are plain means.
+        ``s`` is the batch's ``Σₙ eₙeₙᵀ`` ``(d_out, d_out)``. Uses
+        ``min(decay, 1 − 1/(steps + 1))`` so that early estimates are plain means.
         """
         if bias:
             a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
         A = a.T @ a / a.shape[0]
-        S = e.T @ e
         rho = min(decay, 1.0 - 1.0 / (self.steps + 1))
         self.A.mul_(rho).add_(A, alpha=1.0 - rho)
-        self.S.mul_(rho).add_(S, alpha=1.0 - rho)
+        self.S.mul_(rho).add_(s, alpha=1.0 - rho)
         self.steps += 1
 
     def precondition(
