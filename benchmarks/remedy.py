@@ -14,6 +14,7 @@ baseline.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import subprocess
 import sys
@@ -75,7 +76,11 @@ def run(
 def diagnosis_line(model: nn.Module, when: str) -> str:
     (x, y), _ = load_digits()
     d = gradsight.diagnose(model, (x[:512], y[:512]), nn.CrossEntropyLoss(), lr=0.1)
-    steps = [la.optimal_step for la in d.layers if la.optimal_step]
+    steps = [
+        la.optimal_step
+        for la in d.layers
+        if la.optimal_step is not None and math.isfinite(la.optimal_step) and la.optimal_step > 0
+    ]
     statuses = ", ".join(f"{la.name}:{la.status}" for la in d.layers)
     span = (
         f"; curvature-optimal steps span {min(steps):.3g} … {max(steps):.3g} "

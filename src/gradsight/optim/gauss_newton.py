@@ -297,7 +297,10 @@ class GaussNewton(torch.optim.Optimizer):
                 loss = check_closure_loss(closure())
             with _explain_freed_graph():
                 raw = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(raw, params)]
+            grads = [
+                g if g is not None else torch.zeros_like(p)
+                for g, p in zip(raw, params, strict=True)
+            ]
         for p, g in zip(params, grads, strict=True):
             p.grad = g
         value = float(loss.detach())
@@ -424,14 +427,13 @@ class GaussNewton(torch.optim.Optimizer):
             torch._foreach_mul_(b.diagonal, rho)
             torch._foreach_add_(b.diagonal, sq, alpha=1.0 - rho)
             b.diagonal_steps += 1
-        with_factors = [blocks[i].factors for i in linear]
-        if with_factors:
+        kfs = [kf for i in linear if (kf := blocks[i].factors) is not None]
+        if kfs:
             gamma_a = self.factor_damping if self.input_damping is None else self.input_damping
-            s_inv = damped_inverses([f.S for f in with_factors if f], self.factor_damping)
-            a_inv = damped_inverses([f.A for f in with_factors if f], gamma_a)
-            for f, si, ai in zip(with_factors, s_inv, a_inv, strict=True):
-                if f is not None:
-                    f.S_inv, f.A_inv = si, ai
+            s_inv = damped_inverses([kf.S for kf in kfs], self.factor_damping)
+            a_inv = damped_inverses([kf.A for kf in kfs], gamma_a)
+            for kf, si, ai in zip(kfs, s_inv, a_inv, strict=True):
+                kf.S_inv, kf.A_inv = si, ai
 
     def _output_probe(self, op: ClosureGGN, outputs: torch.Tensor) -> torch.Tensor:
         """A random output-space vector with covariance ``H_out`` (per sample, exactly).
@@ -484,7 +486,9 @@ class GaussNewton(torch.optim.Optimizer):
                 count = sum(t.numel() for t in b.diagonal)
                 mean = float(sum(float(t.sum()) for t in b.diagonal)) / max(count, 1)
                 if mean > 0.0:
-                    out.append([-gi / (di + gamma * mean) for gi, di in zip(g, b.diagonal)])
+                    out.append(
+                        [-gi / (di + gamma * mean) for gi, di in zip(g, b.diagonal, strict=True)]
+                    )
                 else:  # no curvature reaches the block: nothing sets its scale
                     out.append([-t for t in g])
             else:
