@@ -29,7 +29,14 @@ def test_demo_quick_writes_a_new_run_each_time(tmp_path: Path, capsys) -> None:
     assert f"Report: {tmp_path / 'run-002' / 'report.html'}" in second
     report = (tmp_path / "run-001" / "report.html").read_text(encoding="utf-8")
     assert "Comparison" in report and "10-layer sigmoid MLP" in report
-    for arm in ("sigmoid-sgd", "relu-he-sgd"):
+    # The remedy's arm: a sigmoid MLP trained with gradsight.optim, diagnosed before and after.
+    remedy = json.loads((tmp_path / "run-001" / "sigmoid-gauss-newton.json").read_text())
+    assert remedy["arm"].endswith("gradsight.optim.GaussNewton")
+    assert remedy["diagnosis_before"]["layers"] and remedy["diagnosis"]["layers"]
+    assert remedy["test_accuracy"][-1] > 0.8  # SGD leaves this net at ~10%
+    assert "Before training" in first and "After training" in first
+    assert "GaussNewton" in report
+    for arm in ("sigmoid-sgd", "relu-he-sgd", "sigmoid-gauss-newton"):
         logdir = tmp_path / "run-001" / arm
         assert (logdir / "run.json").exists() and (logdir / "diagnosis.json").exists()
         assert list(logdir.glob("metrics-*.parquet"))

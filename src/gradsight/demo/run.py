@@ -1,14 +1,20 @@
 """``gradsight demo``: the seed's argument, run on the user's own machine.
 
-Two 10-layer MLPs on the built-in digits, trained with plain SGD for the same budget:
+Three MLPs on the built-in digits, trained for the same number of epochs:
 
-* sigmoid with Xavier init: stuck at the loss of a constant prediction (ln 10 ≈ 2.30);
-  its early layers are ``vanishing`` — the sigmoid derivative (≤ 0.25) shrinks the
-  backward signal about ×0.24 per layer;
-* ReLU with He init: the same depth learns (> 95% held-out accuracy), no layer vanishes.
+* 10-layer sigmoid with Xavier init, plain SGD: stuck at the loss of a constant
+  prediction (ln 10 ≈ 2.30); its early layers are ``vanishing`` — the sigmoid
+  derivative (≤ 0.25) shrinks the backward signal about ×0.24 per layer;
+* 10-layer ReLU with He init, plain SGD: the same depth learns (> 95% held-out
+  accuracy), no layer vanishes;
+* 6-layer sigmoid with Xavier init, trained with :class:`gradsight.optim.GaussNewton`
+  (per-layer Gauss-Newton steps): a sigmoid network that SGD leaves at chance at every
+  learning rate (``benchmarks/remedy.py``) learns once each layer gets the step its own
+  curvature calls for; its diagnosis is taken before and after training. (At 10 sigmoid
+  layers this optimizer does not escape the plateau either: see the benchmark.)
 
 Each arm's training is recorded by :class:`gradsight.Monitor` into ``run-NNN/<arm>/``,
-and one HTML report compares both (``run-NNN/report.html``).
+and one HTML report compares them (``run-NNN/report.html``).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from gradsight.demo.models import mlp
 from gradsight.demo.train import TrainResult, train
 from gradsight.diagnosis import Diagnosis, diagnose
 from gradsight.monitor import Monitor
+from gradsight.optim import make_optimizer
 
 __all__ = ["ARMS", "Arm", "run_demo"]
 
@@ -51,12 +58,28 @@ class Arm:
     title: str
     activation: str
     init: str
-    lr: float
+    lr: float | None  # SGD's learning rate; None: gradsight.optim.GaussNewton's defaults
+    depth: int = 10
+    every: int = 1  # Monitor's cheap tier every this many steps
+
+    @property
+    def gauss_newton(self) -> bool:
+        """Whether this arm trains with :class:`gradsight.optim.GaussNewton`."""
+        return self.lr is None
 
 
 ARMS = (
     Arm("sigmoid-sgd", "10-layer sigmoid MLP, Xavier init, SGD lr 0.1", "sigmoid", "xavier", 0.1),
     Arm("relu-he-sgd", "10-layer ReLU MLP, He init, SGD lr 0.1", "relu", "he", 0.1),
+    Arm(
+        "sigmoid-gauss-newton",
+        "6-layer sigmoid MLP, Xavier init, gradsight.optim.GaussNewton",
+        "sigmoid",
+        "xavier",
+        None,
+        depth=6,
+        every=2,  # its own backward passes run while the Monitor's hooks are off
+    ),
 )
 
 
@@ -96,7 +119,7 @@ def run_demo(
     run = new_run_dir(Path(out), console)
     # The diagnosis batch: a fixed slice of the training data, as a user would pass one.
     diag_batch = (train_data[0][:512], train_data[1][:512])
-    results: dict[str, tuple[TrainResult, Diagnosis]] = {}
+    results: dict[str, tuple[TrainResult, Diagnosis, Diagnosis | None]] = {}
     with Progress(
         TextColumn("{task.description:<22}"),
         BarColumn(),
@@ -106,10 +129,19 @@ def run_demo(
     ) as progress:
         for arm in ARMS:
             torch.manual_seed(seed)
-            model = mlp(10, width, activation=arm.activation, init=arm.init)
-            opt = _sgd(model, lr=arm.lr)
+            model = mlp(arm.depth, width, activation=arm.activation, init=arm.init)
+            opt = make_optimizer(model) if arm.gauss_newton else _sgd(model, lr=arm.lr or 0.1)
+            before = None
+            if arm.gauss_newton:  # the remedy's arm: what the tool said before training
+                before = diagnose(model, diag_batch, nn.functional.cross_entropy, lr=None)
+                before.to_html(run / f"{arm.key}-before.html")
             with Monitor(
-                model, logdir=run / arm.key, optimizer=opt, name=arm.title, diagnose_at_close=False
+                model,
+                logdir=run / arm.key,
+                optimizer=opt,
+                name=arm.title,
+                every=arm.every,
+                diagnose_at_close=False,
             ) as mon:
                 history = train(
                     model,
@@ -125,25 +157,29 @@ def run_demo(
             model.train()
             d = diagnose(model, diag_batch, nn.functional.cross_entropy, lr=arm.lr)
             mon.write_diagnosis(d)
-            results[arm.key] = (history, d)
-            (run / f"{arm.key}.json").write_text(
-                json.dumps(
-                    {
-                        "arm": arm.title,
-                        "epochs": n_epochs,
-                        "train_loss": history.train_loss,
-                        "test_accuracy": history.test_accuracy,
-                        "diagnosis": d.to_dict(),
-                    },
-                    indent=2,
-                ),
-                encoding="utf-8",
-            )
+            results[arm.key] = (history, d, before)
+            record = {
+                "arm": arm.title,
+                "epochs": n_epochs,
+                "train_loss": history.train_loss,
+                "test_accuracy": history.test_accuracy,
+                "diagnosis": d.to_dict(),
+            }
+            if before is not None:
+                record["diagnosis_before"] = before.to_dict()
+            (run / f"{arm.key}.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
             d.to_html(run / f"{arm.key}.html")
     summary_lines = []
     for arm in ARMS:
-        history, d = results[arm.key]
+        history, d, before = results[arm.key]
         console.rule(f"[bold]{arm.title}[/bold] — {n_epochs} epochs")
+        lines = []
+        if before is not None:
+            console.print("[bold]Before training[/bold]")
+            console.print(_rich_table(before))
+            console.print(before.summary, highlight=False)
+            lines += ["before training: " + before.summary]
+            console.print("[bold]After training[/bold]")
         console.print(_rich_table(d))
         ratio = d.first_last_grad_ratio
         line = (
@@ -155,13 +191,15 @@ def run_demo(
         )
         console.print(line)
         console.print(d.summary, highlight=False)
-        summary_lines += [f"== {arm.title}", line, d.summary, ""]
+        summary_lines += [f"== {arm.title}", *lines, line, d.summary, ""]
     (run / "summary.txt").write_text("\n".join(summary_lines), encoding="utf-8")
     console.print(f"\nWrote {run} (JSON and HTML per model, summary.txt, the recorded runs).")
     try:
         from gradsight.report import report
 
-        path = report(run, out=run / "report.html", title="gradsight demo: sigmoid vs ReLU")
+        path = report(
+            run, out=run / "report.html", title="gradsight demo: sigmoid vs ReLU vs Gauss-Newton"
+        )
     except GradsightError as exc:  # plotly missing: the rest of the demo still stands
         console.print(f"[yellow]No HTML report: {exc}[/yellow]")
     else:

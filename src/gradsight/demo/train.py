@@ -9,10 +9,12 @@ import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
+from gradsight.optim import GaussNewton
+
 if TYPE_CHECKING:
     from gradsight.monitor import Monitor
 
-__all__ = ["TrainResult", "evaluate", "train"]
+__all__ = ["TrainResult", "evaluate", "gauss_newton_step", "train"]
 
 
 @dataclass
@@ -48,7 +50,9 @@ def train(
     """Train ``model`` with cross-entropy for ``epochs`` epochs of shuffled minibatches.
 
     With a ``monitor``, ``monitor.step(loss)`` follows each backward pass and each epoch's
-    full training loss and held-out accuracy are logged to it.
+    full training loss and held-out accuracy are logged to it. A
+    :class:`gradsight.optim.GaussNewton` optimizer gets a closure (it differentiates the
+    loss itself); see :func:`gauss_newton_step` for how the monitor then measures.
     """
     x, y = train_data
     gen = torch.Generator().manual_seed(seed)
@@ -69,6 +73,9 @@ def train(
             perm = torch.randperm(len(x), generator=gen)
             for i in range(0, len(x), batch_size):
                 idx = perm[i : i + batch_size]
+                if isinstance(optimizer, GaussNewton):
+                    gauss_newton_step(model, optimizer, x[idx], y[idx], monitor)
+                    continue
                 optimizer.zero_grad()
                 loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
                 loss.backward()
@@ -87,3 +94,44 @@ def train(
         if own:
             bar.stop()
     return result
+
+
+def gauss_newton_step(
+    model: nn.Module,
+    optimizer: GaussNewton,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    monitor: Monitor | None = None,
+) -> torch.Tensor:
+    """One :class:`~gradsight.optim.GaussNewton` step, measured by ``monitor`` if given.
+
+    The optimizer runs several backward passes of its own on curvature-refresh steps
+    (gradient, output Hessian, the factors' signals). So that the monitor records the
+    signal flow of the loss's gradient and nothing else, a measured step first runs one
+    plain backward pass for the monitor, and the optimizer's passes happen while the
+    monitor's hooks are off (between measured steps). This needs ``monitor.every ≥ 2``.
+
+    Returns:
+        The batch's loss before the step (detached).
+    """
+
+    def closure() -> torch.Tensor:
+        return nn.functional.cross_entropy(model(inputs), targets)
+
+    if monitor is None:
+        return optimizer.step(closure)
+    if monitor.every < 2:
+        raise ValueError(
+            "a Monitor of a GaussNewton run needs every >= 2: its hooks must be off while "
+            "the optimizer runs its own backward passes."
+        )
+    if monitor.steps % monitor.every == 0:
+        optimizer.zero_grad()
+        loss = closure()
+        loss.backward()
+        monitor.step(loss)  # turns the hooks off for the optimizer's passes
+        optimizer.step(closure)
+        return loss.detach()
+    loss = optimizer.step(closure)  # hooks are off on an unmeasured step
+    monitor.step(loss)
+    return loss
