@@ -94,7 +94,11 @@ def diagnosis_line(model: nn.Module, when: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="short budget (under 10 min)")
-    ap.add_argument("--write", action="store_true", help="write benchmarks/results/remedy.md")
+    ap.add_argument(
+        "--write",
+        action="store_true",
+        help="write benchmarks/results/remedy.md (--quick) or remedy-full.md",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     base_epochs = 30 if args.quick else 200
@@ -159,7 +163,8 @@ def main() -> int:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        out = Path(__file__).parent / "results" / "remedy.md"
+        name = "remedy.md" if args.quick else "remedy-full.md"
+        out = Path(__file__).parent / "results" / name
         out.write_text(text + "\n", encoding="utf-8")
     return status
 
