@@ -256,3 +256,40 @@ def test_update_ratios_with_a_closure_optimizer(tmp_path: Path) -> None:
     steps, values = load_run(tmp_path / "r").series("update_ratio")["0"]
     assert steps.tolist() == [0, 2, 4]
     assert values.tolist() == pytest.approx([expected[0], expected[2], expected[4]], rel=1e-5)
+
+
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Tanh, nn.ReLU, nn.GELU])
+def test_statistics_of_every_step_survive_the_deferred_reduction(
+    tmp_path: Path, act: type[nn.Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Buffers of a few steps only, and batch sizes that change (new shapes, new groups):
+    # every step's activation statistics must still be its own, exactly.
+    monkeypatch.setattr("gradsight.probes._deferred.BUFFER_BYTES", 3 * 2 * 40 * 16 * 8)
+    model = _model(act).double()
+    sizes = [40, 40, 40, 40, 17, 40, 40, 40, 40, 40, 40, 23, 23, 40]
+    expected: list[dict[tuple[str, str], float]] = []
+    with Monitor(model, logdir=tmp_path / "r", activation_samples=None) as mon:
+        for i, n in enumerate(sizes):
+            x, y = _data(n, seed=i)
+            x = x.double()
+            with SignalProbe(model) as probe:
+                nn.functional.cross_entropy(model(x), y).backward()
+            ref = probe.result()
+            expected.append(
+                {
+                    (name, metric): getattr(ref[name].activation, metric)
+                    for name in ("0", "2")
+                    for metric in ("saturation", "dead_fraction", "mean_derivative")
+                }
+            )
+            model.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            mon.step(loss)
+            model.zero_grad()
+    run = load_run(tmp_path / "r")
+    for (name, metric), _ in expected[0].items():
+        steps, values = run.series(metric)[name]
+        assert steps.tolist() == list(range(len(sizes)))
+        want = [e[(name, metric)] for e in expected]
+        assert values.tolist() == pytest.approx(want, abs=1e-12), (name, metric)

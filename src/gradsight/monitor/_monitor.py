@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradsight._errors import GradsightError
+from gradsight.monitor._columns import StepLayout
 from gradsight.monitor._curvature import CurvatureTier
 from gradsight.monitor._distributed import DistributedReducer, NullWriter, unwrap_parallel
 from gradsight.monitor._sinks import Sink, TeeWriter
@@ -25,9 +26,6 @@ from gradsight.store import RunWriter
 __all__ = ["Monitor"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-# Metrics that scale with the loss, divided by the loss scale of a GradScaler.
-_SCALED = frozenset({"grad_norm", "signal_norm", "activation_signal_norm", "input_signal_norm"})
 
 
 class Monitor:
@@ -187,8 +185,9 @@ class Monitor:
         self._closed = False
         self._last_flush = time.monotonic()
         self._warned: set[str] = set()
-        self._pending: list[tuple[int, list[tuple[str, str]], torch.Tensor]] = []
-        self._index_cache: tuple[Any, torch.Tensor] | None = None
+        # Measured steps not yet written: (step, keys or the raw vector's layout, values).
+        self._pending: list[tuple[int, Any, torch.Tensor]] = []
+        self._last_layout: StepLayout | None = None
 
         owners = parameter_owners(model)
         self._layers = [name_ for name_, _ in owners]
@@ -385,8 +384,6 @@ class Monitor:
         return scale if isinstance(scale, torch.Tensor) else float(self.scaler.get_scale())
 
     def _record(self, step: int, loss: torch.Tensor | float | None) -> None:
-        keys: list[tuple[str, str]] = []
-        values: list[torch.Tensor] = []
         grads, owners = [], []
         for p, layer in zip(self._params, self._param_layer, strict=True):
             if p.grad is not None:
@@ -395,31 +392,27 @@ class Monitor:
         if self._dist is not None:  # counts and unit masks, before the probe folds them
             self._dist.capture(self._probe)
         # One multi-tensor reduction for parameter gradients and kept backward signals.
-        keys, probe_values, grad_norms = self._probe.collect_columns(grads)
-        if grad_norms:
-            sq = torch.stack(grad_norms).double().square()
-            per_layer = torch.zeros(len(self._layers), dtype=sq.dtype, device=sq.device)
-            per_layer.index_add_(0, self._index(owners, sq.device), sq)
-            used = list(dict.fromkeys(owners))
-            keys = [(self._layers[i], "grad_norm") for i in used] + keys
-            norms = per_layer.sqrt()
-            values.append(norms[used] if len(used) < len(self._layers) else norms)
-        if probe_values is not None:
-            values.append(probe_values)
-        if loss is not None and isinstance(loss, torch.Tensor):
-            keys.append(("", "loss"))
-            values.append(loss.detach().reshape(1).double())
-        if values:
-            vec = torch.cat([v.to(values[0].device) for v in values])
-            scale = self._scale()
-            if scale is not None:
-                mask = torch.tensor([m in _SCALED for _, m in keys], device=vec.device)
-                scale_t = torch.as_tensor(scale, dtype=torch.float64, device=vec.device)
-                vec = torch.cat([torch.where(mask, vec / scale_t, vec), scale_t.reshape(1)])
-                keys.append(("", "loss_scale"))
-            if self._dist is not None:
-                vec = self._dist.reduce(keys, vec)
-            self._emit(step, keys, vec)
+        keys, values, grad_norms = self._probe.collect_columns(grads, tag=step)
+        parts = grad_norms + values
+        has_loss = isinstance(loss, torch.Tensor)
+        if has_loss:
+            parts.append(loss.detach().reshape(()))  # type: ignore[union-attr]
+        scale = self._scale()
+        if scale is not None and parts:
+            parts.append(torch.as_tensor(scale, device=parts[0].device).reshape(()))
+        if parts:
+            layout = self._layout(owners, keys, has_loss, scale is not None)
+            first = parts[0]
+            if all(t.dtype == first.dtype and t.device == first.device for t in parts):
+                vec = torch.stack(parts)
+            else:  # e.g. half-precision gradients, or the general path's host statistics
+                vec = torch.stack([t.to(first.device, torch.float64) for t in parts])
+            if self._dist is not None:  # reduce this step's finished metrics now
+                finished = layout.finish(vec.unsqueeze(0))[0]
+                self._pending.append((step, layout.keys, self._dist.reduce(layout.keys, finished)))
+            else:
+                self._pending.append((step, layout, vec))
+        self._pending += self._probe.pop_statistics()
         host = {}
         if loss is not None and not isinstance(loss, torch.Tensor):
             host["loss"] = float(loss)
@@ -429,26 +422,56 @@ class Monitor:
             self._writer.append(step, [("", k) for k in host], np.array(list(host.values())))
         self._measured += 1
 
-    def _index(self, owners: list[int], device: torch.device) -> torch.Tensor:
-        key = (tuple(owners), device)
-        if self._index_cache is None or self._index_cache[0] != key:
-            self._index_cache = (key, torch.tensor(owners, device=device))
-        return self._index_cache[1]
+    def _layout(
+        self, owners: list[int], keys: list[tuple[str, str]], has_loss: bool, has_scale: bool
+    ) -> StepLayout:
+        """The step's layout: the last one when nothing changed (the usual case)."""
+        last = self._last_layout
+        if (
+            last is not None
+            and last.has_loss == has_loss
+            and last.has_scale == has_scale
+            and len(last.owners) == len(owners)
+            and last.probe_keys == tuple(keys)
+            and last.owners == tuple(owners)
+        ):
+            return last
+        self._last_layout = StepLayout(
+            tuple(self._layers), tuple(owners), tuple(keys), has_loss, has_scale
+        )
+        return self._last_layout
 
     def _emit(self, step: int, keys: list[tuple[str, str]], values: torch.Tensor) -> None:
         """Buffer device values; they are copied to the host in one go at the next flush."""
         self._pending.append((step, keys, values))
 
     def _drain(self) -> None:
+        self._pending += self._probe.pop_statistics(final=True)
         if not self._pending:
             return
         blocks, self._pending = self._pending, []
-        host = torch.cat([v.reshape(-1).double().cpu() for _, _, v in blocks]).numpy()
+        # Steps with the same layout are finished together (consecutive runs of them).
+        finished: list[tuple[list[int], list[tuple[str, str]], torch.Tensor]] = []
+        i = 0
+        while i < len(blocks):
+            step, layout, v = blocks[i]
+            if isinstance(layout, StepLayout):
+                j = i + 1
+                while j < len(blocks) and blocks[j][1] is layout:
+                    j += 1
+                raw = torch.stack([b[2] for b in blocks[i:j]])
+                finished.append(([b[0] for b in blocks[i:j]], layout.keys, layout.finish(raw)))
+                i = j
+            else:
+                finished.append(([step], layout, v.reshape(1, -1)))
+                i += 1
+        host = torch.cat([v.reshape(-1).double().cpu() for _, _, v in finished]).numpy()
         start = 0
-        for step, keys, v in blocks:
-            n = v.numel()
-            self._writer.append(step, keys, host[start : start + n])
-            start += n
+        for steps, keys, _ in finished:
+            n = len(keys)
+            for step in steps:
+                self._writer.append(step, keys, host[start : start + n])
+                start += n
 
     def _record_curvature(self, step: int, loss: torch.Tensor | float | None) -> None:
         if self.batch is None or self.loss_fn is None:

@@ -48,6 +48,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from gradsight._errors import GradsightError
+from gradsight.probes._deferred import DeferredStatistics
 from gradsight.probes.activations import (
     FLAT_FRACTION,
     GELU,
@@ -256,9 +257,9 @@ class _ModuleAccumulator:
         self.value_norms: list[torch.Tensor] = []
         self.act_out_norms: list[torch.Tensor] = []
         # Lean mode: small gradients whose norms are taken together at collect().
-        self.out_grads: list[torch.Tensor] = []
-        self.act_out_grads: list[torch.Tensor] = []
         self.time_sq: list[torch.Tensor] = []  # recurrent layers: per-step ‖∂L/∂x_t‖²
+        # Lean mode: the tensor hook for the output of the activation after this module.
+        self.act_norm_hook: Callable[[torch.Tensor], None] | None = None
         self.activation: _ActivationAccumulator | None = None
         self.unit_dim = 1 if isinstance(module, _CHANNEL_FIRST) else -1
         # Lean mode: the tensor the activation module after this one saw, reduced later,
@@ -271,8 +272,6 @@ class _ModuleAccumulator:
         self.in_norms.clear()
         self.value_norms.clear()
         self.act_out_norms.clear()
-        self.out_grads.clear()
-        self.act_out_grads.clear()
         self.time_sq.clear()
         self.activation = None
         self.pending = None
@@ -356,12 +355,6 @@ def _differentiable(t: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------- lean mode
 
 
-#: Gradients up to this many elements are kept until collect() and reduced there by one
-#: multi-tensor norm (a per-tensor call costs more than the reduction itself); larger
-#: ones are reduced at once, so that no large tensor is held.
-_DEFER_NUMEL = 1 << 18
-
-
 @dataclass(frozen=True)
 class _ModuleActivation:
     """An activation module and how to get φ' from what its forward hook sees."""
@@ -370,14 +363,20 @@ class _ModuleActivation:
     # φ' as a function of the module's *output* y (None: use spec.derivative on the input).
     from_output: Callable[[torch.Tensor], torch.Tensor] | None
     nonnegative: bool = False  # φ' ≥ 0 as computed: no abs() needed
+    # from_output writing into a given tensor (no temporary), where there is one.
+    into: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
-def _sigmoid_from_output(y: torch.Tensor) -> torch.Tensor:
-    return y - y * y  # σ' = σ(1 − σ)
+def _sigmoid_from_output(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.addcmul(y, y, y, value=-1, out=out)  # σ' = σ(1 − σ) = y − y²
 
 
-def _tanh_from_output(y: torch.Tensor) -> torch.Tensor:
-    return 1 - y * y  # tanh' = 1 − tanh²
+def _tanh_from_output(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.addcmul(torch.ones((), dtype=y.dtype, device=y.device), y, y, value=-1, out=out)
+
+
+def _relu_from_output(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return torch.sign(y, out=out)  # y ≥ 0: 1 where y > 0, else 0
 
 
 def _module_activation(module: nn.Module) -> _ModuleActivation | None:
@@ -388,11 +387,11 @@ def _module_activation(module: nn.Module) -> _ModuleActivation | None:
     SiLU and softplus off their input, unless the module works in place.
     """
     if isinstance(module, nn.Sigmoid):
-        return _ModuleActivation(SIGMOID, _sigmoid_from_output, nonnegative=True)
+        return _ModuleActivation(SIGMOID, _sigmoid_from_output, True, _sigmoid_from_output)
     if isinstance(module, nn.Tanh):
-        return _ModuleActivation(TANH, _tanh_from_output, nonnegative=True)
+        return _ModuleActivation(TANH, _tanh_from_output, True, _tanh_from_output)
     if isinstance(module, nn.ReLU):  # y > 0 exactly where z > 0
-        return _ModuleActivation(RELU, RELU.derivative, nonnegative=True)
+        return _ModuleActivation(RELU, RELU.derivative, True, _relu_from_output)
     if isinstance(module, nn.LeakyReLU) and module.negative_slope >= 0:
         spec = _leaky(module.negative_slope)
         return _ModuleActivation(spec, spec.derivative)
@@ -429,53 +428,6 @@ _GELU_MODULES = frozenset(
     }
 )
 _SILU_MODULES = frozenset({"SiLUActivation", "SwishActivation"})
-
-
-_STATS = ("saturation", "dead_fraction", "mean_derivative", "rms_derivative")
-
-
-def _group_statistics(
-    accs: list[_ModuleAccumulator],
-) -> list[tuple[list[tuple[str, str]], torch.Tensor]]:
-    """The pending activation statistics of ``accs`` as ``(keys, vector)`` per group of
-    layers with the same activation and tensor shape, and clears them (lean mode)."""
-    groups: dict[tuple[Any, ...], list[_ModuleAccumulator]] = {}
-    for acc in accs:
-        if acc.pending is not None:
-            act, t = acc.pending
-            key = (act.spec.name, id(act.from_output), acc.unit_dim % max(t.ndim, 1), t.shape)
-            groups.setdefault(key, []).append(acc)
-    out = []
-    for (_, _, unit_dim, shape), members in groups.items():
-        act = members[0].pending[0]  # type: ignore[index]
-        tensors = [m.pending[1] for m in members]  # type: ignore[index]
-        x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
-        d = (act.from_output or act.spec.derivative)(x)
-        if not act.nonnegative:
-            d = d.abs()
-        flat = d <= FLAT_FRACTION * act.spec.max_derivative
-        n = len(members)
-        count = max(1, math.prod(shape))
-        if len(shape) == 0:
-            dead = flat.reshape(n).to(d.dtype)
-        else:  # units flat on every entry read
-            units = shape[unit_dim]
-            per_unit = flat.movedim(unit_dim + 1, 1).reshape(n, units, -1)
-            dead = per_unit.all(dim=2).sum(dim=1).to(d.dtype) / units
-        dims = tuple(range(1, x.ndim)) or (0,)
-        stats = torch.stack(
-            [
-                flat.sum(dim=dims).to(d.dtype) / count,
-                dead,
-                d.sum(dim=dims) / count,
-                ((d * d).sum(dim=dims) / count).sqrt(),
-            ],
-            dim=1,
-        )
-        out.append(([(m.name, metric) for m in members for metric in _STATS], stats.reshape(-1)))
-        for m in members:
-            m.pending = None
-    return out
 
 
 def _strided(t: torch.Tensor, unit_dim: int, entries: int) -> torch.Tensor:
@@ -661,6 +613,8 @@ class SignalProbe:
         self._events = 0
         self._nonfinite_forward: str | None = None
         self._first_bad_grad: tuple[str, str] | None = None  # (module name, "in"/"out")
+        # collect_columns: activation tensors copied aside, reduced many steps at a time
+        self._deferred = DeferredStatistics()
 
     # -- lifecycle
     @property
@@ -685,6 +639,7 @@ class SignalProbe:
                 if not owns and not self.check_finite:
                     continue
                 acc = _ModuleAccumulator(name, module, owns)
+                acc.act_norm_hook = self._norm_hook(acc.act_out_norms)
                 self._accs[id(module)] = acc
                 if self.input_signals or self.check_finite:
                     self._handles.append(
@@ -723,6 +678,8 @@ class SignalProbe:
         self._handles.clear()
         self._tensor_handles.clear()
         self._pending_owner = None
+        for acc in self._accs.values():
+            acc.act_norm_hook = None  # it refers to the probe: no reference cycle is left
 
     # -- hooks
     def _pre_hook(
@@ -818,7 +775,7 @@ class SignalProbe:
     def _lean_post_hook(self, acc: _ModuleAccumulator) -> Callable[[nn.Module, Any, Any], None]:
         # The hot path of the lean mode: one Python call and one tensor hook per call.
         order = self._order
-        grad_hook = self._deferred_norm_hook(acc.out_norms, acc.out_grads)
+        grad_hook = self._norm_hook(acc.out_norms)
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active or not torch.is_grad_enabled():  # e.g. an evaluation pass
@@ -838,20 +795,16 @@ class SignalProbe:
 
         return hook
 
-    def _deferred_norm_hook(
-        self, norms: list[torch.Tensor], grads: list[torch.Tensor]
-    ) -> Callable[[torch.Tensor], None]:
-        """A tensor hook for the lean mode: small gradients are kept for one multi-tensor
-        norm at collect(), large ones reduced at once (keeping them would cost memory)."""
+    def _norm_hook(self, norms: list[torch.Tensor]) -> Callable[[torch.Tensor], None]:
+        """A tensor hook for the lean mode: the gradient's norm, taken at once while the
+        gradient is in cache (measured: cheaper than keeping it for a multi-tensor norm
+        later, which also holds memory and defeats the allocator's reuse)."""
         norm = torch.linalg.vector_norm
 
         def grad_hook(grad: torch.Tensor) -> None:
             if self._active:
-                if grad.numel() <= _DEFER_NUMEL:
-                    grads.append(grad)
-                else:
-                    with torch.no_grad():
-                        norms.append(norm(grad))
+                with torch.no_grad():
+                    norms.append(norm(grad))
 
         return grad_hook
 
@@ -869,14 +822,14 @@ class SignalProbe:
                 if samples is not None and t.ndim > 0 and t.shape[0] > samples:
                     t = t[:samples]
                 if entries is not None and t.ndim > 2 and t.numel() > entries:
-                    t = _strided(t, owner.unit_dim % t.ndim, entries)
+                    # Copied now, while the activation is in cache: a strided read of
+                    # it at collect time costs a cache miss per entry.
+                    t = _strided(t.detach(), owner.unit_dim % t.ndim, entries).contiguous()
                 if owner.pending is not None:  # a second call before collect(): reduce it
                     _reduce_pending([owner])
                 owner.pending = (act, t)  # read under no_grad in _reduce_pending
             if output.requires_grad:
-                output.register_hook(
-                    self._deferred_norm_hook(owner.act_out_norms, owner.act_out_grads)
-                )
+                output.register_hook(owner.act_norm_hook)
 
         return hook
 
@@ -900,71 +853,85 @@ class SignalProbe:
 
     # -- result
     def collect_columns(
-        self, extra: list[torch.Tensor] | tuple[()] = ()
-    ) -> tuple[list[tuple[str, str]], torch.Tensor | None, list[torch.Tensor]]:
-        """:meth:`collect` as one vector, for the per-step hot path of a monitor.
+        self, extra: list[torch.Tensor] | tuple[()] = (), tag: Any = None
+    ) -> tuple[list[tuple[str, str]], list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`collect` as columns, for the per-step hot path of a monitor.
 
-        Returns ``(keys, values, extra_norms)``: ``values[i]`` (on the device) is the
-        measurement ``keys[i] = (module, metric)``, and ``extra_norms`` the norms of the
-        tensors in ``extra`` (e.g. parameter gradients), taken in the same multi-tensor
-        reduction as the lean mode's kept gradients. A few tensor operations in all,
+        Returns ``(keys, values, extra_norms)``: ``values[i]`` (a 0-d tensor on the
+        device) is the measurement ``keys[i] = (module, metric)``, and ``extra_norms``
+        the norms of the tensors in ``extra`` (e.g. parameter gradients), taken in the
+        same multi-tensor reduction as the lean mode's kept gradients.
+
+        In the usual case (one call per module since the last collect) the activation
+        statistics are not among ``values``: the step's activation tensors are copied
+        aside, and many steps' are reduced together later; :meth:`pop_statistics`
+        returns them, labelled with ``tag``. A few tensor operations per step in all,
         whatever the depth of the model.
 
         Example:
             >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
-            >>> with SignalProbe(model, activations="modules", input_signals=False) as probe:
+            >>> lean = dict(activations="modules", input_signals=False, output_norms=False)
+            >>> with SignalProbe(model, **lean) as probe:
             ...     model(torch.randn(16, 4)).sum().backward()
-            ...     keys, values, norms = probe.collect_columns([model[0].weight.grad])
+            ...     keys, values, norms = probe.collect_columns([model[0].weight.grad], tag=7)
             >>> len(keys) == len(values), keys[0], len(norms)
             (True, ('0', 'signal_norm'), 1)
+            >>> [(tag, keys[0]) for tag, keys, _ in probe.pop_statistics(final=True)]
+            [(7, ('0', 'saturation'))]
         """
         accs = [acc for acc in self._order if acc.owns_params]
         simple = all(
             not acc.reduced
             and not acc.in_norms
             and not acc.value_norms
-            and len(acc.out_norms) + len(acc.out_grads) <= 1
-            and len(acc.act_out_norms) + len(acc.act_out_grads) <= 1
+            and len(acc.out_norms) <= 1
+            and len(acc.act_out_norms) <= 1
             for acc in accs
         )
         if not simple:  # several calls per step, or the full probe: the general path
             extra_norms = list(torch._foreach_norm(list(extra))) if extra else []
             rows = self.collect()
-            values = torch.stack([v for _, _, v in rows]) if rows else None
-            return [(n, m) for n, m, _ in rows], values, extra_norms
-        grads: list[torch.Tensor] = list(extra)
-        for acc in accs:
-            grads += acc.out_grads
-            grads += acc.act_out_grads
+            return [(n, m) for n, m, _ in rows], [v for _, _, v in rows], extra_norms
         with torch.no_grad():
-            norms = list(torch._foreach_norm(grads)) if grads else []
-        extra_norms, norms = norms[: len(extra)], norms[len(extra) :]
+            extra_norms = list(torch._foreach_norm(list(extra))) if extra else []
         keys: list[tuple[str, str]] = []
         scalars: list[torch.Tensor] = []
-        i = 0
         for acc in accs:
-            for metric, immediate, kept in (
-                ("signal_norm", acc.out_norms, acc.out_grads),
-                ("activation_signal_norm", acc.act_out_norms, acc.act_out_grads),
-            ):
-                if kept:
-                    keys.append((acc.name, metric))
-                    scalars.append(norms[i])
-                    i += 1
-                elif immediate:
-                    keys.append((acc.name, metric))
-                    scalars.append(immediate[0])
-        pieces = [torch.stack(scalars)] if scalars else []
-        with torch.no_grad():
-            for group_keys, vec in _group_statistics(accs):
-                keys += group_keys
-                pieces.append(vec)
+            if acc.out_norms:
+                keys.append((acc.name, "signal_norm"))
+                scalars.append(acc.out_norms[0])
+            if acc.act_out_norms:
+                keys.append((acc.name, "activation_signal_norm"))
+                scalars.append(acc.act_out_norms[0])
+        self._defer_statistics(accs, tag)
         for acc in accs:
             acc.clear()
         self._pending_owner = None
-        if not pieces:
-            return keys, None, extra_norms
-        return keys, torch.cat(pieces) if len(pieces) > 1 else pieces[0], extra_norms
+        return keys, scalars, extra_norms
+
+    def pop_statistics(
+        self, final: bool = False
+    ) -> list[tuple[Any, list[tuple[str, str]], torch.Tensor]]:
+        """Activation statistics that :meth:`collect_columns` deferred, as ``(tag, keys,
+        values)`` blocks (``values`` on the device, four per layer: ``saturation``,
+        ``dead_fraction``, ``mean_derivative``, ``rms_derivative``); ``final``: also
+        reduce the steps still waiting. Each block is returned once."""
+        return self._deferred.pop(final)
+
+    def _defer_statistics(self, accs: list[_ModuleAccumulator], tag: Any) -> None:
+        """Hand the pending activation tensors of ``accs`` to the deferred reduction, per
+        group of layers with the same activation and shape, and clear them."""
+        groups: dict[tuple[Any, ...], list[_ModuleAccumulator]] = {}
+        for acc in accs:
+            if acc.pending is not None:
+                act, t = acc.pending
+                key = (act, acc.unit_dim % max(t.ndim, 1), t.shape, t.dtype, t.device)
+                groups.setdefault(key, []).append(acc)
+        for (act, unit_dim, _, _, _), members in groups.items():
+            tensors = [m.pending[1] for m in members]  # type: ignore[index]
+            self._deferred.add(tag, [m.name for m in members], act, unit_dim, tensors)
+            for m in members:
+                m.pending = None
 
     def collect(self) -> list[tuple[str, str, torch.Tensor]]:
         """Measurements since the last ``collect()``, as ``(module, metric, value)``; reset.
@@ -986,7 +953,6 @@ class SignalProbe:
             []
         """
         _reduce_pending(self._order)
-        self._reduce_deferred()
         rows: list[tuple[str, str, torch.Tensor]] = []
         for acc in self._order:
             if not acc.owns_params:
@@ -1030,27 +996,9 @@ class SignalProbe:
         self._pending_owner = None
         return rows
 
-    def _reduce_deferred(self) -> None:
-        """Norms of the gradients the lean hooks kept, by one multi-tensor reduction."""
-        grads: list[torch.Tensor] = []
-        into: list[list[torch.Tensor]] = []
-        for acc in self._order:
-            for kept, norms in (
-                (acc.out_grads, acc.out_norms),
-                (acc.act_out_grads, acc.act_out_norms),
-            ):
-                grads += kept
-                into += [norms] * len(kept)
-                kept.clear()
-        if grads:
-            with torch.no_grad():
-                for norms, n in zip(into, torch._foreach_norm(grads), strict=True):
-                    norms.append(n)
-
     def result(self) -> SignalFlow:
         """Reduce what was recorded into a :class:`SignalFlow` (forward order)."""
         _reduce_pending(self._order)
-        self._reduce_deferred()
         for acc in self._order:
             acc.fold_reduced()
         modules = [acc.result() for acc in self._order]

@@ -1,0 +1,175 @@
+"""Activation statistics of many steps, reduced together (the lean probe's hot path).
+
+Per measured step, the activation tensors a monitor reads (a few samples of each
+layer's activation) are copied into a preallocated buffer, one copy per group of
+layers with the same activation and shape. Once a buffer holds ``capacity`` steps (about
+1 MiB), all of them are reduced in one go: a dozen tensor operations, written into
+preallocated temporaries, for many steps of many layers. Reducing each step on its own
+costs a dozen operations per step, and fresh temporaries each time cost page faults
+that can exceed the arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from gradsight.probes.activations import FLAT_FRACTION
+
+__all__ = ["DeferredStatistics", "activation_statistics"]
+
+#: Metrics per layer, in the order of :func:`activation_statistics`' columns.
+STATS = ("saturation", "dead_fraction", "mean_derivative", "rms_derivative")
+#: A group's buffer holds about this many bytes of steps (at most MAX_STEPS steps).
+BUFFER_BYTES = 1 << 20
+MAX_STEPS = 32
+#: Distinct groups kept at once; beyond it (shapes that keep changing) all are reduced
+#: and their buffers dropped.
+MAX_GROUPS = 16
+
+Block = tuple[Any, list[tuple[str, str]], torch.Tensor]
+
+
+def activation_statistics(
+    act: Any,
+    unit_dim: int,
+    x: torch.Tensor,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``[n, 4]``: saturation, dead fraction, mean and RMS |φ'| of each of the ``n``
+    tensors stacked in ``x``.
+
+    ``act`` is the probe's description of an activation module (``spec``,
+    ``from_output``, ``into``, ``nonnegative``); ``unit_dim`` indexes a tensor's own
+    dimensions; ``scratch``: two tensors shaped like ``x`` for the temporaries.
+
+    Example:
+        >>> from torch import nn
+        >>> from gradsight.probes.signal import _module_activation
+        >>> y = torch.tensor([[[0.5, 0.99], [0.5, 0.999]]])  # one tensor, 2 samples × 2 units
+        >>> activation_statistics(_module_activation(nn.Sigmoid()), 1, y)[0, :2]
+        tensor([0.5000, 0.5000])
+    """
+    shape = x.shape[1:]
+    n = x.shape[0]
+    if scratch is not None and act.into is not None:
+        d = act.into(x, scratch[0])
+    else:
+        d = (act.from_output or act.spec.derivative)(x)
+    if not act.nonnegative:
+        d = d.abs_() if scratch is not None else d.abs()
+    threshold = FLAT_FRACTION * act.spec.max_derivative
+    # 1.0 where d ≤ threshold, else 0.0 (1 − sign(d − t), at most 1): a few float
+    # passes, faster here than a bool mask and its conversion.
+    flat = torch.sub(d, threshold, out=scratch[1]) if scratch is not None else d - threshold
+    flat = flat.sign_().neg_().add_(1).clamp_(max=1)
+    if len(shape) == 0:  # one entry per tensor
+        return torch.stack([flat, flat, d, d.abs()], dim=1)
+    # Dead: units flat on every entry read (the minimum of 0/1 over all but the unit dim).
+    others = tuple(i + 1 for i in range(len(shape)) if i != unit_dim)
+    dead = (flat.amin(dim=others) if others else flat).mean(dim=1)
+    d = d.reshape(n, -1)
+    return torch.stack(
+        [
+            flat.reshape(n, -1).mean(dim=1),
+            dead,
+            d.mean(dim=1),
+            torch.linalg.vector_norm(d, dim=1) / math.sqrt(d.shape[1]),
+        ],
+        dim=1,
+    )
+
+
+class _Group:
+    """Up to ``capacity`` steps of one group of layers, in preallocated buffers."""
+
+    def __init__(self, act: Any, unit_dim: int, like: torch.Tensor, capacity: int) -> None:
+        self.act = act
+        self.unit_dim = unit_dim
+        self.x = torch.empty((capacity, *like.shape), dtype=like.dtype, device=like.device)
+        self.scratch = (torch.empty_like(self.x), torch.empty_like(self.x))
+        self.steps: list[tuple[Any, list[tuple[str, str]]]] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) == self.x.shape[0]
+
+    def add(self, tag: Any, keys: list[tuple[str, str]], tensors: list[torch.Tensor]) -> None:
+        torch.stack(tensors, out=self.x[len(self.steps)])
+        self.steps.append((tag, keys))
+
+    def reduce(self) -> list[Block]:
+        k, n = len(self.steps), self.x.shape[1]
+        if not k:
+            return []
+        x, scratch = self.x[:k].flatten(0, 1), tuple(s[:k].flatten(0, 1) for s in self.scratch)
+        stats = activation_statistics(self.act, self.unit_dim, x, scratch)  # type: ignore[arg-type]
+        out = [
+            (tag, keys, stats[i * n : (i + 1) * n].reshape(-1))
+            for i, (tag, keys) in enumerate(self.steps)
+        ]
+        self.steps = []
+        return out
+
+
+class DeferredStatistics:
+    """Activation tensors captured step by step, reduced many steps at a time.
+
+    Example:
+        >>> from torch import nn
+        >>> from gradsight.probes.signal import _module_activation
+        >>> tanh = _module_activation(nn.Tanh())
+        >>> deferred = DeferredStatistics()
+        >>> for step in range(3):
+        ...     deferred.add(step, ["a", "b"], tanh, 1, [torch.zeros(4, 5), torch.ones(4, 5)])
+        >>> blocks = deferred.pop(final=True)
+        >>> [(tag, keys[4], values[4].item()) for tag, keys, values in blocks][0]  # b: flat
+        (0, ('b', 'saturation'), 1.0)
+        >>> [tag for tag, _, _ in blocks]
+        [0, 1, 2]
+    """
+
+    def __init__(self, buffer_bytes: int | None = None) -> None:
+        self.buffer_bytes = BUFFER_BYTES if buffer_bytes is None else buffer_bytes
+        self._groups: dict[tuple[Any, ...], _Group] = {}
+        self._ready: list[Block] = []
+
+    def add(
+        self, tag: Any, names: list[str], act: Any, unit_dim: int, tensors: list[torch.Tensor]
+    ) -> None:
+        """Capture one step's tensors of the layers ``names`` (same activation and shape)."""
+        first = tensors[0]
+        key = (act, unit_dim, len(tensors), first.shape, first.dtype, first.device)
+        group = self._groups.get(key)
+        if group is None:
+            if len(self._groups) >= MAX_GROUPS:
+                self._reduce_all(drop=True)
+            step_bytes = max(1, first.numel() * first.element_size() * len(tensors))
+            capacity = max(1, min(MAX_STEPS, self.buffer_bytes // step_bytes))
+            group = self._groups[key] = _Group(act, unit_dim, torch.stack(tensors), capacity)
+        with torch.no_grad():
+            group.add(tag, [(name, m) for name in names for m in STATS], tensors)
+            if group.full:
+                self._ready += group.reduce()
+
+    def pop(self, final: bool = False) -> list[Block]:
+        """Reduced ``(tag, keys, values)`` blocks, each once; ``final``: also the steps
+        still waiting."""
+        if final:
+            self._reduce_all(drop=False)
+        ready, self._ready = self._ready, []
+        return ready
+
+    def clear(self) -> None:
+        """Drop everything, buffers included."""
+        self._groups.clear()
+        self._ready.clear()
+
+    def _reduce_all(self, drop: bool) -> None:
+        with torch.no_grad():
+            for group in self._groups.values():
+                self._ready += group.reduce()
+        if drop:
+            self._groups.clear()
