@@ -17,6 +17,11 @@ the resident set just before.
 Variants:
 
 * ``plain``: zero_grad, forward, cross-entropy, backward, SGD step;
+* ``floor``: the least that any hook-based per-layer monitor does, for reference: a
+  forward hook on every parameter-owning and activation module that puts a tensor hook
+  on its output, the hook taking the gradient's norm, and after backward one
+  ``torch._foreach_norm`` of the parameter gradients and a ``torch.stack`` of all norms
+  (no activation statistics, no bookkeeping, nothing stored);
 * ``monitor``: the same with ``mon.step(loss)`` after backward (cheap tier, every=1):
   grad norms, signal norms, activation statistics, the loss;
 * ``monitor+opt``: ``Monitor(..., optimizer=opt)``: also the learning rate and, every
@@ -47,7 +52,7 @@ from gradsight.data import load_digits
 from gradsight.demo.models import mlp
 
 _ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
-VARIANTS = ("plain", "monitor", "monitor+opt", "monitor every=10")
+VARIANTS = ("plain", "floor", "monitor", "monitor+opt", "monitor every=10")
 
 
 def small_cnn() -> nn.Sequential:
@@ -91,6 +96,9 @@ class Runner:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
         self.mon = None
         self.cpu = 0.0
+        self.floor: Callable[[], torch.Tensor] | None = None
+        if variant == "floor":
+            self.floor = bare_hooks(self.model)
         if variant != "plain":
             self.mon = gradsight.Monitor(
                 self.model,
@@ -111,10 +119,40 @@ class Runner:
             loss.backward()
             if mon is not None:
                 mon.step(loss)
+            elif self.floor is not None:
+                self.floor()
             opt.step()
         wall = (time.perf_counter() - t0) / steps
         self.cpu = (time.process_time() - c0) / steps
         return wall
+
+
+def bare_hooks(model: nn.Module) -> Callable[[], torch.Tensor]:
+    """Install the ``floor`` variant's hooks; returns what it calls after backward."""
+    norms: list[torch.Tensor] = []
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad_hook(grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            norms.append(torch.linalg.vector_norm(grad))
+
+    def forward_hook(module: nn.Module, args: object, output: torch.Tensor) -> None:
+        if output.requires_grad:
+            output.register_hook(grad_hook)
+
+    for m in model.modules():
+        owns = any(True for _ in m.parameters(recurse=False))
+        if owns or isinstance(m, (nn.Sigmoid, nn.ReLU)):
+            m.register_forward_hook(forward_hook)
+
+    def after_backward() -> torch.Tensor:
+        with torch.no_grad():
+            grad_norms = torch._foreach_norm([p.grad for p in params if p.grad is not None])
+            out = torch.stack([*grad_norms, *norms])
+        norms.clear()
+        return out
+
+    return after_backward
 
 
 def time_case(name: str, rounds: int, block: int) -> dict[str, float]:

@@ -293,3 +293,25 @@ def test_statistics_of_every_step_survive_the_deferred_reduction(
         assert steps.tolist() == list(range(len(sizes)))
         want = [e[(name, metric)] for e in expected]
         assert values.tolist() == pytest.approx(want, abs=1e-12), (name, metric)
+
+
+def test_passes_while_paused_are_not_recorded(tmp_path: Path) -> None:
+    model = _model(nn.Tanh).double()
+    x, y = _data()
+    x = x.double()
+    with SignalProbe(model) as probe:
+        nn.functional.cross_entropy(model(x), y).backward()
+    ref = probe.result()
+    model.zero_grad()
+    with Monitor(model, logdir=tmp_path / "r", diagnose_at_close=False) as mon:
+        with mon.paused():  # e.g. an optimizer's own curvature pass, on other data
+            nn.functional.cross_entropy(model(2 * x), y).backward()
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        mon.step(loss)
+        assert mon._probe.recording  # restored after the block
+    run = load_run(tmp_path / "r")
+    for name in ("0", "2", "4"):
+        got = run.series("signal_norm")[name][1][0]
+        assert got == pytest.approx(ref[name].signal_norm, rel=1e-12)

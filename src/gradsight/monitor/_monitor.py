@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -349,6 +350,31 @@ class Monitor:
         self._probe.recording = self.steps % self.every == 0
         if time.monotonic() - self._last_flush >= self.flush_secs:
             self.flush()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within the block, forward and backward passes are not recorded.
+
+        For passes that are not the training step's: an optimizer's own backward passes
+        (a Gauss-Newton or Hessian-free optimizer's curvature passes), a probe of
+        gradients with grad enabled. Evaluation under ``torch.no_grad()`` needs nothing.
+
+        Example:
+            >>> import tempfile
+            >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+            >>> with Monitor(model, logdir=tempfile.mkdtemp(), diagnose_at_close=False) as mon:
+            ...     with mon.paused():
+            ...         model(torch.randn(8, 3)).sum().backward()  # not recorded
+            ...     loss = model(torch.randn(8, 3)).pow(2).mean()
+            ...     loss.backward()
+            ...     mon.step(loss)
+        """
+        was = self._probe.recording
+        self._probe.recording = False
+        try:
+            yield
+        finally:
+            self._probe.recording = was
 
     def add_sink(self, sink: Sink) -> None:
         """Also send every block of rows written to the run store to ``sink(step, keys,
