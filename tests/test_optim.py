@@ -88,7 +88,33 @@ def test_converges_within_budget(seed: int) -> None:
     first = step_on_batch(opt, model, nn.functional.cross_entropy, x, y)
     for _ in range(200):
         last = step_on_batch(opt, model, nn.functional.cross_entropy, x, y)
-    assert last < 0.45 * first  # measured 0.29–0.40: the default step suits minibatches
+    assert last < 0.3 * first  # measured 0.11–0.19: the default step suits minibatches
+
+
+def test_trust_region_caps_each_layers_update() -> None:
+    x, y = _data(0)
+    model = _tiny(0)
+    opt = GaussNewton(model, lr=10.0, max_update_ratio=0.05)
+    layers = [model[0], model[2]]
+    before = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in layers]
+    opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+    ratios = [
+        float((torch.cat([p.detach().flatten() for p in m.parameters()]) - b).norm() / b.norm())
+        for m, b in zip(layers, before, strict=True)
+    ]
+    assert max(ratios) <= 0.05 * (1 + 1e-5)
+    assert max(ratios) > 0.05 * (1 - 1e-5)  # at lr 10 the cap binds
+
+
+def test_zero_initialized_layer_is_not_frozen_by_the_trust_region() -> None:
+    x, y = _data(0)
+    model = _tiny(0)
+    nn.init.zeros_(model[2].weight)
+    nn.init.zeros_(model[2].bias)
+    opt = make_optimizer(model)
+    for _ in range(3):
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+    assert float(model[2].weight.norm()) > 0.0
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -124,7 +150,7 @@ def test_trains_the_sigmoid_mlp_that_sgd_cannot() -> None:
         with torch.no_grad():
             accuracy[name] = float((model(xt).argmax(1) == yt).double().mean())
     assert accuracy["sgd"] < 0.2
-    assert accuracy["gauss-newton"] > 0.88  # measured 0.94-0.96 on 5 seeds after 3 epochs
+    assert accuracy["gauss-newton"] > 0.88  # measured 0.91-0.94 on seeds 0-4
 
 
 def test_refresh_schedule() -> None:

@@ -1,10 +1,11 @@
 """Curvature-aware optimization: the remedy for a step size that suits no layer.
 
 - :class:`GaussNewton`: a :class:`torch.optim.Optimizer` that takes per-layer
-  Kronecker-factored Gauss-Newton directions (Martens & Grosse 2015) and sets every
-  layer's step size and momentum from the exact Gauss-Newton quadratic model, with
-  Levenberg–Marquardt damping and a trust-region test (Martens 2010). Its steps do not
-  change when the loss is multiplied by a constant.
+  Kronecker-factored Gauss-Newton steps (K-FAC, Martens & Grosse 2015) with the exact
+  output Hessian, damped relative to each layer's own curvature, the curvature refreshed
+  every few steps; optionally (``step_size="model"``) every step's size and momentum
+  from the exact Gauss-Newton quadratic model with Levenberg–Marquardt damping (Martens
+  2010). Its steps do not change when the loss is multiplied by a constant.
 - :func:`make_optimizer` and :func:`step_on_batch`: what a training loop calls, for
   this optimizer or any other.
 - :class:`ClosureGGN`: the curvature engine's GGN operator built from a closure's graph.

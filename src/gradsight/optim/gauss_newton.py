@@ -24,8 +24,16 @@ combines published ingredients, each chosen by measurement (``benchmarks/remedy.
    computed in one batched Cholesky factorization per factor size.
 3. **The step size.** ``step_size="fixed"`` (default) takes ``lr`` times the damped
    K-FAC step, with optional heavy-ball momentum — the usual small-batch K-FAC
-   (Grosse & Martens 2016; Ba et al. 2017). ``step_size="model"`` instead picks every
-   step's size and momentum from the exact GGN quadratic model ``q(a) = gᵀVa +
+   (Grosse & Martens 2016; Ba et al. 2017) — inside a **per-layer trust region**: a
+   layer's step is shrunk until it is at most ``max_update_ratio`` (7%) of the norm of
+   the layer's weights, the layer-wise trust ratio of LARS/LAMB (You et al. 2017,
+   2020). The curvature sets each layer's direction and relative scale; the trust
+   region keeps a layer whose signal is tiny (so whose Gauss-Newton step is huge) from
+   jumping into the flat tails of its activation. Measured: without it the 10-layer
+   sigmoid MLP's early layers saturate and it stays at chance; with it, it passes 90%
+   held-out accuracy in 10–14 epochs on 2 of 3 seeds.
+
+   ``step_size="model"`` instead picks every step's size and momentum from the exact GGN quadratic model ``q(a) = gᵀVa +
    ½aᵀ(M + λ·diag M)a``, ``M = VᵀGV`` (Martens & Grosse 2015 §7; per layer with
    ``per_layer=True``), with Levenberg–Marquardt damping and a trust-region test that
    re-evaluates the closure (Levenberg 1944; Marquardt 1963; Martens 2010 §4.1).
@@ -37,7 +45,9 @@ benchmark, the greedy minimizer of the exact GGN model along the K-FAC direction
 sizes (Wu et al. 2018) — and the model-based step needs ``2L`` GGN products and a second
 closure evaluation per step. With the fixed step, the 6-layer net reaches 90% held-out
 accuracy in two epochs; with the model-based one it stalls near 80% (benchmark results in
-``benchmarks/results/remedy.md``).
+``benchmarks/results/remedy.md``, the measurements behind each default in
+``docs/optimizer.md``). On small full-batch problems the model-based step is the better
+one.
 
 Every quantity above is invariant to multiplying the loss by ``c > 0`` (``S``, the
 diagonal, ``g`` and, in model mode, ``M`` all scale by ``c``; the damping is relative),
@@ -54,6 +64,10 @@ References:
     Kronecker-factored approximations. ICLR.
     J. G. Pauloski et al. (2020). Convolutional neural network training with distributed
     K-FAC. SC20.
+    Y. You, I. Gitman, B. Ginsburg (2017). Large batch training of convolutional
+    networks (LARS). arXiv:1708.03888.
+    Y. You et al. (2020). Large batch optimization for deep learning: training BERT in
+    76 minutes (LAMB). ICLR.
     Y. Wu, M. Ren, R. Liao, R. Grosse (2018). Understanding short-horizon bias in
     stochastic meta-optimization. ICLR.
     N. Schraudolph (2002). Fast curvature matrix-vector products for second-order
@@ -138,7 +152,7 @@ class GaussNewton(torch.optim.Optimizer):
         model: the network; its linear layers get Kronecker-factored directions, other
             parameter blocks a diagonal Gauss-Newton scaling.
         lr: with ``step_size="fixed"`` the step in units of the damped K-FAC step
-            (default 0.03); with ``"model"`` a multiplier of the model-optimal step
+            (default 0.1); with ``"model"`` a multiplier of the model-optimal step
             (default 1). Schedulers may change it like any learning rate.
         momentum: heavy-ball coefficient in ``[0, 1)`` for the fixed step; in model mode
             any value above 0 adds each block's previous step to the subspace (its
@@ -152,6 +166,9 @@ class GaussNewton(torch.optim.Optimizer):
         exact_outputs: compute the output factors exactly (one batched backward pass
             over the output basis) for models with at most this many outputs per
             sample; above, from one random probe per sample with covariance ``H_out``.
+        max_update_ratio: fixed step: each layer's step is at most this fraction of
+            the norm of its weights (``None``: no trust region). A layer whose weights
+            are all zero is not limited.
         step_size: ``"fixed"`` or ``"model"`` (see the module documentation).
         damping: model mode: initial Levenberg–Marquardt ``λ`` (dimensionless).
         per_layer: model mode: one step size (and momentum) per layer instead of shared.
@@ -170,7 +187,17 @@ class GaussNewton(torch.optim.Optimizer):
         >>> opt = GaussNewton(model)
         >>> for _ in range(100):
         ...     loss = opt.step(lambda: nn.functional.cross_entropy(model(x), y))
-        >>> float(loss) < 0.1
+        >>> float(loss) < 0.15
+        True
+
+        On a full batch like this one the model-based step gets much further in the
+        same number of steps:
+
+        >>> model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 2))
+        >>> opt = GaussNewton(model, step_size="model")
+        >>> for _ in range(30):
+        ...     loss = opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+        >>> float(loss) < 0.01
         True
     """
 
@@ -186,6 +213,7 @@ class GaussNewton(torch.optim.Optimizer):
         update_every: int = 10,
         warmup: int = 10,
         exact_outputs: int = 32,
+        max_update_ratio: float | None = 0.07,
         step_size: str = "fixed",
         damping: float = 1e-2,
         per_layer: bool = False,
@@ -200,7 +228,7 @@ class GaussNewton(torch.optim.Optimizer):
         if step_size not in _STEP_SIZES:
             raise GradsightError(f"step_size must be 'fixed' or 'model', got {step_size!r}.")
         if lr is None:
-            lr = 0.03 if step_size == "fixed" else 1.0
+            lr = 0.1 if step_size == "fixed" else 1.0
         for name, value in (("lr", lr), ("damping", damping), ("factor_damping", factor_damping)):
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise GradsightError(f"{name} must be a positive finite number, got {value!r}.")
@@ -227,6 +255,7 @@ class GaussNewton(torch.optim.Optimizer):
         self.update_every = update_every
         self.warmup = warmup
         self.exact_outputs = int(exact_outputs)
+        self.max_update_ratio = max_update_ratio
         self.step_size = step_size
         self.per_layer = per_layer
         self.adapt_every = int(adapt_every)
@@ -236,6 +265,9 @@ class GaussNewton(torch.optim.Optimizer):
         self._blocks = self._find_blocks(model)
         self._params = [p for b in self._blocks for p in b.params]
         self._names = [b.name for b in self._blocks for _ in b.params]
+        self._block_index = torch.tensor(
+            [i for i, b in enumerate(self._blocks) for _ in b.params], dtype=torch.long
+        )
 
     @property
     def momentum_in_subspace(self) -> bool:
@@ -511,10 +543,24 @@ class GaussNewton(torch.optim.Optimizer):
                         buf.mul_(momentum).add_(d)
                     bufs.append(buf)
                 steps = bufs
+            if self.max_update_ratio is not None:
+                steps = self._trust_region(steps, lr)
             torch._foreach_add_(self._params, steps, alpha=lr)
         nan = math.nan
         sizes = {b.name: lr for b in self._blocks}
         return StepInfo(loss, nan, nan, nan, self.damping, True, sizes)
+
+    def _trust_region(self, steps: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
+        """Shrink each block's step so that ‖lr·Δ‖ ≤ max_update_ratio · ‖θ‖."""
+        tau = float(self.max_update_ratio or 0.0)
+        step_sq = torch.stack(torch._foreach_norm(steps)).square()
+        param_sq = torch.stack(torch._foreach_norm(self._params)).square()
+        index = self._block_index
+        per_step = torch.zeros(len(self._blocks), dtype=step_sq.dtype).index_add_(0, index, step_sq)
+        per_param = torch.zeros_like(per_step).index_add_(0, index, param_sq)
+        scale = (tau * per_param.sqrt() / (lr * per_step.sqrt()).clamp_min(1e-30)).clamp(max=1.0)
+        scale = torch.where(per_param > 0, scale, torch.ones_like(scale))  # all-zero block
+        return torch._foreach_mul(steps, scale[index].tolist())
 
     def _subspace_step(
         self, op: ClosureGGN, grads: list[torch.Tensor], closure: Closure, loss: float

@@ -59,9 +59,9 @@ def damped_inverses(factors: list[torch.Tensor], gamma: float) -> list[torch.Ten
 
     Example:
         >>> import torch
-        >>> F = [torch.eye(2) * 4.0, torch.eye(3), torch.eye(2)]
-        >>> [round(float(inv[0, 0]), 3) for inv in damped_inverses(F, 1.0)]
-        [0.125, 0.5, 0.5]
+        >>> F = [torch.eye(2) * 4.0, torch.eye(3), torch.eye(2), torch.zeros(2, 2)]
+        >>> [round(float(inv[0, 0]), 3) for inv in damped_inverses(F, 1.0)]  # 0: no signal
+        [0.125, 0.5, 0.5, 1.0]
     """
     out: list[torch.Tensor | None] = [None] * len(factors)
     by_size: dict[int, list[int]] = {}
@@ -73,11 +73,14 @@ def damped_inverses(factors: list[torch.Tensor], gamma: float) -> list[torch.Ten
         eye = torch.eye(d, dtype=stack.dtype, device=stack.device)
         damped = stack + (gamma * scale)[:, None, None] * eye
         chol, info = torch.linalg.cholesky_ex(damped)
-        inv = torch.cholesky_inverse(chol)
         bad = (info != 0) | ~(scale > 0)
-        if bool(bad.any()):  # rare: fall back one factor at a time
+        if bool(bad.any()):  # rare (no signal, or not definite): one factor at a time
+            chol[bad] = eye
+            inv = torch.cholesky_inverse(chol)
             for j in bad.nonzero().flatten().tolist():
                 inv[j] = damped_inverse(factors[idx[j]], gamma)
+        else:
+            inv = torch.cholesky_inverse(chol)
         for j, i in enumerate(idx):
             out[i] = inv[j]
     return [t for t in out if t is not None]

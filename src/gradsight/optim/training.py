@@ -14,15 +14,16 @@ __all__ = ["make_optimizer", "step_on_batch"]
 
 
 def make_optimizer(model: nn.Module, **kwargs: Any) -> GaussNewton:
-    """:class:`GaussNewton` over ``model`` with the defaults the benchmarks use.
+    """:class:`GaussNewton` over ``model`` with its defaults (those the benchmark runs).
 
-    Keyword arguments go to :class:`GaussNewton` (``lr``, ``damping``, …).
+    Keyword arguments go to :class:`GaussNewton` (``lr``, ``factor_damping``,
+    ``step_size``, …).
 
     Example:
         >>> from torch import nn
         >>> opt = make_optimizer(nn.Linear(3, 2))
-        >>> opt.param_groups[0]["lr"]
-        1.0
+        >>> opt.param_groups[0]["lr"], opt.step_size
+        (0.1, 'fixed')
     """
     return GaussNewton(model, **kwargs)
 
