@@ -33,10 +33,11 @@ combines published ingredients, each chosen by measurement (``benchmarks/remedy.
    sigmoid MLP's early layers saturate and it stays at chance; with it, it passes 90%
    held-out accuracy in 10–14 epochs on 2 of 3 seeds.
 
-   ``step_size="model"`` instead picks every step's size and momentum from the exact GGN quadratic model ``q(a) = gᵀVa +
-   ½aᵀ(M + λ·diag M)a``, ``M = VᵀGV`` (Martens & Grosse 2015 §7; per layer with
-   ``per_layer=True``), with Levenberg–Marquardt damping and a trust-region test that
-   re-evaluates the closure (Levenberg 1944; Marquardt 1963; Martens 2010 §4.1).
+   ``step_size="model"`` instead picks every step's size and momentum from the exact
+   GGN quadratic model ``q(a) = gᵀVa + ½aᵀ(M + λ·diag M)a``, ``M = VᵀGV`` (Martens &
+   Grosse 2015 §7; per layer with ``per_layer=True``), with Levenberg–Marquardt damping
+   and a trust-region test that re-evaluates the closure (Levenberg 1944; Marquardt
+   1963; Martens 2010 §4.1).
 
 Why the fixed step is the default: at batch 64 on the deep sigmoid MLPs of the
 benchmark, the greedy minimizer of the exact GGN model along the K-FAC direction is
