@@ -561,7 +561,7 @@ class GaussNewton(torch.optim.Optimizer):
         per_param = torch.zeros_like(per_step).index_add_(0, index, param_sq)
         scale = (tau * per_param.sqrt() / (lr * per_step.sqrt()).clamp_min(1e-30)).clamp(max=1.0)
         scale = torch.where(per_param > 0, scale, torch.ones_like(scale))  # all-zero block
-        return torch._foreach_mul(steps, scale[index].tolist())
+        return list(torch._foreach_mul(steps, scale[index].tolist()))
 
     def _subspace_step(
         self, op: ClosureGGN, grads: list[torch.Tensor], closure: Closure, loss: float
