@@ -7,11 +7,10 @@ Three MLPs on the built-in digits, trained for the same number of epochs:
   derivative (≤ 0.25) shrinks the backward signal about ×0.24 per layer;
 * 10-layer ReLU with He init, plain SGD: the same depth learns (> 95% held-out
   accuracy), no layer vanishes;
-* 6-layer sigmoid with Xavier init, trained with :class:`gradsight.optim.GaussNewton`
-  (per-layer Gauss-Newton steps): a sigmoid network that SGD leaves at chance at every
-  learning rate (``benchmarks/remedy.py``) learns once each layer gets the step its own
-  curvature calls for; its diagnosis is taken before and after training. (At 10 sigmoid
-  layers this optimizer does not escape the plateau either: see the benchmark.)
+* the same 10-layer sigmoid network trained with :class:`gradsight.optim.GaussNewton`
+  (per-layer Gauss-Newton steps in a per-layer trust region): it learns once each layer
+  gets the step its own curvature calls for (about 90% held-out accuracy after 40
+  epochs); its diagnosis is taken before and after training.
 
 Each arm's training is recorded by :class:`gradsight.Monitor` into ``run-NNN/<arm>/``,
 and one HTML report compares them (``run-NNN/report.html``).
@@ -73,11 +72,10 @@ ARMS = (
     Arm("relu-he-sgd", "10-layer ReLU MLP, He init, SGD lr 0.1", "relu", "he", 0.1),
     Arm(
         "sigmoid-gauss-newton",
-        "6-layer sigmoid MLP, Xavier init, gradsight.optim.GaussNewton",
+        "10-layer sigmoid MLP, Xavier init, gradsight.optim.GaussNewton",
         "sigmoid",
         "xavier",
         None,
-        depth=6,
         every=2,  # its own backward passes run while the Monitor's hooks are off
     ),
 )
