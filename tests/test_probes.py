@@ -187,3 +187,25 @@ def test_lean_mode_recognises_third_party_activation_modules() -> None:
         model(torch.randn(16, 4)).sum().backward()
     act = probe.result()["0"].activation
     assert act is not None and act.name == "gelu"
+
+
+def test_deferred_statistics_of_half_precision_activations_are_computed_in_float32() -> None:
+    from gradsight.probes._deferred import DeferredStatistics
+    from gradsight.probes.signal import _module_activation
+
+    sigmoid = _module_activation(nn.Sigmoid())
+    torch.manual_seed(0)
+    ys = [torch.sigmoid(4 * torch.randn(64, 300)).bfloat16() for _ in range(2)]
+    deferred = DeferredStatistics()
+    deferred.add("step", ["a", "b"], sigmoid, 1, ys)
+    [(tag, keys, values)] = deferred.pop(final=True)
+    assert tag == "step" and values.dtype == torch.float32
+    for i, y in enumerate(ys):
+        d = (y.double() * (1 - y.double())).reshape(-1)
+        want = [
+            float((d <= 0.025).double().mean()),
+            float((d.reshape(64, 300) <= 0.025).all(dim=0).double().mean()),
+            float(d.mean()),
+            float(d.square().mean().sqrt()),
+        ]
+        assert values[4 * i : 4 * i + 4].tolist() == pytest.approx(want, rel=1e-5, abs=1e-7)

@@ -83,12 +83,16 @@ def activation_statistics(
 
 
 class _Group:
-    """Up to ``capacity`` steps of one group of layers, in preallocated buffers."""
+    """Up to ``capacity`` steps of one group of layers, in preallocated buffers (float32
+    at least: half-precision sums over many entries would lose the statistics)."""
 
-    def __init__(self, act: Any, unit_dim: int, like: torch.Tensor, capacity: int) -> None:
+    def __init__(
+        self, act: Any, unit_dim: int, shape: tuple[int, ...], like: torch.Tensor, capacity: int
+    ) -> None:
         self.act = act
         self.unit_dim = unit_dim
-        self.x = torch.empty((capacity, *like.shape), dtype=like.dtype, device=like.device)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        self.x = torch.empty((capacity, *shape), dtype=dtype, device=like.device)
         self.scratch = (torch.empty_like(self.x), torch.empty_like(self.x))
         self.steps: list[tuple[Any, list[tuple[str, str]]]] = []
 
@@ -97,7 +101,12 @@ class _Group:
         return len(self.steps) == self.x.shape[0]
 
     def add(self, tag: Any, keys: list[tuple[str, str]], tensors: list[torch.Tensor]) -> None:
-        torch.stack(tensors, out=self.x[len(self.steps)])
+        slot = self.x[len(self.steps)]
+        if tensors[0].dtype == slot.dtype:
+            torch.stack(tensors, out=slot)
+        else:
+            for row, t in zip(slot, tensors, strict=True):
+                row.copy_(t)
         self.steps.append((tag, keys))
 
     def reduce(self) -> list[Block]:
@@ -146,9 +155,10 @@ class DeferredStatistics:
         if group is None:
             if len(self._groups) >= MAX_GROUPS:
                 self._reduce_all(drop=True)
-            step_bytes = max(1, first.numel() * first.element_size() * len(tensors))
+            step_bytes = max(1, first.numel() * 4 * len(tensors))
             capacity = max(1, min(MAX_STEPS, self.buffer_bytes // step_bytes))
-            group = self._groups[key] = _Group(act, unit_dim, torch.stack(tensors), capacity)
+            shape = (len(tensors), *first.shape)
+            group = self._groups[key] = _Group(act, unit_dim, shape, first, capacity)
         with torch.no_grad():
             group.add(tag, [(name, m) for name in names for m in STATS], tensors)
             if group.full:
@@ -156,9 +166,9 @@ class DeferredStatistics:
 
     def pop(self, final: bool = False) -> list[Block]:
         """Reduced ``(tag, keys, values)`` blocks, each once; ``final``: also the steps
-        still waiting."""
+        still waiting, and the buffers are released (a flush, or the end)."""
         if final:
-            self._reduce_all(drop=False)
+            self._reduce_all(drop=True)
         ready, self._ready = self._ready, []
         return ready
 
