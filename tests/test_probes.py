@@ -199,7 +199,8 @@ def test_deferred_statistics_of_half_precision_activations_are_computed_in_float
     deferred = DeferredStatistics()
     deferred.add("step", ["a", "b"], sigmoid, 1, ys)
     [(tag, keys, values)] = deferred.pop(final=True)
-    assert tag == "step" and values.dtype == torch.float32
+    assert tag == "step" and keys[:2] == [("a", "saturation"), ("a", "dead_fraction")]
+    assert values.dtype == torch.float32
     for i, y in enumerate(ys):
         d = (y.double() * (1 - y.double())).reshape(-1)
         want = [
