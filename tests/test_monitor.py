@@ -13,7 +13,7 @@ from torch import nn
 import gradsight
 from gradsight import GradsightError, Monitor
 from gradsight.curvature import top_eigenvalues
-from gradsight.probes import SignalProbe
+from gradsight.probes import SignalFlow, SignalProbe
 from gradsight.store import load_run
 
 
@@ -40,6 +40,15 @@ def _train(model: nn.Module, steps: int, mon: Monitor | None, opt: torch.optim.O
         opt.step()
 
 
+def _reference(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor, SignalFlow]:
+    """A float64 batch and the full probe's measurement of one backward pass on it."""
+    x, y = _data()
+    x = x.double()
+    with SignalProbe(model) as probe:
+        nn.functional.cross_entropy(model(x), y).backward()
+    return x, y, probe.result()
+
+
 def test_training_with_the_monitor_is_bitwise_unchanged(tmp_path: Path) -> None:
     plain = _model(nn.ReLU)
     watched = _model(nn.ReLU)
@@ -58,11 +67,7 @@ def test_training_with_the_monitor_is_bitwise_unchanged(tmp_path: Path) -> None:
 
 def test_recorded_numbers_match_direct_computation(tmp_path: Path) -> None:
     model = _model(nn.Sigmoid).double()
-    x, y = _data()
-    x = x.double()
-    with SignalProbe(model) as probe:
-        nn.functional.cross_entropy(model(x), y).backward()
-    ref = probe.result()
+    x, y, ref = _reference(model)
     grads = {
         n: m.weight.grad.norm() ** 2 + m.bias.grad.norm() ** 2
         for n, m in model.named_children()
@@ -297,11 +302,7 @@ def test_statistics_of_every_step_survive_the_deferred_reduction(
 
 def test_passes_while_paused_are_not_recorded(tmp_path: Path) -> None:
     model = _model(nn.Tanh).double()
-    x, y = _data()
-    x = x.double()
-    with SignalProbe(model) as probe:
-        nn.functional.cross_entropy(model(x), y).backward()
-    ref = probe.result()
+    x, y, ref = _reference(model)
     model.zero_grad()
     with Monitor(model, logdir=tmp_path / "r", diagnose_at_close=False) as mon:
         with mon.paused():  # e.g. an optimizer's own curvature pass, on other data
