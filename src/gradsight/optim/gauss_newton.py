@@ -266,9 +266,8 @@ class GaussNewton(torch.optim.Optimizer):
         self._blocks = self._find_blocks(model)
         self._params = [p for b in self._blocks for p in b.params]
         self._names = [b.name for b in self._blocks for _ in b.params]
-        self._block_index = torch.tensor(
-            [i for i, b in enumerate(self._blocks) for _ in b.params], dtype=torch.long
-        )
+        self._block_list = [i for i, b in enumerate(self._blocks) for _ in b.params]
+        self._block_index = torch.tensor(self._block_list, dtype=torch.long)
 
     @property
     def momentum_in_subspace(self) -> bool:
@@ -373,10 +372,10 @@ class GaussNewton(torch.optim.Optimizer):
         """Average in this batch's factors, then recompute every inverse.
 
         The output factor is exact when the model has at most ``exact_outputs`` outputs
-        per sample: with ``B_j = ∂z_j/∂s`` from one batched backward pass over the output
-        basis, ``S = Σₙ Σ_jk B_nj (H_n)_jk B_nkᵀ`` uses the output Hessian ``H_n`` itself
-        (no sampling noise). Otherwise, and for the diagonal of other blocks, one backward
-        pass of a probe whose covariance is ``H_n`` gives an unbiased estimate.
+        per sample: one batched backward pass of the ``C`` columns of every ``R_n``
+        (``R_n R_nᵀ = H_n``) gives ``S = Σₙ Jₙᵀ Hₙ Jₙ`` (no sampling noise). Otherwise,
+        and for the diagonal of other blocks, one backward pass of a probe whose
+        covariance is ``H_n`` gives an unbiased estimate.
         """
         blocks = self._blocks
         linear = [i for i, b in enumerate(blocks) if b.linear and i in captured["inputs"]]
@@ -391,34 +390,32 @@ class GaussNewton(torch.optim.Optimizer):
             and all(o.ndim >= 2 and o.shape[0] == n for o in flat_out)
         )
         out_factors: list[torch.Tensor] = []
-        if exact and flat_out:
-            c = outputs.shape[1]
-            eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device)
-            basis = eye[:, None, :].expand(c, n, c).contiguous()
+        roots = None
+        if outputs.ndim == 2 and (flat_out or other_params):
             with torch.no_grad():
-                hb = op.output_hessian(basis)  # hb[j, n, k] = (H_n)_kj
-                hb = 0.5 * (hb + hb.permute(2, 1, 0))
-            jac = torch.autograd.grad(
+                roots = self._output_roots(op, outputs)  # R_n R_nᵀ = H_n
+        if exact and flat_out and roots is not None:
+            # cotangent c is column c of every R_n: Σ_c (Jₙᵀ R_n e_c)(…)ᵀ = Jₙᵀ Hₙ Jₙ
+            signals_c = torch.autograd.grad(
                 outputs,
                 flat_out,
-                basis,
+                roots.permute(2, 0, 1).contiguous(),
                 retain_graph=retain or bool(other_params),
                 allow_unused=True,
                 is_grads_batched=True,
             )
-            for j, o in zip(jac, flat_out, strict=True):
-                if j is None:
-                    out_factors.append(torch.zeros(o.shape[-1], o.shape[-1], dtype=o.dtype))
+            for e, o in zip(signals_c, flat_out, strict=True):
+                if e is None:
+                    d = o.shape[-1]
+                    out_factors.append(torch.zeros(d, d, dtype=o.dtype, device=o.device))
                     continue
-                j = j.detach()
-                weighted = torch.einsum("jnk,kn...->jn...", hb, j)
-                f = j.reshape(-1, o.shape[-1]).T @ weighted.reshape(-1, o.shape[-1])
-                out_factors.append(0.5 * (f + f.T))
+                e = e.detach().reshape(-1, o.shape[-1])
+                out_factors.append(e.T @ e)
         probe_targets = ([] if exact else flat_out) + other_params
         signals: tuple[torch.Tensor | None, ...] = ()
         if probe_targets:
             with torch.no_grad():
-                probe = self._output_probe(op, outputs)
+                probe = self._output_probe(op, outputs, roots)
             signals = torch.autograd.grad(
                 outputs, probe_targets, probe, retain_graph=retain, allow_unused=True
             )
@@ -468,29 +465,40 @@ class GaussNewton(torch.optim.Optimizer):
             for kf, si, ai in zip(kfs, s_inv, a_inv, strict=True):
                 kf.S_inv, kf.A_inv = si, ai
 
-    def _output_probe(self, op: ClosureGGN, outputs: torch.Tensor) -> torch.Tensor:
+    def _output_probe(
+        self, op: ClosureGGN, outputs: torch.Tensor, roots: torch.Tensor | None
+    ) -> torch.Tensor:
         """A random output-space vector with covariance ``H_out`` (per sample, exactly).
 
-        For outputs of shape ``(n, C)`` whose loss is a sum over samples, ``H_out`` is
-        block-diagonal; its ``C`` columns come from ``C`` output-space products, and
-        ``H_n^{1/2} ε`` with ``ε ~ N(0, I)`` has covariance ``H_n``. Other output shapes
-        fall back to the loss gradient ``∂L/∂z`` (empirical-Fisher factors).
+        ``R_n ε`` with ``ε ~ N(0, I)`` and ``R_n R_nᵀ = H_n`` has covariance ``H_n``.
+        Other output shapes fall back to the loss gradient ``∂L/∂z`` (empirical-Fisher
+        factors).
         """
-        if outputs.ndim != 2:
+        if roots is None:
             return op.output_gradient
+        n, c = roots.shape[:2]
+        eps = torch.randn(n, c, 1, generator=self._generator, dtype=torch.float64)
+        return (roots @ eps.to(device=roots.device, dtype=roots.dtype)).squeeze(2)
+
+    @staticmethod
+    def _output_roots(op: ClosureGGN, outputs: torch.Tensor) -> torch.Tensor:
+        """Per sample, a square root ``R_n`` (``R_n R_nᵀ = H_n``) of the output Hessian.
+
+        For outputs of shape ``(n, C)`` whose loss is a sum over samples, ``H_out`` is
+        block-diagonal; its ``C`` columns come from ``C`` output-space products of the
+        curvature engine (one vmapped double-backward pass through the loss).
+        """
         n, c = outputs.shape
         eye = torch.eye(c, dtype=outputs.dtype, device=outputs.device)
         basis = eye[:, None, :].expand(c, n, c).contiguous()
         hb = op.output_hessian(basis)  # hb[j, n, :] = H_n e_j
         h = hb.permute(1, 2, 0).double()  # float64: H_n is often near singular
         h = 0.5 * (h + h.transpose(1, 2))
-        eps = torch.randn(n, c, 1, generator=self._generator, dtype=torch.float64)
-        eps = eps.to(device=outputs.device)
         # A Cholesky factor L (L Lᵀ = H_n) is a square root as good as the symmetric one
-        # for the covariance and ~10× cheaper than eigh for many tiny matrices. H_n is
-        # often singular (softmax: rank C − 1) and, computed in float32, off by ~1e-7 of
-        # its largest entry; a jitter of 100 rounding units of that entry makes it
-        # definite and changes the covariance far less than the sampling noise does.
+        # and ~10× cheaper than eigh for many tiny matrices. H_n is often singular
+        # (softmax: rank C − 1) and, computed in float32, off by ~1e-7 of its largest
+        # entry; a jitter of 100 rounding units of that entry makes it definite and
+        # changes H_n by far less than the factors' running average moves in one step.
         # Indefinite or non-finite blocks fall back to eigh.
         unit = 100.0 * torch.finfo(outputs.dtype).eps
         jitter = unit * h.diagonal(dim1=1, dim2=2).amax(dim=1).clamp_min(1e-30)
@@ -500,7 +508,7 @@ class GaussNewton(torch.optim.Optimizer):
             evals, evecs = torch.linalg.eigh(h[bad])
             root = evecs * evals.clamp_min(0.0).sqrt()[:, None, :]
             chol[bad] = root @ evecs.transpose(1, 2)
-        return (chol @ eps).squeeze(2).to(outputs.dtype)
+        return chol.to(outputs.dtype)
 
     def _directions(self, grads: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Per block, minus its damped Gauss-Newton-preconditioned gradient."""
@@ -545,23 +553,43 @@ class GaussNewton(torch.optim.Optimizer):
                     bufs.append(buf)
                 steps = bufs
             if self.max_update_ratio is not None:
-                steps = self._trust_region(steps, lr)
-            torch._foreach_add_(self._params, steps, alpha=lr)
+                torch._foreach_add_(self._params, self._trust_region(steps, lr))
+            else:
+                torch._foreach_add_(self._params, steps, alpha=lr)
         nan = math.nan
         sizes = {b.name: lr for b in self._blocks}
         return StepInfo(loss, nan, nan, nan, self.damping, True, sizes)
 
     def _trust_region(self, steps: list[torch.Tensor], lr: float) -> list[torch.Tensor]:
-        """Shrink each block's step so that ‖lr·Δ‖ ≤ max_update_ratio · ‖θ‖."""
+        """``lr·Δ`` per parameter, each block's shrunk to ``‖lr·Δ‖ ≤ max_update_ratio·‖θ‖``.
+
+        A block whose weights are all zero is not limited (it would never move).
+        """
         tau = float(self.max_update_ratio or 0.0)
-        step_sq = torch.stack(torch._foreach_norm(steps)).square()
-        param_sq = torch.stack(torch._foreach_norm(self._params)).square()
-        index = self._block_index
-        per_step = torch.zeros(len(self._blocks), dtype=step_sq.dtype).index_add_(0, index, step_sq)
-        per_param = torch.zeros_like(per_step).index_add_(0, index, param_sq)
-        scale = (tau * per_param.sqrt() / (lr * per_step.sqrt()).clamp_min(1e-30)).clamp(max=1.0)
-        scale = torch.where(per_param > 0, scale, torch.ones_like(scale))  # all-zero block
-        return list(torch._foreach_mul(steps, scale[index].tolist()))
+        norms = torch.stack(torch._foreach_norm(steps + self._params))
+        if norms.device.type != "cpu":  # stay on the device: no host sync
+            sq = norms.square().view(2, -1)
+            if self._block_index.device != sq.device:
+                self._block_index = self._block_index.to(sq.device)
+            index = self._block_index
+            per_block = sq.new_zeros(2, len(self._blocks)).index_add_(1, index, sq).sqrt()
+            step_norm, weight_norm = lr * per_block[0], per_block[1]
+            scale = (tau * weight_norm / step_norm.clamp_min(1e-30)).clamp(max=1.0)
+            scale = torch.where(weight_norm > 0, scale, torch.ones_like(scale))
+            return [t * f for t, f in zip(steps, (lr * scale[index]).unbind(), strict=True)]
+        # On the CPU a dozen blocks' arithmetic is cheaper in Python than as tensor ops.
+        values = norms.tolist()
+        n = len(steps)
+        step_sq = [0.0] * len(self._blocks)
+        weight_sq = [0.0] * len(self._blocks)
+        for k, i in enumerate(self._block_list):
+            step_sq[i] += values[k] ** 2
+            weight_sq[i] += values[n + k] ** 2
+        factors: list[float] = []
+        for i in self._block_list:
+            length, limit = lr * math.sqrt(step_sq[i]), tau * math.sqrt(weight_sq[i])
+            factors.append(lr * (limit / length if 0.0 < limit < length else 1.0))
+        return list(torch._foreach_mul(steps, factors))
 
     def _subspace_step(
         self, op: ClosureGGN, grads: list[torch.Tensor], closure: Closure, loss: float
