@@ -99,7 +99,7 @@ class Runner:
         self.floor: Callable[[], torch.Tensor] | None = None
         if variant == "floor":
             self.floor = bare_hooks(self.model)
-        if variant != "plain":
+        if variant not in ("plain", "floor"):
             self.mon = gradsight.Monitor(
                 self.model,
                 logdir=logdir / variant.replace(" ", "-"),

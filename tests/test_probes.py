@@ -210,3 +210,18 @@ def test_deferred_statistics_of_half_precision_activations_are_computed_in_float
             float(d.square().mean().sqrt()),
         ]
         assert values[4 * i : 4 * i + 4].tolist() == pytest.approx(want, rel=1e-5, abs=1e-7)
+
+
+def test_lean_signal_norms_of_half_precision_gradients_do_not_overflow() -> None:
+    # A GradScaler-style scaled loss: every entry of ∂L/∂out is 2**12, so ‖·‖ = 2**12·√n
+    # exceeds float16's largest value (65504) while each entry fits.
+    model = nn.Sequential(nn.Linear(8, 512), nn.Tanh(), nn.Linear(512, 4)).half()
+    x = torch.randn(64, 8).half()
+    lean = dict(activations="modules", input_signals=False, output_norms=False)
+    with SignalProbe(model, **lean) as probe:  # type: ignore[arg-type]
+        out = model(x)
+        out.backward(torch.full_like(out, 2.0**12))
+        keys, values, _ = probe.collect_columns()
+    got = dict(zip(keys, values, strict=True))[("2", "signal_norm")]
+    assert got.dtype == torch.float32
+    assert float(got) == pytest.approx(2.0**12 * math.sqrt(64 * 4), rel=1e-3)

@@ -435,11 +435,10 @@ class Monitor:
             parts.append(torch.as_tensor(scale, device=parts[0].device).reshape(()))
         if parts:
             layout = self._layout(owners, keys, has_loss, scale is not None)
-            first = parts[0]
-            if all(t.dtype == first.dtype and t.device == first.device for t in parts):
+            try:  # mixed dtypes (half-precision gradients) are promoted
                 vec = torch.stack(parts)
-            else:  # e.g. half-precision gradients, or the general path's host statistics
-                vec = torch.stack([t.to(first.device, torch.float64) for t in parts])
+            except RuntimeError:  # mixed devices: the general path's host statistics
+                vec = torch.stack([t.to(parts[0].device, torch.float64) for t in parts])
             if self._dist is not None:  # reduce this step's finished metrics now
                 finished = layout.finish(vec.unsqueeze(0))[0]
                 self._pending.append((step, layout.keys, self._dist.reduce(layout.keys, finished)))

@@ -61,19 +61,20 @@ def activation_statistics(
     if not act.nonnegative:
         d = d.abs_() if scratch is not None else d.abs()
     threshold = FLAT_FRACTION * act.spec.max_derivative
-    # 1.0 where d ≤ threshold, else 0.0 (1 − sign(d − t), at most 1): a few float
-    # passes, faster here than a bool mask and its conversion.
-    flat = torch.sub(d, threshold, out=scratch[1]) if scratch is not None else d - threshold
-    flat = flat.sign_().neg_().add_(1).clamp_(max=1)
     if len(shape) == 0:  # one entry per tensor
-        return torch.stack([flat, flat, d, d.abs()], dim=1)
-    # Dead: units flat on every entry read (the minimum of 0/1 over all but the unit dim).
+        flat = (d <= threshold).to(d.dtype)
+        return torch.stack([flat, flat, d, d], dim=1)
+    # 1.0 where d > threshold, else 0.0: float passes, faster here than a bool mask.
+    steep = torch.sub(d, threshold, out=scratch[1]) if scratch is not None else d - threshold
+    steep = steep.clamp_(min=0).sign_().reshape(n, -1)
+    # Dead: units flat on every entry read, i.e. whose largest derivative is flat.
     others = tuple(i + 1 for i in range(len(shape)) if i != unit_dim)
-    dead = (flat.amin(dim=others) if others else flat).mean(dim=1)
+    peak = d.amax(dim=others) if others else d
+    dead = (peak <= threshold).to(d.dtype).mean(dim=1)
     d = d.reshape(n, -1)
     return torch.stack(
         [
-            flat.reshape(n, -1).mean(dim=1),
+            1.0 - steep.mean(dim=1),
             dead,
             d.mean(dim=1),
             torch.linalg.vector_norm(d, dim=1) / math.sqrt(d.shape[1]),
@@ -95,6 +96,8 @@ class _Group:
         self.x = torch.empty((capacity, *shape), dtype=dtype, device=like.device)
         self.scratch = (torch.empty_like(self.x), torch.empty_like(self.x))
         self.steps: list[tuple[Any, list[tuple[str, str]]]] = []
+        self.names: list[str] = []  # the layers of the last step added, and their keys
+        self.keys: list[tuple[str, str]] = []
 
     @property
     def full(self) -> bool:
@@ -159,8 +162,11 @@ class DeferredStatistics:
             capacity = max(1, min(MAX_STEPS, self.buffer_bytes // step_bytes))
             shape = (len(tensors), *first.shape)
             group = self._groups[key] = _Group(act, unit_dim, shape, first, capacity)
+        if names != group.names:  # the keys of the usual step are built once
+            group.names = list(names)
+            group.keys = [(name, m) for name in names for m in STATS]
         with torch.no_grad():
-            group.add(tag, [(name, m) for name in names for m in STATS], tensors)
+            group.add(tag, group.keys, tensors)
             if group.full:
                 self._ready += group.reduce()
 

@@ -354,6 +354,8 @@ def _differentiable(t: torch.Tensor) -> bool:
 
 # --------------------------------------------------------------------------- lean mode
 
+_WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+
 
 @dataclass(frozen=True)
 class _ModuleActivation:
@@ -803,8 +805,8 @@ class SignalProbe:
 
         def grad_hook(grad: torch.Tensor) -> None:
             if self._active:
-                with torch.no_grad():
-                    norms.append(norm(grad))
+                with torch.no_grad():  # half precision: a float32 result (fp16 overflows)
+                    norms.append(norm(grad, dtype=_WIDE.get(grad.dtype)))
 
         return grad_hook
 
