@@ -37,6 +37,7 @@ output, so it receives ∂L/∂z even after ``ReLU(inplace=True)`` overwrote z.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -357,9 +358,13 @@ def _differentiable(t: torch.Tensor) -> bool:
 _WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _ModuleActivation:
-    """An activation module and how to get φ' from what its forward hook sees."""
+    """An activation module and how to get φ' from what its forward hook sees.
+
+    One shared instance per activation (see :func:`_module_activation`), compared and
+    hashed by identity: it keys the per-step grouping of layers, which must be cheap.
+    """
 
     spec: ActivationSpec
     # φ' as a function of the module's *output* y (None: use spec.derivative on the input).
@@ -381,6 +386,26 @@ def _relu_from_output(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return torch.sign(y, out=out)  # y ≥ 0: 1 where y > 0, else 0
 
 
+_SIGMOID_MODULE = _ModuleActivation(SIGMOID, _sigmoid_from_output, True, _sigmoid_from_output)
+_TANH_MODULE = _ModuleActivation(TANH, _tanh_from_output, True, _tanh_from_output)
+_RELU_MODULE = _ModuleActivation(RELU, RELU.derivative, True, _relu_from_output)
+_GELU_MODULE = _ModuleActivation(GELU, None)
+_SILU_MODULE = _ModuleActivation(SILU, None)
+_SOFTPLUS_MODULE = _ModuleActivation(SOFTPLUS, None)
+
+
+@functools.lru_cache(maxsize=64)
+def _leaky_module(slope: float) -> _ModuleActivation:
+    spec = _leaky(slope)
+    return _ModuleActivation(spec, spec.derivative)
+
+
+@functools.lru_cache(maxsize=64)
+def _hardtanh_module(lo: float, hi: float) -> _ModuleActivation:
+    spec = _hardtanh(lo, hi)
+    return _ModuleActivation(spec, spec.derivative)
+
+
 def _module_activation(module: nn.Module) -> _ModuleActivation | None:
     """The activation an ``nn`` activation module computes, or None.
 
@@ -389,33 +414,31 @@ def _module_activation(module: nn.Module) -> _ModuleActivation | None:
     SiLU and softplus off their input, unless the module works in place.
     """
     if isinstance(module, nn.Sigmoid):
-        return _ModuleActivation(SIGMOID, _sigmoid_from_output, True, _sigmoid_from_output)
+        return _SIGMOID_MODULE
     if isinstance(module, nn.Tanh):
-        return _ModuleActivation(TANH, _tanh_from_output, True, _tanh_from_output)
+        return _TANH_MODULE
     if isinstance(module, nn.ReLU):  # y > 0 exactly where z > 0
-        return _ModuleActivation(RELU, RELU.derivative, True, _relu_from_output)
+        return _RELU_MODULE
     if isinstance(module, nn.LeakyReLU) and module.negative_slope >= 0:
-        spec = _leaky(module.negative_slope)
-        return _ModuleActivation(spec, spec.derivative)
+        return _leaky_module(float(module.negative_slope))
     if isinstance(module, nn.Hardtanh):  # also ReLU6; y ∈ (lo, hi) exactly where z is
-        spec = _hardtanh(module.min_val, module.max_val)
-        return _ModuleActivation(spec, spec.derivative)
+        return _hardtanh_module(float(module.min_val), float(module.max_val))
     if getattr(module, "inplace", False):
         return None
     if isinstance(module, nn.GELU):
-        return _ModuleActivation(GELU, None)
+        return _GELU_MODULE
     if isinstance(module, nn.SiLU):
-        return _ModuleActivation(SILU, None)
+        return _SILU_MODULE
     if isinstance(module, nn.Softplus) and module.beta == 1:
-        return _ModuleActivation(SOFTPLUS, None)
+        return _SOFTPLUS_MODULE
     # Activation modules of other libraries (Hugging Face transformers' BERT/GPT MLP
     # blocks use these), read off their input. The tanh approximations of GELU differ
     # from its exact derivative by less than 0.02, well within the flat threshold.
     name = type(module).__name__
     if name in _GELU_MODULES:
-        return _ModuleActivation(GELU, None)
+        return _GELU_MODULE
     if name in _SILU_MODULES:
-        return _ModuleActivation(SILU, None)
+        return _SILU_MODULE
     return None
 
 

@@ -120,14 +120,27 @@ class RunWriter:
         pa, pq = self._pa, self._pq
         blocks, self._blocks = self._blocks, []
         steps = np.concatenate([np.full(len(k), s, dtype=np.int64) for s, k, _ in blocks])
-        layers = [layer for _, keys, _ in blocks for layer, _ in keys]
-        metrics = [metric for _, keys, _ in blocks for _, metric in keys]
         values = np.concatenate([v for _, _, v in blocks])
+        # Dictionary-encoded names, each distinct key list encoded once (a monitor passes
+        # the same list object for every step of the same layout): no per-row Python.
+        names: dict[str, int] = {}
+        encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        layer_codes, metric_codes = [], []
+        for _, keys, _ in blocks:
+            codes = encoded.get(id(keys))
+            if codes is None:
+                codes = encoded[id(keys)] = (
+                    np.fromiter((names.setdefault(k, len(names)) for k, _ in keys), np.int32),
+                    np.fromiter((names.setdefault(m, len(names)) for _, m in keys), np.int32),
+                )
+            layer_codes.append(codes[0])
+            metric_codes.append(codes[1])
+        dictionary = pa.array(list(names), type=pa.string())
         table = pa.table(
             {
                 "step": pa.array(steps, type=pa.int64()),
-                "layer": pa.array(layers, type=pa.string()).dictionary_encode(),
-                "metric": pa.array(metrics, type=pa.string()).dictionary_encode(),
+                "layer": _dictionary_column(pa, np.concatenate(layer_codes), dictionary),
+                "metric": _dictionary_column(pa, np.concatenate(metric_codes), dictionary),
                 "value": pa.array(values, type=pa.float64()),
             }
         )
@@ -151,6 +164,14 @@ class RunWriter:
         path = self.logdir / name
         atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
         return path
+
+
+def _dictionary_column(pa: Any, codes: np.ndarray, dictionary: Any) -> Any:
+    """A dictionary-encoded string column holding only the entries it uses."""
+    used, compact = np.unique(codes, return_inverse=True)
+    return pa.DictionaryArray.from_arrays(
+        pa.array(compact.astype(np.int32)), dictionary.take(pa.array(used))
+    )
 
 
 def _json_default(obj: Any) -> Any:
