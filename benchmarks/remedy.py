@@ -42,6 +42,7 @@ class Result:
     hit_epoch: int | None
     ms_per_step: float
     model: nn.Module
+    epochs: int  # epochs actually trained
 
 
 def run(
@@ -54,7 +55,7 @@ def run(
     opt = make(model)
     gen = torch.Generator().manual_seed(seed)
     loss_fn = nn.functional.cross_entropy
-    train_s, best, hit, hit_epoch, steps = 0.0, 0.0, None, None, 0
+    train_s, best, hit, hit_epoch, steps, epoch = 0.0, 0.0, None, None, 0, -1
     for epoch in range(epochs):
         t0 = time.perf_counter()
         perm = torch.randperm(len(x), generator=gen)
@@ -70,7 +71,7 @@ def run(
             hit, hit_epoch = train_s, epoch + 1
             if depth <= 6:
                 break  # time-to-target is the measure; later epochs cannot change it
-    return Result(best, hit, hit_epoch, 1000.0 * train_s / max(steps, 1), model)
+    return Result(best, hit, hit_epoch, 1000.0 * train_s / max(steps, 1), model, epoch + 1)
 
 
 def diagnosis_line(model: nn.Module, when: str) -> str:
@@ -108,7 +109,10 @@ def main() -> int:
         "",
         f"Machine: {_cpu()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}. Baselines: {base_epochs} epochs per learning "
-        f"rate; GaussNewton: {gn_epochs} epochs, defaults. Batch 64, width 64, Xavier.",
+        f"rate; GaussNewton: {gn_epochs} epochs, defaults. Batch 64, width 64, Xavier. "
+        "Held-out accuracy is checked after every epoch for every optimizer; on the "
+        "6-layer net a run stops when it reaches 90% (time to 90% is the measure there), "
+        "so its 'best' is the accuracy at that epoch.",
         "",
     ]
     status = 0
@@ -152,7 +156,7 @@ def main() -> int:
             "",
             diagnosis_line(
                 gn.model,
-                f"after GaussNewton ({depth} layers, {gn.hit_epoch or gn_epochs} epochs)",
+                f"after GaussNewton ({depth} layers, {gn.epochs} epochs)",
             ),
             "",
         ]
