@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["StepLayout"]
+__all__ = ["RowBuffer", "StepLayout"]
 
 # Metrics that scale with the loss, divided by the loss scale of a GradScaler.
 SCALED = frozenset({"grad_norm", "signal_norm", "activation_signal_norm", "input_signal_norm"})
@@ -54,8 +54,10 @@ class StepLayout:
             keys.append(("", "loss_scale"))
         self.keys = keys
 
-    def signature(self) -> tuple[object, ...]:
-        return (self.owners, self.probe_keys, self.has_loss, self.has_scale)
+    @property
+    def raw_size(self) -> int:
+        """Entries of the raw step vector."""
+        return len(self.owners) + len(self.probe_keys) + self.has_loss + self.has_scale
 
     def finish(self, raw: torch.Tensor) -> torch.Tensor:
         """``[steps, len(keys)]`` float64 metrics from ``[steps, raw entries]``."""
@@ -78,3 +80,45 @@ class StepLayout:
             mask = torch.tensor([*self._scaled, False], device=out.device)
             out = torch.where(mask, out / scale, out)
         return out
+
+
+class RowBuffer:
+    """Raw step vectors of one layout in one preallocated ``[capacity, raw_size]`` tensor.
+
+    Measurements wait here (on the model's device: no synchronisation) instead of as one
+    small tensor per step: kept for many steps, those interleave with the training
+    step's large transient buffers in the heap and fragment it (the small CNN's peak
+    resident set grew by 20+ MiB over 20 steps that way).
+
+    Example:
+        >>> layout = StepLayout(("a",), (0,), (), True, False)
+        >>> buf = RowBuffer(layout, capacity=4, device=torch.device("cpu"))
+        >>> buf.add(7, [torch.tensor(3.0), torch.tensor(0.5)])
+        >>> steps, keys, values = buf.take()
+        >>> steps, keys, values.tolist()
+        ([7], [('a', 'grad_norm'), ('', 'loss')], [[3.0, 0.5]])
+    """
+
+    def __init__(self, layout: StepLayout, capacity: int, device: torch.device) -> None:
+        self.layout = layout
+        self.rows = torch.empty(capacity, layout.raw_size, dtype=torch.float64, device=device)
+        self.steps: list[int] = []
+
+    @property
+    def full(self) -> bool:
+        return len(self.steps) == self.rows.shape[0]
+
+    def add(self, step: int, parts: list[torch.Tensor]) -> None:
+        """Store one step's raw entries (0-d tensors, any float dtype)."""
+        row = self.rows[len(self.steps)]
+        try:
+            torch.stack(parts, out=row)
+        except RuntimeError:  # on other devices: the general path's host statistics
+            torch.stack([t.to(row.device) for t in parts], out=row)
+        self.steps.append(step)
+
+    def take(self) -> tuple[list[int], list[tuple[str, str]], torch.Tensor]:
+        """The stored steps, the layout's keys and the finished ``[steps, keys]`` values;
+        the buffer is empty afterwards."""
+        steps, self.steps = self.steps, []
+        return steps, self.layout.keys, self.layout.finish(self.rows[: len(steps)])

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradsight._errors import GradsightError
-from gradsight.monitor._columns import StepLayout
+from gradsight.monitor._columns import RowBuffer, StepLayout
 from gradsight.monitor._curvature import CurvatureTier
 from gradsight.monitor._distributed import DistributedReducer, NullWriter, unwrap_parallel
 from gradsight.monitor._sinks import Sink, TeeWriter
@@ -25,6 +25,10 @@ from gradsight.probes.signal import SignalProbe, parameter_owners
 from gradsight.store import RunWriter
 
 __all__ = ["Monitor"]
+
+#: Measured steps kept on the device between copies to the host (one copy, and on a GPU
+#: one synchronisation, per this many steps or per flush).
+_ROWS = 256
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -193,8 +197,10 @@ class Monitor:
         self._closed = False
         self._last_flush = time.monotonic()
         self._warned: set[str] = set()
-        # Measured steps not yet written: (step, keys or the raw vector's layout, values).
-        self._pending: list[tuple[int, Any, torch.Tensor]] = []
+        # Measured steps not yet handed to the writer: raw step vectors per layout, and
+        # finished blocks (step, keys, values), all on the device.
+        self._rows: dict[int, RowBuffer] = {}
+        self._pending: list[tuple[int, list[tuple[str, str]], torch.Tensor]] = []
         self._last_layout: StepLayout | None = None
 
         owners = parameter_owners(model)
@@ -287,7 +293,7 @@ class Monitor:
         self._probe.__exit__(None, None, None)
         for h in self._opt_handles:
             h.remove()
-        self._drain()
+        self._drain(final=True)
         self._writer.flush()
         diagnosed = False
         if (
@@ -403,7 +409,7 @@ class Monitor:
 
     def flush(self) -> None:
         """Write buffered measurements now (a new part file)."""
-        self._drain()
+        self._drain(final=True)
         self._writer.flush()
         self._writer.update_metadata(steps=self.steps)
         self._last_flush = time.monotonic()
@@ -435,15 +441,20 @@ class Monitor:
             parts.append(torch.as_tensor(scale, device=parts[0].device).reshape(()))
         if parts:
             layout = self._layout(owners, keys, has_loss, scale is not None)
-            try:  # mixed dtypes (half-precision gradients) are promoted
-                vec = torch.stack(parts)
-            except RuntimeError:  # mixed devices: the general path's host statistics
-                vec = torch.stack([t.to(parts[0].device, torch.float64) for t in parts])
             if self._dist is not None:  # reduce this step's finished metrics now
-                finished = layout.finish(vec.unsqueeze(0))[0]
+                raw = torch.stack([t.to(parts[0].device, torch.float64) for t in parts])
+                finished = layout.finish(raw.unsqueeze(0))[0]
                 self._pending.append((step, layout.keys, self._dist.reduce(layout.keys, finished)))
             else:
-                self._pending.append((step, layout, vec))
+                rows = self._rows.get(id(layout))
+                if rows is None:
+                    if len(self._rows) >= 8:  # layouts that keep changing
+                        self._drain()
+                    rows = RowBuffer(layout, _ROWS, parts[0].device)
+                    self._rows[id(layout)] = rows
+                rows.add(step, parts)
+                if rows.full:
+                    self._drain()
         self._pending += self._probe.pop_statistics()
         host = {}
         if loss is not None and not isinstance(loss, torch.Tensor):
@@ -477,26 +488,18 @@ class Monitor:
         """Buffer device values; they are copied to the host in one go at the next flush."""
         self._pending.append((step, keys, values))
 
-    def _drain(self) -> None:
-        self._pending += self._probe.pop_statistics(final=True)
-        if not self._pending:
+    def _drain(self, final: bool = False) -> None:
+        """Copy the buffered measurements to the host in one go and hand them to the
+        writer (it writes them at the next flush); ``final``: also the activation
+        statistics still waiting to be reduced."""
+        finished = [rows.take() for rows in self._rows.values() if rows.steps]
+        if len(self._rows) >= 8:  # layouts that keep changing: start afresh
+            self._rows = {}
+        pending, self._pending = self._pending, []
+        pending += self._probe.pop_statistics(final=final)
+        finished += [([step], keys, v.reshape(1, -1)) for step, keys, v in pending]
+        if not finished:
             return
-        blocks, self._pending = self._pending, []
-        # Steps with the same layout are finished together (consecutive runs of them).
-        finished: list[tuple[list[int], list[tuple[str, str]], torch.Tensor]] = []
-        i = 0
-        while i < len(blocks):
-            step, layout, v = blocks[i]
-            if isinstance(layout, StepLayout):
-                j = i + 1
-                while j < len(blocks) and blocks[j][1] is layout:
-                    j += 1
-                raw = torch.stack([b[2] for b in blocks[i:j]])
-                finished.append(([b[0] for b in blocks[i:j]], layout.keys, layout.finish(raw)))
-                i = j
-            else:
-                finished.append(([step], layout, v.reshape(1, -1)))
-                i += 1
         host = torch.cat([v.reshape(-1).double().cpu() for _, _, v in finished]).numpy()
         start = 0
         for steps, keys, _ in finished:
