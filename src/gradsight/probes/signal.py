@@ -257,7 +257,6 @@ class _ModuleAccumulator:
         self.in_norms: list[torch.Tensor] = []
         self.value_norms: list[torch.Tensor] = []
         self.act_out_norms: list[torch.Tensor] = []
-        # Lean mode: small gradients whose norms are taken together at collect().
         self.time_sq: list[torch.Tensor] = []  # recurrent layers: per-step ‖∂L/∂x_t‖²
         # Lean mode: the tensor hook for the output of the activation after this module.
         self.act_norm_hook: Callable[[torch.Tensor], None] | None = None
@@ -884,8 +883,8 @@ class SignalProbe:
 
         Returns ``(keys, values, extra_norms)``: ``values[i]`` (a 0-d tensor on the
         device) is the measurement ``keys[i] = (module, metric)``, and ``extra_norms``
-        the norms of the tensors in ``extra`` (e.g. parameter gradients), taken in the
-        same multi-tensor reduction as the lean mode's kept gradients.
+        the norms of the tensors in ``extra`` (e.g. parameter gradients), taken in one
+        multi-tensor reduction (the lean hooks took the signal norms during backward).
 
         In the usual case (one call per module since the last collect) the activation
         statistics are not among ``values``: the step's activation tensors are copied
