@@ -316,3 +316,31 @@ def test_passes_while_paused_are_not_recorded(tmp_path: Path) -> None:
     for name in ("0", "2", "4"):
         got = run.series("signal_norm")[name][1][0]
         assert got == pytest.approx(ref[name].signal_norm, rel=1e-12)
+
+
+def test_an_optimizer_with_its_own_backward_passes_is_measured_on_the_loss_only(
+    tmp_path: Path,
+) -> None:
+    # GaussNewton runs backward passes of its own (output Hessian, factor signals); the
+    # demo's step measures one plain pass and runs the optimizer inside mon.paused().
+    from gradsight.demo.train import gauss_newton_step
+    from gradsight.optim import GaussNewton
+
+    model = _model(nn.Sigmoid).double()
+    x, y = _data()
+    x = x.double()
+    opt = GaussNewton(model)
+    refs = []
+    with Monitor(model, logdir=tmp_path / "r", optimizer=opt, diagnose_at_close=False) as mon:
+        for _ in range(3):
+            twin = _model(nn.Sigmoid).double()  # this step's parameters, without the
+            twin.load_state_dict(model.state_dict())  # hooks (deepcopy would copy them)
+            _, _, ref = _reference(twin)
+            refs.append(ref)
+            gauss_newton_step(model, opt, x, y, mon)
+    run = load_run(tmp_path / "r")
+    for name in ("0", "2", "4"):
+        steps, values = run.series("signal_norm")[name]
+        assert steps.tolist() == [0, 1, 2]
+        want = [ref[name].signal_norm for ref in refs]
+        assert values.tolist() == pytest.approx(want, rel=1e-12)

@@ -108,8 +108,8 @@ def gauss_newton_step(
     The optimizer runs several backward passes of its own on curvature-refresh steps
     (gradient, output Hessian, the factors' signals). So that the monitor records the
     signal flow of the loss's gradient and nothing else, a measured step first runs one
-    plain backward pass for the monitor, and the optimizer's passes happen while the
-    monitor's hooks are off (between measured steps). This needs ``monitor.every ≥ 2``.
+    plain backward pass for the monitor, and the optimizer's own passes run inside
+    :meth:`Monitor.paused() <gradsight.Monitor.paused>`.
 
     Returns:
         The batch's loss before the step (detached).
@@ -120,18 +120,15 @@ def gauss_newton_step(
 
     if monitor is None:
         return optimizer.step(closure)
-    if monitor.every < 2:
-        raise ValueError(
-            "a Monitor of a GaussNewton run needs every >= 2: its hooks must be off while "
-            "the optimizer runs its own backward passes."
-        )
-    if monitor.steps % monitor.every == 0:
+    if monitor.steps % monitor.every == 0:  # measured: one plain pass for the monitor
         optimizer.zero_grad()
         loss = closure()
         loss.backward()
-        monitor.step(loss)  # turns the hooks off for the optimizer's passes
-        optimizer.step(closure)
+        monitor.step(loss)
+        with monitor.paused():
+            optimizer.step(closure)
         return loss.detach()
-    loss = optimizer.step(closure)  # hooks are off on an unmeasured step
+    with monitor.paused():
+        loss = optimizer.step(closure)
     monitor.step(loss)
     return loss
