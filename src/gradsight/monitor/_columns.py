@@ -1,11 +1,12 @@
 """The layout of one measured step's raw vector, and its finishing touches, batched.
 
-The Monitor's hot path does as little as it can per step: one multi-tensor norm (every
-parameter gradient and the kept backward signals) and one ``torch.stack`` of those norms
-with the loss and the loss scale. What turns that raw vector into the recorded metrics
-(per-layer gradient norms from per-parameter ones, unscaling by a GradScaler's scale)
-waits until the buffered steps are flushed, and is then done for all steps that share a
-layout in a handful of tensor operations.
+The Monitor's hot path does as little as it can per step: one multi-tensor norm of the
+parameter gradients, and one ``torch.stack`` of those norms with the backward-signal
+norms (taken by the probe's hooks), the loss and the loss scale into a preallocated row.
+What turns the raw rows into the recorded metrics (per-layer gradient norms from
+per-parameter ones, unscaling by a GradScaler's scale) waits until the rows are copied
+to the host, and is then done for all steps that share a layout in a handful of tensor
+operations.
 """
 
 from __future__ import annotations
