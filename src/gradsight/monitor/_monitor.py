@@ -430,7 +430,8 @@ class Monitor:
                 owners.append(layer)
         if self._dist is not None:  # counts and unit masks, before the probe folds them
             self._dist.capture(self._probe)
-        # One multi-tensor reduction for parameter gradients and kept backward signals.
+        # One multi-tensor norm of the parameter gradients (the probe's hooks took the
+        # backward-signal norms during backward); activation statistics are deferred.
         keys, values, grad_norms = self._probe.collect_columns(grads, tag=step)
         parts = grad_norms + values
         has_loss = isinstance(loss, torch.Tensor)
@@ -485,7 +486,7 @@ class Monitor:
         return self._last_layout
 
     def _emit(self, step: int, keys: list[tuple[str, str]], values: torch.Tensor) -> None:
-        """Buffer device values; they are copied to the host in one go at the next flush."""
+        """Buffer device values; they reach the host with the next drain of the rows."""
         self._pending.append((step, keys, values))
 
     def _drain(self, final: bool = False) -> None:
