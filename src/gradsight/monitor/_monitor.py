@@ -79,8 +79,8 @@ class Monitor:
     any number of steps are bitwise those of the same run without the monitor.
 
     **Cost** (``benchmarks/results/monitor.md``, 2 CPU threads): at ``every=1`` about
-    1.13–1.15× a plain step on a 10-layer width-256 MLP (a 5 ms step) and 1.11× on a
-    small CNN, of which 1.08–1.11× is the price of hooking every layer's output and
+    1.13× a plain step on a 10-layer width-256 MLP (a 5 ms step) and 1.08× on a small
+    CNN, of which 1.08× and 1.05× is the price of hooking every layer's output and
     reducing every backward signal at all (bare hooks taking the same norms). Where
     that is too much, ``every=10`` costs 1.02×; the curvature tier costs what its
     products cost, so give it a ``curvature_every`` of hundreds of steps.
