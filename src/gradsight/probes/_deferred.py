@@ -169,11 +169,6 @@ class DeferredStatistics:
         ready, self._ready = self._ready, []
         return ready
 
-    def clear(self) -> None:
-        """Drop everything, buffers included."""
-        self._groups.clear()
-        self._ready.clear()
-
     def _reduce_all(self, drop: bool) -> None:
         with torch.no_grad():
             for group in self._groups.values():
