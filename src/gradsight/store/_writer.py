@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,24 +123,24 @@ class RunWriter:
         values = np.concatenate([v for _, _, v in blocks])
         # Dictionary-encoded names, each distinct key list encoded once (a monitor passes
         # the same list object for every step of the same layout): no per-row Python.
-        names: dict[str, int] = {}
+        layer_names: dict[str, int] = {}
+        metric_names: dict[str, int] = {}
         encoded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         layer_codes, metric_codes = [], []
         for _, keys, _ in blocks:
             codes = encoded.get(id(keys))
             if codes is None:
                 codes = encoded[id(keys)] = (
-                    np.fromiter((names.setdefault(k, len(names)) for k, _ in keys), np.int32),
-                    np.fromiter((names.setdefault(m, len(names)) for _, m in keys), np.int32),
+                    _codes(layer_names, (layer for layer, _ in keys)),
+                    _codes(metric_names, (metric for _, metric in keys)),
                 )
             layer_codes.append(codes[0])
             metric_codes.append(codes[1])
-        dictionary = pa.array(list(names), type=pa.string())
         table = pa.table(
             {
                 "step": pa.array(steps, type=pa.int64()),
-                "layer": _dictionary_column(pa, np.concatenate(layer_codes), dictionary),
-                "metric": _dictionary_column(pa, np.concatenate(metric_codes), dictionary),
+                "layer": _dictionary_column(pa, layer_codes, layer_names),
+                "metric": _dictionary_column(pa, metric_codes, metric_names),
                 "value": pa.array(values, type=pa.float64()),
             }
         )
@@ -166,11 +166,15 @@ class RunWriter:
         return path
 
 
-def _dictionary_column(pa: Any, codes: np.ndarray, dictionary: Any) -> Any:
-    """A dictionary-encoded string column holding only the entries it uses."""
-    used, compact = np.unique(codes, return_inverse=True)
+def _codes(names: dict[str, int], strings: Iterable[str]) -> np.ndarray:
+    """Each string's index in ``names``, adding the new ones."""
+    return np.fromiter((names.setdefault(x, len(names)) for x in strings), np.int32)
+
+
+def _dictionary_column(pa: Any, codes: list[np.ndarray], names: dict[str, int]) -> Any:
+    """A dictionary-encoded string column: ``codes`` index ``names`` in insertion order."""
     return pa.DictionaryArray.from_arrays(
-        pa.array(compact.astype(np.int32)), dictionary.take(pa.array(used))
+        pa.array(np.concatenate(codes)), pa.array(list(names), type=pa.string())
     )
 
 
