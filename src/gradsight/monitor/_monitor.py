@@ -449,8 +449,9 @@ class Monitor:
             else:
                 rows = self._rows.get(id(layout))
                 if rows is None:
-                    if len(self._rows) >= 8:  # layouts that keep changing
+                    if len(self._rows) >= 8:  # layouts that keep changing: start afresh
                         self._drain()
+                        self._rows.clear()
                     rows = RowBuffer(layout, _ROWS, parts[0].device)
                     self._rows[id(layout)] = rows
                 rows.add(step, parts)
@@ -494,8 +495,6 @@ class Monitor:
         writer (it writes them at the next flush); ``final``: also the activation
         statistics still waiting to be reduced."""
         finished = [rows.take() for rows in self._rows.values() if rows.steps]
-        if len(self._rows) >= 8:  # layouts that keep changing: start afresh
-            self._rows = {}
         pending, self._pending = self._pending, []
         pending += self._probe.pop_statistics(final=final)
         finished += [([step], keys, v.reshape(1, -1)) for step, keys, v in pending]
