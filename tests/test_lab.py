@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +18,8 @@ from gradsight.lab import (
     softplus_bowl,
     write_lab_html,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FUNCTIONS = {
     "quadratic": lambda: quadratic(50.0, 3),
@@ -59,15 +60,6 @@ def test_gradient_descent_iterates_change_with_scale(name: str, c: float, k: flo
     n = min(len(a.xs), len(b.xs))
     mapped = f.x_opt + k * (b.xs[:n] - f.x_opt)
     assert np.max(np.abs(mapped - a.xs[:n])) > 1e-6
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny matrices: a second thread only adds spin-wait when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_best_step_scales_as_one_over_c_and_k_squared() -> None:

@@ -14,14 +14,7 @@ from gradsight.data import load_digits
 from gradsight.demo.models import mlp
 from gradsight.optim import GaussNewton, make_optimizer, step_on_batch
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny matrices: a second thread only adds spin-wait when other jobs share the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(seed: int, dtype: torch.dtype = torch.float32) -> nn.Module:
