@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from gradsight import curvature, lab, optim, theory
 from gradsight._errors import GradsightError
-from gradsight.diagnosis import STATUSES, Diagnosis, LayerDiagnosis, diagnose
+from gradsight.diagnosis import STATUSES, Diagnosis, LayerDiagnosis, Status, Thresholds, diagnose
 from gradsight.monitor import Monitor
 from gradsight.probes import SignalFlow, SignalProbe
 from gradsight.report import report
@@ -32,6 +32,8 @@ __all__ = [
     "Monitor",
     "SignalFlow",
     "SignalProbe",
+    "Status",
+    "Thresholds",
     "__version__",
     "curvature",
     "diagnose",

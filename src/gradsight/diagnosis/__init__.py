@@ -1,15 +1,18 @@
-"""Per-layer verdicts: converged, vanishing, exploding, dead or ok — with reasons."""
+"""Per-layer verdicts: converged, vanishing, exploding, dead, frozen or ok — with reasons."""
 
 from gradsight.diagnosis.baseline import constant_baseline_loss
 from gradsight.diagnosis.diagnose import diagnose
-from gradsight.diagnosis.result import STATUSES, Diagnosis, LayerDiagnosis
-from gradsight.diagnosis.verdict import Thresholds
+from gradsight.diagnosis.result import STATUSES, Diagnosis, LayerDiagnosis, Status
+from gradsight.diagnosis.rules import RULES, Thresholds, Verdict
 
 __all__ = [
+    "RULES",
     "STATUSES",
     "Diagnosis",
     "LayerDiagnosis",
+    "Status",
     "Thresholds",
+    "Verdict",
     "constant_baseline_loss",
     "diagnose",
 ]

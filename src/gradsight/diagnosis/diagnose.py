@@ -13,15 +13,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradsight._batch import compute_loss, split_batch, trainable_parameters, unwrap_compiled
 from gradsight._errors import GradsightError
 from gradsight._state import preserved
+from gradsight.diagnosis.advice import traits_of
 from gradsight.diagnosis.baseline import constant_baseline_loss
 from gradsight.diagnosis.headroom import (
     BlockCurvature,
     ModelHeadroom,
-    block_curvature,
-    model_headroom,
+    layer_curvature,
 )
 from gradsight.diagnosis.result import Diagnosis
-from gradsight.diagnosis.verdict import LayerEvidence, judge, worst_status
+from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
+from gradsight.diagnosis.verdict import LayerEvidence, Thresholds, judge, worst_status
 from gradsight.probes.signal import SignalFlow, SignalProbe, parameter_owners
 
 __all__ = ["diagnose"]
@@ -34,6 +35,8 @@ def diagnose(
     lr: float | None = None,
     *,
     curvature: bool = True,
+    optimizer: torch.optim.Optimizer | None = None,
+    thresholds: Thresholds | None = None,
 ) -> Diagnosis:
     """Diagnose, layer by layer, whether small gradients mean converged or vanished.
 
@@ -57,7 +60,16 @@ def diagnose(
         loss_fn: ``loss_fn(outputs, targets)`` returns the scalar training loss.
         lr: The learning rate used in training, if known. Step ratios and the
             ``lr·λmax > 2`` stability test use it; without it the step a layer gets is
-            the largest one stable for the whole model, 2/λmax.
+            the largest one stable for the whole model, 2/λmax. Taken from
+            ``optimizer`` when that is given.
+        optimizer: The optimizer training the model, if any. For SGD its lr is the step
+            each layer gets. For Adam, AdamW, RMSprop and Adagrad the step a layer gets
+            is the one the optimizer would take along the layer's gradient, gᵀΔ/gᵀg with
+            Δ its update (read from its state, not applied), so that step ratios compare
+            the curvature-optimal step with the step actually taken, not with the raw
+            lr; the ``lr·λmax > 2`` test is then skipped (an adaptive step's stability
+            depends on its preconditioner). For other optimizers (Muon, ...) step ratios
+            are left out. The optimizer is not changed.
         curvature: Also measure curvature (Gauss-Newton λmax, curvature-optimal step and
             Newton-decrement headroom per layer, and the whole model's headroom). Costs a
             few dozen Gauss-Newton-vector products per layer; ``False`` gives the signal
@@ -86,6 +98,9 @@ def diagnose(
     """
     model = unwrap_compiled(model)
     named = trainable_parameters(model)
+    kind = optimizer_kind(optimizer)
+    if optimizer is not None and lr is None:
+        lr = optimizer_lr(optimizer)
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise GradsightError(
             f"lr must be a positive number (the learning rate used in training), got {lr!r}. "
@@ -105,6 +120,9 @@ def diagnose(
         )
     grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
     evidence = _evidence(model, flow, grad_of)
+    if kind == "adaptive" and optimizer is not None:
+        for e in evidence:
+            e.step = adaptive_step(optimizer, _trainable(model, e.name), grad_of)
     finite = math.isfinite(loss_value) and all(
         math.isfinite(v) for e in evidence for v in e.grad_norms.values()
     )
@@ -116,11 +134,8 @@ def diagnose(
             # The math attention kernel has the double backward that curvature products
             # need (the fused CPU/flash kernels do not); results agree to rounding.
             with sdpa_kernel(SDPBackend.MATH):
-                whole = model_headroom(model, batch, loss_fn)
-                for e in evidence:
-                    if e.signal is not None and not e.frozen:
-                        block = _trainable(model, e.name)
-                        blocks[e.name] = block_curvature(model, batch, loss_fn, block)
+                names = [e.name for e in evidence if e.signal is not None and not e.frozen]
+                blocks, whole = layer_curvature(model, batch, loss_fn, names, lr=lr)
         except (GradsightError, RuntimeError, NotImplementedError) as exc:
             # Curvature is a refinement: without it the verdicts rest on signal flow.
             blocks, whole = {}, None
@@ -135,6 +150,12 @@ def diagnose(
         lr=None if lr is None else float(lr),
         curvature=blocks,
         model=whole,
+        thresholds=thresholds,
+        traits=traits_of(
+            model,
+            [m.activation.name for m in flow.modules if m.activation is not None],
+            kind,
+        ),
     )
     origin = None
     if not finite:
@@ -169,12 +190,18 @@ def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:
 def _evidence(
     model: nn.Module, flow: SignalFlow, grad_of: Mapping[int, torch.Tensor | None]
 ) -> list[LayerEvidence]:
+    """Per-layer evidence in forward order.
+
+    A module that did not run but whose parameters got a gradient is used directly by
+    an enclosing module (``nn.MultiheadAttention`` computes ``out_proj`` with
+    ``F.linear(x, out_proj.weight, ...)``; a tied head; a parametrization): it is judged
+    from its own gradient and from the signal of the closest enclosing module that ran,
+    and listed right after it. Modules the loss does not reach at all come last.
+    """
     signals = {m.name: m for m in flow.modules}
     owners = dict(parameter_owners(model))
-    order = [m.name for m in flow.modules] + flow.unused
-    out = []
-    for name in order:
-        module = owners[name]
+    out: dict[str, LayerEvidence] = {}
+    for name, module in owners.items():
         grad_norms, param_norms = {}, {}
         for pname, p in module.named_parameters(recurse=False):
             if id(p) not in grad_of:
@@ -182,13 +209,34 @@ def _evidence(
             g = grad_of[id(p)]
             grad_norms[pname] = 0.0 if g is None else float(torch.linalg.vector_norm(g))
             param_norms[pname] = float(torch.linalg.vector_norm(p.detach()))
-        out.append(
-            LayerEvidence(
-                name=name,
-                module_type=type(module).__name__,
-                signal=signals.get(name),
-                grad_norms=grad_norms,
-                param_norms=param_norms,
-            )
+        out[name] = LayerEvidence(
+            name=name,
+            module_type=type(module).__name__,
+            signal=signals.get(name),
+            grad_norms=grad_norms,
+            param_norms=param_norms,
         )
-    return out
+    used_by: dict[str, list[str]] = {}
+    for name in flow.unused:
+        e = out[name]
+        if not any(g > 0 for g in e.grad_norms.values()):
+            continue
+        user = _enclosing(name, signals)
+        if user is not None:
+            e.used_by, e.signal = user, signals[user]
+            used_by.setdefault(user, []).append(name)
+    order: list[str] = []
+    for m in flow.modules:
+        order += [m.name, *used_by.get(m.name, [])]
+    order += [n for n in flow.unused if out[n].used_by is None]
+    return [out[n] for n in order]
+
+
+def _enclosing(name: str, ran: Mapping[str, object]) -> str | None:
+    """The closest enclosing module of ``name`` (by qualified name) that ran, if any."""
+    parts = name.split(".")
+    for k in range(len(parts) - 1, -1, -1):
+        parent = ".".join(parts[:k])
+        if parent in ran:
+            return parent
+    return None

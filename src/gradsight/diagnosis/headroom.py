@@ -22,6 +22,7 @@ Gauss-Newton matrix G (positive semi-definite, analytic in output space):
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,16 @@ from gradsight.curvature import (
     damped_newton_decrement,
     lanczos,
 )
+from gradsight.curvature.blockwise import BlockwiseGGN
+from gradsight.curvature.blockwise import take_rows as _take
 
-__all__ = ["BlockCurvature", "ModelHeadroom", "block_curvature", "model_headroom"]
+__all__ = [
+    "BlockCurvature",
+    "ModelHeadroom",
+    "block_curvature",
+    "layer_curvature",
+    "model_headroom",
+]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -57,7 +66,12 @@ class BlockCurvature:
         alpha_star: Curvature-optimal step size along the gradient, gᵀg/gᵀGg.
         decrement: ½gᵀ(G + λI)⁻¹g with λ = DAMPING·λmax, in loss units.
         loss: The loss the products were taken at.
-        matvecs: GGN-vector products spent.
+        matvecs: GGN-vector products spent (0 for the blockwise estimate).
+        lambda_max_err, alpha_star_err, decrement_err: standard errors of the three
+            (delete-a-group jackknife over samples of the blockwise estimate, which
+            bounds its Monte Carlo error from above; 0 when computed exactly, that is
+            from exact output-Hessian columns or refined by per-block products).
+        exact: whether the values are exact (up to Lanczos' 1% on λmax).
     """
 
     lambda_max: float
@@ -65,11 +79,20 @@ class BlockCurvature:
     decrement: float
     loss: float
     matvecs: int
+    lambda_max_err: float = 0.0
+    alpha_star_err: float = 0.0
+    decrement_err: float = 0.0
+    exact: bool = True
 
     @property
     def headroom(self) -> float:
         """The decrement as a fraction of the loss (scale-free)."""
         return _fraction(self.decrement, self.loss)
+
+    @property
+    def headroom_err(self) -> float:
+        """Standard error of :attr:`headroom`."""
+        return _fraction(self.decrement_err, self.loss)
 
 
 @dataclass(frozen=True)
@@ -83,17 +106,27 @@ class ModelHeadroom:
         realized: Fraction of the held-out loss removed by the best Levenberg–Marquardt
             Gauss-Newton step fitted on the other half (0 when no damping helped; None
             when the batch cannot be split).
+        lambda_max_err, decrement_err: standard errors (as in :class:`BlockCurvature`).
+        coverage: fraction of the layers whose blocks the whole-model values include.
     """
 
     lambda_max: float
     decrement: float
     loss: float
     realized: float | None
+    lambda_max_err: float = 0.0
+    decrement_err: float = 0.0
+    coverage: float = 1.0
 
     @property
     def headroom(self) -> float:
         """The decrement as a fraction of the loss (scale-free)."""
         return _fraction(self.decrement, self.loss)
+
+    @property
+    def headroom_err(self) -> float:
+        """Standard error of :attr:`headroom`."""
+        return _fraction(self.decrement_err, self.loss)
 
 
 def block_curvature(
@@ -103,29 +136,148 @@ def block_curvature(
     params: Any,
     *,
     damping: float = DAMPING,
-    lanczos_tol: float = 5e-2,
-    cg_iters: int = 20,
+    lanczos_tol: float = 1e-2,
 ) -> BlockCurvature:
-    """λmax, α* and the damped Newton decrement of one block (see module docstring).
+    """λmax, α* and the decrement of one block by exact GGN-vector products.
 
-    The verdicts need λmax to a few percent and the headroom to an order of magnitude,
-    so the budgets are small: Lanczos converges on the top eigenvalue in ~10 products,
-    and CG's estimate of the decrement grows monotonically with its iterations, so an
-    early stop gives a lower bound.
+    The refinement of :func:`layer_curvature` where its estimate is too close to a
+    verdict's threshold: Lanczos on the block's own operator for λmax (to
+    ``lanczos_tol``), one product for ``gᵀGg``, and the same decrement
+    ``½(gᵀg)²/(gᵀGg + λgᵀg)``.
     """
     op = curvature_operator(model, batch, loss_fn, params, kind="ggn")
     g = op.gradient
-    lam = float(lanczos(op, 1, tol=lanczos_tol, max_matvecs=25).eigenvalues[0])
+    lam = float(lanczos(op, 1, tol=lanczos_tol, max_matvecs=40).eigenvalues[0])
     step = curvature_step(op, g)
-    tiny = torch.finfo(op.dtype).tiny
-    nd = damped_newton_decrement(op, g, damping * max(lam, tiny), tol=1e-2, max_iter=cg_iters)
     return BlockCurvature(
         lambda_max=lam,
         alpha_star=step.alpha,
-        decrement=nd.decrement,
+        decrement=_cauchy(step.grad_sq, step.curvature * step.grad_sq, damping * max(lam, 0.0)),
         loss=op.loss,
         matvecs=op.num_matvecs,
     )
+
+
+def _cauchy(gg: float, gag: float, lam: float) -> float:
+    """``½(gᵀg)²/(gᵀGg + λgᵀg)``, the damped model's decrease along the gradient."""
+    if gg == 0:
+        return 0.0
+    denom = gag + lam * gg
+    return 0.5 * gg * gg / denom if denom > 0 else math.inf
+
+
+def layer_curvature(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    layers: Sequence[str],
+    *,
+    lr: float | None = None,
+    budget: float = 10.0,
+    draws: int = 2,
+    threshold: float = 1e-4,
+    damping: float = DAMPING,
+) -> tuple[dict[str, BlockCurvature], ModelHeadroom]:
+    """Per-layer curvature of ``layers`` and the whole model's headroom, at one go.
+
+    All layers come from :class:`~gradsight.curvature.blockwise.BlockwiseGGN` (one
+    forward pass, the gradient's backward pass and one batched backward pass of the
+    output-Hessian factor), with standard errors. Then, within ``budget``:
+
+    * a layer whose estimate is within two standard errors of a verdict's threshold
+      (headroom ``threshold``; ``lr·λmax = 2``) is recomputed exactly by
+      :func:`block_curvature`;
+    * a layer the blockwise pass does not cover is computed by :func:`block_curvature`.
+
+    Args:
+        layers: module names (each block is the module's own trainable parameters).
+        lr: the learning rate, for the ``lr·λmax`` threshold.
+        budget: time allowed for the refinements, as a multiple of the blockwise pass's
+            own forward-and-backward time; 0 for none, ``math.inf`` for all.
+        draws: Monte Carlo draws of the output-Hessian factor when it is not exact.
+        threshold: the headroom threshold of the verdicts.
+
+    Returns:
+        ``({layer: BlockCurvature}, ModelHeadroom)``; layers neither covered nor
+        refined within the budget are left out.
+    """
+    start = time.perf_counter()
+    modules = {name: model.get_submodule(name) for name in layers}
+    engine = BlockwiseGGN(model, batch, loss_fn, modules, draws=draws, held_out=True)
+    unit = max(time.perf_counter() - start, 1e-6) / 4  # the pass is about four passes' work
+    out: dict[str, BlockCurvature] = {}
+    todo: list[tuple[float, str]] = []
+    for name in layers:
+        if name not in engine.blocks:
+            todo.append((math.inf, name))
+            continue
+        est = engine.estimate(name, damping)
+        bc = BlockCurvature(
+            lambda_max=est.lambda_max,
+            alpha_star=est.alpha_star,
+            decrement=est.decrement,
+            loss=engine.loss,
+            matvecs=0,
+            lambda_max_err=est.lambda_max_err,
+            alpha_star_err=est.alpha_star_err,
+            decrement_err=est.decrement_err,
+            exact=est.exact,
+        )
+        out[name] = bc
+        if not est.exact:
+            margin = _margin(bc, lr, threshold)
+            if margin < 2.0:
+                todo.append((margin, name))
+    whole_est = engine.whole(damping)
+    whole = ModelHeadroom(
+        lambda_max=whole_est.lambda_max,
+        decrement=whole_est.decrement,
+        loss=engine.loss,
+        realized=_held_out(model, batch, loss_fn, engine, whole_est.lambda_max),
+        lambda_max_err=whole_est.lambda_max_err,
+        decrement_err=whole_est.decrement_err,
+        coverage=len(engine.blocks) / max(len(layers), 1),
+    )
+    deadline = start + unit * budget + (time.perf_counter() - start)
+    for _, name in sorted(todo):
+        if time.perf_counter() > deadline:
+            break
+        params = [p for p in modules[name].parameters(recurse=False) if p.requires_grad]
+        out[name] = block_curvature(model, batch, loss_fn, params, damping=damping)
+    return {name: out[name] for name in layers if name in out}, whole
+
+
+def _margin(bc: BlockCurvature, lr: float | None, threshold: float) -> float:
+    """Standard errors between the estimate and the nearest verdict threshold."""
+    margins = [math.inf]
+    if bc.headroom_err > 0 and math.isfinite(bc.headroom):
+        margins.append(abs(bc.headroom - threshold) / bc.headroom_err)
+    if lr is not None and bc.lambda_max_err > 0:
+        margins.append(abs(lr * bc.lambda_max - 2.0) / (lr * bc.lambda_max_err))
+    return min(margins)
+
+
+def _held_out(
+    model: nn.Module, batch: Any, loss_fn: LossFn, engine: BlockwiseGGN, lam: float
+) -> float | None:
+    """Held-out decrease of the block-scaled Levenberg–Marquardt step fitted on half."""
+    halves = _split_halves(batch)
+    if halves is None:
+        return None
+    _, held_out = halves
+    params = [p for b in engine.blocks.values() for p in b.params]
+    before = _loss_at(model, held_out, loss_fn, params, None)
+    if not math.isfinite(before) or before == 0:
+        return None
+    for rel in LM_DAMPINGS:
+        step = engine.held_out_step(rel * max(lam, torch.finfo(torch.float64).tiny))
+        if step is None:
+            return None
+        flat = torch.cat([step.get(str(id(p)), torch.zeros_like(p)).reshape(-1) for p in params])
+        after = _loss_at(model, held_out, loss_fn, params, flat)
+        if math.isfinite(after) and after < before:
+            return (before - after) / abs(before)  # the least damping that helps
+    return 0.0
 
 
 def model_headroom(
@@ -217,17 +369,6 @@ def _split_halves(batch: Any) -> tuple[Any, Any] | None:
         (_take(inputs, first), _take(targets, first)),
         (_take(inputs, second), _take(targets, second)),
     )
-
-
-def _take(obj: Any, rows: slice) -> Any:
-    """``obj`` with every tensor in it (nested tuples, lists, dicts) sliced to ``rows``."""
-    if isinstance(obj, torch.Tensor):
-        return obj[rows] if obj.ndim > 0 else obj
-    if isinstance(obj, Mapping):
-        return {k: _take(v, rows) for k, v in obj.items()}
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_take(v, rows) for v in obj)
-    return obj
 
 
 def _leaves(obj: Any) -> list[torch.Tensor]:

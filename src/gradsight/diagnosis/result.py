@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from gradsight._errors import GradsightError
+from gradsight._format import display_name, fmt, jsonable, number, pct
 
-__all__ = ["STATUSES", "Diagnosis", "LayerDiagnosis"]
+__all__ = ["STATUSES", "Diagnosis", "LayerDiagnosis", "Status"]
 
-#: Layer statuses from least to most alarming; a model's status is its worst layer's.
-#: ``nonfinite`` marks layers whose gradient holds NaN/Inf.
-STATUSES = ("converged", "ok", "vanishing", "dead", "exploding", "nonfinite")
+#: A layer's status. ``frozen`` layers (``requires_grad=False``) are measured but never
+#: judged as learners; ``nonfinite`` marks a gradient that holds NaN/Inf.
+Status = Literal["frozen", "converged", "ok", "vanishing", "dead", "exploding", "nonfinite"]
+
+#: Statuses from least to most alarming; a model's status is its worst judged layer's
+#: (``frozen`` layers do not enter it).
+STATUSES: tuple[Status, ...] = get_args(Status)
 
 
 @dataclass
@@ -24,13 +29,16 @@ class LayerDiagnosis:
     Attributes:
         name: Qualified module name, as in ``model.named_modules()``.
         module_type: The module's class name, e.g. ``"Linear"``.
-        status: One of ``ok``, ``vanishing``, ``converged``, ``exploding``, ``dead``
-            (``nonfinite`` when its gradient holds NaN/Inf).
+        status: One of ``ok``, ``vanishing``, ``converged``, ``exploding``, ``dead``,
+            ``frozen`` (``requires_grad=False``: measured, not judged) or ``nonfinite``
+            (its gradient holds NaN/Inf).
         reason: One sentence that quotes the numbers behind the status.
         grad_norm: ‖∂L/∂θ‖ over the module's own trainable parameters (None if frozen).
         signal_norm: ‖∂L/∂output‖, the backward signal reaching the module.
         saturation: Fraction of flat entries of the activation after the module.
-        dead_fraction: Fraction of units after the module flat on the whole batch.
+        dead_fraction: Fraction of units after the module flat on the whole batch. A
+            layer with dead units that still learns and passes a signal keeps its
+            status; its reason says "partly dead".
         activation: Name of the activation after the module, if one was recognised.
         attenuation: ‖δ_this‖ / ‖δ_next‖: how the signal changes on its way back from
             the next layer's output to this one's (< 1 shrinks).
@@ -42,21 +50,28 @@ class LayerDiagnosis:
             a ReLU layer is rescaled (×k, next ÷k); relative to the loss it is unchanged
             when the loss is scaled.
         headroom: Loss a damped Newton step on this layer alone would win, as a fraction
-            of the loss: ½gᵀ(G + λI)⁻¹g / L, λ relative to the layer's own curvature
-            (None when curvature was not computed).
+            of the loss: ½gᵀ(G + λI)⁻¹g / L, λ relative to the layer's own curvature,
+            at most 1 (None when curvature was not computed).
         step_ratio: The curvature-optimal step α* = gᵀg/gᵀGg for this layer over the step
-            it gets (``lr``, or 2/λmax of the whole model when no lr is given).
+            it gets: ``lr`` for SGD; for an adaptive optimizer (Adam, AdamW, RMSprop,
+            Adagrad) the step it actually takes along the gradient, gᵀΔ/gᵀg; 2/λmax of
+            the whole model when no lr is given. None when the step is unknown (an
+            optimizer whose step along the gradient cannot be read from its state).
+        step_taken: The step the layer gets, the denominator of ``step_ratio``.
         lambda_max: Largest Gauss-Newton eigenvalue of the layer's block.
         optimal_step: α*, the curvature-optimal step size along the layer's gradient.
         time_signal_norms: Recurrent layers: ‖∂L/∂x_t‖ of the input at each time step t,
             the backward signal through time.
+        used_by: For a module whose parameters its parent uses directly instead of
+            calling it (``nn.MultiheadAttention``'s ``out_proj``, ``F.linear(x,
+            self.proj.weight)``): the module where they are used, whose signal stands in.
         param_grad_norms: ‖∂L/∂p‖ for each of the module's own parameters.
         advice: Remedies for the cause named in ``reason``, most supported first.
     """
 
     name: str
     module_type: str
-    status: str
+    status: Status
     reason: str
     grad_norm: float | None
     signal_norm: float | None
@@ -69,15 +84,22 @@ class LayerDiagnosis:
     relative_grad: float | None = None
     headroom: float | None = None
     step_ratio: float | None = None
+    step_taken: float | None = None
     lambda_max: float | None = None
     optimal_step: float | None = None
     time_signal_norms: list[float] | None = None
+    used_by: str | None = None
     param_grad_norms: dict[str, float] = field(default_factory=dict)
     advice: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-Python dict (JSON-serialisable; NaN/Inf become strings)."""
-        return {k: _jsonable(v) for k, v in asdict(self).items()}
+        return {k: jsonable(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerDiagnosis:
+        """Inverse of :meth:`to_dict` (fields this version does not know are ignored)."""
+        return cls(**_known(cls, data))
 
 
 @dataclass
@@ -103,7 +125,7 @@ class Diagnosis:
             largest stable gradient step.
     """
 
-    status: str
+    status: Status
     layers: list[LayerDiagnosis]
     loss: float
     baseline_loss: float | None = None
@@ -142,18 +164,36 @@ class Diagnosis:
         """Plain-Python dict of everything measured, JSON-serialisable."""
         return {
             "status": self.status,
-            "loss": _jsonable(self.loss),
-            "baseline_loss": _jsonable(self.baseline_loss),
+            "loss": jsonable(self.loss),
+            "baseline_loss": jsonable(self.baseline_loss),
             "plateau": self.plateau,
-            "lr": _jsonable(self.lr),
+            "lr": jsonable(self.lr),
             "nonfinite_origin": self.nonfinite_origin,
-            "first_last_grad_ratio": _jsonable(self.first_last_grad_ratio),
-            "headroom": _jsonable(self.headroom),
-            "realized_decrease": _jsonable(self.realized_decrease),
-            "lambda_max": _jsonable(self.lambda_max),
+            "first_last_grad_ratio": jsonable(self.first_last_grad_ratio),
+            "headroom": jsonable(self.headroom),
+            "realized_decrease": jsonable(self.realized_decrease),
+            "lambda_max": jsonable(self.lambda_max),
             "summary": self.summary,
             "layers": [layer.to_dict() for layer in self.layers],
         }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Diagnosis:
+        """A diagnosis from :meth:`to_dict` output, e.g. one stored in a run directory.
+
+        Fields this version does not know are ignored; NaN/Inf strings become floats.
+
+        Example:
+            >>> layer = LayerDiagnosis("0", "Linear", "ok", "learning", 1.0, 2.0)
+            >>> d = Diagnosis("ok", [layer], loss=0.5)
+            >>> Diagnosis.from_dict(d.to_dict()) == d
+            True
+        """
+        layers = [LayerDiagnosis.from_dict(layer) for layer in data.get("layers", [])]
+        top = _known(cls, {k: v for k, v in data.items() if k != "layers"})
+        top.setdefault("status", "ok")
+        top.setdefault("loss", float("nan"))
+        return cls(layers=layers, **top)
 
     def to_json(self, **kwargs: Any) -> str:
         """``to_dict()`` as a JSON string."""
@@ -163,17 +203,17 @@ class Diagnosis:
         """Rows of the per-layer table, formatted for display (shared by all exporters)."""
         return [
             {
-                "layer": layer.name or "(model)",
+                "layer": display_name(layer.name),
                 "type": layer.module_type,
                 "status": layer.status,
-                "grad norm": _fmt(layer.grad_norm),
-                "signal norm": _fmt(layer.signal_norm),
-                "attenuation": _fmt(layer.attenuation, digits=2),
+                "grad norm": fmt(layer.grad_norm),
+                "signal norm": fmt(layer.signal_norm),
+                "attenuation": fmt(layer.attenuation, digits=2),
                 "activation": layer.activation or "-",
-                "saturation": _pct(layer.saturation),
-                "dead": _pct(layer.dead_fraction),
-                "step ratio": _fmt(layer.step_ratio, digits=2),
-                "headroom": _fmt(layer.headroom, digits=2),
+                "saturation": pct(layer.saturation),
+                "dead": pct(layer.dead_fraction),
+                "step ratio": fmt(layer.step_ratio, digits=2),
+                "headroom": fmt(layer.headroom, digits=2),
             }
             for layer in self.layers
         ]
@@ -183,8 +223,8 @@ class Diagnosis:
         cols = list(rows[0]) if rows else []
         widths = {c: max([len(c)] + [len(r[c]) for r in rows]) for c in cols}
         lines = [
-            f"gradsight diagnosis: {self.status}  (loss {_fmt(self.loss)}, constant-prediction "
-            f"baseline {_fmt(self.baseline_loss)})",
+            f"gradsight diagnosis: {self.status}  (loss {fmt(self.loss)}, constant-prediction "
+            f"baseline {fmt(self.baseline_loss)})",
             "  ".join(c.ljust(widths[c]) for c in cols),
             "  ".join("-" * widths[c] for c in cols),
         ]
@@ -196,39 +236,14 @@ class Diagnosis:
     def to_html(self, path: str | Path) -> Path:
         """Write a self-contained HTML page of the diagnosis and return its path.
 
-        The page is built from the same blocks as the run report of
-        :func:`gradsight.report` (verdict table with reasons and advice).
+        The page is rendered by :mod:`gradsight.report` from the same blocks as the run
+        report of :func:`gradsight.report` (verdict table with reasons and advice).
         """
-        from gradsight.report._html import diagnosis_section, page
+        from gradsight.report import write_diagnosis_html
 
-        body = "<h1>gradsight diagnosis</h1>" + diagnosis_section(self)
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            page(f"gradsight diagnosis: {self.status}", body, with_plots=False), encoding="utf-8"
-        )
-        return out
+        return write_diagnosis_html(self, path)
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if not math.isfinite(value):
-        return str(value)
-    if value == 0:
-        return "0"
-    return f"{value:.{digits - 1}e}" if not 1e-2 <= abs(value) < 1e4 else f"{value:.{digits}g}"
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
+def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: number(v) for k, v in data.items() if k in names}

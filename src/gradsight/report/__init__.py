@@ -5,6 +5,7 @@
 imported only when a report is written.
 """
 
+from gradsight.report._html import write_diagnosis_html
 from gradsight.report._report import report
 
-__all__ = ["report"]
+__all__ = ["report", "write_diagnosis_html"]

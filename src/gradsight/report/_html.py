@@ -13,9 +13,11 @@ import html
 import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from gradsight._errors import GradsightError
+from gradsight._format import fmt
 
 __all__ = [
     "CSS",
@@ -26,6 +28,7 @@ __all__ = [
     "page",
     "plotly_js",
     "verdict_table",
+    "write_diagnosis_html",
 ]
 
 CSS = """
@@ -53,6 +56,7 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .status { font-weight: bold; }
 .status-vanishing { color: #b35c00; } .status-exploding, .status-nonfinite { color: #c00; }
 .status-dead { color: #777; } .status-converged { color: #1a7f37; } .status-ok { color: #1a7f37; }
+.status-frozen { color: #59636e; font-weight: normal; }
 .summary { white-space: pre-wrap; }
 .scroll { overflow-x: auto; }
 table.compare { border-collapse: collapse; font-size: 0.92em; }
@@ -168,15 +172,23 @@ def verdict_table(rows: Sequence[dict[str, str]], layers: Sequence[Any]) -> str:
 
 def diagnosis_section(d: Any, *, heading: str = "h2") -> str:
     """Status line, summary and verdict table of a :class:`~gradsight.diagnosis.Diagnosis`."""
-    from gradsight.diagnosis.result import _fmt
-
     status = esc(d.status)
     return (
         f'<{heading}>Verdict: <span class="status status-{status}">{status}</span></{heading}>'
-        f'<p class="meta">loss {esc(_fmt(d.loss))}; best constant prediction '
-        f"{esc(_fmt(d.baseline_loss))}"
-        + (f"; learning rate {esc(_fmt(d.lr))}" if d.lr is not None else "")
+        f'<p class="meta">loss {esc(fmt(d.loss))}; best constant prediction '
+        f"{esc(fmt(d.baseline_loss))}"
+        + (f"; learning rate {esc(fmt(d.lr))}" if d.lr is not None else "")
         + "</p>"
         + (f'<p class="summary">{esc(d.summary)}</p>' if d.summary else "")
         + verdict_table(d.table(), d.layers)
     )
+
+
+def write_diagnosis_html(d: Any, path: str | Path) -> Path:
+    """Write a self-contained page of one diagnosis (``Diagnosis.to_html``) to ``path``."""
+    body = "<h1>gradsight diagnosis</h1>" + diagnosis_section(d)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"gradsight diagnosis: {d.status}"
+    out.write_text(page(title, body, with_plots=False), encoding="utf-8")
+    return out

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -148,7 +146,7 @@ def render(runs: list[Run], title: str) -> str:
 
 def compare_table(runs: list[Run]) -> str:
     """One row per layer position, per run its status and gradient norm."""
-    from gradsight.diagnosis.result import _fmt
+    from gradsight._format import fmt as _fmt
 
     columns = []
     for run in runs:
@@ -203,22 +201,7 @@ def _meta_line(run: Run) -> str:
 
 
 def diagnosis_from_dict(data: dict[str, Any]) -> Any:
-    """A :class:`~gradsight.diagnosis.Diagnosis` from ``to_dict()`` output (fields this
-    version does not know are ignored; NaN/Inf strings become floats)."""
-    from gradsight.diagnosis import Diagnosis, LayerDiagnosis
+    """A :class:`~gradsight.diagnosis.Diagnosis` from ``to_dict()`` output."""
+    from gradsight.diagnosis import Diagnosis
 
-    def known(cls: type, d: dict[str, Any]) -> dict[str, Any]:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return {k: _number(v) for k, v in d.items() if k in names}
-
-    layers = [LayerDiagnosis(**known(LayerDiagnosis, layer)) for layer in data.get("layers", [])]
-    top = known(Diagnosis, {k: v for k, v in data.items() if k != "layers"})
-    top.setdefault("status", "ok")
-    top.setdefault("loss", math.nan)
-    return Diagnosis(layers=layers, **top)
-
-
-def _number(value: Any) -> Any:
-    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
-        return float(value)
-    return value
+    return Diagnosis.from_dict(data)

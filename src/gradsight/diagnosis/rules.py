@@ -1,0 +1,494 @@
+"""The verdict rules: a declared, ordered list of small functions.
+
+Each rule looks at one layer's facts (:class:`LayerFacts`) and the model's
+(:class:`ModelFacts`) and returns a :class:`Verdict` (status, a reason quoting the
+numbers, advice) or ``None`` to pass. :data:`RULES` is tried in order and the first
+verdict wins, so the order is the precedence, and it follows what a user can do about
+it:
+
+1. ``nonfinite``: NaN/Inf gradients make every other number meaningless;
+2. ``frozen``: ``requires_grad=False``; measured, never judged as a learner;
+3. ``exploding`` at the step used (lr·λmax > 2): training will leave even an optimum;
+4. ``converged`` when the model is solved (loss ≤ ``solved``× the constant
+   prediction's): with nothing left to win nothing is dead or vanishing;
+5. ``dead`` when the loss does not reach the module at all (not called, or its output
+   unused by the loss) and its parameters get exactly zero gradient;
+6. ``converged`` when the whole model has no headroom left;
+7. ``dead`` when most units after the layer never activate on the batch *and* the signal
+   reaching the layer is crushed: it neither learns nor passes a signal. A partly dead
+   layer that still learns keeps its status, and its reason says "partly dead";
+8. ``exploding`` when the backward signal grows at every later layer;
+9. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
+   largest while the model has headroom;
+10. ``vanishing`` through time: a recurrent layer whose signal fades before the first
+    time steps while the loss sits on its plateau and no reachable step helps;
+11. ``converged`` when the layer's own headroom is negligible;
+12. ``ok``: learning.
+
+Every rule compares quantities that do not change when the loss is multiplied by a
+constant, nor when a ReLU network is reparametrized without changing its function.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from gradsight._format import display_name
+from gradsight.diagnosis.advice import ModelTraits, remedies, vanishing_advice
+from gradsight.diagnosis.chain import chain_cause
+from gradsight.diagnosis.result import Status
+from gradsight.probes.signal import ModuleSignal
+
+__all__ = [
+    "RULES",
+    "LayerFacts",
+    "ModelFacts",
+    "Rule",
+    "Thresholds",
+    "Verdict",
+    "apply_rules",
+]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds (all on scale-free quantities).
+
+    Attributes:
+        vanishing: s_l / max_j s_j below this: the signal reaching the layer is lost.
+        exploding: s_l / s_output above this, with the signal growing at each of at
+            least ``min_chain`` later layers: the signal grows on its way back.
+        converged: G_l / L below this: no relative weight change moves the loss.
+        solved: L / baseline below this: the loss is (almost) all won.
+        plateau: the loss is within this fraction of the constant-prediction baseline.
+        dead: at least this fraction of the units after the layer are dead (and the
+            signal reaching it is lost): the layer is dead.
+        partly_dead: at least this fraction of dead units is reported in the reason.
+        headroom: a Newton step (layer or model) predicting less than this fraction of
+            the loss, and a held-out step realizing less, means nothing is left to win.
+        time_vanishing: a recurrent layer's signal at its first time step below this
+            fraction of the strongest step's: the signal fades through time.
+        learnable: a held-out Levenberg-Marquardt step realizing at least this fraction
+            of the loss means the model can still learn from what the signal reaches.
+        min_chain: the fewest consecutive growing layers that make "exploding".
+    """
+
+    vanishing: float = 1e-3
+    exploding: float = 1e3
+    converged: float = 1e-5
+    solved: float = 1e-4
+    plateau: float = 0.05
+    dead: float = 0.5
+    partly_dead: float = 0.05
+    headroom: float = 1e-4
+    time_vanishing: float = 1e-3
+    learnable: float = 0.01
+    min_chain: int = 3
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A rule's answer: the status, one sentence quoting the numbers, and remedies."""
+
+    status: Status
+    reason: str
+    advice: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LayerFacts:
+    """What the rules see of one parameter-owning module.
+
+    Attributes:
+        name: Qualified module name.
+        frozen: None of its own parameters requires a gradient.
+        grad_norm: ‖∂L/∂θ‖ over its trainable parameters (None if frozen).
+        grad_finite: Its gradient holds no NaN/Inf.
+        signal: Its signal-flow measurements, or those of the module that uses its
+            parameters when it is not called itself (see ``used_by``); None when the
+            loss does not reach it.
+        used_by: The module whose forward uses its parameters directly, if any.
+        position: Its place among the layers that ran (its user's, for ``used_by``).
+        rel_sens: s_l / max_j s_j, the loss's sensitivity to its output relative to the
+            largest (None without a signal).
+        g_rel: The scale-free gradient Σ‖g_p‖·‖p‖ (in quadrature) over the loss.
+        headroom: Share of the loss a Newton step on this layer alone would win, ≤ 1.
+        lambda_max: Largest Gauss-Newton eigenvalue of its block.
+        step: The step it gets (lr, or an adaptive optimizer's step along its gradient).
+        step_ratio: The curvature-optimal step over ``step``.
+    """
+
+    name: str
+    frozen: bool
+    grad_norm: float | None
+    grad_finite: bool
+    signal: ModuleSignal | None
+    used_by: str | None = None
+    position: int | None = None
+    rel_sens: float | None = None
+    g_rel: float = 0.0
+    headroom: float | None = None
+    lambda_max: float | None = None
+    step: float | None = None
+    step_ratio: float | None = None
+
+    @property
+    def label(self) -> str:
+        return display_name(self.name)
+
+    @property
+    def dead_fraction(self) -> float:
+        act = self.signal.activation if self.signal is not None else None
+        return act.dead_fraction if act is not None else 0.0
+
+    @property
+    def activation_name(self) -> str:
+        act = self.signal.activation if self.signal is not None else None
+        return act.name if act is not None else "activation"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Model-level facts every layer's verdict is judged against.
+
+    Attributes:
+        th: The thresholds.
+        loss: The loss on the batch.
+        baseline: The best constant prediction's loss (None if unknown).
+        plateau: The loss is no better than ``baseline`` (within ``th.plateau``).
+        solved: The loss is at most ``th.solved`` of ``baseline``.
+        has_headroom: Some of the loss is still to be won.
+        headroom: The whole model's damped Newton decrement over the loss, ≤ 1.
+        realized: Share of the held-out loss a Levenberg-Marquardt step removed.
+        lr: The learning rate given (None if not).
+        optimizer: ``"sgd"``, ``"adaptive"`` (Adam-like), ``"other"``, or None.
+        ran: Signal measurements of the layers that ran, forward order.
+        s_max: The largest loss sensitivity over those layers.
+        s_out: The last layer's sensitivity.
+        traits: What the model already does (activations, normalization, residuals).
+        alpha_spread: Decades spanned by the layers' curvature-optimal steps.
+    """
+
+    th: Thresholds
+    loss: float
+    baseline: float | None
+    plateau: bool
+    solved: bool
+    has_headroom: bool
+    headroom: float | None
+    realized: float | None
+    lr: float | None
+    optimizer: str | None
+    ran: Sequence[ModuleSignal]
+    s_max: float
+    s_out: float
+    traits: ModelTraits
+    alpha_spread: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return abs(self.loss)
+
+
+Rule = Callable[[LayerFacts, ModelFacts], Verdict | None]
+
+
+def _e(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1e}"
+
+
+def nonfinite(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """Its gradient holds NaN/Inf."""
+    if layer.grad_finite:
+        return None
+    return Verdict("nonfinite", "its gradient holds NaN/Inf; see the diagnosis' nonfinite_origin.")
+
+
+def frozen(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """``requires_grad=False``: listed with its measurements, never judged."""
+    if not layer.frozen:
+        return None
+    sens = ""
+    if layer.rel_sens is not None:
+        sens = f"; the loss's sensitivity to its output is {layer.rel_sens:.1e} of the largest"
+    return Verdict("frozen", f"frozen (requires_grad=False): not trained, not judged{sens}.")
+
+
+def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """A gradient step of the size used is unstable for this layer: step·λmax > 2.
+
+    Judged for SGD only: an adaptive optimizer's stability depends on its
+    preconditioner, not on the step along the gradient.
+    """
+    if model.optimizer not in (None, "sgd") or model.lr is None or layer.lambda_max is None:
+        return None
+    product = model.lr * layer.lambda_max
+    if product <= 2:
+        return None
+    return Verdict(
+        "exploding",
+        f"lr·λmax = {model.lr:g}·{layer.lambda_max:.2e} = {product:.1f} > 2: a gradient step "
+        "of this size is unstable for this layer's block (the largest stable step is "
+        f"{2 / layer.lambda_max:.1e}).",
+        remedies("unstable_step", model.traits),
+    )
+
+
+def solved(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """The model's loss is (almost) all won: nothing is dead or vanishing."""
+    if not model.solved or model.baseline is None:
+        return None
+    return Verdict(
+        "converged",
+        f"the loss {model.scale:.1e} is {model.scale / model.baseline:.1e} of the best "
+        f"constant prediction's ({model.baseline:.1e}): there is (almost) nothing left to win.",
+    )
+
+
+def unreached(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """The loss does not reach the module: exactly zero gradient and no signal."""
+    if layer.used_by is not None or (layer.grad_norm or 0.0) > 0:
+        return None
+    sig = layer.signal
+    if sig is not None and sig.signal_norm is not None:
+        return None
+    if sig is None:
+        reason = (
+            "not called in the forward pass: its parameters get exactly zero gradient and it "
+            "passes no signal."
+        )
+        advice = ("Remove the module or call it in forward(); unused parameters waste memory.",)
+    else:
+        reason = (
+            "its output does not reach the loss: no backward signal arrives and its "
+            "parameters get exactly zero gradient."
+        )
+        advice = (
+            "Include this output in the loss (e.g. add its head's loss term), or detach/remove "
+            "the head if it is not meant to be trained.",
+        )
+    return Verdict("dead", reason, advice)
+
+
+def no_headroom(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """Nothing is left to win for the whole model."""
+    if model.has_headroom:
+        return None
+    return Verdict(
+        "converged",
+        f"no headroom left for the model: {_headroom_note(layer)}; its gradient is small "
+        "because it is meant to be small.",
+    )
+
+
+def dead(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """Most units after the layer never activate and the signal reaching it is lost."""
+    frac = layer.dead_fraction
+    if frac < model.th.dead or layer.rel_sens is None or layer.rel_sens >= model.th.vanishing:
+        return None
+    return Verdict(
+        "dead",
+        f"{frac:.0%} of the units after it ({layer.activation_name}) are flat on every sample "
+        f"of the batch: the loss's sensitivity to its output is {layer.rel_sens:.1e} of the "
+        f"largest, so it neither learns nor passes a signal (gradient norm {_e(layer.grad_norm)}).",
+        remedies("dead", model.traits),
+    )
+
+
+def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """The backward signal grows at every later layer, by ≥ ``th.exploding`` in all."""
+    sig, i = layer.signal, layer.position
+    if sig is None or i is None or model.s_out <= 0 or layer.used_by is not None:
+        return None
+    growth = sig.sensitivity / model.s_out
+    if growth < model.th.exploding or not _grows_back(model.ran, i, model.th.min_chain):
+        return None
+    return Verdict(
+        "exploding",
+        f"the loss is {growth:.1e}× more sensitive to this layer's output than to the output "
+        f"layer's: the backward signal grows on its way back; {chain_cause(model.ran, i)}.",
+        remedies("growing_signal", model.traits),
+    )
+
+
+def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """The signal reaching the layer is lost while the model has headroom."""
+    if layer.rel_sens is None or layer.rel_sens >= model.th.vanishing or layer.position is None:
+        return None
+    ref = max(model.ran, key=lambda s: s.sensitivity)
+    where = (
+        " while the loss is no better than the best constant prediction" if model.plateau else ""
+    )
+    parts = [
+        f"gradient {_e(layer.grad_norm)}: the loss's sensitivity to this layer's output is "
+        f"{layer.rel_sens:.1e} of layer {display_name(ref.name)}'s{where}"
+    ]
+    cause = chain_cause(model.ran, layer.position)
+    if cause:
+        parts.append(cause)
+    if note := _step_note(layer, model):
+        parts.append(note)
+    return Verdict(
+        "vanishing",
+        "; ".join(parts) + ".",
+        vanishing_advice(model.ran, layer.position, model.traits, model.alpha_spread),
+    )
+
+
+def vanishing_through_time(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """A recurrent layer's signal fades before the first time steps while the loss sits
+    on its plateau and no step the signal can reach realizes a decrease."""
+    fade = _time_fade(layer, model.th)
+    if fade is None:
+        return None
+    ratio, lost_at, steps = fade
+    can_learn = model.realized is not None and model.realized >= model.th.learnable
+    if not model.plateau or can_learn:
+        return None
+    return Verdict(
+        "vanishing",
+        f"vanishing through time: the backward signal reaching time step 1 of {steps} is "
+        f"{ratio:.1e} of the strongest step's, and falls below {model.th.time_vanishing:g} of "
+        f"it before step {lost_at}, while the loss is no better than the best constant "
+        "prediction: the loss cannot reach the early steps.",
+        remedies("through_time", model.traits),
+    )
+
+
+def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """The signal reaches the layer, but its own step would win nothing."""
+    done = (
+        layer.headroom < model.th.headroom
+        if layer.headroom is not None
+        else layer.g_rel <= model.th.converged
+    )
+    if not done:
+        return None
+    sens = "" if layer.rel_sens is None else f" (sensitivity {layer.rel_sens:.1e} of the largest)"
+    return Verdict(
+        "converged",
+        f"the signal reaches it{sens} but {_headroom_note(layer)}: a gradient that is small "
+        "because the layer sits at its optimum.",
+    )
+
+
+def learning(layer: LayerFacts, model: ModelFacts) -> Verdict:
+    """Learning: the default."""
+    parts = [f"learning: gradient {_e(layer.grad_norm)}", _headroom_note(layer)]
+    if layer.rel_sens is not None:
+        parts.append(f"the signal reaching it is {layer.rel_sens:.1e} of the largest")
+    if note := _step_note(layer, model):
+        parts.append(note)
+    return Verdict("ok", "; ".join(parts) + ".")
+
+
+#: The rules, in order of precedence (the first verdict wins).
+RULES: tuple[Rule, ...] = (
+    nonfinite,
+    frozen,
+    unstable_step,
+    solved,
+    unreached,
+    no_headroom,
+    dead,
+    growing_signal,
+    vanishing,
+    vanishing_through_time,
+    layer_converged,
+    learning,
+)
+
+
+def apply_rules(
+    layer: LayerFacts, model: ModelFacts, rules: Sequence[Rule] = RULES
+) -> tuple[Verdict, str]:
+    """The first verdict of ``rules`` for ``layer``, and the rule's name.
+
+    Sentences that hold whatever the status (partly dead units, a fading signal through
+    time, the module whose forward uses the parameters) are added to the reason.
+    """
+    for rule in rules:
+        verdict = rule(layer, model)
+        if verdict is not None:
+            break
+    else:  # pragma: no cover - ``learning`` always answers
+        verdict, rule = learning(layer, model), learning
+    notes = _notes(layer, model, verdict.status)
+    if notes:
+        verdict = Verdict(verdict.status, verdict.reason + " " + " ".join(notes), verdict.advice)
+    return verdict, rule.__name__
+
+
+def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
+    notes = []
+    if layer.used_by is not None:
+        notes.append(
+            f"Its parameters are used directly by {display_name(layer.used_by)} (the module "
+            "itself is not called), whose signal stands in for it."
+        )
+    frac = layer.dead_fraction
+    if status not in ("dead", "frozen", "converged") and frac >= model.th.partly_dead:
+        notes.append(
+            f"Partly dead: {frac:.0%} of the units after it ({layer.activation_name}) never "
+            f"activate on the batch; the other {1 - frac:.0%} pass the signal and learn."
+        )
+    fade = _time_fade(layer, model.th)
+    if fade is not None and status != "vanishing":
+        ratio, lost_at, steps = fade
+        notes.append(
+            f"Through time the signal fades: at time step 1 of {steps} it is {ratio:.1e} of the "
+            f"strongest step's (below {model.th.time_vanishing:g} before step {lost_at}), so "
+            "the loss reaches only the later steps."
+        )
+    return notes
+
+
+def _time_fade(layer: LayerFacts, th: Thresholds) -> tuple[float, int, int] | None:
+    """(first step's signal / strongest step's, the last step counted from 1 whose signal
+    is below ``th.time_vanishing`` of the strongest, number of steps), if it fades."""
+    sig = layer.signal
+    steps = sig.time_signal_norms if sig is not None and layer.used_by is None else None
+    if not steps or len(steps) < 2 or not max(steps) > 0:
+        return None
+    top = max(steps)
+    ratio = steps[0] / top
+    if not ratio < th.time_vanishing:
+        return None
+    lost = [t for t, s in enumerate(steps, start=1) if s < th.time_vanishing * top]
+    return ratio, lost[-1] + 1 if lost else 1, len(steps)
+
+
+def _grows_back(ran: Sequence[ModuleSignal], i: int, min_chain: int) -> bool:
+    """Whether the backward signal grows at every one of ``min_chain`` or more layers
+    between layer i and the output: "layer after layer", not one outsized layer."""
+    norms = [s.signal_norm for s in ran[i:] if s.signal_norm]
+    if len(norms) <= min_chain or len(norms) < len(ran) - i:
+        return False
+    return all(a > b for a, b in itertools.pairwise(norms))
+
+
+def _headroom_note(layer: LayerFacts) -> str:
+    if layer.headroom is not None:
+        if layer.headroom >= 1:
+            return (
+                "a Newton step on this layer alone would, by its quadratic model, win all of "
+                "the loss"
+            )
+        return f"a Newton step on this layer alone would win {layer.headroom:.1e} of the loss"
+    return (
+        f"a relative change of its weights moves the loss by at most {layer.g_rel:.1e}× its value"
+    )
+
+
+def _step_note(layer: LayerFacts, model: ModelFacts) -> str:
+    if layer.step_ratio is None or layer.step is None:
+        return ""
+    if model.optimizer == "adaptive":
+        used = f"the step the optimizer takes along its gradient, {layer.step:.1e}"
+    elif model.lr is not None:
+        used = f"lr {model.lr:g}"
+    else:
+        used = f"2/λmax = {layer.step:.1e}, the largest stable step for the whole model"
+    return f"its curvature-optimal step is {layer.step_ratio:.1e}× the one it gets ({used})"
