@@ -1,0 +1,261 @@
+"""Per-sample gradient rows of one layer from its input and its output's backward signal.
+
+For a layer ``z = f(a; θ)`` seen on samples ``n`` and backward vectors ``δ_j`` at its
+output (``j`` indexes columns of the output-Hessian factor or Monte Carlo draws), the
+row ``u_{jn} = ∂(δ_{jn} · z_n)/∂θ`` is the layer's share of ``Jᵀ s_j`` for sample ``n``.
+Two things are needed of the rows ``U`` (``R = m·n`` of them): their Gram matrix
+``K = U Uᵀ`` (``R × R``; ``λmax(UᵀU) = λmax(K)``) and products ``U v`` with
+parameter-shaped ``v``. Both are computed from ``a`` and ``δ`` without the ``R × D``
+matrix when that is cheaper (a linear layer on single vectors: ``K = (AAᵀ + 1) ⊙ ΔΔᵀ``,
+Goodfellow 2015's per-example trick), else ``U`` is built in chunks of output features.
+
+Supported: ``nn.Linear``, transformers' ``Conv1D`` (weight ``(in, out)``),
+``nn.Conv1d/2d/3d`` with ``groups=1`` and zero padding, ``nn.Embedding``,
+``nn.LayerNorm``, ``nn.GroupNorm`` and the BatchNorm family (affine parameters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LayerRows", "layer_rows", "supported"]
+
+#: Largest number of elements of a built chunk of ``U`` (float64 rows: 256 MiB).
+CHUNK = 1 << 25
+
+
+class LayerRows:
+    """``K = U Uᵀ`` and ``U v`` for one layer's rows (subclasses implement them)."""
+
+    def gram(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``U v`` for ``v`` given per parameter, in the layer's parameter order."""
+        raise NotImplementedError
+
+
+def supported(module: nn.Module) -> bool:
+    """Whether :func:`layer_rows` knows this module type."""
+    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        return True
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return (
+            module.groups == 1
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+            and not isinstance(module, nn.modules.conv._ConvTransposeNd)
+        )
+    return isinstance(
+        module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    )
+
+
+def layer_rows(
+    module: nn.Module,
+    params: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
+) -> LayerRows:
+    """Rows of ``module``'s own parameters ``params`` over its calls.
+
+    Args:
+        inputs: the module's first input at each call, shape ``(n, ...)``.
+        deltas: the backward vectors at its output for each call, ``(m, n, ...)``.
+    """
+    if isinstance(module, nn.Embedding):
+        return _EmbeddingRows(module, params, inputs, deltas)
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+        return _NormRows(module, params, inputs, deltas)
+    a_list, d_list = [], []
+    for a, d in zip(inputs, deltas, strict=True):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            a, d = _conv_as_linear(module, a, d)
+        else:
+            a = a.reshape(a.shape[0], -1, a.shape[-1])
+            d = d.reshape(d.shape[0], d.shape[1], -1, d.shape[-1])
+        a_list.append(a)
+        d_list.append(d)
+    a = torch.cat(a_list, dim=1) if len(a_list) > 1 else a_list[0]
+    d = torch.cat(d_list, dim=2) if len(d_list) > 1 else d_list[0]
+    transposed = type(module).__name__ == "Conv1D"
+    return _LinearRows(params, a, d, transposed=transposed)
+
+
+def _conv_as_linear(
+    module: Any, a: torch.Tensor, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution's input as ``(n, L, C_in·k)`` patches, ``δ`` as ``(m, n, L, C_out)``."""
+    nd = a.ndim - 2
+    if nd == 2:
+        cols = F.unfold(
+            a,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,
+            stride=module.stride,
+        )
+    else:  # 1-D and 3-D: unfold along each spatial dim in turn
+        x = F.pad(a, [p for pad in reversed(module.padding) for p in (pad, pad)])
+        for i in range(nd):
+            k, s, dl = module.kernel_size[i], module.stride[i], module.dilation[i]
+            x = x.unfold(2 + i, dl * (k - 1) + 1, s)[..., ::dl]
+        # x: (n, C, L1..Lnd, k1..knd) -> (n, C·k, L)
+        n, c = x.shape[:2]
+        spatial = x.shape[2 : 2 + nd]
+        x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+        cols = x.reshape(n, c * int(torch.tensor(module.kernel_size).prod()), -1)
+        del spatial
+    a2 = cols.transpose(1, 2)
+    d2 = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1).transpose(2, 3)
+    return a2, d2
+
+
+class _LinearRows(LayerRows):
+    """``z_t = W a_t + b`` at positions ``t``: ``u_{jn} = Σ_t δ_{jnt} a_{nt}ᵀ`` (and ``Σ_t δ``)."""
+
+    def __init__(
+        self,
+        params: Sequence[torch.Tensor],
+        a: torch.Tensor,  # (n, T, din)
+        d: torch.Tensor,  # (m, n, T, dout)
+        *,
+        transposed: bool,
+    ) -> None:
+        self.params = params
+        self.a = a
+        self.d = d
+        self.transposed = transposed
+        self.has_bias = len(params) > 1
+
+    def _weight(self, v: torch.Tensor) -> torch.Tensor:
+        """A weight-shaped tensor in ``(out, in)`` layout."""
+        return v.T if self.transposed else v.reshape(v.shape[0], -1)
+
+    def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
+        w = self._weight(v[0]).to(self.a.dtype)
+        av = self.a @ w.T  # (n, T, dout)
+        out = (self.d * av).sum(dim=(2, 3))
+        if self.has_bias:
+            out = out + (self.d.sum(dim=2) @ v[1].to(self.d.dtype).reshape(-1))
+        return out.reshape(-1).double()
+
+    def gram(self) -> torch.Tensor:
+        m, n, T, dout = self.d.shape
+        din = self.a.shape[-1]
+        R = m * n
+        factored = (R * T) ** 2 * (din + dout)
+        built = R * T * din * dout + R * R * din * dout
+        if T == 1 or factored < built:
+            a = self.a.reshape(n * T, din)
+            aa = (a @ a.T).reshape(n, T, n, T)
+            if self.has_bias:
+                aa = aa + 1
+            dd = self.d.reshape(R * T, dout)
+            ddt = (dd @ dd.T).reshape(m, n, T, m, n, T)
+            K = torch.einsum("ntlu,jntblu->jnbl", aa, ddt)
+            return K.reshape(R, R).double()
+        K = torch.zeros(R, R, dtype=torch.float64, device=self.a.device)
+        step = max(1, CHUNK // max(R * din, 1))
+        for start in range(0, dout, step):
+            dchunk = self.d[..., start : start + step]  # (m, n, T, c)
+            U = torch.einsum("mntc,nti->mnci", dchunk, self.a).reshape(R, -1)
+            K += (U @ U.T).double()
+        if self.has_bias:
+            ub = self.d.sum(dim=2).reshape(R, dout)
+            K += (ub @ ub.T).double()
+        return K
+
+
+class _EmbeddingRows(LayerRows):
+    """``u_{jn} = Σ_t e_{i_{nt}} δ_{jnt}ᵀ``: rows on the tokens the batch uses."""
+
+    def __init__(
+        self,
+        module: nn.Embedding,
+        params: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        deltas: Sequence[torch.Tensor],
+    ) -> None:
+        ids = torch.cat([i.reshape(i.shape[0], -1) for i in inputs], dim=1)
+        d = torch.cat([x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]) for x in deltas], dim=2)
+        if module.padding_idx is not None:
+            d = d * (ids != module.padding_idx).unsqueeze(-1).to(d.dtype)
+        self.uniq, inverse = torch.unique(ids, return_inverse=True)
+        m, n, T, dim = d.shape
+        Z = torch.zeros(m, n, len(self.uniq), dim, dtype=d.dtype, device=d.device)
+        Z.scatter_add_(2, inverse.reshape(1, n, T, 1).expand(m, n, T, dim), d)
+        self.Z = Z.reshape(m * n, len(self.uniq), dim)
+
+    def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
+        vu = v[0][self.uniq].to(self.Z.dtype)
+        return (self.Z * vu).sum(dim=(1, 2)).double()
+
+    def gram(self) -> torch.Tensor:
+        Zf = self.Z.reshape(self.Z.shape[0], -1)
+        return (Zf @ Zf.T).double()
+
+
+class _NormRows(LayerRows):
+    """Affine normalization ``z = x̂ ⊙ w + b``: ``u = (Σ δ ⊙ x̂, Σ δ)`` per sample."""
+
+    def __init__(
+        self,
+        module: Any,
+        params: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        deltas: Sequence[torch.Tensor],
+    ) -> None:
+        names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        us = None
+        for a, d in zip(inputs, deltas, strict=True):
+            xhat = _normalized(module, a.detach()).to(d.dtype)
+            m, n = d.shape[:2]
+            if isinstance(module, nn.LayerNorm):
+                wdims = len(module.normalized_shape)
+                sum_dims = tuple(range(2, d.ndim - wdims))
+                wshape = (m, n, -1)
+                dw = (d * xhat).sum(dim=sum_dims) if sum_dims else d * xhat
+                db = d.sum(dim=sum_dims) if sum_dims else d
+            else:  # channels in dim 1 of the input, dim 2 of d
+                sum_dims = tuple(range(3, d.ndim))
+                wshape = (m, n, -1)
+                dw = (d * xhat).sum(dim=sum_dims) if sum_dims else d * xhat
+                db = d.sum(dim=sum_dims) if sum_dims else d
+            parts = {"weight": dw.reshape(wshape), "bias": db.reshape(wshape)}
+            u = torch.cat([parts[name] for name in names], dim=2).reshape(m * n, -1)
+            us = u if us is None else us + u
+        assert us is not None
+        self.U = us
+        self.sizes = [p.numel() for p in params]
+
+    def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
+        flat = torch.cat([t.reshape(-1).to(self.U.dtype) for t in v])
+        return (self.U @ flat).double()
+
+    def gram(self) -> torch.Tensor:
+        return (self.U @ self.U.T).double()
+
+
+def _normalized(module: Any, a: torch.Tensor) -> torch.Tensor:
+    """The module's normalized input ``x̂`` (before the affine map), as its forward computes it."""
+    if isinstance(module, nn.LayerNorm):
+        return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
+    if isinstance(module, nn.GroupNorm):
+        return F.group_norm(a, module.num_groups, None, None, module.eps)
+    use_batch = module.training or module.running_mean is None
+    return F.batch_norm(
+        a,
+        None if use_batch else module.running_mean,
+        None if use_batch else module.running_var,
+        None,
+        None,
+        use_batch,
+        0.0,
+        module.eps,
+    )
