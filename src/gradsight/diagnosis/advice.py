@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from gradsight.diagnosis.chain import later_factors
-from gradsight.probes.signal import ModuleSignal
+from gradsight.probes import ModuleSignal
 
 __all__ = ["SATURATING", "ModelTraits", "remedies", "traits_of", "vanishing_advice"]
 

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gradsight._format import display_name
-from gradsight.probes.signal import ActivationStats, ModuleSignal
+from gradsight.probes import ActivationStats, ModuleSignal
 
 __all__ = ["ChainFactors", "chain_cause", "later_factors", "ratio"]
 

@@ -14,9 +14,10 @@ it:
 5. ``dead`` when the loss does not reach the module at all (not called, or its output
    unused by the loss) and its parameters get exactly zero gradient;
 6. ``converged`` when the whole model has no headroom left;
-7. ``dead`` when most units after the layer never activate on the batch *and* the signal
-   reaching the layer is crushed: it neither learns nor passes a signal. A partly dead
-   layer that still learns keeps its status, and its reason says "partly dead";
+7. ``dead`` when most units after the layer never activate on the batch, the signal
+   reaching the layer is crushed and its own gradient moves the loss by nothing: it
+   neither learns nor passes a signal. A partly dead layer that still learns keeps its
+   status, and its reason says "partly dead";
 8. ``exploding`` when the backward signal grows at every later layer;
 9. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
    largest while the model has headroom;
@@ -39,7 +40,7 @@ from gradsight._format import display_name
 from gradsight.diagnosis.advice import ModelTraits, remedies, vanishing_advice
 from gradsight.diagnosis.chain import chain_cause
 from gradsight.diagnosis.result import Status
-from gradsight.probes.signal import ModuleSignal
+from gradsight.probes import ModuleSignal
 
 __all__ = [
     "RULES",
@@ -284,15 +285,20 @@ def no_headroom(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
 
 
 def dead(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """Most units after the layer never activate and the signal reaching it is lost."""
+    """Most units after the layer never activate, and it neither learns (its scale-free
+    gradient is at most ``th.converged`` of the loss) nor passes a signal (the loss's
+    sensitivity to its output is below ``th.vanishing`` of the largest)."""
     frac = layer.dead_fraction
     if frac < model.th.dead or layer.rel_sens is None or layer.rel_sens >= model.th.vanishing:
         return None
+    if layer.g_rel > model.th.converged:
+        return None  # its live units still learn: partly dead, said in the reason
     return Verdict(
         "dead",
         f"{frac:.0%} of the units after it ({layer.activation_name}) are flat on every sample "
         f"of the batch: the loss's sensitivity to its output is {layer.rel_sens:.1e} of the "
-        f"largest, so it neither learns nor passes a signal (gradient norm {_e(layer.grad_norm)}).",
+        f"largest and its gradient {_e(layer.grad_norm)} moves the loss by at most "
+        f"{layer.g_rel:.1e}× its value, so it neither learns nor passes a signal.",
         remedies("dead", model.traits),
     )
 
@@ -425,8 +431,8 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
     notes = []
     if layer.used_by is not None:
         notes.append(
-            f"Its parameters are used directly by {display_name(layer.used_by)} (the module "
-            "itself is not called), whose signal stands in for it."
+            f"Its parameters are used directly by {display_name(layer.used_by)} rather than "
+            "through a call of the module, so that module's signal stands in for it."
         )
     frac = layer.dead_fraction
     if status not in ("dead", "frozen", "converged") and frac >= model.th.partly_dead:

@@ -35,7 +35,7 @@ from gradsight.diagnosis.chain import ratio
 from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom
 from gradsight.diagnosis.result import STATUSES, LayerDiagnosis, Status
 from gradsight.diagnosis.rules import RULES, LayerFacts, ModelFacts, Rule, Thresholds, apply_rules
-from gradsight.probes.signal import ModuleSignal
+from gradsight.probes import ModuleSignal
 
 __all__ = ["LayerEvidence", "Thresholds", "judge", "worst_status"]
 

@@ -1,0 +1,320 @@
+"""The verdict rules one by one, on synthetic evidence (no model, no autograd).
+
+Each rule of :data:`gradsight.diagnosis.RULES` is a small function of one layer's facts
+and the model's; these tests hand it the numbers directly, so that each precedence the
+issue tracker found wrong (a solved model called dead, a learning layer called dead,
+a used module called "not called", a frozen layer in the model's status, vanishing
+through time as a mere sentence) is pinned down where it is decided.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+
+from gradsight.diagnosis import RULES, Thresholds
+from gradsight.diagnosis.advice import ModelTraits, vanishing_advice
+from gradsight.diagnosis.headroom import BlockCurvature
+from gradsight.diagnosis.rules import LayerFacts, ModelFacts, apply_rules
+from gradsight.diagnosis.steps import adaptive_step, optimizer_kind
+from gradsight.diagnosis.verdict import LayerEvidence, judge, worst_status
+from gradsight.probes import ActivationStats, ModuleSignal
+
+TH = Thresholds()
+
+
+def _act(name: str = "relu", dead: float = 0.0, saturation: float = 0.0) -> ActivationStats:
+    return ActivationStats(
+        name=name,
+        saturation=max(saturation, dead),
+        dead_fraction=dead,
+        mean_derivative=0.5,
+        rms_derivative=0.7,
+        max_derivative=1.0,
+    )
+
+
+def _signal(name: str, norm: float | None = 1.0, **kw) -> ModuleSignal:  # type: ignore[no-untyped-def]
+    return ModuleSignal(
+        name=name,
+        module_type="Linear",
+        calls=1,
+        signal_norm=norm,
+        input_signal_norm=kw.pop("input_norm", norm),
+        output_norm=kw.pop("output_norm", 1.0),
+        activation=kw.pop("activation", None),
+        time_signal_norms=kw.pop("time", None),
+    )
+
+
+def _model(**kw) -> ModelFacts:  # type: ignore[no-untyped-def]
+    base = dict(
+        th=TH,
+        loss=2.3,
+        baseline=2.3,
+        plateau=True,
+        solved=False,
+        has_headroom=True,
+        headroom=None,
+        realized=None,
+        lr=None,
+        optimizer=None,
+        ran=[_signal("0"), _signal("1")],
+        s_max=1.0,
+        s_out=1.0,
+        traits=ModelTraits(),
+    )
+    base.update(kw)
+    return ModelFacts(**base)  # type: ignore[arg-type]
+
+
+def _layer(**kw) -> LayerFacts:  # type: ignore[no-untyped-def]
+    base = dict(
+        name="0",
+        frozen=False,
+        grad_norm=0.1,
+        grad_finite=True,
+        signal=_signal("0"),
+        position=0,
+        rel_sens=1.0,
+        g_rel=0.1,
+    )
+    base.update(kw)
+    return LayerFacts(**base)  # type: ignore[arg-type]
+
+
+def _verdict(layer: LayerFacts, model: ModelFacts) -> tuple[str, str, tuple[str, ...]]:
+    v, _ = apply_rules(layer, model)
+    return v.status, v.reason, v.advice
+
+
+def test_rules_are_declared_in_order_and_end_with_a_default() -> None:
+    names = [r.__name__ for r in RULES]
+    assert names[:2] == ["nonfinite", "frozen"]
+    assert names.index("solved") < names.index("dead") < names.index("vanishing")
+    assert names.index("unreached") < names.index("dead")
+    assert names[-1] == "learning"
+
+
+def test_nonfinite_gradient() -> None:
+    assert _verdict(_layer(grad_finite=False), _model())[0] == "nonfinite"
+
+
+def test_frozen_layer_gets_its_own_status_and_stays_out_of_the_models() -> None:
+    status, reason, _ = _verdict(_layer(frozen=True, grad_norm=None), _model())
+    assert status == "frozen" and "requires_grad=False" in reason
+    assert worst_status(["frozen", "converged", "converged"]) == "converged"
+    assert worst_status(["frozen", "ok"]) == "ok"
+
+
+def test_solved_model_has_nothing_dead_or_vanishing() -> None:
+    """Issue 12.2: at an L-BFGS optimum half the tanh units are saturated on every
+    sample; with the loss at 1e-6 of the constant prediction's it is converged."""
+    sat = _act("tanh", dead=0.5)
+    layer = _layer(signal=_signal("0", activation=sat), rel_sens=1e-6, g_rel=1e-9)
+    model = _model(loss=6e-8, baseline=0.06, plateau=False, solved=True)
+    status, reason, _ = _verdict(layer, model)
+    assert status == "converged"
+    assert "1.0e-06 of the best constant prediction's (6.0e-02)" in reason
+
+
+def test_partly_dead_layer_that_learns_is_not_dead() -> None:
+    """Issue 12.3: 62% dead units, headroom 0.28, gradient 5.7e-2: still learning."""
+    layer = _layer(
+        signal=_signal("0", activation=_act("relu", dead=0.62)),
+        grad_norm=5.7e-2,
+        headroom=0.28,
+        rel_sens=0.3,
+    )
+    status, reason, _ = _verdict(layer, _model())
+    assert status == "ok"
+    assert "Partly dead: 62%" in reason and "38%" in reason
+
+
+def test_dead_layer_neither_learns_nor_passes_a_signal() -> None:
+    layer = _layer(
+        signal=_signal("0", norm=0.0, activation=_act("relu", dead=1.0)),
+        grad_norm=0.0,
+        rel_sens=0.0,
+        g_rel=0.0,
+    )
+    status, reason, advice = _verdict(layer, _model())
+    assert status == "dead" and "100%" in reason
+    assert any("LeakyReLU" in a for a in advice)
+
+
+def test_mostly_dead_layer_whose_live_units_learn_is_not_dead() -> None:
+    layer = _layer(
+        signal=_signal("0", activation=_act("relu", dead=0.9)), rel_sens=1e-4, g_rel=1e-2
+    )
+    status, reason, _ = _verdict(layer, _model())
+    assert status == "vanishing" and "Partly dead: 90%" in reason
+
+
+def test_module_with_a_gradient_is_never_not_called() -> None:
+    """Issue 12.1: MHA's out_proj is used through its weight; gradient 0.27."""
+    layer = _layer(name="attn.out_proj", signal=_signal("attn"), used_by="attn", grad_norm=0.27)
+    status, reason, _ = _verdict(layer, _model())
+    assert status == "ok"
+    assert "used directly by attn" in reason
+    assert "not called" not in reason
+    lone = _layer(signal=None, position=None, rel_sens=None, grad_norm=0.27)
+    assert "not called" not in _verdict(lone, _model())[1]
+
+
+def test_module_the_loss_does_not_reach_is_dead_and_says_why() -> None:
+    uncalled = _layer(signal=None, position=None, rel_sens=None, grad_norm=0.0, g_rel=0.0)
+    status, reason, _ = _verdict(uncalled, _model())
+    assert status == "dead" and "not called" in reason
+    unused = _layer(signal=_signal("head", norm=None), position=None, rel_sens=None, grad_norm=0.0)
+    status, reason, advice = _verdict(unused, _model())
+    assert status == "dead" and "does not reach the loss" in reason and advice
+    assert not re.search(r"[;:,] *\.", reason)
+
+
+def test_vanishing_through_time_is_a_verdict() -> None:
+    """Issue 12.5: 100 steps, the signal at step 1 is 1e-32 of the strongest, the loss
+    at the constant prediction's."""
+    steps = tuple(10.0 ** (-32 + 32 * t / 99) for t in range(100))
+    layer = _layer(name="rnn", signal=_signal("rnn", time=steps))
+    status, reason, advice = _verdict(layer, _model())
+    assert status == "vanishing" and "through time" in reason
+    assert "1.0e-32" in reason and "of 100" in reason
+    assert any("LSTM/GRU" in a for a in advice)
+    gated = _model(traits=ModelTraits(gated_recurrent=True))
+    assert not any("LSTM/GRU" in a for a in _verdict(layer, gated)[2])
+
+
+def test_fading_through_time_while_the_model_still_learns_is_a_note() -> None:
+    steps = tuple(10.0 ** (-8 + 8 * t / 49) for t in range(50))
+    layer = _layer(name="rnn", signal=_signal("rnn", time=steps))
+    status, reason, _ = _verdict(layer, _model(realized=0.2))
+    assert status == "ok" and "Through time the signal fades" in reason
+
+
+def test_unstable_step_only_for_sgd() -> None:
+    layer = _layer(lambda_max=50.0)
+    assert _verdict(layer, _model(lr=0.1))[0] == "exploding"
+    assert _verdict(layer, _model(lr=0.01))[0] != "exploding"
+    assert _verdict(layer, _model(lr=0.1, optimizer="adaptive"))[0] != "exploding"
+
+
+def test_vanishing_reason_has_no_dangling_fragments_at_the_last_layer() -> None:
+    ran = [_signal("0"), _signal("1", output_norm=1e-6)]
+    layer = _layer(name="1", signal=ran[1], position=1, rel_sens=1e-6)
+    status, reason, _ = _verdict(layer, _model(ran=ran))
+    assert status == "vanishing"
+    assert not re.search(r"[;:,] *\.|\(\)", reason)
+
+
+def test_headroom_share_is_at_most_one_in_words() -> None:
+    layer = _layer(headroom=1.0)
+    reason = _verdict(layer, _model(plateau=False))[1]
+    assert "all of the loss" in reason and "1.0e+00 of the loss" not in reason
+
+
+@pytest.mark.parametrize(
+    ("traits", "absent"),
+    [
+        (ModelTraits(activations=frozenset({"relu"})), "non-saturating activation"),
+        (ModelTraits(activations=frozenset({"sigmoid"}), has_norm=True), "Add normalization"),
+        (ModelTraits(activations=frozenset({"sigmoid"}), has_residual=True), "residual"),
+        (ModelTraits(activations=frozenset({"gelu"})), "LeakyReLU/GELU"),
+    ],
+)
+def test_advice_never_proposes_what_the_model_already_does(traits, absent) -> None:  # type: ignore[no-untyped-def]
+    act = next(iter(traits.activations))
+    ran = [
+        _signal(str(i), norm=0.1**i, activation=_act(act, dead=0.3, saturation=0.6))
+        for i in range(5)
+    ][::-1]
+    advice = vanishing_advice(ran, 0, traits, alpha_spread=4.0)
+    assert advice and not any(absent in a for a in advice)
+    assert not any("0% saturated" in a or " 0 decades" in a for a in advice)
+
+
+def test_no_normalization_advice_without_saturation() -> None:
+    ran = [_signal(str(i), norm=0.1**i, activation=_act("sigmoid")) for i in range(4)][::-1]
+    advice = vanishing_advice(ran, 0, ModelTraits(frozenset({"sigmoid"})), 0.0)
+    assert advice and not any("normalization" in a for a in advice)
+
+
+def _evidence(name: str, grad: float, **kw) -> LayerEvidence:  # type: ignore[no-untyped-def]
+    return LayerEvidence(
+        name=name,
+        module_type="Linear",
+        signal=kw.pop("signal", _signal(name)),
+        grad_norms={"weight": grad},
+        param_norms={"weight": 1.0},
+        **kw,
+    )
+
+
+def test_summary_names_the_root_module_and_reads_the_right_way_round() -> None:
+    layers, _, summary = judge([_evidence("", 1e-9)], loss=2e-4, baseline_loss=20.0, curvature={})
+    assert layers[0].status == "converged"
+    assert "(model)" in summary and "Layer :" not in summary and "Layers :" not in summary
+    assert "1.0e-05 of the best constant prediction's" in summary
+    assert "below" not in summary
+
+
+def test_plateau_sentence_agrees_with_its_numbers() -> None:
+    _, _, summary = judge([_evidence("0", 0.1)], loss=7.66, baseline_loss=7.62)
+    assert "The loss 7.66 is no better than predicting a constant (7.62)" in summary
+    _, _, summary = judge([_evidence("0", 0.1)], loss=2.25, baseline_loss=2.30)
+    assert "no better than" not in summary and "within 2%" in summary
+
+
+def test_adaptive_step_ratio_compares_with_the_step_taken() -> None:
+    """Issue 12.7: with Adam the step ratio divides by the step Adam takes along the
+    gradient, not by its raw lr."""
+    curv = {
+        "0": BlockCurvature(lambda_max=10.0, alpha_star=0.05, decrement=0.1, loss=1.0, matvecs=0)
+    }
+    ev = [_evidence("0", 1e-3, step=0.04)]
+    layers, _, _ = judge(
+        ev,
+        loss=1.0,
+        baseline_loss=2.0,
+        lr=0.003,
+        curvature=curv,
+        traits=ModelTraits(optimizer="adaptive"),
+    )
+    assert layers[0].step_taken == 0.04
+    assert layers[0].step_ratio == pytest.approx(0.05 / 0.04)
+    assert "lr 0.003" not in layers[0].reason
+    other, _, _ = judge(
+        ev,
+        loss=1.0,
+        baseline_loss=2.0,
+        lr=0.003,
+        curvature=curv,
+        traits=ModelTraits(optimizer="other"),
+    )
+    assert other[0].step_ratio is None
+
+
+@pytest.mark.parametrize("steps_before", [0, 3])
+def test_adaptive_step_matches_the_update_adam_takes(steps_before: int) -> None:
+    """α_eff = gᵀΔ/gᵀg against the change a real Adam step makes (β1 = 0, so that its
+    update is the preconditioned gradient itself), the optimizer left untouched."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(20, dtype=torch.float64))
+    opt = torch.optim.Adam([w], lr=0.01, betas=(0.0, 0.999))
+    for _ in range(steps_before):
+        w.grad = torch.randn(20, dtype=torch.float64)
+        opt.step()
+    g = torch.randn(20, dtype=torch.float64) * 1e-3
+    state = copy.deepcopy(opt.state_dict())
+    predicted = adaptive_step(opt, [w], {id(w): g})
+    assert opt.state_dict()["state"].keys() == state["state"].keys()
+    before = w.detach().clone()
+    w.grad = g.clone()
+    opt.step()
+    delta = before - w.detach()
+    assert predicted == pytest.approx(float(g @ delta / (g @ g)), rel=1e-9)
+    assert optimizer_kind(opt) == "adaptive"
+    assert optimizer_kind(torch.optim.SGD([w], lr=0.1)) == "sgd"
