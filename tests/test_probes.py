@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -191,9 +192,9 @@ def test_lean_mode_recognises_third_party_activation_modules() -> None:
 
 def test_deferred_statistics_of_half_precision_activations_are_computed_in_float32() -> None:
     from gradsight.probes._deferred import DeferredStatistics
-    from gradsight.probes.signal import _module_activation
+    from gradsight.probes.activations import module_activation
 
-    sigmoid = _module_activation(nn.Sigmoid())
+    sigmoid = module_activation(nn.Sigmoid())
     torch.manual_seed(0)
     ys = [torch.sigmoid(4 * torch.randn(64, 300)).bfloat16() for _ in range(2)]
     deferred = DeferredStatistics()
@@ -225,3 +226,84 @@ def test_lean_signal_norms_of_half_precision_gradients_do_not_overflow() -> None
     got = dict(zip(keys, values, strict=True))[("2", "signal_norm")]
     assert got.dtype == torch.float32
     assert float(got) == pytest.approx(2.0**12 * math.sqrt(64 * 4), rel=1e-3)
+
+
+def _function_form(module: nn.Module, x: torch.Tensor) -> str | None:
+    """The activation diagnose's function watcher sees in ``module(x)`` (first one)."""
+    from torch.overrides import TorchFunctionMode
+
+    from gradsight.probes import match_activation
+
+    seen: list[str] = []
+
+    class Watch(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            spec = match_activation(func, args, kwargs)
+            if spec is not None:
+                seen.append(spec.name)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        module(x)
+    return seen[0] if seen else None
+
+
+def test_every_torch_activation_module_is_seen_by_diagnose_and_monitor_alike() -> None:
+    # One registry serves both: an activation module that diagnose recognises (through
+    # the functions its forward calls) is recognised by the Monitor's module hooks, with
+    # the same parameters, and the other way round.
+    from gradsight.probes import module_activation
+
+    x = torch.randn(4, 6)
+    checked = []
+    for name in nn.modules.activation.__all__:
+        cls = getattr(nn.modules.activation, name)
+        try:
+            module = cls()
+        except TypeError:  # needs arguments: not an elementwise activation
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # softmax's implicit dimension
+                fn = _function_form(module, x)
+        except (RuntimeError, TypeError, ValueError):  # not for a [4, 6] input
+            continue
+        mod = module_activation(module)
+        assert (fn is None) == (mod is None), (name, fn, mod)
+        if mod is not None:
+            assert mod.spec.name == fn, name
+            checked.append(name)
+    for params in ({"alpha": 0.5}, {"negative_slope": 0.2}, {"beta": 2.0}):
+        for cls in (nn.ELU, nn.LeakyReLU, nn.Softplus):
+            try:
+                module = cls(**params)
+            except TypeError:
+                continue
+            assert module_activation(module).spec.name == _function_form(module, x)  # type: ignore[union-attr]
+    assert {"ELU", "ReLU6", "Hardtanh", "LeakyReLU", "Softplus", "GELU", "SiLU"} <= set(checked)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_monitor_records_elu_statistics_equal_to_the_full_probe(alpha: float, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import gradsight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ELU(alpha), nn.Linear(32, 1))
+    with torch.no_grad():
+        model[0].bias.copy_(torch.linspace(-6.0, 2.0, 32))  # some units flat, some dead
+    x = torch.randn(64, 4)
+    with SignalProbe(model) as probe:
+        model(x).sum().backward()
+    want = probe.result()["0"].activation
+    assert want is not None and want.name == f"elu({alpha:g})" and 0 < want.dead_fraction < 1
+    with gradsight.Monitor(
+        model, logdir=tmp_path / "r", activation_samples=None, diagnose_at_close=False
+    ) as mon:
+        model.zero_grad()
+        loss = model(x).sum()
+        loss.backward()
+        mon.step(loss)
+    run = gradsight.store.load_run(tmp_path / "r")
+    for metric in ("saturation", "dead_fraction", "mean_derivative", "rms_derivative"):
+        got = run.series(metric)["0"][1][0]
+        assert got == pytest.approx(getattr(want, metric), rel=1e-5, abs=1e-7), metric

@@ -45,14 +45,18 @@ import torch
 from torch import nn
 
 from gradsight._errors import GradsightError
+from gradsight.probes._kernel import ActivationStates, Reduce, declare, reduction
 
 __all__ = ["DistributedReducer", "NullWriter", "unwrap_parallel"]
 
-_SIGNAL = frozenset({"signal_norm", "activation_signal_norm", "input_signal_norm"})
-_FORWARD = frozenset({"output_norm"})
-_WEIGHTED = frozenset({"saturation", "mean_derivative"})
-_WEIGHTED_SQ = frozenset({"rms_derivative"})
-_MEAN = frozenset({"loss"})
+# The metrics the Monitor itself creates (its probe and the kernel declare their own).
+declare("grad_norm", Reduce.PARAMETER_NORM)
+declare("loss", Reduce.RANK_MEAN)
+declare("loss_scale", Reduce.REPLICATED)
+declare("lr", Reduce.REPLICATED)
+declare("update_ratio", Reduce.REPLICATED)  # under FSDP its parts are reduced at the source
+
+_PER_ENTRY = (Reduce.ENTRY_MEAN, Reduce.ENTRY_RMS, Reduce.UNITS_FLAT)
 
 
 def unwrap_parallel(model: nn.Module) -> nn.Module:
@@ -104,27 +108,35 @@ class NullWriter:
 
 
 class _Plan:
-    """How to reduce one list of keys: index tensors per kind, built once per key list."""
+    """How to reduce one list of keys: index tensors per declared reduction, built once
+    per key list (and per set of layers with activation statistics)."""
 
     def __init__(
-        self, keys: Sequence[tuple[str, str]], units: dict[str, int], device: torch.device
+        self,
+        keys: Sequence[tuple[str, str]],
+        units: dict[str, int],
+        device: torch.device,
+        sharded: bool,
     ) -> None:
         slot = {layer: i for i, layer in enumerate(units)}
+        kinds = [reduction(m) for _, m in keys]
+        if not sharded:  # each rank holds the parameters whole: equal everywhere already
+            kinds = [Reduce.REPLICATED if k is Reduce.PARAMETER_NORM else k for k in kinds]
+        for (layer, m), kind in zip(keys, kinds, strict=True):
+            if kind in _PER_ENTRY and layer not in slot:
+                raise GradsightError(
+                    f"gradsight: {m!r} of layer {layer!r} has no activation statistics to "
+                    "weight it by; this is a bug in gradsight, please report it."
+                )
 
-        def idx(metrics: frozenset[str], *, counted: bool = False) -> torch.Tensor:
+        def idx(*wanted: Reduce) -> torch.Tensor:
             return torch.tensor(
-                [
-                    i
-                    for i, (layer, m) in enumerate(keys)
-                    if m in metrics and (not counted or layer in slot)
-                ],
-                dtype=torch.long,
-                device=device,
+                [i for i, k in enumerate(kinds) if k in wanted], dtype=torch.long, device=device
             )
 
-        def slots(metrics: frozenset[str]) -> torch.Tensor:
+        def slots(kind: Reduce) -> torch.Tensor:
             return torch.tensor(
-                [slot[layer] for layer, m in keys if m in metrics and layer in slot],
+                [slot[layer] for (layer, _), k in zip(keys, kinds, strict=True) if k is kind],
                 dtype=torch.long,
                 device=device,
             )
@@ -132,15 +144,15 @@ class _Plan:
         self.n = len(keys)
         self.layers = len(units)
         self.masks = sum(units.values())
-        self.signal, self.forward, self.mean = idx(_SIGNAL), idx(_FORWARD), idx(_MEAN)
-        self.weighted = idx(_WEIGHTED, counted=True)
-        self.weighted_sq = idx(_WEIGHTED_SQ, counted=True)
-        self.weighted_slot, self.weighted_sq_slot = slots(_WEIGHTED), slots(_WEIGHTED_SQ)
-        dead = [(i, layer) for i, (layer, m) in enumerate(keys) if m == "dead_fraction"]
-        dead = [(i, layer) for i, layer in dead if layer in slot]
+        self.backward = idx(Reduce.BACKWARD_NORM)
+        self.norms = idx(Reduce.FORWARD_NORM, Reduce.PARAMETER_NORM)
+        self.mean = idx(Reduce.RANK_MEAN)
+        self.weighted, self.weighted_slot = idx(Reduce.ENTRY_MEAN), slots(Reduce.ENTRY_MEAN)
+        self.weighted_sq, self.weighted_sq_slot = idx(Reduce.ENTRY_RMS), slots(Reduce.ENTRY_RMS)
+        dead = [(i, keys[i][0]) for i, k in enumerate(kinds) if k is Reduce.UNITS_FLAT]
         self.dead = torch.tensor([i for i, _ in dead], dtype=torch.long, device=device)
         # Masks are concatenated in the order of `units`; each unit of a layer's mask
-        # belongs to that layer's dead_fraction entry (or to none).
+        # belongs to that layer's UNITS_FLAT entry (or to none).
         entry = {layer: j for j, (_, layer) in enumerate(dead)}
         seg = [entry.get(layer, len(dead)) for layer, size in units.items() for _ in range(size)]
         self.mask_segment = torch.tensor(seg, dtype=torch.long, device=device)
@@ -161,12 +173,16 @@ class DistributedReducer:
     collected fractions do not carry), then :meth:`reduce` on the step's values.
     """
 
-    def __init__(self, rank: int, world_size: int, group: Any = None) -> None:
+    def __init__(
+        self, rank: int, world_size: int, group: Any = None, *, sharded: bool = False
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
         self.group = group
-        self._counts: dict[str, int] = {}
-        self._masks: dict[str, torch.Tensor] = {}
+        #: Parameters (and their gradients) are sharded across ranks (FSDP): norms of
+        #: parameters combine from the shards'.
+        self.sharded = sharded
+        self._states: dict[str, ActivationStates] = {}
         self._plan: tuple[tuple[Any, ...], _Plan] | None = None
 
     @classmethod
@@ -199,54 +215,37 @@ class DistributedReducer:
         return self.rank == 0
 
     def capture(self, probe: Any) -> None:
-        """Read the entry counts and per-unit activity masks of the step's activation
-        statistics from ``probe`` (a lean-mode SignalProbe), before it is collected."""
-        # The probe's collect() returns fractions only; the counts and masks it reduces
-        # them from sit in its per-module accumulators (gradsight.probes.signal).
-        from gradsight.probes.signal import _reduce_pending
-
-        _reduce_pending(probe._order)
-        self._counts, self._masks = {}, {}
-        for acc in probe._order:
-            if not acc.owns_params:
-                continue
-            spec, count, alive = None, 0, None
-            # Mirrors _ModuleAccumulator.fold_reduced: a change of activation restarts.
-            for r in acc.reduced:
-                if spec is None or spec != r.spec:
-                    spec, count, alive = r.spec, 0, None
-                count += r.count
-                if alive is None:
-                    alive = r.alive.reshape(-1)
-                elif alive.shape == r.alive.reshape(-1).shape:
-                    alive = alive | r.alive.reshape(-1)
-            if alive is not None and count:
-                self._counts[acc.name] = count
-                self._masks[acc.name] = alive
+        """Keep the summable states (entry counts, per-unit masks) of the step's
+        activation statistics from ``probe`` (a lean-mode SignalProbe), before it is
+        collected: the collected fractions alone cannot be reduced."""
+        self._states = probe.activation_states()
 
     def reduce(self, keys: Sequence[tuple[str, str]], values: torch.Tensor) -> torch.Tensor:
         """The step's ``values`` (float64, one per key) reduced across ranks (see the
         module docstring); a collective: every rank must call it at the same step."""
         device = values.device
-        layers = {name: int(m.numel()) for name, m in self._masks.items()}
+        states = self._states
+        layers = {name: int(st.alive.numel()) for name, st in states.items()}
         sig = (tuple(keys), tuple(layers.items()), device)
         if self._plan is None or self._plan[0] != sig:
-            self._plan = (sig, _Plan(keys, layers, device))
+            self._plan = (sig, _Plan(keys, layers, device, self.sharded))
         plan = self._plan[1]
         w = float(self.world_size)
         v = values.to(torch.float64)
         counts = torch.tensor(
-            [float(self._counts[n]) for n in layers], dtype=torch.float64, device=device
+            [float(states[n].count) for n in layers], dtype=torch.float64, device=device
         )
         payload = torch.zeros(plan.n, dtype=torch.float64, device=device)
-        payload[plan.signal] = v[plan.signal].square()
-        payload[plan.forward] = v[plan.forward].square()
+        payload[plan.backward] = v[plan.backward].square()
+        payload[plan.norms] = v[plan.norms].square()
         payload[plan.mean] = v[plan.mean]
         if plan.layers:
             payload[plan.weighted] = v[plan.weighted] * counts[plan.weighted_slot]
             payload[plan.weighted_sq] = v[plan.weighted_sq].square() * counts[plan.weighted_sq_slot]
         masks = (
-            torch.cat([self._masks[n].to(device=device, dtype=torch.float64) for n in layers])
+            torch.cat(
+                [states[n].alive.reshape(-1).to(device=device, dtype=torch.float64) for n in layers]
+            )
             if layers
             else torch.zeros(0, dtype=torch.float64, device=device)
         )
@@ -259,8 +258,8 @@ class DistributedReducer:
         mask_sum = vec[plan.n + plan.layers : plan.n + plan.layers + plan.masks]
         fsum, fsq = vec[-2], vec[-1]
         out = v.clone()
-        out[plan.signal] = total[plan.signal].sqrt() / w
-        out[plan.forward] = total[plan.forward].sqrt()
+        out[plan.backward] = total[plan.backward].sqrt() / w
+        out[plan.norms] = total[plan.norms].sqrt()
         out[plan.mean] = total[plan.mean] / w
         if plan.layers:
             out[plan.weighted] = total[plan.weighted] / counts_all[plan.weighted_slot]

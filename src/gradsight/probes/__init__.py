@@ -1,6 +1,11 @@
 """Cheap per-step probes: signal flow, activation saturation and dead units."""
 
-from gradsight.probes.activations import FLAT_FRACTION, ActivationSpec, match_activation
+from gradsight.probes.activations import (
+    FLAT_FRACTION,
+    ActivationSpec,
+    match_activation,
+    module_activation,
+)
 from gradsight.probes.signal import (
     ActivationStats,
     ModuleSignal,
@@ -17,5 +22,6 @@ __all__ = [
     "SignalFlow",
     "SignalProbe",
     "match_activation",
+    "module_activation",
     "parameter_owners",
 ]

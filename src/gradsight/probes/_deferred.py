@@ -12,17 +12,16 @@ about 0.19 ms); and fresh temporaries cost page faults that can exceed the arith
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-from gradsight.probes.activations import FLAT_FRACTION
+from gradsight.probes._kernel import ACTIVATION_METRICS, activation_states
 
-__all__ = ["DeferredStatistics", "activation_statistics"]
+__all__ = ["DeferredStatistics"]
 
-#: Metrics per layer, in the order of :func:`activation_statistics`' columns.
-STATS = ("saturation", "dead_fraction", "mean_derivative", "rms_derivative")
+#: Metrics per layer, in the order of the kernel's columns.
+STATS = ACTIVATION_METRICS
 #: A group's buffer holds about this many bytes of steps (at most MAX_STEPS steps).
 BUFFER_BYTES = 2 << 20
 MAX_STEPS = 32
@@ -31,49 +30,6 @@ MAX_STEPS = 32
 MAX_GROUPS = 16
 
 Block = tuple[Any, list[tuple[str, str]], torch.Tensor]
-
-
-def activation_statistics(
-    act: Any, unit_dim: int, x: torch.Tensor, overwrite: bool = False
-) -> torch.Tensor:
-    """``[n, 4]``: saturation, dead fraction, mean and RMS |φ'| of each of the ``n``
-    tensors stacked in ``x``.
-
-    ``act`` is the probe's description of an activation module (``spec``,
-    ``from_output``, ``into``, ``nonnegative``); ``unit_dim`` indexes a tensor's own
-    dimensions; ``overwrite``: ``x`` may be used for the temporaries (no allocation).
-
-    Example:
-        >>> from torch import nn
-        >>> from gradsight.probes.signal import _module_activation
-        >>> y = torch.tensor([[[0.5, 0.99], [0.5, 0.999]]])  # one tensor, 2 samples × 2 units
-        >>> activation_statistics(_module_activation(nn.Sigmoid()), 1, y)[0, :2]
-        tensor([0.5000, 0.5000])
-    """
-    shape = x.shape[1:]
-    n = x.shape[0]
-    if overwrite and act.into is not None:
-        d = act.into(x, x)  # elementwise, so in place is exact
-    else:
-        d = (act.from_output or act.spec.derivative)(x)
-        overwrite = True  # d is ours
-    if not act.nonnegative:
-        d = d.abs_()
-    threshold = FLAT_FRACTION * act.spec.max_derivative
-    if len(shape) == 0:  # one entry per tensor
-        flat = (d <= threshold).to(d.dtype)
-        return torch.stack([flat, flat, d, d], dim=1)
-    # Dead: units flat on every entry read, i.e. whose largest derivative is flat.
-    others = tuple(i + 1 for i in range(len(shape)) if i != unit_dim)
-    peak = d.amax(dim=others) if others else d
-    dead = (peak <= threshold).to(d.dtype).mean(dim=1)
-    d = d.reshape(n, -1)
-    mean = d.mean(dim=1)
-    rms = torch.linalg.vector_norm(d, dim=1) / math.sqrt(d.shape[1])
-    # Saturated: 1.0 where d > threshold, else 0.0, computed over d itself (float
-    # passes: faster here than a bool mask).
-    steep = d.sub_(threshold).clamp_(min=0).sign_()
-    return torch.stack([1.0 - steep.mean(dim=1), dead, mean, rms], dim=1)
 
 
 class _Group:
@@ -108,7 +64,8 @@ class _Group:
         k, n = len(self.steps), self.x.shape[1]
         if not k:
             return []
-        stats = activation_statistics(self.act, self.unit_dim, self.x[:k].flatten(0, 1), True)
+        states = activation_states(self.act, self.unit_dim, self.x[:k].flatten(0, 1), True)
+        stats = states.metrics()
         out = [
             (tag, keys, stats[i * n : (i + 1) * n].reshape(-1))
             for i, (tag, keys) in enumerate(self.steps)
@@ -122,8 +79,8 @@ class DeferredStatistics:
 
     Example:
         >>> from torch import nn
-        >>> from gradsight.probes.signal import _module_activation
-        >>> tanh = _module_activation(nn.Tanh())
+        >>> from gradsight.probes.activations import module_activation
+        >>> tanh = module_activation(nn.Tanh())
         >>> deferred = DeferredStatistics()
         >>> for step in range(3):
         ...     deferred.add(step, ["a", "b"], tanh, 1, [torch.zeros(4, 5), torch.ones(4, 5)])

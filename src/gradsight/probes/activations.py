@@ -14,6 +14,7 @@ torch function calls rather than module types.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +22,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-__all__ = ["FLAT_FRACTION", "ActivationSpec", "match_activation"]
+__all__ = [
+    "FLAT_FRACTION",
+    "ActivationSpec",
+    "ModuleActivation",
+    "match_activation",
+    "module_activation",
+]
 
 #: A unit counts as flat (saturated, or inactive for the ReLU family) where its
 #: derivative is at most this fraction of the activation's largest derivative.
@@ -116,40 +124,206 @@ def _hardtanh(lo: float, hi: float) -> ActivationSpec:
     )
 
 
+def _softplus(beta: float) -> ActivationSpec:
+    beta = float(beta)
+    if beta == 1.0:
+        return SOFTPLUS
+    return ActivationSpec(f"softplus({beta:g})", lambda z: torch.sigmoid(beta * z), 1.0)
+
+
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], pos: int, key: str, default: Any) -> Any:
     if len(args) > pos:
         return args[pos]
     return kwargs.get(key, default)
 
 
-def _fixed(spec: ActivationSpec) -> Callable[[tuple[Any, ...], dict[str, Any]], ActivationSpec]:
-    return lambda args, kwargs: spec
+# --------------------------------------------------------------------------- the registry
+#
+# One row per activation: its torch function spellings (what a torch function mode sees,
+# so also what modules' forwards call) and its ``nn`` module types (what a forward hook
+# sees), each with how to read the activation's parameters, and how to get φ' from what
+# a module's forward hook holds. :func:`match_activation` (diagnose's function watcher)
+# and :func:`module_activation` (the Monitor's module hooks) are two views of it, so an
+# activation is recognised by both or by neither (tests/test_probes.py checks every
+# activation module of torch.nn against both).
 
+
+@dataclass(frozen=True, eq=False)
+class ModuleActivation:
+    """An activation module and how to get φ' from what its forward hook sees.
+
+    One shared instance per activation and parameters, compared and hashed by identity:
+    it keys the per-step grouping of layers, which must be cheap.
+
+    Attributes:
+        spec: The activation.
+        from_output: φ' as a function of the module's *output* y (None: use
+            ``spec.derivative`` on its input).
+        nonnegative: φ' ≥ 0 as computed: no ``abs()`` needed.
+        into: ``from_output`` writing into a given tensor (no temporary), where there is one.
+    """
+
+    spec: ActivationSpec
+    from_output: Callable[[torch.Tensor], torch.Tensor] | None
+    nonnegative: bool = False
+    into: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+
+
+def _sigmoid_from_output(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.addcmul(y, y, y, value=-1, out=out)  # σ' = σ(1 − σ) = y − y²
+
+
+def _tanh_from_output(y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.addcmul(torch.ones((), dtype=y.dtype, device=y.device), y, y, value=-1, out=out)
+
+
+def _relu_from_output(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    return torch.sign(y, out=out)  # y ≥ 0: 1 where y > 0, else 0
+
+
+def _by_output(fn: Callable[..., torch.Tensor]) -> Callable[..., ModuleActivation]:
+    """A reader of φ' off the module's output (kept by autograd anyway; in place is fine)."""
+    return lambda spec, *_: ModuleActivation(spec, fn, True, fn)
+
+
+def _by_input(spec: ActivationSpec, *_: float) -> ModuleActivation:
+    return ModuleActivation(spec, None)
+
+
+def _by_own_derivative(spec: ActivationSpec, *_: float) -> ModuleActivation:
+    """Rectifier-like activations whose φ' is the same function of y as of z."""
+    return ModuleActivation(spec, spec.derivative)
+
+
+def _elu_reader(spec: ActivationSpec, alpha: float) -> ModuleActivation:
+    # y = α(eᶻ − 1) where z ≤ 0, so φ' = αeᶻ = y + α there (and y ≤ 0 exactly there).
+    return ModuleActivation(
+        spec, lambda y: torch.where(y > 0, torch.ones_like(y), y + alpha), nonnegative=True
+    )
+
+
+@dataclass(frozen=True)
+class _Row:
+    make: Callable[..., ActivationSpec]  # the spec from the activation's parameters
+    functions: tuple[Any, ...]
+    call_params: Callable[[tuple[Any, ...], dict[str, Any]], tuple[Any, ...]]
+    modules: tuple[Any, ...]  # nn types, or class names of other libraries' modules
+    module_params: Callable[[Any], tuple[Any, ...] | None]  # None: not readable
+    reader: Callable[..., ModuleActivation]  # (spec, *parameters)
+    reads_input: bool = False  # the reader needs the module's input (not in place)
+
+
+def _none(*_: Any) -> tuple[Any, ...]:
+    return ()
+
+
+_GELU_NAMES = (
+    "GELUActivation",
+    "NewGELUActivation",
+    "FastGELUActivation",
+    "GELUTanh",
+    "PytorchGELUTanh",
+    "AccurateGELUActivation",
+)
+
+# The tanh approximations of GELU differ from its exact derivative by less than 0.02,
+# well within the flat threshold: one spec for all of them.
+_ROWS: tuple[_Row, ...] = (
+    _Row(
+        lambda: SIGMOID,
+        (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid),
+        _none,
+        (nn.Sigmoid,),
+        _none,
+        _by_output(_sigmoid_from_output),
+    ),
+    _Row(
+        lambda: TANH,
+        (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh),
+        _none,
+        (nn.Tanh,),
+        _none,
+        _by_output(_tanh_from_output),
+    ),
+    _Row(
+        lambda: RELU,  # y > 0 exactly where z > 0
+        (torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu, F.relu_),
+        _none,
+        (nn.ReLU,),
+        _none,
+        lambda spec: ModuleActivation(spec, spec.derivative, True, _relu_from_output),
+    ),
+    _Row(
+        _leaky,
+        (F.leaky_relu, F.leaky_relu_),
+        lambda a, k: (_arg(a, k, 1, "negative_slope", 0.01),),
+        (nn.LeakyReLU,),
+        # A negative slope flips the sign of y: φ' is then not a function of y's sign.
+        lambda m: (m.negative_slope,) if m.negative_slope >= 0 else None,
+        _by_own_derivative,
+    ),
+    _Row(
+        _elu,
+        (F.elu, F.elu_),
+        lambda a, k: (_arg(a, k, 1, "alpha", 1.0),),
+        (nn.ELU,),
+        lambda m: (m.alpha,) if m.alpha >= 0 else None,
+        _elu_reader,
+    ),
+    _Row(
+        _hardtanh,  # also ReLU6; y ∈ (lo, hi) exactly where z is
+        (F.hardtanh, F.hardtanh_),
+        lambda a, k: (_arg(a, k, 1, "min_val", -1.0), _arg(a, k, 2, "max_val", 1.0)),
+        (nn.Hardtanh,),  # nn.ReLU6 is a Hardtanh(0, 6)
+        lambda m: (m.min_val, m.max_val),
+        _by_own_derivative,
+    ),
+    _Row(lambda: _hardtanh(0.0, 6.0), (F.relu6,), _none, (), _none, _by_own_derivative),
+    _Row(lambda: GELU, (F.gelu,), _none, (nn.GELU, *_GELU_NAMES), _none, _by_input, True),
+    _Row(
+        lambda: SILU,
+        (F.silu,),
+        _none,
+        (nn.SiLU, "SiLUActivation", "SwishActivation"),
+        _none,
+        _by_input,
+        True,
+    ),
+    _Row(
+        _softplus,
+        (F.softplus,),
+        lambda a, k: (_arg(a, k, 1, "beta", 1.0),),
+        (nn.Softplus,),
+        lambda m: (m.beta,),
+        _by_input,
+        True,
+    ),
+)
 
 _Resolver = Callable[[tuple[Any, ...], dict[str, Any]], ActivationSpec]
 
-# Every public spelling of each activation: module forwards call one of these.
-_TABLE: dict[Any, _Resolver] = {}
-for _fn in (torch.sigmoid, torch.sigmoid_, torch.Tensor.sigmoid, torch.Tensor.sigmoid_, F.sigmoid):
-    _TABLE[_fn] = _fixed(SIGMOID)
-for _fn in (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, F.tanh):
-    _TABLE[_fn] = _fixed(TANH)
-for _fn in (torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_, F.relu, F.relu_):
-    _TABLE[_fn] = _fixed(RELU)
-for _fn in (F.gelu,):
-    _TABLE[_fn] = _fixed(GELU)
-for _fn in (F.silu,):
-    _TABLE[_fn] = _fixed(SILU)
-_TABLE[F.softplus] = _fixed(SOFTPLUS)
-_TABLE[F.leaky_relu] = lambda a, k: _leaky(_arg(a, k, 1, "negative_slope", 0.01))
-_TABLE[F.leaky_relu_] = _TABLE[F.leaky_relu]
-_TABLE[F.elu] = lambda a, k: _elu(_arg(a, k, 1, "alpha", 1.0))
-_TABLE[F.elu_] = _TABLE[F.elu]
-_TABLE[F.hardtanh] = lambda a, k: _hardtanh(
-    _arg(a, k, 1, "min_val", -1.0), _arg(a, k, 2, "max_val", 1.0)
-)
-_TABLE[F.hardtanh_] = _TABLE[F.hardtanh]
-_TABLE[F.relu6] = lambda a, k: _hardtanh(0.0, 6.0)
+
+@functools.lru_cache(maxsize=256)
+def _spec(row: int, params: tuple[Any, ...]) -> ActivationSpec:
+    return _ROWS[row].make(*params)
+
+
+@functools.lru_cache(maxsize=256)
+def _reader(row: int, params: tuple[Any, ...]) -> ModuleActivation:
+    return _ROWS[row].reader(_spec(row, params), *params)
+
+
+def _params(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(float(v) for v in values)
+
+
+_FUNCTIONS: dict[Any, int] = {}
+_MODULE_TYPES: dict[Any, int] = {}
+for _i, _row in enumerate(_ROWS):
+    for _fn in _row.functions:
+        _FUNCTIONS[_fn] = _i
+    for _m in _row.modules:
+        _MODULE_TYPES[_m] = _i
 
 
 def match_activation(
@@ -166,9 +340,43 @@ def match_activation(
         True
     """
     try:
-        resolver = _TABLE.get(func)
+        row = _FUNCTIONS.get(func)
     except TypeError:  # unhashable callables are never activations
         return None
-    if resolver is None:
+    if row is None:
         return None
-    return resolver(args, kwargs or {})
+    return _spec(row, _params(_ROWS[row].call_params(args, kwargs or {})))
+
+
+def module_activation(module: nn.Module) -> ModuleActivation | None:
+    """The activation an activation module computes, and how its forward hook reads φ', or
+    None.
+
+    Sigmoid, tanh and the ReLU family are read off their output (which autograd keeps
+    for their backward pass: no extra memory, and in-place variants are fine); GELU,
+    SiLU and softplus off their input, unless the module works in place. Subclasses of
+    the ``nn`` types count; modules of other libraries (Hugging Face transformers'
+    ``GELUActivation``, ...) by class name.
+
+    Example:
+        >>> module_activation(nn.ELU(0.5)).spec.name
+        'elu(0.5)'
+        >>> module_activation(nn.SiLU(inplace=True)) is None  # its input is overwritten
+        True
+    """
+    row = None
+    for cls in type(module).__mro__:
+        row = _MODULE_TYPES.get(cls)
+        if row is None:
+            row = _MODULE_TYPES.get(cls.__name__)
+        if row is not None:
+            break
+    if row is None:
+        return None
+    entry = _ROWS[row]
+    if entry.reads_input and getattr(module, "inplace", False):
+        return None
+    params = entry.module_params(module)
+    if params is None:
+        return None
+    return _reader(row, _params(params))

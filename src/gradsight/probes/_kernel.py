@@ -1,0 +1,213 @@
+"""The one kernel for activation statistics, and how every recorded metric reduces across ranks.
+
+**Kernel.** :func:`activation_states` reduces ``n`` activation tensors at once to the
+sufficient statistics of their derivatives: per tensor the number of entries read, the
+number of flat entries, Σ|φ'|, Σφ'², and per unit whether it was ever not flat. These
+*add*: over several calls of a layer, over steps, over the ranks of a process group (sums,
+and a logical or of the unit masks), so the diagnosis' accumulator, the Monitor's
+per-step reduction, its deferred many-steps reduction and the cross-rank reduction all
+start from the same numbers. :meth:`ActivationStates.metrics` turns them into the four
+recorded fractions.
+
+**Declared reductions.** Each metric a probe or the Monitor records declares, where it is
+created, how its per-rank values combine into the value of the global batch
+(:func:`declare`, as torchmetrics' ``add_state(..., dist_reduce_fx=...)``); the
+distributed reducer (:mod:`gradsight.monitor._distributed`) applies the declarations and
+knows no metric by name.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from gradsight._errors import GradsightError
+from gradsight.probes.activations import FLAT_FRACTION, ActivationSpec, ModuleActivation
+
+__all__ = [
+    "ACTIVATION_METRICS",
+    "ActivationStates",
+    "Reduce",
+    "activation_states",
+    "declare",
+    "reduction",
+]
+
+
+class Reduce(enum.Enum):
+    """How a metric's values on W ranks (each on its shard of the batch) combine."""
+
+    #: ‖∂L/∂t‖ over the batch, each rank differentiating its own loss L_r while the
+    #: objective is their mean (DDP and FSDP average gradients): √(Σ_r v_r²) / W.
+    BACKWARD_NORM = "backward_norm"
+    #: ‖t‖ over the batch of a forward tensor t: √(Σ_r v_r²).
+    FORWARD_NORM = "forward_norm"
+    #: A mean over the entries read, weighted by each rank's entry count n_r.
+    ENTRY_MEAN = "entry_mean"
+    #: A root mean square over the entries read: √(Σ_r v_r² n_r / Σ_r n_r).
+    ENTRY_RMS = "entry_rms"
+    #: The fraction of units flat on every rank's entries (per-unit masks, or-reduced).
+    UNITS_FLAT = "units_flat"
+    #: The mean over ranks (the loss: the objective is the ranks' mean loss).
+    RANK_MEAN = "rank_mean"
+    #: A norm of parameters or of their gradients: the same on every rank when each holds
+    #: them whole (DDP), √(Σ_r v_r²) of the shards when each holds a shard (FSDP).
+    PARAMETER_NORM = "parameter_norm"
+    #: The same on every rank (a learning rate, a loss scale): rank 0's value.
+    REPLICATED = "replicated"
+
+
+_DECLARED: dict[str, Reduce] = {}
+
+
+def declare(metric: str, reduce: Reduce) -> str:
+    """Declare ``metric`` and its cross-rank reduction; returns ``metric``, so that the
+    declaration sits where the metric's name is first used.
+
+    Example:
+        >>> declare("signal_norm", Reduce.BACKWARD_NORM)
+        'signal_norm'
+    """
+    known = _DECLARED.setdefault(metric, reduce)
+    if known is not reduce:
+        raise GradsightError(
+            f"metric {metric!r} is declared twice with different reductions ({known.value} "
+            f"and {reduce.value}); give the new metric another name."
+        )
+    return metric
+
+
+def reduction(metric: str) -> Reduce:
+    """The cross-rank reduction ``metric`` declared.
+
+    Raises:
+        GradsightError: for a metric nobody declared (it could not be reduced correctly).
+    """
+    try:
+        return _DECLARED[metric]
+    except KeyError:
+        raise GradsightError(
+            f"metric {metric!r} has no declared cross-rank reduction; declare it with "
+            "gradsight.probes._kernel.declare(name, Reduce.X) where it is created."
+        ) from None
+
+
+#: The activation metrics, in the order of :meth:`ActivationStates.metrics`' columns.
+SATURATION = declare("saturation", Reduce.ENTRY_MEAN)
+DEAD_FRACTION = declare("dead_fraction", Reduce.UNITS_FLAT)
+MEAN_DERIVATIVE = declare("mean_derivative", Reduce.ENTRY_MEAN)
+RMS_DERIVATIVE = declare("rms_derivative", Reduce.ENTRY_RMS)
+ACTIVATION_METRICS = (SATURATION, DEAD_FRACTION, MEAN_DERIVATIVE, RMS_DERIVATIVE)
+
+
+@dataclass
+class ActivationStates:
+    """Sufficient statistics of φ' on ``n`` tensors of one shape (tensors on the device).
+
+    Attributes:
+        count: Entries read per tensor.
+        flat: ``[n]`` entries where φ is flat (sum across calls and ranks).
+        dsum: ``[n]`` Σ|φ'| (sum).
+        dsq: ``[n]`` Σφ'² (sum).
+        alive: ``[n, units]`` bool, the unit was not flat on some entry (logical or).
+    """
+
+    count: int
+    flat: torch.Tensor
+    dsum: torch.Tensor
+    dsq: torch.Tensor
+    alive: torch.Tensor
+
+    def metrics(self) -> torch.Tensor:
+        """``[n, 4]``: saturation, dead fraction, mean |φ'|, RMS φ' (see
+        :data:`ACTIVATION_METRICS`)."""
+        n = float(self.count)
+        dtype = self.dsum.dtype
+        return torch.stack(
+            [
+                self.flat / n,
+                1.0 - self.alive.to(dtype).mean(dim=1),
+                self.dsum / n,
+                (self.dsq / n).sqrt(),
+            ],
+            dim=1,
+        )
+
+    def unbind(self) -> list[ActivationStates]:
+        """One :class:`ActivationStates` per tensor (``n = 1`` each)."""
+        return [
+            ActivationStates(self.count, f, s, q, a)
+            for f, s, q, a in zip(
+                self.flat.split(1),
+                self.dsum.split(1),
+                self.dsq.split(1),
+                self.alive.split(1),
+                strict=True,
+            )
+        ]
+
+    def add(self, other: ActivationStates) -> ActivationStates:
+        """The statistics of both (the same ``n``); unit masks of another size (a shared
+        module called on other shapes) keep this one's."""
+        alive = self.alive | other.alive if self.alive.shape == other.alive.shape else self.alive
+        return ActivationStates(
+            self.count + other.count,
+            self.flat + other.flat.to(self.flat),
+            self.dsum + other.dsum.to(self.dsum),
+            self.dsq + other.dsq.to(self.dsq),
+            alive,
+        )
+
+
+def activation_states(
+    act: ModuleActivation | ActivationSpec, unit_dim: int, x: torch.Tensor, overwrite: bool = False
+) -> ActivationStates:
+    """The statistics of φ' on each of the ``n`` tensors stacked in ``x`` (``[n, *shape]``).
+
+    ``act``: how to get φ' from ``x`` (a :class:`ModuleActivation` reads a module's output
+    or input; an :class:`ActivationSpec` its pre-activation); ``unit_dim`` indexes a
+    tensor's own dimensions (``0 ≤ unit_dim < len(shape)``); ``overwrite``: ``x`` may hold
+    the temporaries (no allocation). Sums are in ``x``'s dtype, at least float32.
+
+    Example:
+        >>> from torch import nn
+        >>> from gradsight.probes.activations import module_activation
+        >>> y = torch.tensor([[[0.5, 0.99], [0.5, 0.999]]])  # one tensor, 2 samples × 2 units
+        >>> states = activation_states(module_activation(nn.Sigmoid()), 1, y)
+        >>> states.count, states.flat.tolist(), states.alive.tolist()
+        (4, [2.0], [[True, False]])
+        >>> states.metrics()[0, :2]
+        tensor([0.5000, 0.5000])
+    """
+    if isinstance(act, ActivationSpec):
+        act = ModuleActivation(act, None)
+    if x.dtype in (torch.float16, torch.bfloat16):  # sums over many entries need float32
+        x, overwrite = x.float(), True
+    shape = x.shape[1:]
+    n = x.shape[0]
+    if overwrite and act.into is not None:
+        d = act.into(x, x)  # elementwise, so in place is exact
+    else:
+        d = (act.from_output or act.spec.derivative)(x)
+    # d is ours from here on: x itself only where overwrite allows it.
+    if not act.nonnegative:
+        d = d.abs_()
+    threshold = FLAT_FRACTION * act.spec.max_derivative
+    if len(shape) == 0:  # one entry per tensor
+        flat = d <= threshold
+        return ActivationStates(1, flat.to(d.dtype), d, d * d, ~flat.reshape(n, 1))
+    # Alive: units not flat on some entry read, i.e. whose largest derivative is not flat.
+    others = tuple(i + 1 for i in range(len(shape)) if i != unit_dim)
+    peak = d.amax(dim=others) if others else d
+    alive = peak > threshold
+    d = d.reshape(n, -1)
+    count = d.shape[1]
+    dsum = d.sum(dim=1)
+    dsq = torch.linalg.vector_norm(d, dim=1).square_()
+    # Flat entries counted over d itself, in place where d is ours (float passes: faster
+    # here than a bool mask): 1.0 where d > threshold, else 0.0.
+    steep = d.sub_(threshold).clamp_(min=0)
+    flat = count - steep.sign_().sum(dim=1)
+    return ActivationStates(count, flat, dsum, dsq, alive)
