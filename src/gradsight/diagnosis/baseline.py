@@ -14,7 +14,7 @@ every token it is scored on.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,9 +50,12 @@ def constant_baseline_loss(
     For cross-entropy this is (up to the held-out correction, O(C/n)) the entropy of
     the label frequencies; for mean squared error the target variance.
 
+    For dict-like outputs (a Hugging Face ``ModelOutput``), the constant replaces the
+    ``logits`` entry (or the only floating tensor) and the rest is left out.
+
     Returns:
-        The baseline loss, or None when ``outputs`` is not a single floating tensor
-        with a batch dimension, or the loss cannot be evaluated on a constant.
+        The baseline loss, or None when ``outputs`` holds no floating tensor with a
+        batch dimension to replace, or the loss cannot be evaluated on a constant.
 
     Example:
         >>> gen = torch.Generator().manual_seed(0)
@@ -63,6 +66,15 @@ def constant_baseline_loss(
         >>> entropy <= base < 1.01 * entropy
         True
     """
+    if isinstance(outputs, Mapping):
+        key = _prediction_key(outputs)
+        if key is None:
+            return None
+        tensor = outputs[key]
+        wrap = _rewrap(outputs, key)
+        return constant_baseline_loss(
+            tensor, targets, lambda o, t: loss_fn(wrap(o), t), max_iter=max_iter
+        )
     if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
         return None
     if outputs.ndim == 0 or outputs.shape[0] == 0:
@@ -75,6 +87,32 @@ def constant_baseline_loss(
             continue
     finite = [v for v in values if v is not None and torch.isfinite(torch.tensor(v))]
     return min(finite) if finite else None
+
+
+def _prediction_key(outputs: Mapping[str, Any]) -> str | None:
+    """The entry of dict-like outputs that holds the prediction: ``logits``, else the
+    only floating tensor."""
+    floats = [
+        k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+    ]
+    if "logits" in floats:
+        return "logits"
+    return floats[0] if len(floats) == 1 else None
+
+
+def _rewrap(outputs: Mapping[str, Any], key: str) -> Callable[[torch.Tensor], Any]:
+    """A function putting a tensor in place of ``outputs[key]``, dropping other tensors
+    (a model's own loss, hidden states) that a constant prediction does not have."""
+    kept = {k: v for k, v in outputs.items() if not isinstance(v, torch.Tensor)}
+
+    def wrap(tensor: torch.Tensor) -> Any:
+        values = {**kept, key: tensor}
+        try:
+            return type(outputs)(**values)
+        except TypeError:
+            return values
+
+    return wrap
 
 
 def _feature_dims(outputs: torch.Tensor) -> list[tuple[int, ...]]:
