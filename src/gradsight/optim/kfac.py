@@ -1,4 +1,4 @@
-"""Kronecker-factored Gauss-Newton blocks for linear layers (K-FAC, Martens & Grosse 2015).
+"""Damped inverses of Kronecker factors (K-FAC, Martens & Grosse 2015).
 
 For a linear layer ``s = W a + b`` the GGN block is ``Σₙ (ãₙãₙᵀ) ⊗ (eₙeₙᵀ)`` with
 ``ã = [a; 1]`` and ``eₙ = Jₙᵀ H_out^{1/2} εₙ`` the backward signal of a vector whose
@@ -20,11 +20,9 @@ with it, as Newton's method would.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-__all__ = ["KroneckerFactors", "damped_inverse", "damped_inverses"]
+__all__ = ["damped_inverse", "damped_inverses"]
 
 
 def damped_inverse(factor: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -84,55 +82,3 @@ def damped_inverses(factors: list[torch.Tensor], gamma: float) -> list[torch.Ten
         for j, i in enumerate(idx):
             out[i] = inv[j]
     return [t for t in out if t is not None]
-
-
-@dataclass
-class KroneckerFactors:
-    """Running averages of one linear layer's factors ``A = E[ããᵀ]`` and ``S = Σ eeᵀ``.
-
-    Attributes:
-        A: input factor, ``(d_in + bias, d_in + bias)``.
-        S: output factor, ``(d_out, d_out)``.
-        steps: how many updates were averaged in.
-    """
-
-    A: torch.Tensor
-    S: torch.Tensor
-    steps: int = 0
-    A_inv: torch.Tensor | None = None
-    S_inv: torch.Tensor | None = None
-
-    def update(self, a: torch.Tensor, s: torch.Tensor, decay: float, bias: bool) -> None:
-        """Average in one batch's inputs ``a`` ``(n, d_in)`` and output factor ``s``.
-
-        ``s`` is the batch's ``Σₙ eₙeₙᵀ`` ``(d_out, d_out)``. Uses
-        ``min(decay, 1 − 1/(steps + 1))`` so that early estimates are plain means.
-        """
-        if bias:
-            a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
-        A = a.T @ a / a.shape[0]
-        rho = min(decay, 1.0 - 1.0 / (self.steps + 1))
-        self.A.mul_(rho).add_(A, alpha=1.0 - rho)
-        self.S.mul_(rho).add_(s, alpha=1.0 - rho)
-        self.steps += 1
-
-    def precondition(
-        self,
-        grad_w: torch.Tensor,
-        grad_b: torch.Tensor | None,
-        gamma: float,
-        gamma_input: float | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``S⁻¹ [∇W ∇b] A⁻¹`` with relative damping ``γ`` (``γ_input`` for ``A``).
-
-        Uses the inverses stored in ``S_inv`` and ``A_inv`` when present (refreshed by the
-        optimizer every few steps), else computes them from the current factors.
-        """
-        g = grad_w if grad_b is None else torch.cat([grad_w, grad_b[:, None]], dim=1)
-        gamma_a = gamma if gamma_input is None else gamma_input
-        s_inv = self.S_inv if self.S_inv is not None else damped_inverse(self.S, gamma)
-        a_inv = self.A_inv if self.A_inv is not None else damped_inverse(self.A, gamma_a)
-        d = s_inv @ g @ a_inv
-        if grad_b is None:
-            return d, None
-        return d[:, :-1].contiguous(), d[:, -1].contiguous()

@@ -16,16 +16,16 @@ __all__ = ["make_optimizer", "step_on_batch"]
 def make_optimizer(model: nn.Module, **kwargs: Any) -> GaussNewton:
     """:class:`GaussNewton` over ``model`` with its defaults (those the benchmark runs).
 
-    Keyword arguments go to :class:`GaussNewton` (``lr``, ``factor_damping``,
-    ``step_size``, …).
+    ``GaussNewton(model.parameters(), model=model, **kwargs)``; keyword arguments go to
+    :class:`GaussNewton` (``lr``, ``momentum``, ``factor_damping``, …).
 
     Example:
         >>> from torch import nn
         >>> opt = make_optimizer(nn.Linear(3, 2))
-        >>> opt.param_groups[0]["lr"], opt.step_size
-        (0.1, 'fixed')
+        >>> opt.param_groups[0]["lr"], [b.kind for b in opt.blocks]
+        (0.02, ['kfac'])
     """
-    return GaussNewton(model, **kwargs)
+    return GaussNewton(model.parameters(), model=model, **kwargs)
 
 
 def step_on_batch(
