@@ -6,6 +6,9 @@ each take a contiguous shard of every batch (DDP), so their measurements can be 
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +83,21 @@ def train(
             mon.step(loss, batch=(x, y), loss_fn=loss_fn)
             opt.step()
     return mon
+
+
+def torchrun(script: Path, *args: str, timeout: float = 150) -> None:
+    """Run ``script`` on 2 CPU ranks (gloo) with torchrun; fail with its output."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def table(run: gradsight.store.Run) -> dict[tuple[int, str, str], float]:
+    """A run's values by (step, layer, metric)."""
+    return {
+        (int(s), str(layer), str(m)): float(v)
+        for s, layer, m, v in zip(run.steps, run.layers, run.metrics, run.values, strict=True)
+    }

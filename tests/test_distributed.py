@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,42 +10,21 @@ import numpy as np
 import pytest
 import torch
 
-import gradsight
 from gradsight.store import load_run
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from _dist_case import batches, make_model, train  # noqa: E402
+from _dist_case import batches, make_model, table, torchrun, train  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
 )
 
 
-def _torchrun(script: Path, *args: str, timeout: float = 150) -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run(
-        [*cmd, str(script), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-def _table(run: gradsight.store.Run) -> dict[tuple[int, str, str], float]:
-    return {
-        (int(s), str(layer), str(m)): float(v)
-        for s, layer, m, v in zip(run.steps, run.layers, run.metrics, run.values, strict=True)
-    }
-
-
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
-    _torchrun(HERE / "_dist_worker.py", str(out))
+    torchrun(HERE / "_dist_worker.py", str(out))
     return out
 
 
@@ -56,8 +33,8 @@ def test_ddp_statistics_equal_single_process_on_concatenated_batch(
 ) -> None:
     model = make_model()
     train(model, batches(), tmp_path / "single", distributed=False)
-    single = _table(load_run(tmp_path / "single"))
-    ddp = _table(load_run(ddp_run / "run"))
+    single = table(load_run(tmp_path / "single"))
+    ddp = table(load_run(ddp_run / "run"))
     assert set(ddp) == set(single)
     metrics = {m for _, _, m in single}
     # Every kind of reduction is exercised: summed squares, count-weighted fractions,

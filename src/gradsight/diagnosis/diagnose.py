@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradsight._batch import compute_loss, split_batch, trainable_parameters, unwrap_compiled
 from gradsight._errors import GradsightError
 from gradsight._state import preserved
+from gradsight.diagnosis._sharded import gathered
 from gradsight.diagnosis.advice import traits_of
 from gradsight.diagnosis.baseline import constant_baseline_loss
 from gradsight.diagnosis.headroom import (
@@ -97,6 +98,7 @@ def diagnose(
         ('vanishing', 'vanishing')
     """
     model = unwrap_compiled(model)
+    model = gathered(model)  # FSDP2: a plain copy with the full parameters (every rank)
     named = trainable_parameters(model)
     kind = optimizer_kind(optimizer)
     if optimizer is not None and lr is None:

@@ -27,15 +27,19 @@ and CG run in lockstep on all ranks (fixed seeds, identical all-reduced values) 
 the curvature of the whole batch: λmax, trace and α* equal one process on the
 concatenated batch to 1e-6 (tests/test_distributed.py); the CG-based headroom to 1e-4.
 
-**FSDP** (``torch.distributed.fsdp``): not supported. Each rank holds a shard of every
-flat parameter and of its gradient, so per-layer gradient norms would need summed
-squares of the shards (and a map from flat-parameter shards back to layers), and the
-forward hooks see unsharded modules only inside FSDP's all-gather. What holds: the
-backward-signal and activation statistics, which come from module outputs, reduce
-exactly as under DDP when the Monitor watches the modules FSDP wraps. What does not:
-``grad_norm`` and ``update_ratio`` (each rank sees its shard only), and the diagnosis
-at close (it needs the full parameters on one rank). Use ``distributed=False`` with a
-logdir per rank to record the shard-local view meanwhile.
+**FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters and their gradients are
+``DTensor``s, each rank holding a shard. Create the Monitor on every rank after
+``fully_shard`` (it detects the sharding), call ``mon.step(loss)`` on every rank. The
+cheap tier reduces as under DDP, except that parameter norms (``grad_norm``, both norms
+of ``update_ratio``) come from each rank's shards and combine by summed squares, so that
+every stored value equals one process on the whole batch (tests/test_fsdp.py, to 1e-5).
+:func:`gradsight.diagnose` on a sharded model gathers the full parameters into a plain
+copy on every rank (a collective: call it on every rank; it costs one full copy of the
+parameters while it runs) and gives what it gives on the unsharded model; the Monitor's
+diagnosis at close does the same, rank 0 writing it. The curvature tier is skipped
+under FSDP, with a one-time warning. The first-generation ``FullyShardedDataParallel``
+wrapper (flat parameters) is not supported: use ``distributed=False`` with a logdir per
+rank there.
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ measurements are reduced so that they describe that objective on the global batc
 exactly as a single process that ran the concatenated batch would measure them:
 
 * ``grad_norm``: parameter gradients are already averaged by DDP, equal on every rank:
-  not reduced.
+  not reduced. Under FSDP2 each rank holds a shard of each gradient (a ``DTensor``): the
+  norms of the shards combine by summed squares.
 * Backward-signal norms (``signal_norm``, ``activation_signal_norm``,
   ``input_signal_norm``): the signal on rank r is ∂L_r/∂z = W·∂L/∂z on its shard, so
   ‖∂L/∂z‖ over the global batch is √(Σ_r ‖δ_r‖²) / W (summed squares).
@@ -21,6 +22,8 @@ exactly as a single process that ran the concatenated batch would measure them:
 * Everything else (``lr``, ``loss_scale``, ``update_ratio``: the same on every rank
   since parameters are): rank 0's value.
 
+Each metric declares its reduction where it is created
+(:func:`gradsight.probes._kernel.declare`); the reducer only applies the declarations.
 All of this is one ``all_reduce`` (sum) of one float64 vector per measured step, on
 the device (no host synchronisation with NCCL). Each rank adds a fingerprint of its
 keys to the vector; if ranks measured different layers or metrics, the reduced values
@@ -47,7 +50,7 @@ from torch import nn
 from gradsight._errors import GradsightError
 from gradsight.probes._kernel import ActivationStates, Reduce, declare, reduction
 
-__all__ = ["DistributedReducer", "NullWriter", "unwrap_parallel"]
+__all__ = ["DistributedReducer", "NullWriter", "is_sharded", "local", "unwrap_parallel"]
 
 # The metrics the Monitor itself creates (its probe and the kernel declare their own).
 declare("grad_norm", Reduce.PARAMETER_NORM)
@@ -68,6 +71,28 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
+
+
+def _dtensor() -> type | None:
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded across ranks (FSDP2's ``fully_shard``
+    makes them ``DTensor``s, each rank holding a shard)."""
+    dtensor = _dtensor()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (the tensor itself otherwise): norms of the shards
+    combine into the whole's by summed squares (:attr:`Reduce.PARAMETER_NORM`)."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()
 
 
 def _world() -> tuple[int, int]:
@@ -186,12 +211,15 @@ class DistributedReducer:
         self._plan: tuple[tuple[Any, ...], _Plan] | None = None
 
     @classmethod
-    def detect(cls, distributed: bool | None = None) -> DistributedReducer | None:
+    def detect(
+        cls, distributed: bool | None = None, model: nn.Module | None = None
+    ) -> DistributedReducer | None:
         """A reducer when ``torch.distributed`` runs with more than one rank, else None.
 
         Args:
             distributed: None: detect; False: never (each rank records on its own);
                 True: require an initialized process group.
+            model: The monitored model, to detect FSDP's sharded parameters.
 
         Raises:
             GradsightError: ``distributed=True`` without an initialized process group.
@@ -207,7 +235,16 @@ class DistributedReducer:
                 "group; call torch.distributed.init_process_group() before creating the "
                 "Monitor, or pass distributed=None to detect it."
             )
-        return cls(rank, world) if world > 1 else None
+        if world <= 1:
+            return None
+        return cls(rank, world, sharded=model is not None and is_sharded(model))
+
+    def all_reduce_sum(self, *tensors: torch.Tensor) -> None:
+        """Sum ``tensors`` across ranks, in place (one collective)."""
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        torch.distributed.all_reduce(flat, group=self.group)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part.view_as(t))
 
     @property
     def is_writer(self) -> bool:

@@ -19,7 +19,12 @@ from torch.utils.hooks import RemovableHandle
 from gradsight._errors import GradsightError
 from gradsight.monitor._columns import RowBuffer, StepLayout
 from gradsight.monitor._curvature import CurvatureTier
-from gradsight.monitor._distributed import DistributedReducer, NullWriter, unwrap_parallel
+from gradsight.monitor._distributed import (
+    DistributedReducer,
+    NullWriter,
+    local,
+    unwrap_parallel,
+)
 from gradsight.monitor._sinks import Sink, TeeWriter
 from gradsight.probes.signal import SignalProbe, parameter_owners
 from gradsight.store import RunWriter
@@ -180,7 +185,7 @@ class Monitor:
         if loss_scale is not None and not loss_scale > 0:
             raise GradsightError(f"loss_scale must be positive, got {loss_scale!r}.")
         model = unwrap_parallel(model)  # DDP's inner module: plain names, no collectives
-        self._dist = DistributedReducer.detect(distributed)
+        self._dist = DistributedReducer.detect(distributed, model)
         self.model = model
         self.logdir = Path(logdir)
         self.every = every
@@ -300,7 +305,8 @@ class Monitor:
             self.diagnose_at_close
             and self.batch is not None
             and self.loss_fn is not None
-            and (self._dist is None or self._dist.is_writer)
+            # FSDP: every rank takes part in gathering the parameters; rank 0 writes.
+            and (self._dist is None or self._dist.is_writer or self._dist.sharded)
         ):
             try:
                 from gradsight.diagnosis import diagnose
@@ -428,6 +434,8 @@ class Monitor:
             if p.grad is not None:
                 grads.append(p.grad)
                 owners.append(layer)
+        if self._dist is not None and self._dist.sharded:  # FSDP: this rank's shards
+            grads = [local(g) for g in grads]
         if self._dist is not None:  # counts and unit masks, before the probe folds them
             self._dist.capture(self._probe)
         # One multi-tensor norm of the parameter gradients (the probe's hooks took the
@@ -517,6 +525,14 @@ class Monitor:
                 "Skipping it until both are given.",
             )
             return
+        if self._dist is not None and self._dist.sharded:
+            self._warn_once(
+                "curvature-fsdp",
+                "gradsight.Monitor: the curvature tier is not measured under FSDP (sharded "
+                "parameters): no lambda_max, trace, step_ratio or headroom are recorded. The "
+                "cheap tier and the diagnosis at close are.",
+            )
+            return
         lr = None if self.optimizer is None else _lrs(self.optimizer)[0]
         # The curvature engine runs its own passes (under torch.func transforms): the
         # cheap tier's hooks must not see them.
@@ -549,6 +565,8 @@ class Monitor:
                     )
         self._opt_params = [p for g in optimizer.param_groups for p in g["params"]]
         self._opt_layer = [self._layer_index(p) for p in self._opt_params]
+        if self._dist is not None and self._dist.sharded:  # FSDP: the shards the optimizer
+            self._opt_params = [local(p) for p in self._opt_params]  # updates in place
         self._opt_handles.append(optimizer.register_step_pre_hook(self._before_update))
         self._opt_handles.append(optimizer.register_step_post_hook(self._after_update))
 
@@ -591,6 +609,8 @@ class Monitor:
         wl = torch.zeros_like(dl)
         dl.index_add_(0, index, sq[:n])
         wl.index_add_(0, index, sq[n:])
+        if self._dist is not None and self._dist.sharded:  # FSDP: sum the shards' squares
+            self._dist.all_reduce_sum(dl, wl)
         used = list(dict.fromkeys(self._opt_layer))
         ratio = (dl.sqrt() / wl.sqrt())[used]
         self._emit(step, [(self._layers[i], "update_ratio") for i in used], ratio)
