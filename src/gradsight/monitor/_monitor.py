@@ -83,6 +83,15 @@ class Monitor:
     Measuring does not change training: hooks only read tensors, and parameters after
     any number of steps are bitwise those of the same run without the monitor.
 
+    **It never breaks training.** Once constructed (the constructor checks that it can
+    write ``logdir``), nothing the Monitor does raises into the training loop: when
+    measuring or writing fails (an unsupported layer, a full disk, a file system turned
+    read-only, a sink that raises), it warns once, saying from which step nothing more is
+    recorded, removes its hooks and keeps every part file already written (``run.json``
+    gets ``stopped``: where and why, when it can still be written); :attr:`stopped` holds
+    the reason. Parameters stay bitwise those of a run without it. Misuse still raises
+    :class:`~gradsight.GradsightError` (bad arguments, :meth:`step` after :meth:`close`).
+
     **Cost** (``benchmarks/results/monitor.md``, 2 CPU threads): at ``every=1`` about
     1.13× a plain step on a 10-layer width-256 MLP (a 5 ms step) and 1.08× on a small
     CNN, of which 1.08× and 1.05× is the price of hooking every layer's output and
@@ -202,6 +211,8 @@ class Monitor:
         self._closed = False
         self._last_flush = time.monotonic()
         self._warned: set[str] = set()
+        #: Why recording stopped (a failure of the Monitor itself), else None.
+        self.stopped: str | None = None
         # Measured steps not yet handed to the writer: raw step vectors per layout, and
         # finished blocks (step, keys, values), all on the device.
         self._rows: dict[int, RowBuffer] = {}
@@ -298,8 +309,12 @@ class Monitor:
         self._probe.__exit__(None, None, None)
         for h in self._opt_handles:
             h.remove()
-        self._drain(final=True)
-        self._writer.flush()
+        if self.stopped is None:
+            try:
+                self._drain(final=True)
+                self._writer.flush()
+            except Exception as exc:
+                self._stop("close()", exc)
         diagnosed = False
         if (
             self.diagnose_at_close
@@ -316,22 +331,30 @@ class Monitor:
                 diagnosed = True
             except Exception as exc:  # the run's data matter more than the verdict
                 warnings.warn(f"gradsight: diagnosis at close failed: {exc}", stacklevel=2)
-        self._writer.update_metadata(
-            status="closed",
-            steps=self.steps,
-            closed=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            diagnosis=diagnosed or bool(self._writer.metadata.get("diagnosis")),
-        )
+        try:
+            self._writer.update_metadata(
+                status="closed",
+                steps=self.steps,
+                closed=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                diagnosis=diagnosed or bool(self._writer.metadata.get("diagnosis")),
+            )
+        except Exception as exc:
+            self._stop("close()", exc)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def write_diagnosis(self, diagnosis: Any) -> Path:
+    def write_diagnosis(self, diagnosis: Any) -> Path | None:
         """Store a :class:`~gradsight.diagnosis.Diagnosis` with the run (``diagnosis.json``),
-        for the report's verdict table; also after :meth:`close`."""
-        path = self._writer.write_json("diagnosis.json", diagnosis.to_dict())
-        self._writer.update_metadata(diagnosis=True)
+        for the report's verdict table; also after :meth:`close`. Returns its path, or
+        None when it could not be written (a warning says why)."""
+        try:
+            path = self._writer.write_json("diagnosis.json", diagnosis.to_dict())
+            self._writer.update_metadata(diagnosis=True)
+        except Exception as exc:
+            self._stop("write_diagnosis()", exc)
+            return None
         return path
 
     # ------------------------------------------------------------------ measuring
@@ -352,6 +375,15 @@ class Monitor:
         """
         if self._closed:
             raise GradsightError("this Monitor is closed; create a new one to keep recording.")
+        if self.stopped is not None:
+            self.steps += 1
+            return
+        try:
+            self._step(loss, batch, loss_fn)
+        except Exception as exc:  # never into the training loop: see _stop
+            self._stop("mon.step()", exc)
+
+    def _step(self, loss: torch.Tensor | float | None, batch: Any, loss_fn: LossFn | None) -> None:
         if batch is not None:
             self.batch = batch
         if loss_fn is not None:
@@ -409,16 +441,79 @@ class Monitor:
         """Record extra scalars (e.g. held-out accuracy) at ``step`` (default: the last)."""
         if self._closed:
             raise GradsightError("this Monitor is closed; create a new one to keep recording.")
-        keys = [(layer, str(k)) for k in metrics]
-        values = np.array([float(v) for v in metrics.values()], dtype=np.float64)
-        self._writer.append(max(self.steps - 1, 0) if step is None else step, keys, values)
+        if self.stopped is not None:
+            return
+        try:
+            keys = [(layer, str(k)) for k in metrics]
+            values = np.array([float(v) for v in metrics.values()], dtype=np.float64)
+            self._writer.append(max(self.steps - 1, 0) if step is None else step, keys, values)
+        except Exception as exc:
+            self._stop("mon.log()", exc)
 
     def flush(self) -> None:
         """Write buffered measurements now (a new part file)."""
-        self._drain(final=True)
-        self._writer.flush()
-        self._writer.update_metadata(steps=self.steps)
+        if self.stopped is not None or self._closed:
+            return
+        try:
+            self._drain(final=True)
+            self._writer.flush()
+            self._writer.update_metadata(steps=self.steps)
+        except Exception as exc:
+            self._stop("flush()", exc)
         self._last_flush = time.monotonic()
+
+    def _stop(self, where: str, exc: Exception) -> None:
+        """Stop recording after a failure of the Monitor itself, so that training goes on.
+
+        A failure while measuring or writing (an unsupported layer or dtype, a full disk,
+        a read-only file system, a sink that raises) must never reach the training loop.
+        The hooks are removed (the training step is then exactly a plain one), what is
+        buffered is written if the store still can be, and one warning says what stops
+        being recorded; every later call is a no-op. The optimizer hooks stay registered
+        until :meth:`close` (this may run inside ``optimizer.step()``, which iterates
+        them) but return at once.
+
+        Under torch.distributed a failure that only some ranks meet leaves the others
+        waiting in the step's all-reduce; a full or read-only disk meets rank 0 alone,
+        so there only writing stops and the ranks go on measuring in lockstep.
+        """
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._dist is not None and isinstance(exc, OSError):
+            # Rank 0's disk: keep measuring (the collectives in lockstep), write nothing.
+            self._writer = NullWriter(self.logdir, self._writer.metadata)
+            if "store" not in self._warned:
+                self._warned.add("store")
+                self._warn_stopped(where, reason, writes_only=True)
+            return
+        first = self.stopped is None
+        if first:
+            self.stopped = f"{where} failed at step {max(self.steps - 1, 0)}: {reason}"
+        with contextlib.suppress(Exception):
+            self._probe.__exit__(None, None, None)  # hooks off: a plain step from here
+        self._rows.clear()
+        self._pending = []
+        self._snapshot = None
+        if first:
+            try:  # keep what was measured before the failure, if the store can take it
+                if not isinstance(exc, OSError):
+                    self._drain(final=True)
+                    self._writer.flush()
+                self._writer.update_metadata(steps=self.steps, stopped=self.stopped)
+            except Exception:
+                pass  # the warning below says it all; the parts written earlier stay
+            self._warn_stopped(where, reason, writes_only=False)
+
+    def _warn_stopped(self, where: str, reason: str, *, writes_only: bool) -> None:
+        step = max(self.steps - 1, 0)
+        rows = int(getattr(self._writer, "rows_written", 0))
+        what = "nothing more is written to" if writes_only else "nothing more is recorded in"
+        warnings.warn(
+            f"gradsight.Monitor: {where} failed at step {step} ({reason}); from step {step} "
+            f"on {what} the run store {self.logdir} (the {rows} values already written there "
+            "stay readable). Training goes on unaffected: the Monitor only reads tensors.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _scale(self) -> torch.Tensor | float | None:
         if self.loss_scale is not None:
@@ -581,6 +676,22 @@ class Monitor:
         return step % self.every == 0 and (step // self.every) % self.update_every == 0
 
     def _before_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.stopped is not None:
+            return
+        try:
+            self._before_update_()
+        except Exception as exc:  # inside optimizer.step(): never into training
+            self._stop("the optimizer pre-step hook", exc)
+
+    def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self.stopped is not None:
+            return
+        try:
+            self._after_update_()
+        except Exception as exc:
+            self._stop("the optimizer post-step hook", exc)
+
+    def _before_update_(self) -> None:
         # In a plain loop step() has run for this update; with a closure
         # (optimizer.step(closure): LBFGS, Lightning) it runs inside, after this hook.
         step = self.steps - 1 if self._stepped else self.steps
@@ -592,7 +703,7 @@ class Monitor:
                 self._snapshot = [torch.empty_like(p) for p in self._opt_params]
             torch._foreach_copy_(self._snapshot, self._opt_params)
 
-    def _after_update(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _after_update_(self) -> None:
         self._stepped = False
         step, self._update_step = self._update_step, None
         if step is None or self._snapshot is None:

@@ -124,6 +124,12 @@ def render(runs: list[Run], title: str) -> str:
     for run in runs:
         body.append(f'<h2 id="run-{esc(run.name)}">Run: {esc(run.name)}</h2>')
         body.append(f'<p class="meta">{_meta_line(run)}</p>')
+        if run.metadata.get("stopped"):
+            body.append(
+                '<div class="banner">The Monitor stopped recording during training '
+                f"({esc(run.metadata['stopped'])}); training went on, and the steps recorded "
+                "before are shown.</div>"
+            )
         if not run.complete:
             body.append(
                 '<div class="banner">This run did not close (it crashed, was killed, or is '

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -20,13 +21,22 @@ _PART = "metrics-{:05d}.parquet"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename: all or nothing."""
+    """Write ``data`` to ``path`` via a temporary file and a rename: all or nothing.
+
+    On failure (a full disk, a read-only file system) ``path`` is as it was, the
+    temporary file is removed, and the ``OSError`` is raised.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -39,7 +49,9 @@ class RunWriter:
 
     Rows arrive as one block per step: a step number, a sequence of ``(layer, metric)``
     keys and a float array of values. :meth:`flush` writes everything buffered as the
-    next part file, atomically.
+    next part file, atomically; when that fails (``OSError``: a full disk, a read-only
+    file system) the rows stay buffered for the next flush and every part file written
+    before is untouched.
 
     Args:
         logdir: The run directory (created if missing).
@@ -118,7 +130,7 @@ class RunWriter:
         if not self._blocks:
             return None
         pa, pq = self._pa, self._pq
-        blocks, self._blocks = self._blocks, []
+        blocks = self._blocks
         steps = np.concatenate([np.full(len(k), s, dtype=np.int64) for s, k, _ in blocks])
         values = np.concatenate([v for _, _, v in blocks])
         # Dictionary-encoded names, each distinct key list encoded once (a monitor passes
@@ -147,7 +159,8 @@ class RunWriter:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         path = self.logdir / _PART.format(self._parts)
-        atomic_write_bytes(path, sink.getvalue().to_pybytes())
+        atomic_write_bytes(path, sink.getvalue().to_pybytes())  # on failure, rows stay buffered
+        self._blocks = []
         self._parts += 1
         self.rows_written += table.num_rows
         return path
