@@ -307,3 +307,118 @@ def test_monitor_records_elu_statistics_equal_to_the_full_probe(alpha: float, tm
     for metric in ("saturation", "dead_fraction", "mean_derivative", "rms_derivative"):
         got = run.series(metric)["0"][1][0]
         assert got == pytest.approx(getattr(want, metric), rel=1e-5, abs=1e-7), metric
+
+
+# --------------------------------------------------------------------------- fault injection
+
+
+def _train_cnn(monitored: bool, tmp_path, steps: int = 6):  # type: ignore[no-untyped-def]
+    """A few Adam steps of a small CNN, with or without a Monitor; the parameters after
+    them, the Monitor, and the gradsight warnings raised."""
+    import gradsight
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 6 * 6, 8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    data = [
+        (torch.randn(16, 2, 6, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+        for _ in range(steps)
+    ]
+    mon = None
+    if monitored:
+        mon = gradsight.Monitor(
+            model,
+            logdir=tmp_path / "run",
+            optimizer=opt,
+            activation_entries=16,
+            diagnose_at_close=False,
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for x, y in data:
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            if mon is not None:
+                mon.step(loss)
+            opt.step()
+        if mon is not None:
+            mon.close()
+    notes = [str(w.message) for w in caught if "gradsight" in str(w.message)]
+    return [p.detach().clone() for p in model.parameters()], mon, notes
+
+
+def _failing_after(calls: int, exc: Exception):  # type: ignore[no-untyped-def]
+    """Wraps functions so that together they work ``calls`` times, then raise ``exc``."""
+    count = [0]
+
+    def wrap(fn):  # type: ignore[no-untyped-def]
+        def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+            count[0] += 1
+            if count[0] > calls:
+                raise exc
+            return fn(*args, **kwargs)
+
+        return broken
+
+    return wrap
+
+
+@pytest.mark.parametrize("fault", ["tensor hook", "forward hook"])
+def test_a_failing_monitor_hook_never_reaches_training(fault: str, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from gradsight.probes import _lean
+    from gradsight.store import load_run
+
+    plain, _, _ = _train_cnn(False, tmp_path)
+    if fault == "tensor hook":  # the backward-signal norm, inside loss.backward()
+        make = _lean.LeanHooks._norm_hook
+        boom = _failing_after(7, RuntimeError("injected: norm of an unsupported dtype"))
+        monkeypatch.setattr(_lean.LeanHooks, "_norm_hook", lambda self, n: boom(make(self, n)))
+        lost = "signal_norm"
+    else:  # the activation module's forward hook, inside model(x)
+        boom = _failing_after(3, TypeError("injected: unsupported dtype"))
+        monkeypatch.setattr(_lean, "strided", boom(_lean.strided))
+        lost = "saturation"
+    params, mon, notes = _train_cnn(True, tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(params, plain, strict=True))  # bitwise
+    # One warning per part that failed (the norm hook serves signals and activations).
+    assert len(notes) == (2 if fault == "tensor hook" else 1), notes
+    for note in notes:
+        assert "injected" in note and "not recorded" in note and "Training is unaffected" in note
+    assert mon is not None and mon.stopped is None  # the rest of the Monitor goes on
+    run = load_run(tmp_path / "run")
+    assert len(run.series("grad_norm")["0"][0]) == 6  # other measurements: every step
+    steps = run.series(lost)["0"][0]
+    assert 0 < len(steps) < 6  # recorded until the fault, not after
+
+
+def test_diagnose_survives_a_failing_activation_statistic(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import gradsight
+    from gradsight.probes import _accumulate
+
+    monkeypatch.setattr(
+        _accumulate, "activation_states", _failing_after(0, TypeError("injected: bad dtype"))(None)
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        d = gradsight.diagnose(
+            model,
+            (torch.randn(32, 4), torch.randint(0, 2, (32,))),
+            nn.functional.cross_entropy,
+            curvature=False,
+        )
+    notes = [str(w.message) for w in caught if "injected" in str(w.message)]
+    assert len(notes) == 1 and "activation statistics" in notes[0]
+    assert d.layer("0").grad_norm > 0 and d.layer("0").signal_norm is not None
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))

@@ -26,6 +26,7 @@ from gradsight.probes._accumulate import (
     tensors,
 )
 from gradsight.probes._deferred import DeferredStatistics
+from gradsight.probes._guard import SIGNALS, HookGuard
 from gradsight.probes._kernel import ActivationStates
 from gradsight.probes.activations import ModuleActivation
 
@@ -40,6 +41,7 @@ class LeanHooks:
     _order: list[ModuleAccumulator]
     _pending_owner: ModuleAccumulator | None
     _deferred: DeferredStatistics
+    _guard: HookGuard
     activation_samples: int | None
     activation_entries: int | None
 
@@ -49,7 +51,7 @@ class LeanHooks:
     def _lean_post_hook(self, acc: ModuleAccumulator) -> Callable[[nn.Module, Any, Any], None]:
         # The hot path of the lean mode: one Python call and one tensor hook per call.
         order = self._order
-        grad_hook = self._norm_hook(acc.out_norms)
+        grad_hook = self._guard.wrap(SIGNALS, self._norm_hook(acc.out_norms))
 
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active or not torch.is_grad_enabled():  # e.g. an evaluation pass

@@ -59,6 +59,7 @@ from gradsight.probes._accumulate import (
     tensors,
 )
 from gradsight.probes._deferred import DeferredStatistics
+from gradsight.probes._guard import ACTIVATIONS, SIGNALS, TIME, HookGuard
 from gradsight.probes._kernel import ACTIVATION_METRICS
 from gradsight.probes._lean import LeanHooks
 from gradsight.probes._results import ActivationStats, ModuleSignal, SignalFlow
@@ -95,6 +96,7 @@ class _ActivationWatcher(TorchFunctionMode):
     def __init__(self, probe: SignalProbe) -> None:
         super().__init__()
         self.probe = probe
+        self.record = probe._guard.wrap(ACTIVATIONS, self._record)
 
     def __torch_function__(
         self,
@@ -103,17 +105,19 @@ class _ActivationWatcher(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        owner = self.probe._pending_owner
-        if owner is not None and args and isinstance(args[0], torch.Tensor):
-            spec = match_activation(func, args, kwargs)
-            if spec is not None:
-                self.probe._pending_owner = None
-                # The input is read before the call: in-place variants overwrite it.
-                owner_acc = owner
-                if owner_acc.activation is None or owner_acc.activation.spec != spec:
-                    owner_acc.activation = ActivationAccumulator(spec)
-                owner_acc.activation.add_tensor(args[0], owner_acc.unit_dim)
+        if self.probe._pending_owner is not None and args and isinstance(args[0], torch.Tensor):
+            self.record(func, args, kwargs)  # guarded: the call below happens regardless
         return func(*args, **(kwargs or {}))
+
+    def _record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
+        owner = self.probe._pending_owner
+        spec = match_activation(func, args, kwargs)
+        if owner is not None and spec is not None:
+            self.probe._pending_owner = None
+            # The input is read before the call: in-place variants overwrite it.
+            if owner.activation is None or owner.activation.spec != spec:
+                owner.activation = ActivationAccumulator(spec)
+            owner.activation.add_tensor(args[0], owner.unit_dim)
 
 
 class SignalProbe(LeanHooks):
@@ -197,6 +201,9 @@ class SignalProbe(LeanHooks):
         self._first_bad_grad: tuple[str, str] | None = None  # (module name, "in"/"out")
         # collect_columns: activation tensors copied aside, reduced many steps at a time
         self._deferred = DeferredStatistics()
+        # Every hook below is registered through it: a hook that raises never reaches
+        # the user's forward or backward pass.
+        self._guard = HookGuard(type(self).__name__)
 
     # -- lifecycle
     @property
@@ -211,6 +218,7 @@ class SignalProbe(LeanHooks):
 
     def __enter__(self) -> SignalProbe:
         owners = {id(m) for _, m in parameter_owners(self.model)}
+        guard = self._guard.wrap
         seen: set[int] = set()
         try:
             for name, module in self.model.named_modules():
@@ -221,22 +229,28 @@ class SignalProbe(LeanHooks):
                 if not owns and not self.check_finite:
                     continue
                 acc = ModuleAccumulator(name, module, owns)
-                acc.act_norm_hook = self._norm_hook(acc.act_out_norms)
+                acc.act_norm_hook = guard(ACTIVATIONS, self._norm_hook(acc.act_out_norms))
                 self._accs[id(module)] = acc
                 if self.input_signals or self.check_finite:
                     self._handles.append(
-                        module.register_forward_pre_hook(self._pre_hook(acc), with_kwargs=True)
+                        module.register_forward_pre_hook(
+                            guard(SIGNALS, self._pre_hook(acc)), with_kwargs=True
+                        )
                     )
                 if self.input_signals or self.check_finite or self.output_norms:
-                    self._handles.append(module.register_forward_hook(self._post_hook(acc)))
+                    hook = guard(SIGNALS, self._post_hook(acc))
+                    self._handles.append(module.register_forward_hook(hook))
                 else:
-                    self._handles.append(module.register_forward_hook(self._lean_post_hook(acc)))
+                    hook = guard(SIGNALS, self._lean_post_hook(acc))
+                    self._handles.append(module.register_forward_hook(hook))
             if self.activations == "modules":
                 for module in self.model.modules():
                     act = module_activation(module)
                     if act is not None and id(module) not in self._accs:
                         self._handles.append(
-                            module.register_forward_hook(self._activation_hook(act))
+                            module.register_forward_hook(
+                                guard(ACTIVATIONS, self._activation_hook(act))
+                            )
                         )
             elif self.activations:
                 self._mode = _ActivationWatcher(self)
@@ -291,7 +305,9 @@ class SignalProbe(LeanHooks):
                     return t
                 if id(t) not in views:
                     view = t.view_as(t)
-                    self._tensor_handles.append(view.register_hook(self._grad_hook(acc, "in")))
+                    self._tensor_handles.append(
+                        view.register_hook(self._guard.wrap(SIGNALS, self._grad_hook(acc, "in")))
+                    )
                     views[id(t)] = view
                 return views[id(t)]
 
@@ -321,7 +337,7 @@ class SignalProbe(LeanHooks):
                 dims = [d for d in range(grad.ndim) if d != time_dim]
                 acc.time_sq.append(grad.detach().pow(2).sum(dim=dims))
 
-        self._tensor_handles.append(seq.register_hook(hook))
+        self._tensor_handles.append(seq.register_hook(self._guard.wrap(TIME, hook)))
         return seq
 
     def _post_hook(self, acc: ModuleAccumulator) -> Callable[[nn.Module, Any, Any], None]:
@@ -348,7 +364,9 @@ class SignalProbe(LeanHooks):
                 ):
                     self._nonfinite_forward = acc.name
                 if differentiable(t):
-                    self._tensor_handles.append(t.register_hook(self._grad_hook(acc, "out")))
+                    self._tensor_handles.append(
+                        t.register_hook(self._guard.wrap(SIGNALS, self._grad_hook(acc, "out")))
+                    )
             if acc.owns_params:
                 self._pending_owner = acc
 
