@@ -40,7 +40,7 @@ def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
     out = tmp_path_factory.mktemp("single")
     model = make_model()
-    train(model, batches(), out / "run", distributed=False, curvature_every=None)
+    train(model, batches(), out / "run", distributed=False)
     return model, out / "run"
 
 
@@ -61,10 +61,18 @@ def test_fsdp_statistics_equal_single_process_on_whole_batch(
         "mean_derivative",
         "rms_derivative",
         "loss",
+        # The curvature tier, on a gathered copy: every product all-reduced (as DDP).
+        "lambda_max",
+        "trace",
+        "alpha_star",
+        "headroom",
     } <= metrics
     keys = sorted(ref)
     a, b = np.array([got[k] for k in keys]), np.array([ref[k] for k in keys])
-    bad = [k for k, x, y in zip(keys, a, b, strict=True) if not np.isclose(x, y, 1e-5, 1e-12)]
+    # Headroom: up to 50 CG iterations amplify the rounding of shard sums (see
+    # tests/test_distributed.py); everything else to 1e-5.
+    rtol = np.array([1e-4 if k[2] == "headroom" else 1e-5 for k in keys])
+    bad = [k for k, x, y, r in zip(keys, a, b, rtol, strict=True) if not np.isclose(x, y, r, 1e-12)]
     assert not bad, [(k, got[k], ref[k]) for k in bad]
     # Not degenerate: layer "4" has 3 rows, sharded 2 + 1, and some ReLU units are dead
     # on part of the batch only.
@@ -72,15 +80,14 @@ def test_fsdp_statistics_equal_single_process_on_whole_batch(
     assert 0 < min(dead) < 1, dead
 
 
-def test_fsdp_rank_zero_writes_and_curvature_tier_is_skipped_with_a_note(fsdp_run: Path) -> None:
+def test_fsdp_rank_zero_writes_and_nothing_is_skipped(fsdp_run: Path) -> None:
     ranks = [json.loads((fsdp_run / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["sharded"] for r in ranks)  # the parameters were DTensors
     assert [r["writer"] for r in ranks] == ["RunWriter", "NullWriter"]
     assert (
         ranks[0]["report"] == str(fsdp_run / "run" / "report.html") and ranks[1]["report"] is None
     )
-    for r in ranks:  # one note, not one per curvature step
-        assert len(r["notes"]) == 1 and "curvature tier is not measured under FSDP" in r["notes"][0]
+    assert [r["notes"] for r in ranks] == [[], []]  # no gradsight warning: nothing skipped
     run = load_run(fsdp_run / "run")
     assert run.complete and run.metadata["steps"] == 3
 

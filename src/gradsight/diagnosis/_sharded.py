@@ -22,9 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradsight.monitor._distributed import is_sharded
-
-__all__ = ["gathered"]
+__all__ = ["gathered", "is_sharded"]
 
 # Module attributes FSDP2 adds (its state is keyed by these, and by the module itself).
 _FSDP_KEYS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
@@ -55,6 +53,16 @@ def gathered(model: nn.Module) -> nn.Module:
         return model
     with torch.no_grad():
         return _copy(model, {})
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``model``'s parameters are sharded across ranks (FSDP2 makes them
+    ``DTensor``s, each rank holding a shard)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _is_fsdp(obj: Any) -> bool:

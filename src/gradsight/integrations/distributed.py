@@ -36,8 +36,9 @@ every stored value equals one process on the whole batch (tests/test_fsdp.py, to
 :func:`gradsight.diagnose` on a sharded model gathers the full parameters into a plain
 copy on every rank (a collective: call it on every rank; it costs one full copy of the
 parameters while it runs) and gives what it gives on the unsharded model; the Monitor's
-diagnosis at close does the same, rank 0 writing it. The curvature tier is skipped
-under FSDP, with a one-time warning. The first-generation ``FullyShardedDataParallel``
+diagnosis at close does the same, rank 0 writing it. The curvature tier runs on such
+a gathered copy too, each rank on its shard of the batch with every product averaged over
+the ranks as under DDP (the copy lives for the time of the measurement). The first-generation ``FullyShardedDataParallel``
 wrapper (flat parameters) is not supported: use ``distributed=False`` with a logdir per
 rank there.
 """

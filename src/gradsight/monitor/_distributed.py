@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from gradsight._errors import GradsightError
+from gradsight.diagnosis._sharded import is_sharded
 from gradsight.probes._kernel import ActivationStates, Reduce, declare, reduction
 
 __all__ = ["DistributedReducer", "NullWriter", "is_sharded", "local", "unwrap_parallel"]
@@ -71,21 +72,6 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         model = model.module
     return model
-
-
-def _dtensor() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model``'s parameters are sharded across ranks (FSDP2's ``fully_shard``
-    makes them ``DTensor``s, each rank holding a shard)."""
-    dtensor = _dtensor()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters())
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from gradsight._errors import GradsightError
+from gradsight.diagnosis._sharded import gathered
 from gradsight.monitor._columns import RowBuffer, StepLayout
 from gradsight.monitor._curvature import CurvatureTier
 from gradsight.monitor._distributed import (
@@ -620,25 +621,21 @@ class Monitor:
                 "Skipping it until both are given.",
             )
             return
-        if self._dist is not None and self._dist.sharded:
-            self._warn_once(
-                "curvature-fsdp",
-                "gradsight.Monitor: the curvature tier is not measured under FSDP (sharded "
-                "parameters): no lambda_max, trace, step_ratio or headroom are recorded. The "
-                "cheap tier and the diagnosis at close are.",
-            )
-            return
         lr = None if self.optimizer is None else _lrs(self.optimizer)[0]
         # The curvature engine runs its own passes (under torch.func transforms): the
         # cheap tier's hooks must not see them.
         self._probe.recording = False
+        sharded = self._dist is not None and self._dist.sharded
         try:
+            if sharded:  # FSDP: on a plain copy with the full parameters, every rank
+                self._curvature.model = gathered(self.model)
             rows = self._curvature.measure(self.batch, self.loss_fn, lr=lr)
         except Exception as exc:  # a model the curvature engine cannot handle
             self._warn_once("curvature-failed", f"gradsight.Monitor: curvature tier failed: {exc}")
             return
         finally:
             self._probe.recording = True
+            self._curvature.model = self.model  # the copy's memory is freed at once
         if rows:
             keys = [(layer, metric) for layer, metric, _ in rows]
             self._writer.append(step, keys, np.array([v for _, _, v in rows], dtype=np.float64))
