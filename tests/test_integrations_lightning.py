@@ -136,3 +136,75 @@ def test_16_mixed_gradscaler_norms_are_unscaled(tmp_path: Path) -> None:
     ref = load_run(tmp_path / "fp32" / "run").series("signal_norm")
     for layer, (_, v) in run.series("signal_norm").items():
         assert v[0] == pytest.approx(ref[layer][1][0], rel=2e-2), layer
+
+
+def test_report_has_verdicts_without_a_batch_or_loss_fn(tmp_path: Path) -> None:
+    """The callback finds the (inputs, targets) split and the loss (cross-entropy of
+    forward's output, as training_step computes it) from training itself."""
+    model, callback = _fit(tmp_path, precision="32-true")
+    run = load_run(tmp_path / "run")
+    assert run.diagnosis is not None
+    assert [layer["name"] for layer in run.diagnosis["layers"]] == ["net.0", "net.2", "net.4"]
+    # The diagnosis is of the trained model on the last batch, with its loss.
+    x, y = list(_loader())[-1]
+    with torch.no_grad():
+        expected = float(nn.functional.cross_entropy(model(x), y))
+    assert run.diagnosis["loss"] == pytest.approx(expected, rel=1e-5)
+    html = callback.report_path.read_text(encoding="utf-8")  # type: ignore[union-attr]
+    assert 'class="verdicts"' in html and "No run stores a diagnosis" not in html
+
+
+class _Hinge(Net):
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.multi_margin_loss(self(x), y)
+
+
+def _fit_hinge(tmp_path: Path, **kwargs: object) -> GradsightCallback:
+    callback = GradsightCallback(tmp_path / "run", **kwargs)  # type: ignore[arg-type]
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(_Hinge(), _loader())
+    return callback
+
+
+def test_unknown_loss_warns_and_loss_fn_fixes_it(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match=r"no verdicts for this run: training_step's loss is none"):
+        _fit_hinge(tmp_path / "a")
+    assert load_run(tmp_path / "a" / "run").diagnosis is None
+    _fit_hinge(tmp_path / "b", loss_fn=nn.functional.multi_margin_loss)
+    assert load_run(tmp_path / "b" / "run").diagnosis is not None
+
+
+def test_diagnosing_every_n_steps_leaves_training_unchanged(tmp_path: Path) -> None:
+    plain, _ = _fit(tmp_path / "a", precision="32-true")
+    diagnosed, _ = _fit(tmp_path / "b", precision="32-true")
+    callback = GradsightCallback(tmp_path / "c" / "run", diagnose_every=2)
+    model = Net()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=ACCUMULATE,
+        logger=False,
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(model, _loader())
+    for p, q, r in zip(plain.parameters(), diagnosed.parameters(), model.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    assert load_run(tmp_path / "c" / "run").diagnosis is not None
