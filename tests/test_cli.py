@@ -82,3 +82,48 @@ def test_python_dash_m_entry_point() -> None:
         [sys.executable, "-m", "gradsight", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("gradsight ")
+
+
+_FACTORIES = """
+import torch
+from torch import nn
+
+def _parts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    batch = (torch.randn(32, 4), torch.randint(0, 2, (32,)))
+    return model, batch, nn.CrossEntropyLoss()
+
+def make():
+    return _parts()
+
+def swapped():
+    model, batch, loss_fn = _parts()
+    return batch, model, loss_fn
+"""
+
+
+def test_diagnose_factory_by_path_flags_and_order(tmp_path: Path, monkeypatch, capsys) -> None:
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep the suite's threads
+    sub = tmp_path / "models"
+    sub.mkdir()
+    (sub / "mymod.py").write_text(_FACTORIES)
+    monkeypatch.chdir(tmp_path)
+    out_json = tmp_path / "d.json"
+    argv = ["diagnose", "./models/mymod.py:make", "--no-curvature", "--threads", "1"]
+    assert main([*argv, "--json", str(out_json)]) == 0
+    layers = json.loads(out_json.read_text())["layers"]
+    assert len(layers) == 2
+    assert all(layer.get("lambda_max") is None for layer in layers)  # --no-curvature
+    assert main(["diagnose", "./models/mymod.py:make", "--json", str(out_json)]) == 0
+    assert all(la["lambda_max"] is not None for la in json.loads(out_json.read_text())["layers"])
+    capsys.readouterr()
+    assert main(["diagnose", "./models/mymod.py:swapped"]) == 2
+    err = capsys.readouterr().err
+    assert "returned (batch, model, loss_fn)" in err and "in that order" in err
+    assert main(["diagnose", "./models/nope.py:make"]) == 2
+    assert "no file './models/nope.py'" in capsys.readouterr().err
+    assert main(["diagnose", "./models/mymod.py:make", "--threads", "0"]) == 2
+    assert "--threads must be at least 1" in capsys.readouterr().err

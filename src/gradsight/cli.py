@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,8 +64,20 @@ def _parser() -> argparse.ArgumentParser:
         help="diagnose a model returned by MODULE:FACTORY",
         description="FACTORY() must return (model, batch, loss_fn), batch = (inputs, targets).",
     )
-    diag.add_argument("target", metavar="MODULE:FACTORY")
+    diag.add_argument(
+        "target",
+        metavar="MODULE:FACTORY",
+        help="a module name (mypkg.models:make) or a file (./mymod.py:make)",
+    )
     diag.add_argument("--lr", type=float, default=None, help="learning rate used in training")
+    diag.add_argument(
+        "--no-curvature",
+        action="store_true",
+        help="signal flow only (one forward and backward pass), no curvature",
+    )
+    diag.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (torch.set_num_threads)"
+    )
     diag.add_argument("--json", type=Path, default=None, help="also write the diagnosis as JSON")
     diag.add_argument("--html", type=Path, default=None, help="also write an HTML page")
 
@@ -83,19 +96,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_factory(target: str) -> tuple[Any, Any, Any]:
-    module_name, sep, attr = target.partition(":")
+    module_name, sep, attr = target.rpartition(":")
     if not sep or not module_name or not attr:
-        raise GradsightError(f"expected MODULE:FACTORY, e.g. mypkg.models:make, got {target!r}.")
-    sys.path.insert(0, str(Path.cwd()))
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
         raise GradsightError(
-            f"cannot import module {module_name!r} ({exc}); run from the directory that "
-            "contains it or install it."
-        ) from None
-    finally:
-        sys.path.pop(0)
+            f"expected MODULE:FACTORY or FILE.py:FACTORY, e.g. mypkg.models:make or "
+            f"./mymod.py:make, got {target!r}."
+        )
+    module = _import(module_name)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise GradsightError(f"{module_name!r} has no callable {attr!r}.")
@@ -106,7 +113,71 @@ def _load_factory(target: str) -> tuple[Any, Any, Any]:
             + (f" of length {len(made)}" if isinstance(made, tuple) else "")
             + "."
         )
+    _check_order(target, made)
     return made
+
+
+def _import(name: str) -> Any:
+    """Import a module by dotted name, or load a ``.py`` file by path."""
+    path = Path(name)
+    if name.endswith(".py") or "/" in name or "\\" in name:
+        if not path.is_file():
+            raise GradsightError(
+                f"no file {name!r} (from the directory {Path.cwd()}). Pass the path of a "
+                "Python file, e.g. ./mymod.py:make, or a module name, e.g. mymod:make."
+            )
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise GradsightError(f"cannot load {name!r} as a Python module.")
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.resolve().parent))  # its own imports, as for a script
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+        return module
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise GradsightError(
+            f"cannot import module {name!r} ({exc}); run from the directory that "
+            "contains it, install it, or pass its file (./mymod.py:FACTORY)."
+        ) from None
+    finally:
+        sys.path.pop(0)
+
+
+def _check_order(target: str, made: tuple[Any, Any, Any]) -> None:
+    """Name the order the factory used when it is not (model, batch, loss_fn)."""
+    from torch import nn
+
+    def kind(x: Any) -> str:
+        if isinstance(x, nn.Module) and not _is_loss(x):
+            return "model"
+        if callable(x):
+            return "loss_fn"
+        return "batch"
+
+    kinds = [kind(x) for x in made]
+    if kinds == ["model", "batch", "loss_fn"]:
+        return
+    if sorted(kinds) == ["batch", "loss_fn", "model"]:
+        raise GradsightError(
+            f"{target}() returned ({', '.join(kinds)}); it must return (model, batch, "
+            f"loss_fn) in that order. Return them as: return model, batch, loss_fn."
+        )
+    got = ", ".join(type(x).__name__ for x in made)
+    raise GradsightError(
+        f"{target}() must return (model, batch, loss_fn): an nn.Module, a pair (inputs, "
+        f"targets) and a loss function; got ({got})."
+    )
+
+
+def _is_loss(x: Any) -> bool:
+    from torch.nn.modules.loss import _Loss
+
+    return isinstance(x, _Loss)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,8 +199,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "diagnose":
             from gradsight.diagnosis import diagnose
 
+            if args.threads is not None:
+                if args.threads < 1:
+                    raise GradsightError(f"--threads must be at least 1, got {args.threads}.")
+                import torch
+
+                torch.set_num_threads(args.threads)
             model, batch, loss_fn = _load_factory(args.target)
-            d = diagnose(model, batch, loss_fn, lr=args.lr)
+            d = diagnose(model, batch, loss_fn, lr=args.lr, curvature=not args.no_curvature)
             print(d)
             if args.json:
                 args.json.write_text(d.to_json(indent=2), encoding="utf-8")
