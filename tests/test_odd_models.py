@@ -227,4 +227,4 @@ def test_recurrent_layer_records_the_signal_through_time() -> None:
     assert steps is not None and len(steps) == 10
     assert torch.allclose(torch.tensor(steps, dtype=torch.float64), expected, rtol=1e-10)
     assert steps[0] < 1e-2 * steps[-1]
-    assert "vanishing through time" in d.layer("rnn").reason
+    assert "Through time the signal fades" in d.layer("rnn").reason

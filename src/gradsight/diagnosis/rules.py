@@ -8,11 +8,12 @@ it:
 
 1. ``nonfinite``: NaN/Inf gradients make every other number meaningless;
 2. ``frozen``: ``requires_grad=False``; measured, never judged as a learner;
-3. ``exploding`` at the step used (lr·λmax > 2): training will leave even an optimum;
-4. ``converged`` when the model is solved (loss ≤ ``solved``× the constant
+3. ``converged`` when the loss does not depend on the module at all (not called, or its
+   output unused by the loss, so its gradient is exactly zero): nothing for it to win,
+   and the reason says so in case it should be trained;
+4. ``exploding`` at the step used (lr·λmax > 2): training will leave even an optimum;
+5. ``converged`` when the model is solved (loss ≤ ``solved``× the constant
    prediction's): with nothing left to win nothing is dead or vanishing;
-5. ``dead`` when the loss does not reach the module at all (not called, or its output
-   unused by the loss) and its parameters get exactly zero gradient;
 6. ``converged`` when the whole model has no headroom left;
 7. ``dead`` when most units after the layer never activate on the batch, the signal
    reaching the layer is crushed and its own gradient moves the loss by nothing: it
@@ -20,9 +21,15 @@ it:
    status, and its reason says "partly dead";
 8. ``exploding`` when the backward signal grows at every later layer;
 9. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
-   largest while the model has headroom;
-10. ``vanishing`` through time: a recurrent layer whose signal fades before the first
-    time steps while the loss sits on its plateau and no reachable step helps;
+   largest while the model has headroom, the layer's own headroom (when measured) is
+   not negligible, and the signal is lost on the way back: no earlier layer gets a
+   strong signal either. Where earlier layers do (through a skip connection or a
+   parallel path, e.g. attention queries and keys at initialization beside the value
+   path), little of the signal enters this layer's branch; the reason says so, and the
+   status follows the layer's own headroom;
+10. ``vanishing`` through time: a recurrent layer whose signal does not reach the time
+    steps where its inputs are (input-weighted reach below ``time_vanishing``) while the
+    loss sits on its plateau and no step the signal does reach helps;
 11. ``converged`` when the layer's own headroom is negligible;
 12. ``ok``: learning.
 
@@ -40,7 +47,7 @@ from gradsight._format import display_name
 from gradsight.diagnosis.advice import ModelTraits, remedies, vanishing_advice
 from gradsight.diagnosis.chain import chain_cause
 from gradsight.diagnosis.result import Status
-from gradsight.probes import ModuleSignal
+from gradsight.probes import ActivationStats, ModuleSignal
 
 __all__ = [
     "RULES",
@@ -119,6 +126,12 @@ class LayerFacts:
         lambda_max: Largest Gauss-Newton eigenvalue of its block.
         step: The step it gets (lr, or an adaptive optimizer's step along its gradient).
         step_ratio: The curvature-optimal step over ``step``.
+        activation: The activation after it, looked up through a normalization layer
+            that directly follows it (conv → BatchNorm → ReLU: the ReLU's units are the
+            conv's channels).
+        last: It is the last layer that ran: its signal is the loss's own.
+        upstream_sens: The largest ``rel_sens`` of the layers that ran before it.
+        time_input_norms: Recurrent layers: ‖x_t‖ of the input at each time step.
     """
 
     name: str
@@ -134,6 +147,10 @@ class LayerFacts:
     lambda_max: float | None = None
     step: float | None = None
     step_ratio: float | None = None
+    activation: ActivationStats | None = None
+    last: bool = False
+    upstream_sens: float | None = None
+    time_input_norms: tuple[float, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -141,13 +158,11 @@ class LayerFacts:
 
     @property
     def dead_fraction(self) -> float:
-        act = self.signal.activation if self.signal is not None else None
-        return act.dead_fraction if act is not None else 0.0
+        return self.activation.dead_fraction if self.activation is not None else 0.0
 
     @property
     def activation_name(self) -> str:
-        act = self.signal.activation if self.signal is not None else None
-        return act.name if act is not None else "activation"
+        return self.activation.name if self.activation is not None else "activation"
 
 
 @dataclass(frozen=True)
@@ -249,7 +264,9 @@ def solved(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
 
 
 def unreached(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """The loss does not reach the module: exactly zero gradient and no signal."""
+    """The loss does not depend on the module: exactly zero gradient, no signal. There is
+    nothing for it to win (an auxiliary head the loss leaves out, a module kept for later):
+    ``converged``, with a reason that says why, in case it should be trained."""
     if layer.used_by is not None or (layer.grad_norm or 0.0) > 0:
         return None
     sig = layer.signal
@@ -257,20 +274,20 @@ def unreached(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         return None
     if sig is None:
         reason = (
-            "not called in the forward pass: its parameters get exactly zero gradient and it "
-            "passes no signal."
+            "not called in the forward pass: the loss does not depend on it, its parameters "
+            "get exactly zero gradient, and there is nothing for it to win."
         )
-        advice = ("Remove the module or call it in forward(); unused parameters waste memory.",)
+        advice = ("Call it in forward() if it should be trained, or remove it.",)
     else:
         reason = (
-            "its output does not reach the loss: no backward signal arrives and its "
-            "parameters get exactly zero gradient."
+            "its output does not reach the loss: no backward signal arrives, its parameters "
+            "get exactly zero gradient, and there is nothing for it to win."
         )
         advice = (
-            "Include this output in the loss (e.g. add its head's loss term), or detach/remove "
-            "the head if it is not meant to be trained.",
+            "Include this output in the loss (e.g. add its head's loss term) if it should be "
+            "trained.",
         )
-    return Verdict("dead", reason, advice)
+    return Verdict("converged", reason, advice)
 
 
 def no_headroom(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
@@ -320,9 +337,14 @@ def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
 
 
 def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """The signal reaching the layer is lost while the model has headroom."""
-    if layer.rel_sens is None or layer.rel_sens >= model.th.vanishing or layer.position is None:
+    """The signal reaching the layer is lost on the way back while there is something to
+    win: its sensitivity is below ``th.vanishing`` of the largest, no earlier layer gets
+    a stronger share, and its own headroom (when measured) is not negligible."""
+    if not _starved(layer, model.th) or layer.position is None:
         return None
+    if layer.headroom is not None and layer.headroom < model.th.headroom:
+        return None  # nothing to win for it: converged, not stuck
+    assert layer.rel_sens is not None
     ref = max(model.ran, key=lambda s: s.sensitivity)
     where = (
         " while the loss is no better than the best constant prediction" if model.plateau else ""
@@ -343,22 +365,37 @@ def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     )
 
 
+def _starved(layer: LayerFacts, th: Thresholds) -> bool:
+    """The backward signal reaching the layer was lost on the way back: its sensitivity
+    is below ``th.vanishing`` of the largest, it is not the last layer (whose signal is
+    the loss's own), and no earlier layer gets a strong signal either."""
+    if layer.rel_sens is None or layer.rel_sens >= th.vanishing or layer.last:
+        return False
+    return layer.upstream_sens is None or layer.upstream_sens < th.vanishing
+
+
 def vanishing_through_time(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """A recurrent layer's signal fades before the first time steps while the loss sits
-    on its plateau and no step the signal can reach realizes a decrease."""
+    """A recurrent layer's signal does not reach the time steps where its inputs are,
+    while the loss sits on its plateau and no step the signal reaches realizes a
+    decrease."""
     fade = _time_fade(layer, model.th)
-    if fade is None:
+    if fade is None or fade.reach >= model.th.time_vanishing:
         return None
-    ratio, lost_at, steps = fade
     can_learn = model.realized is not None and model.realized >= model.th.learnable
     if not model.plateau or can_learn:
         return None
+    where = (
+        f"the input-weighted signal, where its inputs are, is {fade.reach:.1e} of the "
+        "strongest step's"
+        if fade.weighted
+        else f"at time step 1 of {fade.steps} it is {fade.first:.1e} of the strongest step's"
+    )
     return Verdict(
         "vanishing",
-        f"vanishing through time: the backward signal reaching time step 1 of {steps} is "
-        f"{ratio:.1e} of the strongest step's, and falls below {model.th.time_vanishing:g} of "
-        f"it before step {lost_at}, while the loss is no better than the best constant "
-        "prediction: the loss cannot reach the early steps.",
+        f"vanishing through time: the backward signal fades over the {fade.steps} time steps "
+        f"({where}; below {model.th.time_vanishing:g} of it before step {fade.lost_at}) while "
+        "the loss is no better than the best constant prediction: the loss cannot reach the "
+        "steps it would have to learn from.",
         remedies("through_time", model.traits),
     )
 
@@ -372,11 +409,16 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     )
     if not done:
         return None
-    sens = "" if layer.rel_sens is None else f" (sensitivity {layer.rel_sens:.1e} of the largest)"
+    if layer.last:
+        reach = "the loss's own signal reaches it (the last layer)"
+    elif layer.rel_sens is None:
+        reach = "its gradient comes from the module that uses its parameters"
+    else:
+        reach = f"the signal reaches it (sensitivity {layer.rel_sens:.1e} of the largest)"
     return Verdict(
         "converged",
-        f"the signal reaches it{sens} but {_headroom_note(layer)}: a gradient that is small "
-        "because the layer sits at its optimum.",
+        f"{reach} but {_headroom_note(layer)}: a gradient that is small because the layer "
+        "sits at its optimum.",
     )
 
 
@@ -394,9 +436,9 @@ def learning(layer: LayerFacts, model: ModelFacts) -> Verdict:
 RULES: tuple[Rule, ...] = (
     nonfinite,
     frozen,
+    unreached,
     unstable_step,
     solved,
-    unreached,
     no_headroom,
     dead,
     growing_signal,
@@ -440,30 +482,69 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
             f"Partly dead: {frac:.0%} of the units after it ({layer.activation_name}) never "
             f"activate on the batch; the other {1 - frac:.0%} pass the signal and learn."
         )
+    if (
+        status not in ("vanishing", "dead", "frozen")
+        and layer.rel_sens is not None
+        and layer.rel_sens < model.th.vanishing
+        and not layer.last
+        and not _starved(layer, model.th)
+    ):
+        notes.append(
+            f"Little of the signal enters its branch: the loss's sensitivity to its output is "
+            f"{layer.rel_sens:.1e} of the largest, while earlier layers get up to "
+            f"{layer.upstream_sens:.1e} of it through another path (a skip connection, or "
+            "attention's value path beside its queries and keys), so the signal is not lost "
+            "on the way back."
+        )
     fade = _time_fade(layer, model.th)
     if fade is not None and status != "vanishing":
-        ratio, lost_at, steps = fade
         notes.append(
-            f"Through time the signal fades: at time step 1 of {steps} it is {ratio:.1e} of the "
-            f"strongest step's (below {model.th.time_vanishing:g} before step {lost_at}), so "
-            "the loss reaches only the later steps."
+            f"Through time the signal fades: at time step 1 of {fade.steps} it is "
+            f"{fade.first:.1e} of the strongest step's (below {model.th.time_vanishing:g} "
+            f"before step {fade.lost_at}), so the loss reaches only the later steps"
+            + (
+                f"; where its inputs are, it reaches {fade.reach:.1e} of the strongest."
+                if fade.weighted
+                else "."
+            )
         )
     return notes
 
 
-def _time_fade(layer: LayerFacts, th: Thresholds) -> tuple[float, int, int] | None:
-    """(first step's signal / strongest step's, the last step counted from 1 whose signal
-    is below ``th.time_vanishing`` of the strongest, number of steps), if it fades."""
+@dataclass(frozen=True)
+class _Fade:
+    first: float  # the first step's signal over the strongest step's
+    reach: float  # the input-weighted signal over the strongest step's (``first`` if unknown)
+    weighted: bool  # whether ``reach`` is weighted by the inputs' norms
+    lost_at: int  # the last step, counted from 1, whose signal is below the threshold, + 1
+    steps: int
+
+
+def _time_fade(layer: LayerFacts, th: Thresholds) -> _Fade | None:
+    """How far back through time the signal reaches, if it fades below
+    ``th.time_vanishing`` of the strongest step's before the first step.
+
+    The *reach* weights each step's share of the signal by the norm of the layer's input
+    at that step, Σ_t ‖x_t‖·g_t / (max_t g_t · Σ_t ‖x_t‖) with g_t = ‖∂L/∂x_t‖: a signal
+    that fades before steps whose inputs are zero loses nothing.
+    """
     sig = layer.signal
     steps = sig.time_signal_norms if sig is not None and layer.used_by is None else None
     if not steps or len(steps) < 2 or not max(steps) > 0:
         return None
     top = max(steps)
-    ratio = steps[0] / top
-    if not ratio < th.time_vanishing:
+    first = steps[0] / top
+    if not first < th.time_vanishing:
         return None
     lost = [t for t, s in enumerate(steps, start=1) if s < th.time_vanishing * top]
-    return ratio, lost[-1] + 1 if lost else 1, len(steps)
+    inputs = layer.time_input_norms
+    weighted = inputs is not None and len(inputs) == len(steps) and sum(inputs) > 0
+    if weighted:
+        assert inputs is not None
+        reach = sum(c * g for c, g in zip(inputs, steps, strict=True)) / (top * sum(inputs))
+    else:
+        reach = first
+    return _Fade(first, reach, weighted, lost[-1] + 1 if lost else 1, len(steps))
 
 
 def _grows_back(ran: Sequence[ModuleSignal], i: int, min_chain: int) -> bool:

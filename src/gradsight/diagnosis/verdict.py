@@ -35,7 +35,7 @@ from gradsight.diagnosis.chain import ratio
 from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom
 from gradsight.diagnosis.result import STATUSES, LayerDiagnosis, Status
 from gradsight.diagnosis.rules import RULES, LayerFacts, ModelFacts, Rule, Thresholds, apply_rules
-from gradsight.probes import ModuleSignal
+from gradsight.probes import ActivationStats, ModuleSignal
 
 __all__ = ["LayerEvidence", "Thresholds", "judge", "worst_status"]
 
@@ -47,7 +47,8 @@ class LayerEvidence:
     ``signal`` is None when the module did not run. ``used_by`` names the module whose
     forward uses this module's parameters directly (its ``signal`` then is that
     module's); ``step`` is the step the layer gets when the optimizer's per-layer step
-    is known (an adaptive optimizer's step along the gradient).
+    is known (an adaptive optimizer's step along the gradient); ``time_input_norms``
+    holds a recurrent layer's ‖x_t‖ at each time step.
     """
 
     name: str
@@ -57,6 +58,7 @@ class LayerEvidence:
     param_norms: dict[str, float] = field(default_factory=dict)
     used_by: str | None = None
     step: float | None = None
+    time_input_norms: tuple[float, ...] | None = None
 
     @property
     def frozen(self) -> bool:
@@ -198,10 +200,11 @@ def _measure(
             d.step_ratio = curv.alpha_star / step
     d.step_taken = step
     pos = position.get(e.used_by if e.used_by is not None else e.name)
+    act = None
     if sig is not None:
         if sig.time_signal_norms is not None:
             d.time_signal_norms = list(sig.time_signal_norms)
-        act = sig.activation
+        act = _activation_after(sig, pos if e.used_by is None else None, model.ran)
         if act is not None:
             d.activation, d.saturation, d.dead_fraction = (
                 act.name,
@@ -215,6 +218,7 @@ def _measure(
             d.activation_factor = ratio(sig.signal_norm, nxt.input_signal_norm)
     grad_finite = all(math.isfinite(g) for g in e.grad_norms.values())
     has_signal = sig is not None and sig.signal_norm is not None
+    rel = [s.sensitivity / model.s_max if model.s_max > 0 else 0.0 for s in model.ran]
     facts = LayerFacts(
         name=e.name,
         frozen=e.frozen,
@@ -233,8 +237,23 @@ def _measure(
         lambda_max=d.lambda_max,
         step=step,
         step_ratio=d.step_ratio,
+        activation=act,
+        last=e.used_by is None and pos is not None and pos == len(model.ran) - 1,
+        upstream_sens=max(rel[:pos], default=None) if pos is not None else None,
+        time_input_norms=e.time_input_norms,
     )
     return d, facts
+
+
+def _activation_after(
+    sig: ModuleSignal, pos: int | None, ran: Sequence[ModuleSignal]
+) -> ActivationStats | None:
+    """The activation after a layer: its own, or that of a normalization layer directly
+    after it (conv → BatchNorm → ReLU: the ReLU's units are the conv's channels)."""
+    if sig.activation is not None or pos is None or pos + 1 >= len(ran):
+        return sig.activation
+    nxt = ran[pos + 1]
+    return nxt.activation if "Norm" in nxt.module_type else None
 
 
 def _summary(
