@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import warnings
+import math
 from pathlib import Path
 
 import pytest
@@ -11,66 +10,14 @@ import torch
 
 from gradsight.store import load_run
 
-os.environ["HF_HUB_OFFLINE"] = "1"
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from gradsight.integrations.hf import GradsightTrainerCallback  # noqa: E402
-
-STEPS, BATCH, ACCUMULATE = 4, 8, 2
-
-
-class _Data(torch.utils.data.Dataset):
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(5, 60, (n, 12), generator=g)
-        self.labels = (self.ids[:, 0] > 32).long()  # learnable from the first token
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.ids[i],
-            "attention_mask": torch.ones(12, dtype=torch.long),
-            "labels": self.labels[i],
-        }
+from _integration_runs import HF_STEPS as STEPS  # noqa: E402
+from _integration_runs import hf_fit  # noqa: E402
 
 
 def test_trainer_callback_records_every_block_of_a_transformer(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-        num_labels=2,
-    )
-    model = transformers.AutoModelForSequenceClassification.from_config(config)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        max_steps=STEPS,
-        per_device_train_batch_size=BATCH,
-        gradient_accumulation_steps=ACCUMULATE,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    callback = GradsightTrainerCallback(tensorboard=tmp_path / "tb", activation_samples=None)
-    trainer = transformers.Trainer(
-        model=model,
-        args=args,
-        train_dataset=_Data(STEPS * BATCH * ACCUMULATE),
-        callbacks=[callback],
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.train()
+    trainer, callback = hf_fit(tmp_path / "out", tensorboard=tmp_path / "tb")
 
     run = load_run(tmp_path / "out" / "gradsight")
     assert run.complete and run.metadata["steps"] == STEPS
@@ -98,3 +45,22 @@ def test_trainer_callback_records_every_block_of_a_transformer(tmp_path: Path) -
     assert callback.report_path == tmp_path / "out" / "gradsight" / "report.html"
     assert "bert.encoder.layer.1.output.LayerNorm" in callback.report_path.read_text()
     assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
+    # Verdicts without a batch or loss_fn from the user: the model's own loss function,
+    # checked against the loss it returned, on the last micro-batch; the run is named
+    # after the output directory.
+    assert run.name == "out"
+    assert run.diagnosis is not None
+    names = [layer["name"] for layer in run.diagnosis["layers"]]
+    assert "bert.encoder.layer.1.output.dense" in names and "classifier" in names
+    assert run.diagnosis["baseline_loss"] == pytest.approx(math.log(2), rel=0.05)
+    html = callback.report_path.read_text(encoding="utf-8")
+    assert 'class="verdicts"' in html and "Run: out" in html
+
+
+def test_diagnosing_every_n_steps_leaves_training_unchanged(tmp_path: Path) -> None:
+    plain, _ = hf_fit(tmp_path / "a", diagnose=False)
+    diagnosed, _ = hf_fit(tmp_path / "b", diagnose_every=2)
+    for p, q in zip(plain.model.parameters(), diagnosed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert load_run(tmp_path / "a" / "gradsight").diagnosis is None
+    assert load_run(tmp_path / "b" / "gradsight").diagnosis is not None

@@ -26,13 +26,24 @@ Under DDP (``torchrun``), every rank measures its shard, the Monitor reduces the
 the world's main process writes. ``tensorboard=True`` also writes
 ``gradsight/<layer>/<metric>`` into ``logging_dir`` (``<output_dir>/runs`` without it).
 
+Verdicts: at the end of training (and every ``diagnose_every`` optimizer steps) the
+callback runs :func:`gradsight.diagnose` on the last training micro-batch it saw and
+stores it with the run, so the report has its verdict table. The batch is the model's
+own inputs with ``labels`` as targets, and the loss the model's own ``loss_function``
+for its ``loss_type`` (causal or masked LM, sequence or token classification) applied
+to ``outputs.logits``, used only after it reproduced the loss the model returned in
+training (to 1e-4); otherwise the labels stay among the inputs and the loss is
+``outputs.loss`` (the verdicts then rest on signal flow alone, and the summary says
+so). The run is named after the Trainer's output directory.
+
 Needs ``transformers`` (``pip install 'gradsight[hf]'``).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +71,12 @@ class GradsightTrainerCallback(TrainerCallback):
         histogram_every: With ``tensorboard``: histograms every this many steps.
         report: Write ``report.html`` into the run directory at the end of training.
         overwrite: Replace a run already in ``logdir``.
-        **monitor_kwargs: Passed to :class:`~gradsight.Monitor`.
+        diagnose: Diagnose the model on the last training micro-batch at the end of
+            training (the report's verdict table).
+        diagnose_every: Also every this many optimizer steps (None: at the end only);
+            the latest diagnosis is the one stored.
+        **monitor_kwargs: Passed to :class:`~gradsight.Monitor` (``name`` defaults to
+            the name of the Trainer's ``output_dir``).
 
     Attributes:
         monitor: The Monitor of the current training (None before it starts).
@@ -76,6 +92,8 @@ class GradsightTrainerCallback(TrainerCallback):
         histogram_every: int | None = None,
         report: bool = True,
         overwrite: bool = False,
+        diagnose: bool = True,
+        diagnose_every: int | None = None,
         **monitor_kwargs: Any,
     ) -> None:
         self.logdir = None if logdir is None else Path(logdir)
@@ -84,7 +102,10 @@ class GradsightTrainerCallback(TrainerCallback):
         self.histogram_every = histogram_every
         self.write_report = report
         self.overwrite = overwrite
-        monitor_kwargs.setdefault("diagnose_at_close", False)  # no batch/loss_fn here
+        self.diagnose = diagnose
+        self.diagnose_every = diagnose_every
+        # The callback diagnoses itself (on the batch it saw), not the Monitor at close.
+        monitor_kwargs["diagnose_at_close"] = False
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = None
         self.report_path: Path | None = None
@@ -93,6 +114,12 @@ class GradsightTrainerCallback(TrainerCallback):
         self._losses: list[torch.Tensor] = []
         self._summed = False
         self._warned = False
+        self._model: torch.nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._inputs: dict[str, Any] | None = None  # the last training micro-batch
+        self._loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
+        self._checked = False  # the model's loss_function was compared with its loss
+        self._diagnosing = False
 
     def on_train_begin(
         self,
@@ -108,13 +135,17 @@ class GradsightTrainerCallback(TrainerCallback):
         logdir = self.logdir or Path(str(args.output_dir)) / "gradsight"
         inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
         scaler = getattr(optimizer, "scaler", None)
+        self._model = model
+        self._optimizer = inner if isinstance(inner, torch.optim.Optimizer) else None
+        kwargs = dict(self.monitor_kwargs)
+        kwargs.setdefault("name", _run_name(args.output_dir))
         self.monitor = Monitor(
             model,
             logdir=logdir,
             every=self.every,
-            optimizer=inner if isinstance(inner, torch.optim.Optimizer) else None,
+            optimizer=self._optimizer,
             overwrite=self.overwrite,
-            **self.monitor_kwargs,
+            **kwargs,
         )
         self._scaler = scaler
         self._hook = model.register_forward_hook(self._read_loss, with_kwargs=True)
@@ -131,11 +162,16 @@ class GradsightTrainerCallback(TrainerCallback):
     def _read_loss(
         self, module: torch.nn.Module, args: Any, kwargs: dict[str, Any], output: Any
     ) -> None:
-        if not torch.is_grad_enabled() or self.monitor is None:
-            return  # evaluation
+        if not torch.is_grad_enabled() or self.monitor is None or self._diagnosing:
+            return  # evaluation, or the diagnosis's own pass
         loss = output.get("loss") if isinstance(output, Mapping) else None
         if loss is None:
             loss = getattr(output, "loss", None)
+        if self.diagnose and not args:
+            self._inputs = dict(kwargs)
+            if not self._checked and isinstance(loss, torch.Tensor):
+                self._checked = True
+                self._loss_fn = _checked_loss_fn(module, kwargs, output, loss)
         if isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach().float().reshape(()))
             # With num_items_in_batch the model normalizes by the items of the whole
@@ -164,6 +200,55 @@ class GradsightTrainerCallback(TrainerCallback):
             )
         mon.step(loss)
 
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
+    ) -> None:
+        every = self.diagnose_every
+        if (
+            self.diagnose
+            and every is not None
+            and state.is_world_process_zero
+            and state.global_step % every == 0
+        ):
+            self._diagnose(final=False)
+
+    def _diagnose(self, *, final: bool) -> None:
+        """Diagnose on the last micro-batch seen and store it with the run; never raises."""
+        mon, model, inputs = self.monitor, self._model, self._inputs
+        if mon is None or model is None or mon.stopped is not None:
+            return
+        if inputs is None:
+            if final:
+                warnings.warn(
+                    "GradsightTrainerCallback: no verdicts for this run: the model was "
+                    "called with no keyword inputs in training (the Trainer passes the "
+                    "batch as keywords).",
+                    stacklevel=2,
+                )
+            return
+        batch, loss_fn = _split(inputs, self._loss_fn)
+        if loss_fn is None:
+            if final:
+                warnings.warn(
+                    "GradsightTrainerCallback: no verdicts for this run: the model returned "
+                    "no loss in training (a Trainer subclass computing its own loss?); "
+                    "diagnose with gradsight.diagnose(model, batch, loss_fn).",
+                    stacklevel=2,
+                )
+            return
+        self._diagnosing = True
+        try:
+            from gradsight.diagnosis import diagnose
+
+            with mon.paused(), torch.inference_mode(False), torch.enable_grad():
+                d = diagnose(model, batch, loss_fn, optimizer=_stepping(self._optimizer))
+        except Exception as exc:  # the run's data matter more than the verdict
+            warnings.warn(f"GradsightTrainerCallback: diagnosis failed: {exc}", stacklevel=2)
+            return
+        finally:
+            self._diagnosing = False
+        mon.write_diagnosis(d)
+
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any
     ) -> None:
@@ -173,6 +258,8 @@ class GradsightTrainerCallback(TrainerCallback):
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        if self.diagnose and state.is_world_process_zero:
+            self._diagnose(final=True)
         mon.close()
         if self._tb is not None:
             self._tb.close()
@@ -183,3 +270,96 @@ class GradsightTrainerCallback(TrainerCallback):
                 self.report_path = write_report(mon.logdir)
             except Exception as exc:  # the run is stored; the report can be made later
                 warnings.warn(f"GradsightTrainerCallback: report failed: {exc}", stacklevel=2)
+
+
+#: Arguments of the model's forward that are not inputs of the diagnosis's batch.
+_NOT_INPUTS = frozenset({"labels", "num_items_in_batch", "return_dict", "return_loss"})
+
+
+def _run_name(output_dir: Any) -> str:
+    """The run's name: the output directory's name (``out`` for ``./out/``)."""
+    path = Path(str(output_dir))
+    return path.name or path.resolve().name or "gradsight"
+
+
+def _model_loss(model: torch.nn.Module) -> Callable[..., torch.Tensor] | None:
+    """``loss(logits, labels, num_items_in_batch=None)`` computed by the model's own
+    ``loss_function`` for the loss types with a logits-and-labels signature, else None."""
+    fn = getattr(model, "loss_function", None)
+    config = getattr(model, "config", None)
+    kind = getattr(model, "loss_type", None)
+    if fn is None or config is None or kind is None:
+        return None
+    if kind in ("ForCausalLM", "ForMaskedLM"):
+
+        def lm(logits: torch.Tensor, labels: torch.Tensor, num_items: Any = None) -> torch.Tensor:
+            return fn(logits, labels, vocab_size=config.vocab_size, num_items_in_batch=num_items)
+
+        return lm
+    if kind == "ForSequenceClassification":
+
+        def seq(logits: torch.Tensor, labels: torch.Tensor, num_items: Any = None) -> torch.Tensor:
+            return fn(labels=labels, pooled_logits=logits, config=config)
+
+        return seq
+    if kind == "ForTokenClassification":
+
+        def tok(logits: torch.Tensor, labels: torch.Tensor, num_items: Any = None) -> torch.Tensor:
+            return fn(logits, labels, config, num_items_in_batch=num_items)
+
+        return tok
+    return None
+
+
+def _checked_loss_fn(
+    model: torch.nn.Module, kwargs: dict[str, Any], output: Any, loss: torch.Tensor
+) -> Callable[[Any, Any], torch.Tensor] | None:
+    """``loss_fn(outputs, labels)`` from the model's loss function, if it reproduces the
+    loss the model returned on this micro-batch (relative 1e-4), else None."""
+    compute = _model_loss(model)
+    labels = kwargs.get("labels")
+    logits = output.get("logits") if isinstance(output, Mapping) else None
+    if compute is None or not isinstance(labels, torch.Tensor) or logits is None:
+        return None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = float(compute(logits.detach(), labels, kwargs.get("num_items_in_batch")))
+    except Exception:
+        return None
+    ref = float(loss.detach().float())
+    if not (math.isfinite(ref) and abs(value - ref) <= 1e-4 * max(abs(ref), 1e-12)):
+        return None
+
+    def loss_fn(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        return compute(outputs["logits"], targets)
+
+    return loss_fn
+
+
+def _split(
+    inputs: dict[str, Any], loss_fn: Callable[[Any, Any], torch.Tensor] | None
+) -> tuple[tuple[dict[str, Any], Any], Callable[[Any, Any], torch.Tensor] | None]:
+    """The diagnosis's ``(inputs, targets)`` and ``loss_fn`` from a training call's kwargs."""
+    labels = inputs.get("labels")
+    if loss_fn is not None:
+        return ({k: v for k, v in inputs.items() if k not in _NOT_INPUTS}, labels), loss_fn
+    if labels is None:
+        return (inputs, None), None
+    # The model computes its loss from the labels among its inputs.
+    kept = {k: v for k, v in inputs.items() if k not in _NOT_INPUTS or k == "labels"}
+    return (kept, labels), _returned_loss
+
+
+def _returned_loss(outputs: Any, targets: Any) -> torch.Tensor:
+    del targets  # among the inputs: the model computed its loss
+    loss: torch.Tensor = outputs["loss"]
+    return loss
+
+
+def _stepping(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The optimizer for the diagnosis, unless a schedule has brought an lr to 0 (the end
+    of a linear decay): the step a layer gets is then the stable one, 2/λmax."""
+    if optimizer is None or any(not g.get("lr", 0) > 0 for g in optimizer.param_groups):
+        return None
+    return optimizer

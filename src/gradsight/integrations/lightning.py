@@ -214,7 +214,7 @@ class GradsightCallback(pl.Callback):
                     pl_module,
                     batch,
                     loss_fn,
-                    optimizer=optimizers[0] if len(optimizers) == 1 else None,
+                    optimizer=_stepping(optimizers[0]) if len(optimizers) == 1 else None,
                 )
         except Exception as exc:  # the run's data matter more than the verdict
             warnings.warn(f"GradsightCallback: diagnosis failed: {exc}", stacklevel=2)
@@ -469,3 +469,11 @@ class _BatchSplit:
 
 def _pair(batch: Any) -> bool:
     return isinstance(batch, (tuple, list)) and len(batch) == 2
+
+
+def _stepping(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+    """The optimizer for the diagnosis, unless a schedule has brought an lr to 0 (the end
+    of a linear decay): the step a layer gets is then the stable one, 2/λmax."""
+    if optimizer is None or any(not g.get("lr", 0) > 0 for g in optimizer.param_groups):
+        return None
+    return optimizer
