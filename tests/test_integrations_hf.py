@@ -53,6 +53,8 @@ def test_trainer_callback_records_every_block_of_a_transformer(tmp_path: Path) -
     names = [layer["name"] for layer in run.diagnosis["layers"]]
     assert "bert.encoder.layer.1.output.dense" in names and "classifier" in names
     assert run.diagnosis["baseline_loss"] == pytest.approx(math.log(2), rel=0.05)
+    # The model diagnosed as returning its logits: the curvature is measured too.
+    assert run.diagnosis["layers"][-1]["step_ratio"] is not None
     html = callback.report_path.read_text(encoding="utf-8")
     assert 'class="verdicts"' in html and "Run: out" in html
 

@@ -32,9 +32,11 @@ stores it with the run, so the report has its verdict table. The batch is the mo
 own inputs with ``labels`` as targets, and the loss the model's own ``loss_function``
 for its ``loss_type`` (causal or masked LM, sequence or token classification) applied
 to ``outputs.logits``, used only after it reproduced the loss the model returned in
-training (to 1e-4); otherwise the labels stay among the inputs and the loss is
-``outputs.loss`` (the verdicts then rest on signal flow alone, and the summary says
-so). The run is named after the Trainer's output directory.
+training (to 1e-4); the model is then diagnosed as returning its logits, so that the
+Gauss-Newton curvature (step ratios, headroom) is measured too. Otherwise the labels
+stay among the inputs and the loss is ``outputs.loss`` (the verdicts then rest on
+signal flow alone, and the summary says so). The run is named after the Trainer's
+output directory.
 
 Needs ``transformers`` (``pip install 'gradsight[hf]'``).
 """
@@ -227,6 +229,8 @@ class GradsightTrainerCallback(TrainerCallback):
                 )
             return
         batch, loss_fn = _split(inputs, self._loss_fn)
+        if loss_fn is self._loss_fn:  # the model's loss function of its logits
+            model = _Logits(model)
         if loss_fn is None:
             if final:
                 warnings.warn(
@@ -331,8 +335,8 @@ def _checked_loss_fn(
     if not (math.isfinite(ref) and abs(value - ref) <= 1e-4 * max(abs(ref), 1e-12)):
         return None
 
-    def loss_fn(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        return compute(outputs["logits"], targets)
+    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return compute(logits, targets)
 
     return loss_fn
 
@@ -363,3 +367,22 @@ def _stepping(optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer 
     if optimizer is None or any(not g.get("lr", 0) > 0 for g in optimizer.param_groups):
         return None
     return optimizer
+
+
+class _Logits(torch.nn.Module):
+    """The model as returning its ``logits`` tensor (for the Gauss-Newton curvature,
+    which needs the tensor the loss is computed from), with the very same submodules,
+    parameters and buffers: layer names, hooks and state are the model's own."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self.training = model.training
+        object.__setattr__(self, "_inner", model)  # not a submodule: names stay unprefixed
+
+    def forward(self, **inputs: Any) -> torch.Tensor:
+        inner: torch.nn.Module = self.__dict__["_inner"]
+        logits: torch.Tensor = inner(**inputs)["logits"]
+        return logits
