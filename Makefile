@@ -14,17 +14,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e .
 	touch $@
 
+# The demo's promise is the report it writes, so it installs the `report` extra
+# (plotly, whose plotly.js is inlined into report.html). plotly stays an extra rather
+# than a core dependency: training with a Monitor, `diagnose` and the run store need
+# none of it, and a report can be written later on another machine.
+$(VENV)/.installed-report: $(VENV)/.installed
+	$(PIP) -e ".[report]"
+	touch $@
+
 $(VENV)/.installed-dev: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e ".[dev]"
-	touch $@ $(VENV)/.installed
+	touch $@ $(VENV)/.installed $(VENV)/.installed-report
 
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-report
 	$(BIN)/gradsight demo
 
-demo-quick: $(VENV)/.installed
+demo-quick: $(VENV)/.installed-report
 	$(BIN)/gradsight demo --quick
 
 LINT_PATHS := src tests $(wildcard benchmarks docs)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -103,3 +106,34 @@ def test_missing_plotly_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "plotly.offline", None)
     with pytest.raises(GradsightError, match=r"pip install 'gradsight\[report\]'"):
         gradsight.report(tmp_path / "a")
+
+
+def test_demo_prints_a_report_path_that_exists(tmp_path: Path) -> None:
+    """As `make demo` runs it (a fresh process, output to a pipe): the path printed
+    after "Report:" is the report, whole, however the console wraps lines."""
+    out = subprocess.run(
+        [sys.executable, "-m", "gradsight", "demo", "--epochs", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "COLUMNS": "60"},  # a narrow console must not break the path
+    ).stdout
+    printed = re.findall(r"^Report: (.+)$", out, flags=re.MULTILINE)
+    assert len(printed) == 1, out
+    report = Path(printed[0])
+    assert report.is_file() and report == tmp_path / "run-001" / "report.html"
+    assert report.read_text(encoding="utf-8").startswith("<!doctype html>")
+
+
+def test_demo_without_plotly_keeps_the_install_hint(tmp_path: Path, monkeypatch) -> None:
+    """rich reads "[report]" as markup and drops it unless escaped."""
+    from rich.console import Console
+
+    from gradsight.demo import run_demo
+
+    monkeypatch.setitem(sys.modules, "plotly.offline", None)
+    buffer = io.StringIO()
+    run_demo(tmp_path, epochs=1, console=Console(file=buffer, width=300))
+    text = buffer.getvalue()
+    assert "No HTML report" in text and "pip install 'gradsight[report]'" in text
+    assert not (tmp_path / "run-001" / "report.html").exists()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
@@ -88,7 +89,11 @@ def new_run_dir(out: Path, console: Console) -> Path:
     run = out / f"run-{max(taken, default=0) + 1:03d}"
     run.mkdir()
     if taken:
-        console.print(f"[dim]{len(taken)} earlier run(s) in {out} kept; writing {run}[/dim]")
+        # Paths and messages are escaped: rich reads "[...]" in them as markup and drops it.
+        console.print(
+            f"[dim]{len(taken)} earlier run(s) in {escape(str(out))} kept; "
+            f"writing {escape(str(run))}[/dim]"
+        )
     return run
 
 
@@ -170,12 +175,12 @@ def run_demo(
     summary_lines = []
     for arm in ARMS:
         history, d, before = results[arm.key]
-        console.rule(f"[bold]{arm.title}[/bold] — {n_epochs} epochs")
+        console.rule(f"[bold]{escape(arm.title)}[/bold] — {n_epochs} epochs")
         lines = []
         if before is not None:
             console.print("[bold]Before training[/bold]")
             console.print(_rich_table(before))
-            console.print(before.summary, highlight=False)
+            console.print(before.summary, highlight=False, markup=False)
             lines += ["before training: " + before.summary]
             console.print("[bold]After training[/bold]")
         console.print(_rich_table(d))
@@ -187,11 +192,13 @@ def run_demo(
             if ratio is not None
             else "n/a"
         )
-        console.print(line)
-        console.print(d.summary, highlight=False)
+        console.print(line, markup=False)
+        console.print(d.summary, highlight=False, markup=False)
         summary_lines += [f"== {arm.title}", *lines, line, d.summary, ""]
     (run / "summary.txt").write_text("\n".join(summary_lines), encoding="utf-8")
-    console.print(f"\nWrote {run} (JSON and HTML per model, summary.txt, the recorded runs).")
+    console.print(
+        f"\nWrote {run} (JSON and HTML per model, summary.txt, the recorded runs).", markup=False
+    )
     try:
         from gradsight.report import report
 
@@ -199,9 +206,10 @@ def run_demo(
             run, out=run / "report.html", title="gradsight demo: sigmoid vs ReLU vs Gauss-Newton"
         )
     except GradsightError as exc:  # plotly missing: the rest of the demo still stands
-        console.print(f"[yellow]No HTML report: {exc}[/yellow]")
+        # escape: the hint "pip install 'gradsight[report]'" would lose "[report]"
+        console.print(f"[yellow]No HTML report: {escape(str(exc))}[/yellow]")
     else:
-        console.print(f"Report: {path}", highlight=False, soft_wrap=True)
+        console.print(f"Report: {path}", highlight=False, soft_wrap=True, markup=False)
     return run
 
 
@@ -219,6 +227,9 @@ def _rich_table(d: Diagnosis) -> Table:
     for row in rows:
         style = _STATUS_STYLE.get(row["status"], "")
         table.add_row(
-            *[f"[{style}]{v}[/]" if k == "status" and style else v for k, v in row.items()]
+            *[
+                f"[{style}]{escape(v)}[/]" if k == "status" and style else escape(v)
+                for k, v in row.items()
+            ]
         )
     return table
