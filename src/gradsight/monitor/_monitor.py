@@ -76,8 +76,11 @@ class Monitor:
     damped Gauss-Newton decrement ½gᵀ(G+λI)⁻¹g relative to the loss.
 
     **Gradient accumulation**: call :meth:`step` once per optimizer step, after the last
-    ``backward()``; signal norms of all micro-batches combine in quadrature, activation
-    statistics come from the last micro-batch. **Mixed precision**: pass ``scaler=``
+    ``backward()``, with the loss of the whole step: the mean of the micro-batch losses
+    (the sum of ``loss / accum`` as backpropagated), the loss whose gradient the
+    parameters hold, not the last micro-batch's alone. Signal norms of all
+    micro-batches combine in quadrature, activation statistics come from the last
+    micro-batch. **Mixed precision**: pass ``scaler=``
     (a ``torch.amp.GradScaler``) or ``loss_scale=``; recorded norms are unscaled, and
     :meth:`step` takes the unscaled loss.
 
