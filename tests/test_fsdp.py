@@ -105,3 +105,66 @@ def test_diagnose_on_fsdp_model_equals_unsharded(
         }
         for layer in d.layers:  # whole gradients, not a shard's
             assert got["layers"][layer.name][1] == pytest.approx(layer.grad_norm, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def lightning_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("pytorch_lightning")
+    import os
+    import subprocess
+
+    out = tmp_path_factory.mktemp("fsdp_lightning")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "_fsdp_lightning_worker.py"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+def test_lightning_callback_under_fsdp_equals_single_process(
+    lightning_run: Path, single: tuple[nn.Module, Path]
+) -> None:
+    ranks = [json.loads((lightning_run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["sharded"] for r in ranks) and [r["notes"] for r in ranks] == [[], []]
+    assert ranks[0]["report"] and ranks[1]["report"] is None
+    ref = table(load_run(single[1]))
+    got = {
+        (s, layer.removeprefix("net."), m): v
+        for (s, layer, m), v in table(load_run(lightning_run / "run")).items()
+    }
+    assert set(got) <= set(ref)
+    assert {m for _, _, m in got} >= {
+        "grad_norm",
+        "signal_norm",
+        "dead_fraction",
+        "saturation",
+        "loss",
+        "update_ratio",
+    }
+    bad = [k for k in got if not np.isclose(got[k], ref[k], 1e-5, 1e-12)]
+    assert not bad, [(k, got[k], ref[k]) for k in bad]
+
+
+def test_lightning_callback_diagnoses_fsdp_model_as_unsharded(
+    lightning_run: Path, single: tuple[nn.Module, Path]
+) -> None:
+    # Every rank took part in gathering the parameters; rank 0 diagnosed its last shard
+    # and wrote it once.
+    stored = json.loads((lightning_run / "run" / "diagnosis.json").read_text())
+    model = single[0]
+    x, y = batches()[-1]
+    d = gradsight.diagnose(
+        model,
+        (x[: len(x) // 2], y[: len(y) // 2]),
+        nn.functional.cross_entropy,
+        optimizer=torch.optim.SGD(model.parameters(), lr=LR),
+    )
+    assert stored["status"] == d.status
+    assert {layer["name"].removeprefix("net."): layer["status"] for layer in stored["layers"]} == {
+        layer.name: layer.status for layer in d.layers
+    }
