@@ -78,5 +78,22 @@ def test_language_model_baseline_does_not_memorize_the_batch() -> None:
     assert in_sample < base < true_entropy + 0.5
 
 
-def test_no_baseline_for_structured_outputs() -> None:
-    assert constant_baseline_loss((torch.randn(3, 2),), None, lambda o, t: o[0].sum()) is None
+def test_structured_outputs_get_one_constant_per_head() -> None:
+    """A dict of heads (CE on one, MSE on the other): the baseline is the label entropy
+    plus the target variance, each head's own constant."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (400,), generator=gen)
+    r = torch.randn(400, 1, generator=gen) * 2 + 3
+    out = {"cls": torch.randn(400, 4, generator=gen), "reg": torch.randn(400, 1, generator=gen)}
+
+    def loss_fn(o, t):  # type: ignore[no-untyped-def]
+        return nn.functional.cross_entropy(o["cls"], t[0]) + nn.functional.mse_loss(o["reg"], t[1])
+
+    freq = torch.bincount(y, minlength=4).double() / len(y)
+    expected = float(-(freq * freq.log()).sum()) + float(r.var(unbiased=False))
+    base = constant_baseline_loss(out, (y, r), loss_fn)
+    assert base is not None and expected - 1e-5 <= base <= expected * 1.03
+
+
+def test_no_baseline_without_a_floating_output() -> None:
+    assert constant_baseline_loss({"ids": torch.arange(3)}, None, lambda o, t: o) is None

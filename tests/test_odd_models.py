@@ -64,7 +64,13 @@ def test_dict_inputs_and_tuple_outputs() -> None:
     d = _unchanged(model, lambda: gradsight.diagnose(model, (inputs, targets), loss_fn))
     assert [la.name for la in d.layers] == ["body.0", "body.2", "head", "aux"]
     assert d.layer("body.0").activation == "gelu" and d.layer("body.2").activation == "silu"
-    assert d.baseline_loss is None  # no constant baseline for a tuple of outputs
+    # A tuple of heads gets one constant per head: the labels' entropy plus the variance.
+    y, r = targets
+    freq = torch.bincount(y, minlength=3).double() / len(y)
+    in_sample = float(-(freq[freq > 0] * freq[freq > 0].log()).sum()) + float(r.var(False))
+    assert d.baseline_loss is not None and in_sample - 1e-4 <= d.baseline_loss < 1.3 * in_sample
+    # Curvature sees the tuple as one tensor: every layer gets its Gauss-Newton numbers.
+    assert all(la.lambda_max is not None for la in d.layers)
 
 
 class _SeqModel(nn.Module):

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from gradsight._outputs import FlatOutputs, output_keys
+
 __all__ = ["constant_baseline_loss"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -50,8 +52,9 @@ def constant_baseline_loss(
     For cross-entropy this is (up to the held-out correction, O(C/n)) the entropy of
     the label frequencies; for mean squared error the target variance.
 
-    For dict-like outputs (a Hugging Face ``ModelOutput``), the constant replaces the
-    ``logits`` entry (or the only floating tensor) and the rest is left out.
+    For structured outputs (a Hugging Face ``ModelOutput``: its ``logits``; a dict, tuple
+    or list of heads: every floating tensor with the batch's first dimension), the
+    constant replaces those entries, one value per feature of each.
 
     Returns:
         The baseline loss, or None when ``outputs`` holds no floating tensor with a
@@ -66,14 +69,16 @@ def constant_baseline_loss(
         >>> entropy <= base < 1.01 * entropy
         True
     """
-    if isinstance(outputs, Mapping):
-        key = _prediction_key(outputs)
-        if key is None:
+    if not isinstance(outputs, torch.Tensor):
+        keys = output_keys(outputs)
+        if keys is None:
             return None
-        tensor = outputs[key]
-        wrap = _rewrap(outputs, key)
+        # One entry keeps its shape (a (batch, seq, vocab) tensor shares one constant over
+        # its positions); several heads are flattened: one constant per head's feature.
+        flat = FlatOutputs(keys)
+        whole = flat.flatten(outputs)
         return constant_baseline_loss(
-            tensor, targets, lambda o, t: loss_fn(wrap(o), t), max_iter=max_iter
+            whole, targets, lambda o, t: loss_fn(flat.rebuild(o), t), max_iter=max_iter
         )
     if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
         return None
@@ -87,32 +92,6 @@ def constant_baseline_loss(
             continue
     finite = [v for v in values if v is not None and torch.isfinite(torch.tensor(v))]
     return min(finite) if finite else None
-
-
-def _prediction_key(outputs: Mapping[str, Any]) -> str | None:
-    """The entry of dict-like outputs that holds the prediction: ``logits``, else the
-    only floating tensor."""
-    floats = [
-        k for k, v in outputs.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
-    ]
-    if "logits" in floats:
-        return "logits"
-    return floats[0] if len(floats) == 1 else None
-
-
-def _rewrap(outputs: Mapping[str, Any], key: str) -> Callable[[torch.Tensor], Any]:
-    """A function putting a tensor in place of ``outputs[key]``, dropping other tensors
-    (a model's own loss, hidden states) that a constant prediction does not have."""
-    kept = {k: v for k, v in outputs.items() if not isinstance(v, torch.Tensor)}
-
-    def wrap(tensor: torch.Tensor) -> Any:
-        values = {**kept, key: tensor}
-        try:
-            return type(outputs)(**values)
-        except TypeError:
-            return values
-
-    return wrap
 
 
 def _feature_dims(outputs: torch.Tensor) -> list[tuple[int, ...]]:
@@ -161,13 +140,30 @@ def _baseline(
 def _halves(
     outputs: torch.Tensor, targets: Any
 ) -> tuple[tuple[torch.Tensor, Any], tuple[torch.Tensor, Any]] | None:
-    """Even and odd samples of the batch, or None when the batch cannot be split."""
+    """Even and odd samples of the batch (targets: a tensor, or a dict, tuple or list of
+    them, split along their first dimension), or None when they cannot be split."""
     n = outputs.shape[0]
-    if n < 4 or not isinstance(targets, torch.Tensor) or targets.ndim == 0:
+    if n < 4 or not _splittable(targets, n):
         return None
-    if targets.shape[0] != n:
-        return None
-    return (outputs[0::2], targets[0::2]), (outputs[1::2], targets[1::2])
+    return (outputs[0::2], _take(targets, 0)), (outputs[1::2], _take(targets, 1))
+
+
+def _splittable(targets: Any, n: int) -> bool:
+    if isinstance(targets, torch.Tensor):
+        return targets.ndim >= 1 and targets.shape[0] == n
+    if isinstance(targets, Mapping):
+        return bool(targets) and all(_splittable(v, n) for v in targets.values())
+    if isinstance(targets, (tuple, list)):
+        return bool(targets) and all(_splittable(v, n) for v in targets)
+    return False
+
+
+def _take(targets: Any, start: int) -> Any:
+    if isinstance(targets, torch.Tensor):
+        return targets[start::2]
+    if isinstance(targets, Mapping):
+        return {k: _take(v, start) for k, v in targets.items()}
+    return type(targets)(_take(v, start) for v in targets)
 
 
 def _combiner(

@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradsight._batch import compute_loss, split_batch, trainable_parameters, unwrap_compiled
 from gradsight._errors import GradsightError
+from gradsight._outputs import tensor_output
 from gradsight._state import preserved
 from gradsight.diagnosis._sharded import gathered
 from gradsight.diagnosis.advice import traits_of
@@ -22,6 +23,7 @@ from gradsight.diagnosis.headroom import (
     layer_curvature,
 )
 from gradsight.diagnosis.result import Diagnosis
+from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
 from gradsight.diagnosis.verdict import LayerEvidence, Thresholds, judge, worst_status
 from gradsight.probes.signal import SignalFlow, SignalProbe, parameter_owners
@@ -111,7 +113,7 @@ def diagnose(
     _, targets = split_batch(batch)
     params = [p for _, p in named]
     with preserved(model):
-        with SignalProbe(model, check_finite=True) as probe:
+        with SignalProbe(model, check_finite=True) as probe, _TimeInputs(model) as inputs:
             outputs, loss = compute_loss(model, batch, loss_fn)
             wanted = params + probe.extra_inputs
             grads = torch.autograd.grad(loss, wanted, allow_unused=True)[: len(params)]
@@ -122,6 +124,8 @@ def diagnose(
         )
     grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
     evidence = _evidence(model, flow, grad_of)
+    for e in evidence:
+        e.time_input_norms = inputs.norms.get(e.name)
     if kind == "adaptive" and optimizer is not None:
         for e in evidence:
             e.step = adaptive_step(optimizer, _trainable(model, e.name), grad_of)
@@ -129,6 +133,7 @@ def diagnose(
         math.isfinite(v) for e in evidence for v in e.grad_norms.values()
     )
     blocks: dict[str, BlockCurvature] = {}
+    hessian: dict[str, float] = {}
     whole: ModelHeadroom | None = None
     skipped = ""
     if curvature and finite:
@@ -137,10 +142,26 @@ def diagnose(
             # need (the fused CPU/flash kernels do not); results agree to rounding.
             with sdpa_kernel(SDPBackend.MATH):
                 names = [e.name for e in evidence if e.signal is not None and not e.frozen]
-                blocks, whole = layer_curvature(model, batch, loss_fn, names, lr=lr)
+                # A ModelOutput, a dict of heads or a tuple: curvature sees one tensor.
+                adapted = tensor_output(model, outputs, loss_fn)
+                cmodel, closs, prefix = (model, loss_fn, "") if adapted is None else adapted
+                blocks, whole = layer_curvature(
+                    cmodel, batch, closs, [prefix + n for n in names], lr=lr
+                )
+                blocks = {k.removeprefix(prefix): v for k, v in blocks.items()}
+                if lr is not None and kind in (None, "sgd"):
+                    # lr·λmax > 2 is judged on the Hessian where it can differ from G.
+                    hessian = hessian_lambda_max(
+                        cmodel,
+                        batch,
+                        closs,
+                        {n: _trainable(model, n) for n in names},
+                        blocks,
+                        lr,
+                    )
         except (GradsightError, RuntimeError, NotImplementedError) as exc:
             # Curvature is a refinement: without it the verdicts rest on signal flow.
-            blocks, whole = {}, None
+            blocks, whole, hessian = {}, None, {}
             skipped = (
                 f"\nCurvature was not measured ({type(exc).__name__}: {exc}); the verdicts "
                 "rest on signal flow alone."
@@ -152,6 +173,7 @@ def diagnose(
         lr=None if lr is None else float(lr),
         curvature=blocks,
         model=whole,
+        hessian=hessian,
         thresholds=thresholds,
         traits=traits_of(
             model,
@@ -232,6 +254,45 @@ def _evidence(
         order += [m.name, *used_by.get(m.name, [])]
     order += [n for n in flow.unused if out[n].used_by is None]
     return [out[n] for n in order]
+
+
+class _TimeInputs:
+    """Records ‖x_t‖ of each recurrent layer's input at each time step (forward
+    pre-hooks; reductions only), so that the verdict can tell whether the signal through
+    time fades before the steps where the inputs are."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.norms: dict[str, tuple[float, ...]] = {}
+        self._sq: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> _TimeInputs:
+        seen: set[int] = set()
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.RNNBase) and id(module) not in seen:
+                seen.add(id(module))
+                self._handles.append(module.register_forward_pre_hook(self._hook(name)))
+        return self
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.ndim not in (2, 3):
+                return  # a PackedSequence has no time axis to read
+            with torch.no_grad():
+                time_dim = 0 if x.ndim == 2 or not getattr(module, "batch_first", False) else 1
+                dims = [d for d in range(x.ndim) if d != time_dim]
+                sq = x.detach().to(torch.float64).square().sum(dim=dims)
+            prev = self._sq.get(name)
+            self._sq[name] = sq if prev is None or prev.shape != sq.shape else prev + sq
+
+        return hook
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self.norms = {k: tuple(v.sqrt().tolist()) for k, v in self._sq.items()}
 
 
 def _enclosing(name: str, ran: Mapping[str, object]) -> str | None:

@@ -59,6 +59,9 @@ class LayerDiagnosis:
             optimizer whose step along the gradient cannot be read from its state).
         step_taken: The step the layer gets, the denominator of ``step_ratio``.
         lambda_max: Largest Gauss-Newton eigenvalue of the layer's block.
+        hessian_lambda_max: Largest Hessian eigenvalue of the block, measured where the
+            ``lr·λmax > 2`` verdict depends on it (see
+            :mod:`gradsight.diagnosis.stability`); that verdict then uses it.
         optimal_step: α*, the curvature-optimal step size along the layer's gradient.
         time_signal_norms: Recurrent layers: ‖∂L/∂x_t‖ of the input at each time step t,
             the backward signal through time.
@@ -86,6 +89,7 @@ class LayerDiagnosis:
     step_ratio: float | None = None
     step_taken: float | None = None
     lambda_max: float | None = None
+    hessian_lambda_max: float | None = None
     optimal_step: float | None = None
     time_signal_norms: list[float] | None = None
     used_by: str | None = None

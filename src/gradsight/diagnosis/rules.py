@@ -123,7 +123,9 @@ class LayerFacts:
             largest (None without a signal).
         g_rel: The scale-free gradient Σ‖g_p‖·‖p‖ (in quadrature) over the loss.
         headroom: Share of the loss a Newton step on this layer alone would win, ≤ 1.
-        lambda_max: Largest Gauss-Newton eigenvalue of its block.
+        lambda_max: Largest eigenvalue of its block's curvature: the Hessian's where it
+            was measured (``hessian``), else the Gauss-Newton matrix's.
+        hessian: Whether ``lambda_max`` is the Hessian's.
         step: The step it gets (lr, or an adaptive optimizer's step along its gradient).
         step_ratio: The curvature-optimal step over ``step``.
         activation: The activation after it, looked up through a normalization layer
@@ -145,6 +147,7 @@ class LayerFacts:
     g_rel: float = 0.0
     headroom: float | None = None
     lambda_max: float | None = None
+    hessian: bool = False
     step: float | None = None
     step_ratio: float | None = None
     activation: ActivationStats | None = None
@@ -243,11 +246,12 @@ def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     product = model.lr * layer.lambda_max
     if product <= 2:
         return None
+    of = "the Hessian's" if layer.hessian else "the Gauss-Newton matrix's"
     return Verdict(
         "exploding",
-        f"lr·λmax = {model.lr:g}·{layer.lambda_max:.2e} = {product:.1f} > 2: a gradient step "
-        "of this size is unstable for this layer's block (the largest stable step is "
-        f"{2 / layer.lambda_max:.1e}).",
+        f"lr·λmax = {model.lr:g}·{layer.lambda_max:.2e} = {product:.1f} > 2 (λmax {of}): a "
+        "gradient step of this size is unstable for this layer's block (the largest stable "
+        f"step is {2 / layer.lambda_max:.1e}).",
         remedies("unstable_step", model.traits),
     )
 

@@ -25,6 +25,7 @@ and cannot tell a layer at its optimum from a layer the signal does not reach.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -96,6 +97,7 @@ def judge(
     lr: float | None = None,
     curvature: Mapping[str, BlockCurvature] | None = None,
     model: ModelHeadroom | None = None,
+    hessian: Mapping[str, float] | None = None,
     thresholds: Thresholds | None = None,
     traits: ModelTraits | None = None,
     rules: Sequence[Rule] = RULES,
@@ -110,6 +112,8 @@ def judge(
             step for the whole model, 2/λmax.
         curvature: Per-layer curvature (by layer name), if computed.
         model: Whole-model curvature and headroom, if computed.
+        hessian: The Hessian's largest eigenvalue per layer, where it was measured for
+            the stability verdict (:mod:`gradsight.diagnosis.stability`).
         thresholds: Decision thresholds (defaults: :class:`Thresholds`).
         traits: What the model already does, for the advice; its ``optimizer`` says
             which step a layer gets (``"adaptive"``: each layer's ``step``).
@@ -162,6 +166,9 @@ def judge(
     layers = []
     for e in evidence:
         d, layer = _measure(e, facts, curvature.get(e.name), position, global_step, scale)
+        if hessian and e.name in hessian:
+            d.hessian_lambda_max = hessian[e.name]
+            layer = dataclasses.replace(layer, lambda_max=hessian[e.name], hessian=True)
         verdict, _ = apply_rules(layer, facts, rules)
         d.status, d.reason, d.advice = verdict.status, verdict.reason, list(verdict.advice)
         layers.append(d)
