@@ -18,6 +18,7 @@ from torch.utils.hooks import RemovableHandle
 
 from gradsight._errors import GradsightError
 from gradsight.diagnosis._sharded import gathered
+from gradsight.diagnosis.rules import Thresholds
 from gradsight.monitor._columns import RowBuffer, StepLayout
 from gradsight.monitor._curvature import CurvatureTier
 from gradsight.monitor._distributed import (
@@ -136,6 +137,8 @@ class Monitor:
             :mod:`gradsight.monitor._distributed`; curvature products are averaged over
             the ranks too, and the diagnosis at close is rank 0's shard). False: every rank
             records on its own.
+        thresholds: Decision thresholds for the verdicts of the diagnosis at close
+            (:class:`gradsight.Thresholds`; default: its defaults).
 
     Example:
         >>> import tempfile
@@ -178,6 +181,7 @@ class Monitor:
         overwrite: bool = False,
         curvature_probes: int = 20,
         distributed: bool | None = None,
+        thresholds: Thresholds | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise GradsightError(
@@ -211,6 +215,7 @@ class Monitor:
         self.loss_fn = loss_fn
         self.flush_secs = flush_secs
         self.diagnose_at_close = diagnose_at_close
+        self.thresholds = thresholds
         self.steps = 0  # step() calls so far; the next step() records step number `steps`
         self._closed = False
         self._last_flush = time.monotonic()
@@ -330,8 +335,16 @@ class Monitor:
             try:
                 from gradsight.diagnosis import diagnose
 
-                lr = None if self.optimizer is None else _lrs(self.optimizer)[0]
-                self.write_diagnosis(diagnose(self.model, self.batch, self.loss_fn, lr=lr))
+                # The optimizer, not its lr alone: for Adam-like optimizers the verdicts
+                # compare each layer's curvature-optimal step with the step taken.
+                d = diagnose(
+                    self.model,
+                    self.batch,
+                    self.loss_fn,
+                    optimizer=self.optimizer,
+                    thresholds=self.thresholds,
+                )
+                self.write_diagnosis(d)
                 diagnosed = True
             except Exception as exc:  # the run's data matter more than the verdict
                 warnings.warn(f"gradsight: diagnosis at close failed: {exc}", stacklevel=2)
