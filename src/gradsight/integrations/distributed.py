@@ -1,4 +1,4 @@
-"""gradsight under ``torch.distributed``: data parallelism (DDP), and what holds for FSDP.
+"""gradsight under ``torch.distributed``: data parallelism (DDP) and sharded parameters (FSDP2).
 
 **DDP.** Create the :class:`~gradsight.Monitor` on every rank after
 ``init_process_group`` (the model or its ``DistributedDataParallel`` wrapper), with the
@@ -37,10 +37,12 @@ every stored value equals one process on the whole batch (tests/test_fsdp.py, to
 copy on every rank (a collective: call it on every rank; it costs one full copy of the
 parameters while it runs) and gives what it gives on the unsharded model; the Monitor's
 diagnosis at close does the same, rank 0 writing it. The curvature tier runs on such
-a gathered copy too, each rank on its shard of the batch with every product averaged over
-the ranks as under DDP (the copy lives for the time of the measurement). The first-generation ``FullyShardedDataParallel``
-wrapper (flat parameters) is not supported: use ``distributed=False`` with a logdir per
-rank there.
+a gathered copy too, each rank on its shard of the batch with every product averaged
+over the ranks as under DDP (the copy lives for the time of the measurement). The
+Lightning callback works under ``ModelParallelStrategy`` with ``fully_shard`` in
+``configure_model`` (tests/test_fsdp.py). The first-generation
+``FullyShardedDataParallel`` wrapper (flat parameters) is not supported: use
+``distributed=False`` with a logdir per rank there.
 """
 
 from __future__ import annotations
