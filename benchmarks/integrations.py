@@ -119,8 +119,12 @@ class LightningRunner:
         timer = self.timer_cls()
         callbacks: list[Any] = [timer]
         if self.logdir is not None:
+            # Each block is a fit: its end-of-training diagnosis (a one-off, outside the
+            # timed steps) would only lengthen the run.
             callbacks.append(
-                GradsightCallback(self.logdir / f"fit{self.fits}", log_metrics=False, report=False)
+                GradsightCallback(
+                    self.logdir / f"fit{self.fits}", log_metrics=False, report=False, diagnose=False
+                )
             )
         self.fits += 1
         trainer = self.pl.Trainer(
