@@ -227,7 +227,7 @@ class BlockwiseGGN:
             for p, g in zip(flat, grads, strict=True)
         }
         grads_fit: dict[int, torch.Tensor] = {}
-        if held_out and n >= 8:
+        if held_out and n >= 8 and flat:
             grads_fit = self._fit_gradient(loss, loss_fn, outputs, targets, flat)
         zs = [z for name in wanted for _, z in calls[name]]
         deltas = _batched_backward(outputs, zs, S) if zs else []

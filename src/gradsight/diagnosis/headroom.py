@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from gradsight._batch import call_model, split_batch
+from gradsight._errors import GradsightError
 from gradsight._state import preserved, swapped_parameters
 from gradsight.curvature import (
     curvature_operator,
@@ -177,7 +178,7 @@ def layer_curvature(
     draws: int = 2,
     threshold: float = 1e-4,
     damping: float = DAMPING,
-) -> tuple[dict[str, BlockCurvature], ModelHeadroom]:
+) -> tuple[dict[str, BlockCurvature], ModelHeadroom | None]:
     """Per-layer curvature of ``layers`` and the whole model's headroom, at one go.
 
     All layers come from :class:`~gradsight.curvature.blockwise.BlockwiseGGN` (one
@@ -199,16 +200,23 @@ def layer_curvature(
 
     Returns:
         ``({layer: BlockCurvature}, ModelHeadroom)``; layers neither covered nor
-        refined within the budget are left out.
+        refined within the budget are left out, and the whole model's values are
+        ``None`` when no layer is covered (or the loss's output Hessian has no factor).
     """
     start = time.perf_counter()
     modules = {name: model.get_submodule(name) for name in layers}
-    engine = BlockwiseGGN(model, batch, loss_fn, modules, draws=draws, held_out=True)
-    unit = max(time.perf_counter() - start, 1e-6) / 4  # the pass is about four passes' work
     out: dict[str, BlockCurvature] = {}
     todo: list[tuple[float, str]] = []
+    whole: ModelHeadroom | None = None
+    try:
+        engine: BlockwiseGGN | None = BlockwiseGGN(
+            model, batch, loss_fn, modules, draws=draws, held_out=True
+        )
+    except GradsightError:  # no factor for this loss: exact blocks within the budget
+        engine = None
+    unit = max(time.perf_counter() - start, 1e-6) / 4  # the pass is about four passes' work
     for name in layers:
-        if name not in engine.blocks:
+        if engine is None or name not in engine.blocks:
             todo.append((math.inf, name))
             continue
         est = engine.estimate(name, damping)
@@ -228,16 +236,17 @@ def layer_curvature(
             margin = _margin(bc, lr, threshold)
             if margin < 2.0:
                 todo.append((margin, name))
-    whole_est = engine.whole(damping)
-    whole = ModelHeadroom(
-        lambda_max=whole_est.lambda_max,
-        decrement=whole_est.decrement,
-        loss=engine.loss,
-        realized=_held_out(model, batch, loss_fn, engine, whole_est.lambda_max),
-        lambda_max_err=whole_est.lambda_max_err,
-        decrement_err=whole_est.decrement_err,
-        coverage=len(engine.blocks) / max(len(layers), 1),
-    )
+    if engine is not None and engine.blocks:
+        whole_est = engine.whole(damping)
+        whole = ModelHeadroom(
+            lambda_max=whole_est.lambda_max,
+            decrement=whole_est.decrement,
+            loss=engine.loss,
+            realized=_held_out(model, batch, loss_fn, engine, whole_est.lambda_max),
+            lambda_max_err=whole_est.lambda_max_err,
+            decrement_err=whole_est.decrement_err,
+            coverage=len(engine.blocks) / max(len(layers), 1),
+        )
     deadline = start + unit * budget + (time.perf_counter() - start)
     for _, name in sorted(todo):
         if time.perf_counter() > deadline:
