@@ -159,6 +159,8 @@ class GradsightCallback(pl.Callback):
                 "ratios are not recorded (pass one optimizer to record them).",
                 stacklevel=2,
             )
+        self._split = _BatchSplit(self.loss_fn)  # afresh for each fit
+        self._diagnosed_at = None
         if self.diagnose and _diagnoses_here(trainer, pl_module):
             self._split.attach(pl_module)
         self.monitor = Monitor(
@@ -224,6 +226,7 @@ class GradsightCallback(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        self._split.detach()
         self._close(trainer, report=False)  # keep what was measured
 
     def _close(self, trainer: pl.Trainer, *, report: bool = True) -> None:
