@@ -14,9 +14,17 @@ a first write of the run store, which loads pyarrow's writer) the table gives th
 resident set while training (``VmHWM``, reset through ``/proc/self/clear_refs``) minus
 the resident set just before.
 
+Cases: ``mlp-sigmoid``, ``mlp-relu``: 10-layer width-256 MLP on digits, batch 256, SGD;
+``cnn``: three conv blocks and a two-layer head, batch 64 of 3×32×32, SGD; ``gpt2``: a
+GPT-2 from ``transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2048)``
+(dropout on, as configured), language-model loss on a batch of 8×128 random tokens,
+AdamW (lr 1e-4). Every runner keeps its own RNG state (dropout masks), so that after the
+timing the parameters of every variant are compared bitwise with the plain run's (the
+``bitwise`` column).
+
 Variants:
 
-* ``plain``: zero_grad, forward, cross-entropy, backward, SGD step;
+* ``plain``: zero_grad, forward, loss, backward, optimizer step;
 * ``floor``: the least that any hook-based per-layer monitor does, for reference: a
   forward hook on every parameter-owning and activation module that puts a tensor hook
   on its output, the hook taking the gradient's norm, and after backward one
@@ -74,8 +82,21 @@ def small_cnn() -> nn.Sequential:
     )
 
 
+def gpt2() -> nn.Module:
+    """GPT-2 with 4 layers of width 256 and a 2048-token vocabulary (built, not downloaded)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=4, n_embd=256, n_head=4, vocab_size=2048)
+    config.bos_token_id = config.eos_token_id = 0  # the default 50256 is outside this vocabulary
+    return transformers.GPT2LMHeadModel(config)
+
+
 def case(name: str) -> tuple[Callable[[], nn.Module], torch.Tensor, torch.Tensor]:
     """Model factory and one fixed batch for a benchmark case."""
+    if name == "gpt2":
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, 2048, (8, 128), generator=gen)
+        return gpt2, tokens, tokens
     if name.startswith("mlp"):
         activation = name.split("-")[1]
         (x, y), _ = load_digits()
@@ -93,7 +114,13 @@ class Runner:
     def __init__(self, variant: str, factory: Callable[[], nn.Module], logdir: Path) -> None:
         torch.manual_seed(0)
         self.model = factory()
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        self.lm = factory is gpt2
+        self.opt: torch.optim.Optimizer = (
+            torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+            if self.lm
+            else torch.optim.SGD(self.model.parameters(), lr=0.01)
+        )
+        self.rng = torch.get_rng_state()  # this copy's own dropout masks
         self.mon = None
         self.cpu = 0.0
         self.floor: Callable[[], torch.Tensor] | None = None
@@ -111,11 +138,15 @@ class Runner:
     def run(self, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
         """Seconds of wall-clock time per step; ``self.cpu``: process CPU seconds per step."""
         model, opt, mon = self.model, self.opt, self.mon
+        torch.set_rng_state(self.rng)
         c0 = time.process_time()
         t0 = time.perf_counter()
         for _ in range(steps):
             opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
+            if self.lm:
+                loss = model(input_ids=x, labels=y).loss
+            else:
+                loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             if mon is not None:
                 mon.step(loss)
@@ -124,6 +155,7 @@ class Runner:
             opt.step()
         wall = (time.perf_counter() - t0) / steps
         self.cpu = (time.process_time() - c0) / steps
+        self.rng = torch.get_rng_state()
         return wall
 
 
@@ -155,6 +187,14 @@ def bare_hooks(model: nn.Module) -> Callable[[], torch.Tensor]:
     return after_backward
 
 
+def bitwise_equal(a: nn.Module, b: nn.Module) -> bool:
+    """Whether every parameter of ``a`` has exactly the bits of ``b``'s (NaN included)."""
+    return all(
+        torch.equal(p.detach().view(torch.uint8), q.detach().view(torch.uint8))
+        for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
+
+
 def time_case(name: str, rounds: int, block: int) -> dict[str, float]:
     factory, x, y = case(name)
     with tempfile.TemporaryDirectory() as tmp:
@@ -168,10 +208,15 @@ def time_case(name: str, rounds: int, block: int) -> dict[str, float]:
             for v in order:
                 times[v].append(runners[v].run(x, y, block))
                 cpu[v].append(runners[v].cpu)
+        # Every variant ran the same steps on the same batch with the same dropout masks.
+        same = {
+            v: float(bitwise_equal(r.model, runners["plain"].model)) for v, r in runners.items()
+        }
         for r in runners.values():
             if r.mon is not None:
                 r.mon.close()
     return {
+        **{f"{v}:bitwise": same[v] for v in VARIANTS},
         **{v: statistics.median(t) for v, t in times.items()},
         **{f"{v}:min": min(t) for v, t in times.items()},
         **{f"{v}:cpu": statistics.median(t) for v, t in cpu.items()},
@@ -232,7 +277,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=30, help="alternation rounds (default 30)")
     p.add_argument("--block", type=int, default=10, help="steps per block (default 10)")
-    p.add_argument("--cases", nargs="+", default=["mlp-sigmoid", "mlp-relu", "cnn"])
+    p.add_argument("--cases", nargs="+", default=["mlp-sigmoid", "mlp-relu", "cnn", "gpt2"])
     p.add_argument("--memory-steps", type=int, default=20)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     args = p.parse_args()
@@ -243,9 +288,9 @@ def main() -> None:
     print(f"{args.rounds} alternating rounds of {args.block} steps; medians per step\n")
     print(
         "| case | variant | median step (ms) | ratio of medians | ratio of fastest blocks "
-        "| ratio of CPU time | peak RSS growth (MiB) |"
+        "| ratio of CPU time | peak RSS growth (MiB) | bitwise |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     results = {}
     for name in args.cases:
         med = time_case(name, args.rounds, args.block)
@@ -255,7 +300,8 @@ def main() -> None:
             print(
                 f"| {name} | {v} | {med[v] * 1e3:.2f} | {med[v] / med['plain']:.3f} | "
                 f"{med[v + ':min'] / med['plain:min']:.3f} | "
-                f"{med[v + ':cpu'] / med['plain:cpu']:.3f} | {mem[v]:.1f} |",
+                f"{med[v + ':cpu'] / med['plain:cpu']:.3f} | {mem[v]:.1f} | "
+                f"{'yes' if med[v + ':bitwise'] else 'NO'} |",
                 flush=True,
             )
     if args.json:
