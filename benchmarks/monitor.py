@@ -58,6 +58,7 @@ from torch import nn
 import gradsight
 from gradsight.data import load_digits
 from gradsight.demo.models import mlp
+from gradsight.probes.activations import module_activation
 
 _ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "1073741824"}
 VARIANTS = ("plain", "floor", "monitor", "monitor+opt", "monitor every=10")
@@ -174,7 +175,8 @@ def bare_hooks(model: nn.Module) -> Callable[[], torch.Tensor]:
 
     for m in model.modules():
         owns = any(True for _ in m.parameters(recurse=False))
-        if owns or isinstance(m, (nn.Sigmoid, nn.ReLU)):
+        # The activation modules the Monitor hooks too (GPT-2's NewGELUActivation included).
+        if owns or module_activation(m) is not None:
             m.register_forward_hook(forward_hook)
 
     def after_backward() -> torch.Tensor:
