@@ -20,21 +20,25 @@ class CurvatureTier:
 
     For each parameter-owning layer (its own parameters as the block), on the
     generalized Gauss-Newton matrix G (the positive semi-definite part of the Hessian,
-    which the verdicts use too):
+    which the verdicts use too), from the same engine as :func:`gradsight.diagnose`
+    (:class:`~gradsight.curvature.blockwise.BlockwiseGGN`: one forward pass and two
+    backward passes serve every layer):
 
-    * ``lambda_max``: the top eigenvalue of G (Lanczos, 1% accuracy), and with a
-      learning rate ``lr_lambda_max`` = lr·λmax (gradient descent on the block is
-      unstable above 2);
-    * ``trace`` and ``trace_stderr``: the trace of G (XTrace) and its standard error;
+    * ``lambda_max`` (and its standard error ``lambda_max_err``): the top eigenvalue of
+      G, and with a learning rate ``lr_lambda_max`` = lr·λmax (gradient descent on the
+      block is unstable above 2);
+    * ``trace`` and ``trace_stderr``: the trace of G and its standard error;
     * ``alpha_star``: the curvature-optimal step α* = gᵀg / gᵀGg along the gradient,
       and ``step_ratio`` = α*/lr, the step the layer needs over the step it gets;
-    * ``headroom``: the damped Gauss-Newton decrement ½gᵀ(G+λI)⁻¹g (λ = 10⁻³·λmax(G))
-      over the loss: the fraction of the loss a local second-order step could still win.
+    * ``headroom`` (and ``headroom_err``): the damped Gauss-Newton decrease along the
+      gradient, ½(gᵀg)²/(gᵀGg + λgᵀg) (λ = 10⁻³·λmax(G)), over the loss.
 
-    Each metric needs a few dozen curvature-vector products, so this tier is meant for
-    every few hundred steps. The model is left as found. Under torch.distributed every
-    product is averaged over the ranks' shards (:class:`~gradsight.curvature.distributed.
-    DistributedOperator`), giving the curvature of the whole batch on every rank.
+    Layers the engine does not cover (e.g. recurrent layers, tied weights), and every
+    layer under torch.distributed, get the same quantities from per-layer GGN-vector
+    products (Lanczos, XTrace with ``probes`` products, one product for α*), each
+    averaged over the ranks' shards (:class:`~gradsight.curvature.distributed.
+    DistributedOperator`), giving the curvature of the whole batch on every rank. The
+    model is left as found.
     """
 
     def __init__(
@@ -59,36 +63,61 @@ class CurvatureTier:
         *,
         lr: float | None,
     ) -> list[tuple[str, str, float]]:
-        from gradsight.curvature import (
-            curvature_operator,
-            curvature_step,
-            damped_newton_decrement,
-            lanczos,
-            xtrace,
-        )
+        from gradsight._errors import GradsightError
+        from gradsight.curvature.blockwise import BlockwiseGGN
 
+        engine = None
+        if not self.distributed:
+            modules = {name: self.model.get_submodule(name) for name in self.layers}
+            try:
+                engine = BlockwiseGGN(self.model, batch, loss_fn, modules, draws=2)
+            except GradsightError:
+                engine = None
         rows: list[tuple[str, str, float]] = []
         for layer in self.layers:
-            # One operator per layer serves all four estimates (one forward-backward).
-            op: Any = curvature_operator(self.model, batch, loss_fn, params=layer, kind="ggn")
-            if self.distributed:
-                from gradsight.curvature.distributed import DistributedOperator
+            if engine is not None and layer in engine.blocks:
+                est = engine.estimate(layer, DAMPING)
+                lam, alpha, loss = est.lambda_max, est.alpha_star, engine.loss
+                rows += [(layer, "lambda_max", lam), (layer, "lambda_max_err", est.lambda_max_err)]
+                if lr is not None:
+                    rows.append((layer, "lr_lambda_max", lr * lam))
+                rows += [(layer, "trace", est.trace), (layer, "trace_stderr", est.trace_err)]
+                rows.append((layer, "alpha_star", alpha))
+                if lr is not None and math.isfinite(alpha):
+                    rows.append((layer, "step_ratio", alpha / lr))
+                if loss > 0:
+                    rows.append((layer, "headroom", est.decrement / loss))
+                    rows.append((layer, "headroom_err", est.decrement_err / loss))
+            else:
+                rows += self._exact(layer, batch, loss_fn, lr)
+        return rows
 
-                op = DistributedOperator(op, self.group)
-            g = op.gradient
-            lam = float(lanczos(op, 1, tol=1e-2, max_matvecs=40).eigenvalues[0])
-            rows.append((layer, "lambda_max", lam))
-            if lr is not None:
-                rows.append((layer, "lr_lambda_max", lr * lam))
-            tr = xtrace(op, max(self.probes, 4), seed=0)
-            rows += [(layer, "trace", tr.estimate), (layer, "trace_stderr", tr.stderr)]
-            alpha = float(curvature_step(op, g).alpha)
-            rows.append((layer, "alpha_star", alpha))
-            if lr is not None and math.isfinite(alpha):
-                rows.append((layer, "step_ratio", alpha / lr))
-            loss = float(op.loss)
-            if loss > 0:
-                damping = DAMPING * max(lam, torch.finfo(op.dtype).tiny)
-                nd = damped_newton_decrement(op, g, damping, tol=1e-3, max_iter=50)
-                rows.append((layer, "headroom", float(nd.decrement) / loss))
+    def _exact(
+        self, layer: str, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor], lr: float | None
+    ) -> list[tuple[str, str, float]]:
+        """The same rows from per-layer GGN-vector products."""
+        from gradsight.curvature import curvature_operator, curvature_step, lanczos, xtrace
+
+        op: Any = curvature_operator(self.model, batch, loss_fn, params=layer, kind="ggn")
+        if self.distributed:
+            from gradsight.curvature.distributed import DistributedOperator
+
+            op = DistributedOperator(op, self.group)
+        rows: list[tuple[str, str, float]] = []
+        lam = float(lanczos(op, 1, tol=1e-2, max_matvecs=40).eigenvalues[0])
+        rows.append((layer, "lambda_max", lam))
+        if lr is not None:
+            rows.append((layer, "lr_lambda_max", lr * lam))
+        tr = xtrace(op, max(self.probes, 4), seed=0)
+        rows += [(layer, "trace", tr.estimate), (layer, "trace_stderr", tr.stderr)]
+        step = curvature_step(op, op.gradient)
+        rows.append((layer, "alpha_star", float(step.alpha)))
+        if lr is not None and math.isfinite(step.alpha):
+            rows.append((layer, "step_ratio", step.alpha / lr))
+        loss = float(op.loss)
+        if loss > 0:
+            gg = step.grad_sq
+            denom = step.curvature * gg + DAMPING * max(lam, 0.0) * gg
+            dec = 0.0 if gg == 0 else (0.5 * gg * gg / denom if denom > 0 else math.inf)
+            rows.append((layer, "headroom", dec / loss))
         return rows
