@@ -173,3 +173,19 @@ def test_unknown_output_hessian_is_a_clear_error() -> None:
     model, (x, _), _ = _cases()["mlp-ce"]
     with pytest.raises(GradsightError, match="no known factor"):
         BlockwiseGGN(model, (x, None), lambda o, t: o.sum() ** 2)  # couples all samples
+
+
+def test_monitor_tier_blockwise_rows_match_its_exact_rows() -> None:
+    from gradsight.monitor._curvature import CurvatureTier
+
+    model, batch, loss_fn = _cases()["mlp-ce"]
+    fast = dict_rows(CurvatureTier(model, ["0", "2"], blockwise=True), batch, loss_fn)
+    slow = dict_rows(CurvatureTier(model, ["0", "2"], probes=400), batch, loss_fn)
+    assert fast[("0", "lambda_max_err")] == 0.0  # exact columns: 3 classes
+    for key in ("lambda_max", "alpha_star", "headroom", "trace", "step_ratio"):
+        for layer in ("0", "2"):
+            assert fast[(layer, key)] == pytest.approx(slow[(layer, key)], rel=2e-2), key
+
+
+def dict_rows(tier, batch, loss_fn):  # type: ignore[no-untyped-def]
+    return {(layer, m): v for layer, m, v in tier.measure(batch, loss_fn, lr=0.1)}

@@ -33,8 +33,11 @@ class CurvatureTier:
     * ``headroom`` (and ``headroom_err``): the damped Gauss-Newton decrease along the
       gradient, ½(gᵀg)²/(gᵀGg + λgᵀg) (λ = 10⁻³·λmax(G)), over the loss.
 
-    Layers the engine does not cover (e.g. recurrent layers, tied weights), and every
-    layer under torch.distributed, get the same quantities from per-layer GGN-vector
+    The engine runs when ``blockwise=True`` (the Monitor does not ask for it yet: its
+    DDP test compares a single process with the ranks' all-reduced products to 1e-6,
+    and the engine has no all-reduce). Otherwise, for layers the engine does not cover
+    (e.g. recurrent layers, tied weights), and under torch.distributed, every layer gets
+    the same quantities from per-layer GGN-vector
     products (Lanczos, XTrace with ``probes`` products, one product for α*), each
     averaged over the ranks' shards (:class:`~gradsight.curvature.distributed.
     DistributedOperator`), giving the curvature of the whole batch on every rank. The
@@ -49,7 +52,9 @@ class CurvatureTier:
         probes: int = 20,
         distributed: bool = False,
         group: Any = None,
+        blockwise: bool = False,
     ) -> None:
+        self.blockwise = blockwise
         self.model = model
         self.layers = layers
         self.probes = probes
@@ -67,7 +72,7 @@ class CurvatureTier:
         from gradsight.curvature.blockwise import BlockwiseGGN
 
         engine = None
-        if not self.distributed:
+        if self.blockwise and not self.distributed:
             modules = {name: self.model.get_submodule(name) for name in self.layers}
             try:
                 engine = BlockwiseGGN(self.model, batch, loss_fn, modules, draws=2)
