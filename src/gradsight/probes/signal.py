@@ -37,6 +37,7 @@ output, so it receives ∂L/∂z even after ``ReLU(inplace=True)`` overwrote z.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -96,7 +97,9 @@ class _ActivationWatcher(TorchFunctionMode):
     def __init__(self, probe: SignalProbe) -> None:
         super().__init__()
         self.probe = probe
-        self.record = probe._guard.wrap(ACTIVATIONS, self._record)
+        # Guarded, and bound to the probe rather than to this mode: the mode holding a
+        # reference to its own method would be a reference cycle.
+        self.record = probe._guard.wrap(ACTIVATIONS, functools.partial(_record, probe))
 
     def __torch_function__(
         self,
@@ -109,15 +112,19 @@ class _ActivationWatcher(TorchFunctionMode):
             self.record(func, args, kwargs)  # guarded: the call below happens regardless
         return func(*args, **(kwargs or {}))
 
-    def _record(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
-        owner = self.probe._pending_owner
-        spec = match_activation(func, args, kwargs)
-        if owner is not None and spec is not None:
-            self.probe._pending_owner = None
-            # The input is read before the call: in-place variants overwrite it.
-            if owner.activation is None or owner.activation.spec != spec:
-                owner.activation = ActivationAccumulator(spec)
-            owner.activation.add_tensor(args[0], owner.unit_dim)
+
+def _record(
+    probe: SignalProbe, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None
+) -> None:
+    """Statistics of the activation ``func`` computes, for the layer before it (if any)."""
+    owner = probe._pending_owner
+    spec = match_activation(func, args, kwargs)
+    if owner is not None and spec is not None:
+        probe._pending_owner = None
+        # The input is read before the call: in-place variants overwrite it.
+        if owner.activation is None or owner.activation.spec != spec:
+            owner.activation = ActivationAccumulator(spec)
+        owner.activation.add_tensor(args[0], owner.unit_dim)
 
 
 class SignalProbe(LeanHooks):
