@@ -82,25 +82,30 @@ def test_converges_within_budget(seed: int) -> None:
     assert last < 0.3 * first  # measured 0.11–0.19: the default step suits minibatches
 
 
-def test_each_layers_step_has_rms_lr_per_group() -> None:
-    """lr is each layer's update size (root-mean-square per entry), per parameter group."""
+def test_each_layers_step_is_lr_times_its_initial_scale_per_group() -> None:
+    """Each layer's update has a root-mean-square of lr × the layer's initial one, with
+    each parameter group's own lr."""
     x, y = _data(0)
     model = _tiny(0)
     groups = [
         {"params": list(model[0].parameters()), "lr": 0.05},
         {"params": list(model[2].parameters())},
     ]
-    opt = GaussNewton(groups, lr=0.01, model=model, momentum=0.0)
+    opt = GaussNewton(groups, lr=0.01, model=model, momentum=0.0, weight_decay=0.0)
     layers = [model[0], model[2]]
     before = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in layers]
-    opt.step(lambda: nn.functional.cross_entropy(model(x), y))
-    rms = [
-        float(
-            (torch.cat([p.detach().flatten() for p in m.parameters()]) - b).square().mean().sqrt()
-        )
-        for m, b in zip(layers, before, strict=True)
-    ]
-    assert rms == pytest.approx([0.05, 0.01], rel=1e-5)
+    for step in range(2):  # the scale is the one at the first step, not the current one
+        start = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in layers]
+        opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+        rms = [
+            float((torch.cat([p.detach().flatten() for p in m.parameters()]) - s).square().mean())
+            ** 0.5
+            for m, s in zip(layers, start, strict=True)
+        ]
+        want = [
+            lr * float(b.square().mean()) ** 0.5 for lr, b in zip((0.05, 0.01), before, strict=True)
+        ]
+        assert rms == pytest.approx(want, rel=1e-5), step
     assert opt.param_groups[1]["lr"] == 0.01 and opt.param_groups[1]["momentum"] == 0.0
 
 

@@ -23,7 +23,8 @@ for the rest. This optimizer combines published ingredients, each chosen by meas
    the first ``warmup``); a step in between costs one gradient and two small matrix
    products per layer.
 3. **A per-layer step length.** Each layer's step is its Gauss-Newton direction scaled
-   to a root-mean-square of ``lr`` per entry: a trust region of fixed radius per layer,
+   to a root-mean-square per entry of ``lr`` times the layer's own root-mean-square at
+   its first step (its initialization scale): a trust region of fixed radius per layer,
    in the spirit of the layer-wise trust ratios of LARS/LAMB (You et al. 2017, 2020) and
    of Muon's normalized updates (Jordan et al. 2024). The curvature sets each layer's
    direction (which combinations of its weights to move, and how much relative to each
@@ -112,8 +113,10 @@ class GaussNewton(torch.optim.Optimizer):
         params: the parameters or parameter groups to optimize (as for any torch
             optimizer); an ``nn.Module`` is taken as ``model.parameters()`` with
             ``model=`` that module.
-        lr: the root-mean-square of each layer's update per entry (a per-layer trust
-            region radius). Schedulers may change it like any learning rate.
+        lr: each layer's update size: its root-mean-square per entry is ``lr`` times the
+            layer's root-mean-square at its first step (a per-layer trust region radius,
+            relative to the layer's initialization scale). Schedulers may change it like
+            any learning rate.
         model: the module whose forward pass the closure calls; its layers' types choose
             their curvature blocks (:mod:`gradsight.optim.blocks`). Without it, call
             :meth:`register` before the first step.
@@ -124,8 +127,9 @@ class GaussNewton(torch.optim.Optimizer):
         update_every: refresh the factors and their inverses every ``update_every`` steps.
         warmup: refresh them at every one of the first ``warmup`` steps.
         exact_outputs: compute the Kronecker output factors exactly (one batched
-            backward pass over the output basis) when the model has at most this many
-            outputs per position; above, from one random probe per position.
+            backward pass over the output basis) when the model's output is
+            ``(batch, C)`` with ``C ≤ exact_outputs``; otherwise (more outputs, or a
+            sequence of them) from one random probe per output row.
         weight_decay: decoupled weight decay, ``θ ← θ·(1 − lr·weight_decay)`` per step.
         seed: seed of the optimizer's own random generator (the global RNG is not used);
             its state is kept in ``state``.
@@ -156,7 +160,7 @@ class GaussNewton(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | nn.Module,
-        lr: float = 0.02,
+        lr: float = 0.3,
         *,
         model: nn.Module | None = None,
         momentum: float = 0.9,
@@ -165,7 +169,7 @@ class GaussNewton(torch.optim.Optimizer):
         update_every: int = 10,
         warmup: int = 10,
         exact_outputs: int = 32,
-        weight_decay: float = 0.0,
+        weight_decay: float = 0.01,
         seed: int = 0,
     ) -> None:
         if isinstance(params, nn.Module):
@@ -179,7 +183,7 @@ class GaussNewton(torch.optim.Optimizer):
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise GradsightError(
                     f"{name} must be a positive finite number, got {value!r}; e.g. "
-                    f"GaussNewton(params, {name}=0.02)."
+                    f"GaussNewton(params, {name}=0.1)."
                 )
         if not 0.0 <= factor_decay < 1.0:
             raise GradsightError(f"factor_decay must lie in [0, 1), got {factor_decay!r}.")
@@ -380,7 +384,9 @@ class GaussNewton(torch.optim.Optimizer):
         roots = None
         if g_out.requires_grad:  # else the loss is linear in the output: no curvature
             roots = self._output_roots(g_out, outputs)
-        exact = c <= head["exact_outputs"]
+        # Sequence outputs (N, T, C) have many rows per sample, so one probe per row
+        # averages out; the exact factor would cost C backward passes of the whole model.
+        exact = c <= head["exact_outputs"] and outputs.ndim <= 2
         out_factor: dict[int, torch.Tensor] = {}
         if roots is not None and exact and layer_outs:
             # cotangent j is column j of every R_n: Σ_j (Jₙᵀ R_n e_j)(…)ᵀ = Jₙᵀ Hₙ Jₙ
@@ -560,16 +566,35 @@ class GaussNewton(torch.optim.Optimizer):
                     norms[b.name] = 0.0
                     continue
                 applied = 0.0
+                first = self.state[b.params[0]]
+                if "init_rms" not in first:
+                    first["init_rms"] = _init_rms(b)
+                radius = first["init_rms"] * math.sqrt(count)
                 for p, t, group in zip(b.params, d, groups, strict=True):
                     lr = float(group["lr"])
                     wd = float(group["weight_decay"])
                     if wd > 0.0:
                         p.mul_(1.0 - lr * wd)
-                    scale = lr * math.sqrt(count) / length
+                    scale = lr * radius / length
                     p.add_(t, alpha=-scale)
                     applied += (scale * float(t.norm())) ** 2
                 norms[b.name] = math.sqrt(applied)
         return norms
+
+
+def _init_rms(block: CurvatureBlock) -> float:
+    """The root-mean-square of the block's parameters when first stepped (its scale).
+
+    A block initialized to zero gets the scale of PyTorch's default initialization of a
+    matrix with its fan-in, ``1/√fan_in`` (1 for a diagonal block).
+    """
+    count = sum(p.numel() for p in block.params)
+    rms = math.sqrt(sum(float(p.detach().double().square().sum()) for p in block.params) / count)
+    if rms > 0.0 and math.isfinite(rms):
+        return rms
+    if isinstance(block, KroneckerBlock):
+        return 1.0 / math.sqrt(block.to_matrix([p.detach() for p in block.params]).shape[1])
+    return 1.0
 
 
 def _dense(raw: tuple[torch.Tensor | None, ...], params: list[torch.Tensor]) -> list[torch.Tensor]:
