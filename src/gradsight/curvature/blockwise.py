@@ -100,7 +100,9 @@ class BlockwiseGGN:
         blocks: ``{name: module}`` of the layers to measure (each its own trainable
             parameters); ``None`` for every module owning trainable parameters.
         draws: Monte Carlo draws of the output-Hessian factor when it is not exact.
-        max_columns: use the exact factor when it has at most this many columns.
+        max_columns: use the exact factor when it has at most this many columns and
+            the rows (columns × samples) are at most ``max_rows``; the Gram matrices
+            are ``rows × rows``.
         held_out: also prepare the held-out check of :meth:`held_out_step`: gradient
             and rows of the first half of the samples.
         seed: seed of the draws (a private generator; the global RNG is untouched).
@@ -125,6 +127,7 @@ class BlockwiseGGN:
         *,
         draws: int = 1,
         max_columns: int = 8,
+        max_rows: int = 2048,
         held_out: bool = False,
         seed: int = 0,
     ) -> None:
@@ -202,12 +205,17 @@ class BlockwiseGGN:
                 "in gradsight.curvature instead."
             )
         gen = torch.Generator(device=outputs.device).manual_seed(seed)
-        self.exact = factor.positions_per_sample == 1 and factor.num_columns <= max_columns
+        self.exact = (
+            factor.positions_per_sample == 1
+            and factor.num_columns <= max_columns
+            and factor.num_columns * n <= max_rows
+        )
         if self.exact:
             S = factor.exact_columns().to(outputs.dtype)
             weight = 1.0
         else:
-            S = factor.draws(max(int(draws), 1), gen).to(outputs.dtype)
+            k = min(max(int(draws), 1), max(max_rows // n, 1))
+            S = factor.draws(k, gen).to(outputs.dtype)
             weight = 1.0 / S.shape[0]
         m = S.shape[0]
         # Row r = j·n + i: column/draw j, sample i.
