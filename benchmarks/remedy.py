@@ -509,7 +509,7 @@ def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def part_gpt2(quick: bool) -> tuple[list[str], dict[str, Any]]:
-    epochs = 1 if quick else 4
+    epochs = 1 if quick else 3
     n_train, n_test = 2048, 512
     rates = {}
     print("gpt2", flush=True)
@@ -589,19 +589,22 @@ def main() -> int:
         "",
     ]
     facts: dict[str, Any] = {}
-    for part in parts:
+    for k, part in enumerate(parts):
         table, f = {"mlp": part_mlp, "conv": part_conv, "gpt2": part_gpt2}[part](args.quick)
         lines += table
         facts.update(f)
-    load_after = os.getloadavg()
-    text = "\n".join(lines).replace("LOAD_END", f"{load_after[0]:.1f}")
-    text += f"\nTotal benchmark time: {time.perf_counter() - started:.0f} s.\n"
+        # written after every part, so that a long run leaves its finished parts behind
+        load_after = os.getloadavg()
+        text = "\n".join(lines).replace("LOAD_END", f"{load_after[0]:.1f}")
+        text += f"\nBenchmark time so far: {time.perf_counter() - started:.0f} s"
+        left = parts[k + 1 :]
+        text += f" (parts still to run: {', '.join(left)}).\n" if left else ".\n"
+        if args.write:
+            name = "remedy-quick.md" if args.quick else "remedy.md"
+            (ROOT / "results" / name).write_text(text, encoding="utf-8")
+            if not args.quick:
+                _write_measured(facts)
     print(text)
-    if args.write:
-        name = "remedy-quick.md" if args.quick else "remedy.md"
-        (ROOT / "results" / name).write_text(text, encoding="utf-8")
-        if not args.quick and parts == ["mlp", "conv", "gpt2"]:
-            _write_measured(facts)
     return 0
 
 
