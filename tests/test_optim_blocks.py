@@ -159,11 +159,12 @@ def test_kfc_patches_match_explicit_loops() -> None:
     )
     parts = block.from_matrix(w)
     assert torch.equal(parts[0], conv.weight) and torch.equal(parts[1], conv.bias)
+    wide = torch.randn(2, 2, 7, 9, dtype=torch.float64)
     for padding in ("same", "valid"):  # string paddings (asymmetric for an even span)
         same = nn.Conv2d(2, 3, (3, 4), padding=padding, dilation=(1, 2)).double()
         blk = Conv2dBlock("s", same, [same.weight, same.bias])
-        rows = blk.input_rows(x) @ blk.to_matrix([same.weight, same.bias]).T
-        torch.testing.assert_close(rows, blk.output_rows(same(x)), rtol=1e-12, atol=1e-12)
+        rows = blk.input_rows(wide) @ blk.to_matrix([same.weight, same.bias]).T
+        torch.testing.assert_close(rows, blk.output_rows(same(wide)), rtol=1e-12, atol=1e-12)
 
 
 def test_one_by_one_convolution_is_a_linear_layer() -> None:
