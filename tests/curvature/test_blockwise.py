@@ -146,7 +146,7 @@ def _blockdiag(cols: torch.Tensor, n: int, c: int) -> torch.Tensor:
     return out
 
 
-def test_unsupported_and_tied_layers_are_reported_and_refined_exactly() -> None:
+def test_unsupported_layers_are_reported_and_refined_exactly() -> None:
     torch.manual_seed(0)
     emb = nn.Embedding(5, 4)
     head = nn.Linear(4, 5, bias=False)
@@ -156,8 +156,7 @@ def test_unsupported_and_tied_layers_are_reported_and_refined_exactly() -> None:
     batch = (x, torch.randint(0, 5, (16, 2)))
     loss = lambda o, t: ce(o.transpose(1, 2), t)  # noqa: E731
     eng = BlockwiseGGN(model, batch, loss)
-    assert set(eng.skipped) == {"0", "1", "3"}
-    assert "shared" in eng.skipped["0"] and "GRU" in eng.skipped["1"]
+    assert set(eng.skipped) == {"1"} and "GRU" in eng.skipped["1"]
     blocks, _ = layer_curvature(model, batch, loss, ["1"], budget=math.inf)
     ref = _exact(model, batch, loss, "1")
     assert blocks["1"].lambda_max == pytest.approx(ref["lam"], rel=2e-2)
@@ -189,3 +188,20 @@ def test_monitor_tier_blockwise_rows_match_its_exact_rows() -> None:
 
 def dict_rows(tier, batch, loss_fn):  # type: ignore[no-untyped-def]
     return {(layer, m): v for layer, m, v in tier.measure(batch, loss_fn, lr=0.1)}
+
+
+def test_tied_embedding_and_output_weights_are_one_exact_block() -> None:
+    torch.manual_seed(0)
+    emb, head = nn.Embedding(5, 4), nn.Linear(4, 5, bias=False)
+    head.weight = emb.weight
+    model = nn.Sequential(emb, nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), head).double()
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randint(0, 5, (40,), generator=gen), torch.randint(0, 5, (40,), generator=gen))
+    eng = BlockwiseGGN(model, batch, ce)
+    assert eng.exact and not eng.skipped
+    ref = _exact(model, batch, ce, "0")  # the block: the one tied weight, both uses
+    for name in ("0", "4"):
+        est = eng.estimate(name, DAMPING)
+        assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9)
+        assert est.alpha_star == pytest.approx(ref["alpha"], rel=1e-9)
+        assert est.trace == pytest.approx(ref["trace"], rel=1e-9)

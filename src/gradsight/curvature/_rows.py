@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerRows", "layer_rows", "supported"]
+__all__ = ["LayerRows", "TiedRows", "layer_rows", "supported"]
 
 #: Largest number of elements of a built chunk of ``U`` (float64 rows: 256 MiB).
 CHUNK = 1 << 25
@@ -38,6 +38,35 @@ class LayerRows:
     def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
         """``U v`` for ``v`` given per parameter, in the layer's parameter order."""
         raise NotImplementedError
+
+    def weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``U`` on the weight's rows ``start:stop``: ``(R, stop − start, d)``."""
+        raise NotImplementedError
+
+
+class TiedRows(LayerRows):
+    """One weight used by several layers (a tied embedding and output layer): the rows
+    are the sums of each use's rows, built in chunks of the weight's rows."""
+
+    def __init__(self, parts: Sequence[LayerRows]) -> None:
+        self.parts = parts
+
+    def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([p.dot(v) for p in self.parts]).sum(dim=0)
+
+    def gram(self) -> torch.Tensor:
+        first = self.parts[0].weight_rows(0, 1)
+        total = getattr(self.parts[0], "num_weight_rows", 0)
+        R, _, d = first.shape
+        step = max(1, CHUNK // max(R * d, 1))
+        K = torch.zeros(R, R, dtype=torch.float64, device=first.device)
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            U = sum(p.weight_rows(start, stop) for p in self.parts)
+            assert isinstance(U, torch.Tensor)
+            U = U.reshape(R, -1)
+            K += (U @ U.T).double()
+        return K
 
 
 def supported(module: nn.Module) -> bool:
@@ -133,6 +162,15 @@ class _LinearRows(LayerRows):
         self.transposed = transposed
         self.has_bias = len(params) > 1
 
+    @property
+    def num_weight_rows(self) -> int:
+        return int(self.params[0].shape[0])
+
+    def weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        R = self.d.shape[0] * self.d.shape[1]
+        dchunk = self.d[..., start:stop]
+        return torch.einsum("mntc,nti->mnci", dchunk, self.a).reshape(R, stop - start, -1)
+
     def _weight(self, v: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor in ``(out, in)`` layout."""
         return v.T if self.transposed else v.reshape(v.shape[0], -1)
@@ -186,11 +224,23 @@ class _EmbeddingRows(LayerRows):
         d = torch.cat([x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1]) for x in deltas], dim=2)
         if module.padding_idx is not None:
             d = d * (ids != module.padding_idx).unsqueeze(-1).to(d.dtype)
+        self.num_embeddings = module.num_embeddings
         self.uniq, inverse = torch.unique(ids, return_inverse=True)
         m, n, T, dim = d.shape
         Z = torch.zeros(m, n, len(self.uniq), dim, dtype=d.dtype, device=d.device)
         Z.scatter_add_(2, inverse.reshape(1, n, T, 1).expand(m, n, T, dim), d)
         self.Z = Z.reshape(m * n, len(self.uniq), dim)
+
+    @property
+    def num_weight_rows(self) -> int:
+        return self.num_embeddings
+
+    def weight_rows(self, start: int, stop: int) -> torch.Tensor:
+        R, _, dim = self.Z.shape
+        out = torch.zeros(R, stop - start, dim, dtype=self.Z.dtype, device=self.Z.device)
+        inside = (self.uniq >= start) & (self.uniq < stop)
+        out[:, self.uniq[inside] - start] = self.Z[:, inside]
+        return out
 
     def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
         vu = v[0][self.uniq].to(self.Z.dtype)

@@ -38,7 +38,7 @@ from gradsight._batch import split_batch, trainable_parameters
 from gradsight._errors import GradsightError
 from gradsight.curvature._blocks import forward_loss
 from gradsight.curvature._factor import output_factor
-from gradsight.curvature._rows import layer_rows, supported
+from gradsight.curvature._rows import TiedRows, layer_rows, supported
 from gradsight.curvature.lanczos import lanczos
 
 __all__ = ["JACKKNIFE_GROUPS", "BlockEstimate", "BlockwiseGGN"]
@@ -139,22 +139,30 @@ class BlockwiseGGN:
             }
         self.skipped: dict[str, str] = {}
         trainable = {id(p) for _, p in trainable_parameters(model)}
-        owners: dict[int, int] = {}
-        for _, m in model.named_modules(remove_duplicate=False):
+        users: dict[int, list[str]] = {}
+        named_mods = dict(model.named_modules())
+        for mname, m in named_mods.items():
             for p in m.parameters(recurse=False):
-                owners[id(p)] = owners.get(id(p), 0) + 1
+                users.setdefault(id(p), []).append(mname)
         wanted: dict[str, nn.Module] = {}
+        partners: dict[str, list[str]] = {}
         for name, m in blocks.items():
             own = [p for p in m.parameters(recurse=False) if id(p) in trainable]
+            shared = [q for p in own for q in users.get(id(p), []) if q != name]
             if not own:
                 self.skipped[name] = "no trainable parameters of its own"
             elif not supported(m):
                 self.skipped[name] = f"{type(m).__name__} layers are not supported"
-            elif any(owners.get(id(p), 0) > 1 for p in own):
+            elif shared and not _tie_supported(named_mods, [name, *shared], trainable):
                 self.skipped[name] = "a parameter shared with another module"
             else:
                 wanted[name] = m
-        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in wanted}
+                partners[name] = list(dict.fromkeys(shared))
+        hooked = dict(wanted)
+        for name in wanted:
+            for q in partners[name]:
+                hooked[q] = named_mods[q]
+        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in hooked}
 
         def hook(name: str) -> Callable[..., None]:
             def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -170,7 +178,7 @@ class BlockwiseGGN:
 
             return record
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in wanted.items()]
+        handles = [m.register_forward_hook(hook(n)) for n, m in hooked.items()]
         try:
             params0 = [p for _, p in trainable_parameters(model)]
             device = params0[0].device
@@ -188,12 +196,15 @@ class BlockwiseGGN:
         self.samples = n
         self.loss = float(loss.detach())
         _, targets = split_batch(batch)
-        for name in list(wanted):
-            ok = calls[name] and all(
+
+        def carries_batch(mname: str) -> bool:
+            return bool(calls[mname]) and all(
                 z.ndim > 0 and a.ndim > 0 and z.shape[0] == n and a.shape[0] == n
-                for a, z in calls[name]
+                for a, z in calls[mname]
             )
-            if not ok:
+
+        for name in list(wanted):
+            if not all(carries_batch(q) for q in [name, *partners[name]]):
                 self.skipped[name] = "its calls do not carry the batch in dim 0"
                 del wanted[name]
         factor = output_factor(loss_fn, outputs, targets)
@@ -237,18 +248,24 @@ class BlockwiseGGN:
         grads_fit: dict[int, torch.Tensor] = {}
         if held_out and n >= 8 and flat:
             grads_fit = self._fit_gradient(loss, loss_fn, outputs, targets, flat)
-        zs = [z for name in wanted for _, z in calls[name]]
+        used = list(dict.fromkeys(q for nm in wanted for q in [nm, *partners[nm]]))
+        zs = [z for q in used for _, z in calls[q]]
         deltas = _batched_backward(outputs, zs, S) if zs else []
+        where: dict[str, slice] = {}
+        start = 0
+        for q in used:
+            where[q] = slice(start, start + len(calls[q]))
+            start += len(calls[q])
         del S
         self.blocks: dict[str, _Block] = {}
-        k = 0
         sw = math.sqrt(weight)
         for name, module in wanted.items():
-            c = calls[name]
-            ds = deltas[k : k + len(c)]
-            k += len(c)
             ps = params[name]
-            rows = layer_rows(module, ps, [a for a, _ in c], ds)
+            parts = [
+                layer_rows(hooked[q], ps, [a for a, _ in calls[q]], deltas[where[q]])
+                for q in [name, *partners[name]]
+            ]
+            rows = parts[0] if len(parts) == 1 else TiedRows(parts)
             g = [grad_of[id(p)] for p in ps]
             block = _Block(
                 names=[
@@ -267,9 +284,7 @@ class BlockwiseGGN:
                 block.ug_fit = rows.dot(gf) * sw
                 block.gg_fit = float(sum(float((t.double() ** 2).sum()) for t in gf))
             self.blocks[name] = block
-            for i in range(k - len(c), k):
-                deltas[i] = torch.empty(0)  # free as we go
-            del rows
+            del rows, parts
         self.rows = m * n
 
     def _fit_gradient(
@@ -411,6 +426,20 @@ class BlockwiseGGN:
             for p, gf in zip(b.params, b.grad_fit, strict=True):
                 step[str(id(p))] = -cb * gf
         return step
+
+
+def _tie_supported(mods: Mapping[str, nn.Module], names: list[str], trainable: set[int]) -> bool:
+    """Tied weights are handled between linear and embedding layers holding only them."""
+    owned = []
+    for q in names:
+        m = mods[q]
+        if not isinstance(m, (nn.Linear, nn.Embedding)):
+            return False
+        own = [p for p in m.parameters(recurse=False) if id(p) in trainable]
+        if len(own) != 1:
+            return False
+        owned.append(id(own[0]))
+    return len(set(owned)) == 1
 
 
 def take_rows(obj: Any, rows: slice) -> Any:
