@@ -1,22 +1,30 @@
 """Headroom and step sizes from curvature: how much loss is left, and what step gets it.
 
 Per parameter block (one layer) and for the whole model, on the generalized
-Gauss-Newton matrix G (positive semi-definite, analytic in output space):
+Gauss-Newton matrix G (positive semi-definite, analytic in output space), all layers at
+once from :class:`~gradsight.curvature.blockwise.BlockwiseGGN` (one forward pass and two
+backward passes), with standard errors where the output Hessian is sampled:
 
-* λmax, the block's largest curvature, by Lanczos. A gradient step of size η is
-  stable for the block only if η·λmax < 2.
+* λmax, the block's largest curvature. A gradient step of size η is stable for the
+  block only if η·λmax < 2.
 * α* = gᵀg / gᵀGg, the curvature-optimal step along the block's gradient (exact line
   search of the quadratic model). ``α* / η`` is the *step ratio*: how much larger a step
   the block needs than the one it gets. This is the seed's "choose ε" made per layer.
-* The Newton decrement ½gᵀ(G + λI)⁻¹g with λ = ``damping``·λmax: the loss decrease
-  the damped quadratic model predicts for the block's own Newton step. It is unchanged
-  when the loss is multiplied by a constant (g, G and λ scale together) and when the
-  block is rescaled (g ÷k, G ÷k², λ ÷k²); divided by the loss it is a scale-free
-  *headroom*.
+* The decrement ½(gᵀg)²/(gᵀGg + λgᵀg) with λ = ``damping``·λmax: the loss decrease the
+  damped quadratic model predicts for the best step along the gradient (the first
+  conjugate-gradient step of the damped Newton decrement ½gᵀ(G + λI)⁻¹g, and a lower
+  bound on it). It is unchanged when the loss is multiplied by a constant (g, G and λ
+  scale together) and when the block is rescaled (g ÷k, G ÷k², λ ÷k²); divided by the
+  loss it is a scale-free *headroom*.
 * For the whole model, the *realized* decrease of a Levenberg–Marquardt-damped
-  Gauss-Newton step fitted on one half of the batch and evaluated on the other half,
-  so that fitting noise does not count as headroom (Levenberg 1944, Marquardt 1963;
-  Martens 2010 for damped Gauss-Newton in deep networks).
+  Gauss-Newton step with one step size per layer, fitted on one half of the batch and
+  evaluated on the other half, so that fitting noise does not count as headroom
+  (Levenberg 1944, Marquardt 1963; Martens 2010 for damped Gauss-Newton in deep
+  networks).
+
+Where an estimate is within two standard errors of a verdict's threshold, or a layer
+is not covered by the blockwise pass, :func:`block_curvature` recomputes it from the
+block's own GGN-vector products, within a time budget.
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 #: Damping of the Newton decrement, relative to the block's largest curvature.
 DAMPING = 1e-3
+#: Passes one exact refinement of a block costs (about 45 products of ~2 passes).
+REFINE_PASSES = 90
+#: Refinement time always allowed (seconds), whatever the budget in passes.
+MIN_SECONDS = 2.0
 #: Levenberg–Marquardt damping schedule for the held-out step (relative to λmax).
 LM_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
 
@@ -65,7 +77,10 @@ class BlockCurvature:
     Attributes:
         lambda_max: Largest GGN eigenvalue of the block.
         alpha_star: Curvature-optimal step size along the gradient, gᵀg/gᵀGg.
-        decrement: ½gᵀ(G + λI)⁻¹g with λ = DAMPING·λmax, in loss units.
+        decrement: ½(gᵀg)²/(gᵀGg + λgᵀg) with λ = DAMPING·λmax, in loss units: the
+            decrease the damped quadratic model predicts for the best step along the
+            gradient (the first conjugate-gradient step of ½gᵀ(G + λI)⁻¹g, a lower bound
+            on that Newton decrement).
         loss: The loss the products were taken at.
         matvecs: GGN-vector products spent (0 for the blockwise estimate).
         lambda_max_err, alpha_star_err, decrement_err: standard errors of the three
@@ -102,7 +117,7 @@ class ModelHeadroom:
 
     Attributes:
         lambda_max: Largest GGN eigenvalue over all trainable parameters.
-        decrement: Whole-model damped Newton decrement, in loss units.
+        decrement: The same decrease along the whole gradient, in loss units.
         loss: The loss on the batch.
         realized: Fraction of the held-out loss removed by the best Levenberg–Marquardt
             Gauss-Newton step fitted on the other half (0 when no damping helped; None
@@ -247,9 +262,11 @@ def layer_curvature(
             decrement_err=whole_est.decrement_err,
             coverage=len(engine.blocks) / max(len(layers), 1),
         )
-    deadline = start + unit * budget + (time.perf_counter() - start)
+    # A refinement costs ~45 GGN products of ~2 passes each; below MIN_SECONDS of
+    # refinement in all (small models) the ratio to a pass does not matter.
+    deadline = time.perf_counter() + max(unit * budget, MIN_SECONDS if budget > 0 else 0.0)
     for _, name in sorted(todo):
-        if time.perf_counter() > deadline:
+        if time.perf_counter() + REFINE_PASSES * unit > deadline:
             break
         params = [p for p in modules[name].parameters(recurse=False) if p.requires_grad]
         out[name] = block_curvature(model, batch, loss_fn, params, damping=damping)
