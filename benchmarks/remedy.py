@@ -625,7 +625,7 @@ def _clean(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _clean(v) for k, v in value.items()}
     if isinstance(value, float):
-        return float(f"{value:.4g}") if math.isfinite(value) else _Inf()
+        return value if math.isfinite(value) else _Inf()
     return value
 
 
