@@ -76,7 +76,7 @@ def contradictions(
 def _sentence_checks(text: str) -> Iterable[str]:
     if re.search(r"[;:,]\s*[.;]|\(\s*\)|\s\.$|\s,", text):
         yield f"dangling fragment in {text!r}"
-    if re.search(r"(?:^|[\s(])[Ll]ayers?(?:\s*[:;,']|\s+[.'])", text):
+    if re.search(r"(?:^|[\s(])[Ll]ayers?(?:\s*[:;,]|\s+[.'])", text):
         yield f"blank layer name in {text!r}"
     for m in re.finditer(_NUM + r"× the loss", text):
         if float(m.group(1)) > 1:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradsight
+from contradictions import contradictions
 from gradsight.demo.cases import REFERENCE_CASES, ReferenceCase
 from gradsight.demo.models import mlp
 from gradsight.probes import SignalProbe
@@ -37,6 +38,7 @@ def test_reference_case(case: ReferenceCase, diagnosed: dict[str, gradsight.Diag
     assert not [la.name for la in d.layers if la.status in case.forbid], str(d)
     for layer in d.layers:
         assert layer.status in gradsight.STATUSES and layer.reason
+    assert contradictions(d) == []
 
 
 def test_vanishing_reason_quotes_the_chain_and_the_step(diagnosed) -> None:

@@ -353,10 +353,14 @@ def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     where = (
         " while the loss is no better than the best constant prediction" if model.plateau else ""
     )
-    parts = [
-        f"gradient {_e(layer.grad_norm)}: the loss's sensitivity to this layer's output is "
-        f"{layer.rel_sens:.1e} of layer {display_name(ref.name)}'s{where}"
-    ]
+    if ref.sensitivity > 0:
+        reach = (
+            f"the loss's sensitivity to this layer's output is {layer.rel_sens:.1e} of layer "
+            f"{display_name(ref.name)}'s"
+        )
+    else:
+        reach = "no backward signal reaches this layer's output, nor any other layer's"
+    parts = [f"gradient {_e(layer.grad_norm)}: {reach}{where}"]
     cause = chain_cause(model.ran, layer.position)
     if cause:
         parts.append(cause)
