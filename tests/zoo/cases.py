@@ -28,6 +28,8 @@ its gradient holds NaN/Inf.
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -511,7 +513,10 @@ def _frozen(solved: bool) -> Callable[[int], Built]:
     def build(seed: int) -> Built:
         model, x, y = _probe_data(seed)
         if solved:
-            _lbfgs(list(model.probe.parameters()), lambda: F.cross_entropy(model(x), y), 500)
+            with torch.no_grad():
+                feats = model.backbone(x)  # frozen: fit the probe on its features once
+            probe = model.probe
+            _lbfgs(list(probe.parameters()), lambda: F.cross_entropy(probe(feats), y), 500)
         return Built(model, (x, y), F.cross_entropy)
 
     return build
@@ -556,13 +561,22 @@ def _multi_head(reg_weight: float) -> Callable[[int], Built]:
 
 # ---------------------------------------------- tanh MLP solved with saturated units
 
+TANH_LBFGS_ITERS = 200
+
 
 def _tanh_solved(seed: int) -> Built:
     """A 3-8-1 tanh net fitted by L-BFGS to a teacher of its own shape (float64).
 
     Four of the teacher's hidden units have a bias of ±10 and small weights: tanh is at
-    ±1 on every sample (derivative < 1e-8). The student starts near the teacher.
+    ±1 on every sample (derivative < 1e-8). The student starts near the teacher. The fit
+    is made once per seed; each call returns a fresh model with the fitted weights.
     """
+    model, batch, loss_fn = _tanh_fit(seed)
+    return Built(copy.deepcopy(model), batch, loss_fn)
+
+
+@functools.cache
+def _tanh_fit(seed: int) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor], LossFn]:
     gen = _gen(seed)
     x = torch.randn(64, 3, generator=gen, dtype=torch.float64)
 
@@ -578,8 +592,8 @@ def _tanh_solved(seed: int) -> Built:
     with torch.no_grad():
         for p, q in zip(model.parameters(), teacher.parameters(), strict=True):
             p.copy_(q + 0.05 * torch.randn(q.shape, generator=gen, dtype=torch.float64))
-    _lbfgs(list(model.parameters()), lambda: F.mse_loss(model(x), y), 1000)
-    return Built(model, (x, y), F.mse_loss)
+    _lbfgs(list(model.parameters()), lambda: F.mse_loss(model(x), y), TANH_LBFGS_ITERS)
+    return model, (x, y), F.mse_loss
 
 
 # ------------------------------------------------------ ReLU net, partly or fully dead
