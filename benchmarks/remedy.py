@@ -579,7 +579,8 @@ def main() -> int:
         f"Python {platform.python_version()}. Seeds {list(SEEDS)} × splits {list(SPLITS)} "
         "(6 runs per configuration). The machine is shared with other jobs: load average "
         f"{load_before[0]:.1f} at the start, LOAD_END at the end; timings within a part "
-        "are interleaved run by run, so the load hits every optimizer alike.",
+        "are interleaved run by run, so the load hits every optimizer alike."
+        + (f" {os.environ['REMEDY_NOTE']}" if os.environ.get("REMEDY_NOTE") else ""),
         "",
         "GaussNewton runs with `make_optimizer(model)`'s defaults "
         "(`GaussNewton(model.parameters(), model=model)`: lr 0.3, momentum 0.9, "
