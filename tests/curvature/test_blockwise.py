@@ -205,3 +205,22 @@ def test_tied_embedding_and_output_weights_are_one_exact_block() -> None:
         assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9)
         assert est.alpha_star == pytest.approx(ref["alpha"], rel=1e-9)
         assert est.trace == pytest.approx(ref["trace"], rel=1e-9)
+
+
+@pytest.mark.parametrize("samples,draws", [(4, 2), (4, 1), (32, 4)])
+def test_lambda_max_error_bar_covers_the_exact_value_with_few_rows(samples, draws) -> None:  # type: ignore[no-untyped-def]
+    """With few rows next to the GGN's rank, λmax of the sampled GGN fits the noise
+    (an upper estimate) and the cross-validated direction undershoots (a lower one):
+    the exact value lies in the bracket, within two error bars of the reported middle."""
+    torch.manual_seed(0)
+    model = _Seq().double()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 11, (samples, 7), generator=gen)
+    batch = (ids, torch.randint(0, 11, (samples, 7), generator=gen))
+    for seed in range(3):
+        eng = BlockwiseGGN(model, batch, ce, draws=draws, seed=seed)
+        for name in ("emb", "ln", "mid", "head"):
+            est, ref = eng.estimate(name, DAMPING), _exact(model, batch, ce, name)
+            assert abs(est.lambda_max - ref["lam"]) <= 2 * est.lambda_max_err, (name, seed)
+            if samples >= 32:  # enough rows: the bracket is informative
+                assert est.lambda_max_err < est.lambda_max
