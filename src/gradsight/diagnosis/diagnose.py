@@ -38,6 +38,7 @@ def diagnose(
     lr: float | None = None,
     *,
     curvature: bool = True,
+    budget: float = 10.0,
     optimizer: torch.optim.Optimizer | None = None,
     thresholds: Thresholds | None = None,
 ) -> Diagnosis:
@@ -74,9 +75,14 @@ def diagnose(
             depends on its preconditioner). For other optimizers (Muon, ...) step ratios
             are left out. The optimizer is not changed.
         curvature: Also measure curvature (Gauss-Newton λmax, curvature-optimal step and
-            Newton-decrement headroom per layer, and the whole model's headroom). Costs a
-            few dozen Gauss-Newton-vector products per layer; ``False`` gives the signal
-            flow alone (one forward and backward pass).
+            Newton-decrement headroom per layer, and the whole model's headroom, with
+            standard errors). Every layer at once from one forward pass and a few
+            backward passes (:func:`~gradsight.diagnosis.headroom.layer_curvature`); ``False``
+            gives the signal flow alone (one forward and backward pass).
+        budget: Time allowed for exact per-layer refinements (layers whose estimate
+            is within two standard errors of a verdict's threshold, and layers the
+            one-pass estimate does not cover), as a multiple of one forward and
+            backward pass; ``0`` for none, ``math.inf`` for all.
 
     Returns:
         A :class:`~gradsight.diagnosis.result.Diagnosis`.
@@ -146,7 +152,7 @@ def diagnose(
                 adapted = tensor_output(model, outputs, loss_fn)
                 cmodel, closs, prefix = (model, loss_fn, "") if adapted is None else adapted
                 blocks, whole = layer_curvature(
-                    cmodel, batch, closs, [prefix + n for n in names], lr=lr
+                    cmodel, batch, closs, [prefix + n for n in names], lr=lr, budget=budget
                 )
                 blocks = {k.removeprefix(prefix): v for k, v in blocks.items()}
                 if lr is not None and kind in (None, "sgd"):
