@@ -257,14 +257,32 @@ class BlockwiseGGN:
             where[q] = slice(start, start + len(calls[q]))
             start += len(calls[q])
         del S
+        # The graph is no longer needed: free it (and each δ after its last use) before
+        # the per-layer algebra.
+        inputs = {q: [a for a, _ in calls[q]] for q in used}
+        calls.clear()
+        del zs, outputs, loss
+        last_use: dict[str, int] = {}
+        for i, nm in enumerate(wanted):
+            for q in [nm, *partners[nm]]:
+                last_use[q] = i
         self.blocks: dict[str, _Block] = {}
         sw = math.sqrt(weight)
-        for name, module in wanted.items():
+        done: dict[tuple[int, ...], _Block] = {}
+        for i, (name, module) in enumerate(wanted.items()):
             ps = params[name]
+            key = tuple(id(p) for p in ps)
+            if key in done:  # the same tied weight as an earlier layer
+                self.blocks[name] = done[key]
+                continue
             parts = [
-                layer_rows(hooked[q], ps, [a for a, _ in calls[q]], deltas[where[q]])
+                layer_rows(hooked[q], ps, inputs[q], deltas[where[q]])
                 for q in [name, *partners[name]]
             ]
+            for q in [name, *partners[name]]:
+                if last_use[q] <= i:
+                    for j in range(where[q].start, where[q].stop):
+                        deltas[j] = torch.empty(0)
             rows = parts[0] if len(parts) == 1 else TiedRows(parts)
             g = [grad_of[id(p)] for p in ps]
             block = _Block(
@@ -283,7 +301,7 @@ class BlockwiseGGN:
                 block.grad_fit = gf
                 block.ug_fit = rows.dot(gf) * sw
                 block.gg_fit = float(sum(float((t.double() ** 2).sum()) for t in gf))
-            self.blocks[name] = block
+            self.blocks[name] = done[key] = block
             del rows, parts
         self.rows = m * n
 
