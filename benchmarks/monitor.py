@@ -5,7 +5,7 @@ Run:  flock /tmp/gradsight-bench.lock .venv/bin/python benchmarks/monitor.py
 One process, two copies of each model (same initialization): one plain, one with a
 Monitor attached for the whole run. Blocks of steps alternate between the variants,
 and the table reports the median time of a step per variant and its ratio to the plain
-step's median. 2 CPU threads; the allocator is pinned (``MALLOC_MMAP_THRESHOLD_``,
+step's median. 2 CPU threads (``--threads``); the allocator is pinned (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``: small-CNN step times otherwise move 30% with page faults),
 re-executing this script with those variables set if they are not.
 
@@ -249,11 +249,12 @@ def measure_peak(name: str, variant: str, steps: int) -> float:
     return (peak - before) / 1024
 
 
-def peak_memory(name: str, variant: str, steps: int) -> float:
+def peak_memory(name: str, variant: str, steps: int, threads: int = 2) -> float:
     """:func:`measure_peak` in a fresh subprocess (so that variants do not share a heap)."""
     code = (
         "import sys, torch; sys.path.insert(0, 'benchmarks'); import monitor as b; "
-        f"torch.set_num_threads(2); print(b.measure_peak({name!r}, {variant!r}, {steps}))"
+        f"torch.set_num_threads({threads}); "
+        f"print(b.measure_peak({name!r}, {variant!r}, {steps}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ
@@ -281,11 +282,18 @@ def main() -> None:
     p.add_argument("--block", type=int, default=10, help="steps per block (default 10)")
     p.add_argument("--cases", nargs="+", default=["mlp-sigmoid", "mlp-relu", "cnn", "gpt2"])
     p.add_argument("--memory-steps", type=int, default=20)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads (default 2; 1 on a machine whose cores other jobs load: "
+        "two threads then wait on each other)",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the numbers as JSON")
     args = p.parse_args()
     if any(os.environ.get(k) != v for k, v in _ENV.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_ENV})
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     print(f"machine: {machine()}")
     print(f"{args.rounds} alternating rounds of {args.block} steps; medians per step\n")
     print(
@@ -296,7 +304,7 @@ def main() -> None:
     results = {}
     for name in args.cases:
         med = time_case(name, args.rounds, args.block)
-        mem = {v: peak_memory(name, v, args.memory_steps) for v in VARIANTS}
+        mem = {v: peak_memory(name, v, args.memory_steps, args.threads) for v in VARIANTS}
         results[name] = {"median_s": med, "peak_rss_mib": mem}
         for v in VARIANTS:
             print(
