@@ -43,6 +43,10 @@ class LayerRows:
         """Rows ``U`` on the weight's rows ``start:stop``: ``(R, stop − start, d)``."""
         raise NotImplementedError
 
+    def dots(self, vs: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        """``U v`` for several ``v`` (one pass over the layer's input where possible)."""
+        return [self.dot(v) for v in vs]
+
 
 class TiedRows(LayerRows):
     """One weight used by several layers (a tied embedding and output layer): the rows
@@ -174,6 +178,20 @@ class _LinearRows(LayerRows):
     def _weight(self, v: torch.Tensor) -> torch.Tensor:
         """A weight-shaped tensor in ``(out, in)`` layout."""
         return v.T if self.transposed else v.reshape(v.shape[0], -1)
+
+    def dots(self, vs: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        if len(vs) == 1:
+            return [self.dot(vs[0])]
+        w = torch.cat([self._weight(v[0]).to(self.a.dtype) for v in vs])
+        av = (self.a @ w.T).unflatten(-1, (len(vs), -1))  # (n, T, k, dout)
+        out = torch.einsum("ntko,mnto->kmn", av, self.d)
+        res = []
+        for i, v in enumerate(vs):
+            o = out[i]
+            if self.has_bias:
+                o = o + (self.d.sum(dim=2) @ v[1].to(self.d.dtype).reshape(-1))
+            res.append(o.reshape(-1).double())
+        return res
 
     def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
         w = self._weight(v[0]).to(self.a.dtype)

@@ -293,13 +293,15 @@ class BlockwiseGGN:
                 ],
                 params=ps,
                 K=rows.gram() * weight,
-                ug=rows.dot(g) * sw,
+                ug=torch.empty(0),
                 gg=float(sum(float((t.double() ** 2).sum()) for t in g)),
             )
-            if grads_fit:
-                gf = [grads_fit[id(p)] for p in ps]
+            gf = [grads_fit[id(p)] for p in ps] if grads_fit else []
+            ugs = rows.dots([g, gf] if gf else [g])
+            block.ug = ugs[0] * sw
+            if gf:
                 block.grad_fit = gf
-                block.ug_fit = rows.dot(gf) * sw
+                block.ug_fit = ugs[1] * sw
                 block.gg_fit = float(sum(float((t.double() ** 2).sum()) for t in gf))
             self.blocks[name] = done[key] = block
             del rows, parts

@@ -295,15 +295,25 @@ def _held_out(
     before = _loss_at(model, held_out, loss_fn, params, None)
     if not math.isfinite(before) or before == 0:
         return None
-    for rel in LM_DAMPINGS:
+
+    def decrease(rel: float) -> float | None:
         step = engine.held_out_step(rel * max(lam, torch.finfo(torch.float64).tiny))
         if step is None:
             return None
         flat = torch.cat([step.get(str(id(p)), torch.zeros_like(p)).reshape(-1) for p in params])
         after = _loss_at(model, held_out, loss_fn, params, flat)
-        if math.isfinite(after) and after < before:
-            return (before - after) / abs(before)  # the least damping that helps
-    return 0.0
+        return (before - after) / abs(before) if math.isfinite(after) else -math.inf
+
+    # The most damped (shortest) step first: when even it does not help, the longer
+    # ones are not tried (one held-out pass instead of four where there is no headroom).
+    last = decrease(LM_DAMPINGS[-1])
+    if last is None or last <= 0:
+        return None if last is None else 0.0
+    for rel in LM_DAMPINGS[:-1]:
+        gain = decrease(rel)
+        if gain is not None and gain > 0:
+            return gain  # the least damping that helps
+    return last
 
 
 def model_headroom(
