@@ -4,14 +4,23 @@ The naive rule is what gradient-norm dashboards do: a layer whose gradient norm 
 below a threshold (here 1e-5) is "vanishing", any other is "ok". It cannot say
 converged, exploding or dead at all, and its answer flips when the loss is rescaled.
 
-Run: ``python docs/reference_cases.py`` (about 10 s on 2 CPU cores).
+The second part is the reference zoo (``tests/zoo``, ``docs/zoo.py``): Transformers,
+language models, ResNets, RNNs and more, each as a healthy and a sick twin, with the
+ground truth measured without gradsight, and gradsight against the naive rule and a
+first/last gradient-norm ratio rule at loss × 1, × 1e-6 and × 1e6.
+
+Run: ``python docs/reference_cases.py`` (about 10 s on 2 CPU cores for the MLP cases,
+several minutes for the zoo's ground truth; ``--no-zoo`` for the MLP cases alone,
+``--zoo-truth=FILE`` to take the ground truth from ``python docs/zoo.py --truth > FILE``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import platform
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -21,7 +30,17 @@ from gradsight.demo.cases import NAIVE_THRESHOLD, REFERENCE_CASES, naive_status
 OUT = Path(__file__).with_name("reference-cases.md")
 
 
-def main() -> int:
+def _zoo() -> ModuleType:
+    """docs/zoo.py, loaded under another name (``zoo`` is the tests' package)."""
+    spec = importlib.util.spec_from_file_location("zoo_truth", Path(__file__).with_name("zoo.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["zoo_truth"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str]) -> int:
     torch.set_num_threads(2)
     rows = []
     right = {"gradsight": 0, "naive": 0}
@@ -70,10 +89,25 @@ def main() -> int:
         f"{sys.version.split()[0]}, torch {torch.__version__}, 2 threads.",
         "",
     ]
+    zoo_right = True
+    if "--no-zoo" not in argv:
+        zoo = _zoo()
+        compared, counts = zoo.comparison_section()
+        zoo_right = counts["gradsight"] == counts["checks"]
+        lines += compared
+        # The ground truth takes minutes; ``--zoo-truth FILE`` takes it from the output of
+        # an earlier ``python docs/zoo.py --truth > FILE`` of the same cases.
+        given = [a.split("=", 1)[1] for a in argv if a.startswith("--zoo-truth=")]
+        truth = (
+            Path(given[0]).read_text(encoding="utf-8").splitlines()
+            if given
+            else zoo.ground_truth_section()
+        )
+        lines += truth
     OUT.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
-    return 0 if right["gradsight"] == checks else 1
+    return 0 if right["gradsight"] == checks and zoo_right else 1
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

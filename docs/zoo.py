@@ -22,11 +22,12 @@ file alone to print them: ``python docs/zoo.py [case-key ...]``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,18 @@ SGD_STEPS, ADAM_STEPS, ALONE_STEPS, ADAM_LR = 100, 100, 20, 1e-2
 
 
 # ------------------------------------------------------------------------- plumbing
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run on one torch thread (restored after): the zoo's tiny models gain nothing from a
+    second thread, which only spin-waits when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def forward(model: nn.Module, inputs: Any) -> Any:
@@ -274,16 +287,21 @@ def truth_lines(case: ZooCase, name: str, twin: Twin, t: TwinTruth) -> list[str]
 def ground_truth_section(cases: Iterable[ZooCase] = CASES, echo: bool = False) -> list[str]:
     """The ground-truth tables; ``echo`` prints each case's as soon as it is measured."""
     lines = ["## Zoo: ground truth, measured without gradsight", ""]
-    for case in cases:
-        part = [f"### {case.key}: {case.title}", "", f"Built with {case.source}.", ""]
-        for name, twin in case.twins().items():
-            t = measure(twin, case.curvature)
-            part += [f"*{name}*: {twin.ground_truth}", ""]
-            part += truth_lines(case, name, twin, t)
-        if echo:
-            print("\n".join(part), flush=True)
-        lines += part
+    with one_thread():
+        for case in cases:
+            lines += _case_truth(case, echo)
     return lines
+
+
+def _case_truth(case: ZooCase, echo: bool) -> list[str]:
+    part = [f"### {case.key}: {case.title}", "", f"Built with {case.source}.", ""]
+    for name, twin in case.twins().items():
+        t = measure(twin, case.curvature)
+        part += [f"*{name}*: {twin.ground_truth}", ""]
+        part += truth_lines(case, name, twin, t)
+    if echo:
+        print("\n".join(part), flush=True)
+    return part
 
 
 # ----------------------------------------------------------------------- comparison
@@ -325,38 +343,12 @@ def model_status(statuses: Iterable[str]) -> str:
 
 
 def comparison_section(cases: Iterable[ZooCase] = CASES) -> tuple[list[str], dict[str, int]]:
-    import gradsight
-
-    rows = []
+    """The comparison table, and how many twin × scale checks each rule got right."""
+    rows: list[str] = []
     right = {"gradsight": 0, "naive": 0, "ratio": 0, "checks": 0}
-    for case in cases:
-        for name, twin in case.twins().items():
-            built = twin.build(0)
-            for c in SCALES:
-                loss_fn = scaled(built.loss_fn, c)
-                d = gradsight.diagnose(
-                    built.model, built.batch, loss_fn, lr=twin.lr / c, curvature=case.curvature
-                )
-                grads = {la.name: la.grad_norm for la in d.layers}
-                verdicts = {
-                    "gradsight": {la.name: la.status for la in d.layers},
-                    "naive": naive_statuses(grads),
-                    "ratio": ratio_statuses(grads),
-                }
-                cells = []
-                for rule, statuses in verdicts.items():
-                    good = sum(s in twin.expected(n) for n, s in statuses.items())
-                    whole = model_status(statuses.values())
-                    if rule == "gradsight":
-                        whole = d.status
-                    ok = whole in twin.model_status and good == len(statuses)
-                    right[rule] += ok
-                    cells.append(f"{whole} {'✅' if ok else '❌'} ({good}/{len(statuses)})")
-                right["checks"] += 1
-                expected = "/".join(sorted(twin.model_status))
-                rows.append(
-                    f"| {case.key} | {name} | ×{c:g} | {expected} | " + " | ".join(cells) + " |"
-                )
+    with one_thread():
+        for case in cases:
+            _compare(case, rows, right)
     lines = [
         "## Zoo: gradsight vs the naive and first/last rules",
         "",
@@ -374,6 +366,38 @@ def comparison_section(cases: Iterable[ZooCase] = CASES) -> tuple[list[str], dic
         "",
     ]
     return lines, right
+
+
+def _compare(case: ZooCase, rows: list[str], right: dict[str, int]) -> None:
+    import gradsight
+
+    for name, twin in case.twins().items():
+        built = twin.build(0)
+        for c in SCALES:
+            loss_fn = scaled(built.loss_fn, c)
+            d = gradsight.diagnose(
+                built.model, built.batch, loss_fn, lr=twin.lr / c, curvature=case.curvature
+            )
+            grads = {la.name: la.grad_norm for la in d.layers}
+            verdicts = {
+                "gradsight": {la.name: la.status for la in d.layers},
+                "naive": naive_statuses(grads),
+                "ratio": ratio_statuses(grads),
+            }
+            cells = []
+            for rule, statuses in verdicts.items():
+                good = sum(s in twin.expected(n) for n, s in statuses.items())
+                whole = model_status(statuses.values())
+                if rule == "gradsight":
+                    whole = d.status
+                ok = whole in twin.model_status and good == len(statuses)
+                right[rule] += ok
+                cells.append(f"{whole} {'✅' if ok else '❌'} ({good}/{len(statuses)})")
+            right["checks"] += 1
+            expected = "/".join(sorted(twin.model_status))
+            rows.append(
+                f"| {case.key} | {name} | ×{c:g} | {expected} | " + " | ".join(cells) + " |"
+            )
 
 
 def main(argv: list[str]) -> int:

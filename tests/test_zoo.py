@@ -18,6 +18,10 @@ from zoo import CASES, STATUSES, Built, Twin, ZooCase, scaled
 
 SCALES = (1.0, 1e-6, 1e6)
 
+# The zoo's models are tiny: a second thread gains nothing and only spin-waits when
+# other jobs share the cores.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PARAMS = [
     pytest.param(case, twin, c, id=f"{case.key}-{twin}-x{c:g}")
     for case in CASES
