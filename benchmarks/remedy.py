@@ -620,6 +620,9 @@ def _write_measured(facts: dict[str, Any]) -> None:
         f"MEASURED: dict[str, Any] = {body}\n",
         encoding="utf-8",
     )
+    ruff = Path(sys.executable).parent / "ruff"
+    if ruff.exists():  # the generated module follows the project's format
+        subprocess.run([str(ruff), "format", "-q", str(path)], check=False)
 
 
 def _clean(value: Any) -> Any:
