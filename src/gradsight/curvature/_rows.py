@@ -213,6 +213,8 @@ class _LinearRows(LayerRows):
             if self.has_bias:
                 aa = aa + 1
             dd = self.d.reshape(R * T, dout)
+            if T == 1:  # (AAᵀ + 1) ⊙ ΔΔᵀ, A repeated for each column j
+                return (aa.reshape(n, n).repeat(m, m) * (dd @ dd.T)).double()
             ddt = (dd @ dd.T).reshape(m, n, T, m, n, T)
             K = torch.einsum("ntlu,jntblu->jnbl", aa, ddt)
             return K.reshape(R, R).double()

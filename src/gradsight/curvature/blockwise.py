@@ -80,10 +80,21 @@ class BlockEstimate:
 
 
 @dataclass
+class _Summary:
+    """The parts of the ``R × R`` Gram matrix the estimates use (K itself is dropped)."""
+
+    upper: float  # λmax(K)
+    lower: float  # cross-validated top curvature (0 if unavailable)
+    upper_groups: torch.Tensor  # leave-group-out λmax, to first order
+    trace: float
+    trace_groups: torch.Tensor
+
+
+@dataclass
 class _Block:
     names: list[str]
     params: Sequence[torch.Tensor]
-    K: torch.Tensor  # (R, R) float64, weighted
+    summary: _Summary  # what the estimates need of K = U Uᵀ (weighted), kept small
     ug: torch.Tensor  # (R,) float64, weighted U g
     gg: float
     ug_fit: torch.Tensor | None = None
@@ -269,6 +280,8 @@ class BlockwiseGGN:
         self.blocks: dict[str, _Block] = {}
         sw = math.sqrt(weight)
         done: dict[tuple[int, ...], _Block] = {}
+        self._K_sum: torch.Tensor | None = None
+        self._whole: _Summary | None = None
         for i, (name, module) in enumerate(wanted.items()):
             ps = params[name]
             key = tuple(id(p) for p in ps)
@@ -292,7 +305,7 @@ class BlockwiseGGN:
                     if id(p) in trainable
                 ],
                 params=ps,
-                K=rows.gram() * weight,
+                summary=self._summarize(K_b := rows.gram() * weight),
                 ug=torch.empty(0),
                 gg=float(sum(float((t.double() ** 2).sum()) for t in g)),
             )
@@ -304,7 +317,8 @@ class BlockwiseGGN:
                 block.ug_fit = ugs[1] * sw
                 block.gg_fit = float(sum(float((t.double() ** 2).sum()) for t in gf))
             self.blocks[name] = done[key] = block
-            del rows, parts
+            self._K_sum = K_b if self._K_sum is None else self._K_sum.add_(K_b)
+            del rows, parts, K_b
         self.rows = m * n
 
     def _fit_gradient(
@@ -356,24 +370,51 @@ class BlockwiseGGN:
             reason = self.skipped.get(name, "not requested")
             raise GradsightError(f"layer {name!r} is not covered: {reason}.")
         b = self.blocks[name]
-        return self._estimate(b.K, b.ug, b.gg, damping)
+        return self._estimate(b.summary, b.ug, b.gg, damping)
 
     def whole(self, damping: float = 1e-3) -> BlockEstimate:
         """:class:`BlockEstimate` of all covered layers together (one block)."""
-        if not self.blocks:
+        if not self.blocks or self._K_sum is None:
             raise GradsightError("no layer is covered: nothing to estimate.")
-        K = sum(b.K for b in self.blocks.values())
-        ug = sum(b.ug for b in self.blocks.values())
-        gg = sum(b.gg for b in self.blocks.values())
-        assert isinstance(K, torch.Tensor) and isinstance(ug, torch.Tensor)
-        return self._estimate(K, ug, gg, damping)
+        if self._whole is None:
+            self._whole = self._summarize(self._K_sum)
+        distinct = {id(b): b for b in self.blocks.values()}.values()  # tied: once
+        ug = sum(b.ug for b in distinct)
+        gg = sum(b.gg for b in distinct)
+        assert isinstance(ug, torch.Tensor)
+        return self._estimate(self._whole, ug, gg, damping)
+
+    def _groups(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """Jackknife groups of samples: count, group of each row, rescaling per group."""
+        n = self.samples
+        groups = min(n, JACKKNIFE_GROUPS)
+        per = torch.bincount(torch.arange(n) % groups, minlength=groups).double()
+        return groups, self.row_sample % groups, n / (n - per)
+
+    def _summarize(self, K: torch.Tensor) -> _Summary:
+        upper, vec = _top(K)
+        tr = float(K.diagonal().sum())
+        if self.exact or self.samples < 2:
+            empty = torch.empty(0, dtype=torch.float64)
+            return _Summary(upper, 0.0, empty, tr, empty)
+        groups, gid, scale = self._groups()
+        # Leaving out a group's rows lowers λmax by λ·Σ_{rows in it} v_r² to first order
+        # (v the top eigenvector of K): the infinitesimal jackknife, without R×R copies.
+        share = torch.zeros(groups, dtype=torch.float64).index_add_(0, gid, vec.double() ** 2)
+        diag = torch.zeros(groups, dtype=torch.float64).index_add_(0, gid, K.diagonal().double())
+        return _Summary(
+            upper=upper,
+            lower=self._cross_top(K),
+            upper_groups=upper * (1 - share) * scale,
+            trace=tr,
+            trace_groups=(tr - diag) * scale,
+        )
 
     def _estimate(
-        self, K: torch.Tensor, ug: torch.Tensor, gg: float, damping: float
+        self, summary: _Summary, ug: torch.Tensor, gg: float, damping: float
     ) -> BlockEstimate:
-        lam, vec = _top(K)
+        lam = summary.upper
         gag = float(ug @ ug)
-        tr = float(K.diagonal().sum())
 
         def derived(lam_: float, gag_: float) -> tuple[float, float]:
             alpha = gg / gag_ if gag_ > 0 else (math.nan if gg == 0 else math.inf)
@@ -381,37 +422,33 @@ class BlockwiseGGN:
             dec = 0.5 * gg * gg / denom if denom > 0 else (0.0 if gg == 0 else math.inf)
             return alpha, dec
 
-        alpha, dec = derived(lam, gag)
         errs = [0.0, 0.0, 0.0, 0.0]
-        n = self.samples
-        if not self.exact and n >= 2:
-            groups = min(n, JACKKNIFE_GROUPS)
+        if len(summary.upper_groups):
+            groups, gid, scale = self._groups()
+            lower = summary.lower
+            # λmax(G̃) overestimates λmax(G) when rows are few next to G's effective rank
+            # (it fits the sampling noise); the top direction of one half of the rows,
+            # measured with the other half, underestimates it. Report the geometric
+            # middle of that bracket, its half-width as the error when it exceeds the
+            # jackknife's.
+            ratio = 1.0
+            if 0 < lower < lam:
+                ratio = math.sqrt(lower / lam)
+            ug2 = torch.zeros(groups, dtype=torch.float64).index_add_(0, gid, ug.double() ** 2)
             reps = []
-            gid = self.row_sample % groups
             for gi in range(groups):
-                keep = gid != gi
-                kept = int((torch.arange(n) % groups != gi).sum())
-                scale = n / kept
-                Kg = K[keep][:, keep] * scale
-                lam_g = _refine_top(Kg, vec[keep])
-                gag_g = float(ug[keep] @ ug[keep]) * scale
-                tr_g = float(K.diagonal()[keep].sum()) * scale
+                lam_g = float(summary.upper_groups[gi]) * ratio
+                gag_g = (gag - float(ug2[gi])) * float(scale[gi])
                 a_g, d_g = derived(lam_g, gag_g)
-                reps.append((lam_g, a_g, d_g, tr_g))
+                reps.append((lam_g, a_g, d_g, float(summary.trace_groups[gi])))
             t = torch.tensor(reps, dtype=torch.float64)
             finite = torch.isfinite(t).all(dim=0)
             spread = ((groups - 1) / groups * ((t - t.mean(dim=0)) ** 2).sum(dim=0)).sqrt()
             errs = [float(e) if f else math.inf for e, f in zip(spread, finite, strict=True)]
-            # λmax(G̃) overestimates λmax(G) when rows are few next to G's effective rank
-            # (it fits the sampling noise); the top direction of one half of the rows,
-            # measured with the other half, underestimates it. Report the geometric middle
-            # of that bracket, its half-width as the error when it exceeds the jackknife's.
-            lower = self._cross_top(K)
             if 0 < lower < lam:
-                upper = lam
-                lam = math.sqrt(lower * upper)
-                errs[0] = max(errs[0], (upper - lower) / 2)
-                alpha, dec = derived(lam, gag)
+                errs[0] = max(errs[0], (lam - lower) / 2)
+                lam = math.sqrt(lower * lam)
+        alpha, dec = derived(lam, gag)
         return BlockEstimate(
             lambda_max=lam,
             lambda_max_err=errs[0],
@@ -419,11 +456,11 @@ class BlockwiseGGN:
             alpha_star_err=errs[1],
             decrement=dec,
             decrement_err=errs[2],
-            trace=tr,
+            trace=summary.trace,
             trace_err=errs[3],
             grad_sq=gg,
             exact=self.exact,
-            rows=int(K.shape[0]),
+            rows=self.rows,
         )
 
     def _cross_top(self, K: torch.Tensor) -> float:
@@ -459,7 +496,12 @@ class BlockwiseGGN:
         """
         if self._fit_rows is None:
             return None
-        names = [nm for nm, b in self.blocks.items() if b.ug_fit is not None and b.gg_fit > 0]
+        distinct = {id(b): nm for nm, b in self.blocks.items()}  # a tied weight once
+        names = [
+            nm
+            for nm in distinct.values()
+            if self.blocks[nm].ug_fit is not None and self.blocks[nm].gg_fit > 0
+        ]
         if not names:
             return None
         rows = self._fit_rows
@@ -534,16 +576,5 @@ def _top(K: torch.Tensor) -> tuple[float, torch.Tensor]:
     if R <= 256:
         vals, vecs = torch.linalg.eigh(K)
         return float(vals[-1]), vecs[:, -1]
-    res = lanczos(K, 1, tol=1e-6, max_matvecs=min(R, 100))
+    res = lanczos(K, 1, tol=1e-5, max_matvecs=min(R, 100))
     return float(res.eigenvalues[0]), res.eigenvectors[:, 0]
-
-
-def _refine_top(K: torch.Tensor, v0: torch.Tensor, steps: int = 6) -> float:
-    """Largest eigenvalue of ``K`` by Rayleigh-Ritz on a short Krylov space from ``v0``."""
-    if K.shape[0] <= 64:
-        return float(torch.linalg.eigvalsh(K)[-1])
-    basis = [v0 / v0.norm().clamp_min(1e-300)]
-    for _ in range(steps - 1):
-        basis.append(K @ basis[-1])
-    Q, _ = torch.linalg.qr(torch.stack(basis, dim=1))
-    return float(torch.linalg.eigvalsh(Q.T @ K @ Q)[-1])
