@@ -81,7 +81,9 @@ def test_resume_from_state_dict_is_bitwise_identical(exact_outputs: int) -> None
         assert torch.equal(a, b), name
     anchor = opt2.state[resumed.conv.weight]
     assert anchor["step"] == 2 * n
-    assert {"A", "S", "A_inv", "S_inv", "momentum_buffer", "factor_steps"} <= set(anchor)
+    assert {"A", "S", "A_inv", "S_inv", "momentum_buffer", "factor_steps", "init_rms"} <= set(
+        anchor
+    )
     assert "rng_state" in anchor and "diagonal" in opt2.state[resumed.norm.weight]
 
 

@@ -151,7 +151,7 @@ class GaussNewton(torch.optim.Optimizer):
         >>> float(loss) < 0.15
         True
         >>> sorted(opt.state_dict()["state"][0])  # the first layer's weight: all its state
-        ['A', 'A_inv', 'S', 'S_inv', 'factor_steps', 'momentum_buffer', 'step']
+        ['A', 'A_inv', 'S', 'S_inv', 'factor_steps', 'init_rms', 'momentum_buffer', 'step']
 
         (plus ``rng_state`` once a random probe was drawn, and ``diagonal`` for the
         parameters of diagonal blocks).
