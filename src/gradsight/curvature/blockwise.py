@@ -294,6 +294,7 @@ class BlockwiseGGN:
             ]
             for q in [name, *partners[name]]:
                 if last_use[q] <= i:
+                    inputs[q] = []
                     for j in range(where[q].start, where[q].stop):
                         deltas[j] = torch.empty(0)
             rows = parts[0] if len(parts) == 1 else TiedRows(parts)
