@@ -116,7 +116,10 @@ class GaussNewton(torch.optim.Optimizer):
         lr: each layer's update size: its root-mean-square per entry is ``lr`` times the
             layer's root-mean-square at its first step (a per-layer trust region radius,
             relative to the layer's initialization scale). Schedulers may change it like
-            any learning rate.
+            any learning rate. The step does not shrink by itself as training
+            converges: the default 0.3 is meant for a decaying schedule (cosine to 0 in
+            the benchmark); at a constant rate use about 0.1 (a long run at a constant
+            0.3 drifts, ``docs/optimizer.md``).
         model: the module whose forward pass the closure calls; its layers' types choose
             their curvature blocks (:mod:`gradsight.optim.blocks`). Without it, call
             :meth:`register` before the first step.
