@@ -221,3 +221,18 @@ def test_gpt2_blocks_and_one_step() -> None:
     for _ in range(20):
         last = float(opt.step(closure))
     assert last < 0.5 * first
+
+
+def test_add_param_group_joins_the_blocks() -> None:
+    torch.manual_seed(0)
+    model = _Net()
+    opt = GaussNewton(list(model.fc.parameters()), model=model)
+    assert [b.name for b in opt.blocks] == ["fc"]
+    opt.add_param_group({"params": list(model.head.parameters()), "lr": 0.05})
+    assert [b.name for b in opt.blocks] == ["fc", "head"]
+    before = model.head.weight.detach().clone()
+    conv = model.conv.weight.detach().clone()
+    _train(model, opt, range(2))
+    assert not torch.equal(before, model.head.weight)
+    assert torch.equal(conv, model.conv.weight)  # not in the optimizer: left alone
+    assert opt.param_groups[1]["lr"] == 0.05

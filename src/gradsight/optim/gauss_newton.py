@@ -261,6 +261,13 @@ class GaussNewton(torch.optim.Optimizer):
         self._blocks = blocks
         return self
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group as any optimizer does; its parameters join their layers' blocks."""
+        super().add_param_group(param_group)
+        if getattr(self, "_model", None) is not None:  # None while __init__ adds groups
+            assert self._model is not None
+            self.register(self._model)
+
     @property
     def blocks(self) -> list[CurvatureBlock]:
         """The curvature blocks, in module order (what each layer gets)."""
