@@ -653,10 +653,11 @@ CASES: tuple[ZooCase, ...] = (
                 ("*.ln_[12]", OK_OR_DONE),
                 ("*", OK),
             ),
-            ground_truth="The same model at lr 2: lr·λmax(Hessian) = 13 for the whole model "
-            "and 8 for the tied embedding / LM head (unstable: > 2), ≤ 1.1 for every other "
-            "block; full-batch SGD at lr 2 diverges, while SGD on any other layer alone "
-            "still lowers the loss.",
+            ground_truth="The same model at lr 2: lr·λmax(Hessian) = 11 for the whole model "
+            "and 7.5 for the tied embedding / LM head block (unstable: > 2), ≤ 0.93 for "
+            "every other block; full-batch SGD at lr 2 reaches NaN within 100 steps (its "
+            "first step still lowers the loss, × 0.96), while SGD on any other layer alone "
+            "lowers it.",
         ),
         curvature=True,
     ),
@@ -711,18 +712,25 @@ CASES: tuple[ZooCase, ...] = (
         ),
         sick=Twin(
             _hf_resnet,
-            lr=2.0,
+            lr=10.0,
             model_status=EXPLODING,
             layers=(
-                ("resnet.embedder.embedder.convolution", EXPLODING),
                 ("classifier.1", EXPLODING),
-                # lr·λmax 1.9: at the edge, where Hessian and Gauss-Newton estimates differ.
-                ("resnet.encoder.stages.1.layers.0.layer.0.convolution", _s("ok", "exploding")),
+                # Each convolution feeds a BatchNorm, so the loss ignores its scale: its
+                # lr·λmax is 3-19 at init, yet SGD on it alone lowers the loss (the step
+                # grows its norm, which shrinks its effective step). Both are true.
+                ("*.convolution", _s("ok", "exploding")),
                 ("*", OK),
             ),
-            ground_truth="At lr 2: lr·λmax(Hessian) = 9.6 for the whole model, 3.8 for the "
-            "stem convolution and 3.6 for the classifier (unstable), 1.9 for stage 1's first "
-            "convolution, ≤ 0.9 for the rest.",
+            ground_truth="At lr 10 the first SGD step multiplies the loss by 2.4 and 100 "
+            "steps end at 1.74, above the start (1.41) and the prior (1.386). lr·λmax"
+            "(Hessian) at init: 19 for the stem convolution, 18 for the classifier, 9.3 and "
+            "4.4 for the first convolution of each stage, 3.0-3.4 for the second ones, "
+            "≤ 1.1 for the shortcut convolution and every BatchNorm. Alone, 20 SGD steps on "
+            "the classifier raise the loss (× 1.11); on any convolution they lower it "
+            "(× 0.47-0.78). (At lr 2, where "
+            "the stem and classifier are already at lr·λmax ≈ 4, SGD still reaches 3e-4: "
+            "BatchNorm absorbs a moderate excess, so lr 2 is not this twin.)",
         ),
         curvature=True,
     ),
@@ -760,9 +768,10 @@ CASES: tuple[ZooCase, ...] = (
             lr=0.1,
             model_status=OK,
             layers=(("*", OK),),
-            ground_truth="Every source has at least 6 unpadded positions; the loss, every "
-            "gradient finite; 100 SGD steps at lr 0.1 lower the loss well below its start, "
-            "and every layer alone lowers it.",
+            ground_truth="Every source has at least 6 unpadded positions; the loss and "
+            "every gradient are finite; 100 SGD steps at lr 0.1 take the loss from 3.44 to "
+            "2.41 (Adam: 0.0013), and every layer alone, both out_proj and the tied "
+            "embedding included, lowers it by 1-20% in 20 SGD steps.",
         ),
         sick=Twin(
             _tf_decoder(empty_source=True),
@@ -783,7 +792,8 @@ CASES: tuple[ZooCase, ...] = (
             model_status=OK,
             layers=(("*", OK),),
             ground_truth="The label's input is at the last step: 100 SGD steps at lr 0.5 "
-            "take the loss from 0.69 well below the prior's 0.693; both layers learn alone.",
+            "take the loss from 0.73 (prior 0.693) to 0.05; alone, 20 SGD steps on the RNN "
+            "lower it by 55%, on the head by 38%.",
         ),
         sick=Twin(
             _recurrent("rnn", label_step=0),
@@ -922,7 +932,8 @@ CASES: tuple[ZooCase, ...] = (
             model_status=EXPLODING,
             layers=(("backbone.*", FROZEN), ("probe", EXPLODING)),
             ground_truth="The probe at init, at lr 30: lr·λmax(Hessian) of the probe is 10 "
-            "(unstable: > 2).",
+            "(unstable: > 2); the first SGD step multiplies the loss by 2.2 and 100 steps "
+            "end at 8.5 (start 1.39).",
         ),
         curvature=True,
     ),
@@ -968,7 +979,8 @@ CASES: tuple[ZooCase, ...] = (
             layers=(("*", CONVERGED),),
             ground_truth="Fitted to a teacher of its own shape by 200 L-BFGS iterations: "
             "loss 5.9e-8, 5e-6 of the constant prediction's 0.0126; gradient norms ≤ 4e-6; "
-            "lr·λmax ≤ 0.11; 100 SGD and 100 Adam steps do not lower the loss.",
+            "lr·λmax ≤ 0.11; 100 SGD steps change the loss by 0.03%, 100 Adam steps raise "
+            "it (1.4e-7).",
         ),
         sick=Twin(
             _tanh_solved,
@@ -976,7 +988,8 @@ CASES: tuple[ZooCase, ...] = (
             model_status=EXPLODING,
             layers=(("0", CONVERGED), ("2", EXPLODING)),
             ground_truth="The same optimum at lr 0.5: lr·λmax(Hessian) = 5.5 for the output "
-            "layer (unstable), 0.19 for the hidden layer, which has nothing left to win.",
+            "layer (unstable), 0.19 for the hidden layer, which has nothing left to win; "
+            "100 SGD steps at lr 0.5 take the loss from 5.9e-8 to 7e100.",
         ),
         curvature=True,
     ),
