@@ -99,13 +99,15 @@ def vanishing_advice(
     saturated = max((a.saturation for a in f.activations), default=0.0)
     dead = max((a.dead_fraction for a in f.activations), default=0.0)
     scored: list[tuple[float, str]] = []
+    depth = len(ran)
     if act_loss >= 0.1:
         names = "/".join(sorted({a.name for a in sat_acts}))
         scored.append(
             (
                 act_loss,
                 "Use a non-saturating activation (ReLU, GELU) with He initialization: the "
-                f"{names} derivatives after this layer cost the signal {act_loss:.1f} decades.",
+                f"{names} derivatives after this layer cost the signal {act_loss:.1f} decades. "
+                f"Measured: {_measured('relu', depth)}.",
             )
         )
     if weight_loss >= 0.1:
@@ -133,7 +135,7 @@ def vanishing_advice(
             )
         )
     if alpha_spread >= 1:
-        scored.append((alpha_spread / 2, _per_layer_step_advice(traits, alpha_spread)))
+        scored.append((alpha_spread / 2, _per_layer_step_advice(traits, alpha_spread, depth)))
     if dead >= 0.05 and not traits.only_leaky:
         scored.append(
             (
@@ -145,22 +147,35 @@ def vanishing_advice(
     return tuple(text for _, text in sorted(scored, key=lambda item: -item[0]))
 
 
-def _per_layer_step_advice(traits: ModelTraits, spread: float) -> str:
+def _per_layer_step_advice(traits: ModelTraits, spread: float, depth: int) -> str:
     if traits.optimizer == "adaptive":
         how = (
-            "precondition with the curvature itself (K-FAC/Gauss-Newton, "
-            "gradsight.optim.GaussNewton): a per-coordinate scaling such as Adam's does not "
-            "see it"
+            "precondition with the curvature itself (gradsight.optim.GaussNewton, K-FAC) or "
+            "orthogonalize each layer's update (torch.optim.Muon): a per-coordinate scaling "
+            "such as Adam's does not see it"
         )
     else:
         how = (
-            "K-FAC/Gauss-Newton preconditioning (gradsight.optim.GaussNewton), or at least an "
-            "adaptive or orthogonalized optimizer (Adam, Muon)"
+            "gradsight.optim.GaussNewton (K-FAC), or at least an orthogonalized or adaptive "
+            "optimizer (torch.optim.Muon, Adam)"
         )
     return (
         f"Give each layer its own step size from its curvature — {how}: the curvature-optimal "
-        f"steps span {spread:.0f} decades."
+        f"steps span {spread:.0f} decades. Measured: {_measured('optimizer', depth)}."
     )
+
+
+def _measured(remedy: str, depth: int) -> str:
+    """The remedy benchmark's sentence for ``remedy`` (``"optimizer"``: GaussNewton
+    against Muon; ``"relu"``: ReLU with He init) on the measured sigmoid MLP closest in
+    depth (6 or 10 layers)."""
+    from gradsight.optim.evidence import vanishing_remedies
+
+    measured_depth = 10 if depth >= 8 else 6
+    for line in vanishing_remedies():
+        if f"{measured_depth}-layer" in line and ("ReLU" in line) == (remedy == "relu"):
+            return line
+    raise LookupError(f"no measured sentence for {remedy!r} at depth {measured_depth}")
 
 
 _REMEDIES: dict[str, tuple[tuple[str, str | None], ...]] = {
