@@ -16,6 +16,7 @@ memory FSDP saves is needed back briefly, once per diagnosis.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from typing import Any
 
@@ -58,7 +59,8 @@ def gathered(model: nn.Module) -> nn.Module:
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``model``'s parameters are sharded across ranks (FSDP2 makes them
     ``DTensor``s, each rank holding a shard)."""
-    if not torch.distributed.is_available():
+    if not torch.distributed.is_available() or "torch.distributed.tensor" not in sys.modules:
+        # No DTensor exists before its module is imported (importing it takes seconds).
         return False
     from torch.distributed.tensor import DTensor
 
