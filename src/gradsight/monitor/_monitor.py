@@ -97,12 +97,13 @@ class Monitor:
     the reason. Parameters stay bitwise those of a run without it. Misuse still raises
     :class:`~gradsight.GradsightError` (bad arguments, :meth:`step` after :meth:`close`).
 
-    **Cost** (``benchmarks/results/monitor.md``, 2 CPU threads): at ``every=1`` about
-    1.13× a plain step on a 10-layer width-256 MLP (a 5 ms step) and 1.08× on a small
-    CNN, of which 1.08× and 1.05× is the price of hooking every layer's output and
-    reducing every backward signal at all (bare hooks taking the same norms). Where
-    that is too much, ``every=10`` costs 1.02×; the curvature tier costs what its
-    products cost, so give it a ``curvature_every`` of hundreds of steps.
+    **Cost** (``benchmarks/results/monitor.md``, on CPU): at ``every=1`` about 1.01× a
+    plain step on a 4-layer GPT-2 (AdamW, 8×128 tokens), 1.12× on a 10-layer width-256
+    MLP and 1.06× on a small CNN, of which 1.06× and 1.04× is the price of hooking every
+    layer's output and reducing every backward signal at all (bare hooks taking the
+    same norms). Where that is too much, ``every=10`` costs 1.01–1.05×; the curvature
+    tier costs what its products cost, so give it a ``curvature_every`` of hundreds of
+    steps.
 
     Args:
         model: The model being trained.
