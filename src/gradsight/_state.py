@@ -28,7 +28,11 @@ def preserved(model: nn.Module, *, seed: int | None = 0) -> Iterator[None]:
     try:
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
-                torch.manual_seed(seed)
+                # The generators the model can draw from; torch.manual_seed would also
+                # queue a lazy CUDA seeding that records a stack trace (milliseconds).
+                torch.default_generator.manual_seed(seed)
+                for index in devices:
+                    torch.cuda.default_generators[index].manual_seed(seed)
             yield
     finally:
         with torch.no_grad():
