@@ -14,6 +14,8 @@ import pytest
 import torch
 
 import gradsight
+from contradictions import contradictions
+from gradsight.diagnosis.advice import traits_of
 from zoo import CASES, STATUSES, Built, Twin, ZooCase, scaled
 
 SCALES = (1.0, 1e-6, 1e6)
@@ -91,6 +93,10 @@ def test_zoo(case: ZooCase, twin: str, c: float) -> None:
     _assert_unchanged(built.model, before)
     wrong = _wrong(truth, d)
     assert not wrong, f"{case.key}/{twin} at loss × {c:g}:\n" + "\n".join(wrong)
+    # Every reason, piece of advice and the summary agree with the numbers beside them.
+    traits = traits_of(built.model, [])
+    found = contradictions(d, has_norm=traits.has_norm, has_residual=traits.has_residual)
+    assert not found, f"{case.key}/{twin} at loss × {c:g}:\n" + "\n".join(found)
 
 
 def test_every_twin_states_a_truth_for_every_layer() -> None:
