@@ -33,6 +33,8 @@ from torch import nn
 
 import gradsight
 
+ce_loss = nn.functional.cross_entropy
+
 
 class _Block(nn.Module):
     def __init__(self, ch: int) -> None:
@@ -113,6 +115,9 @@ def measure(name: str, what: str) -> dict[str, Any]:
         _step(model, batch, loss_fn)
         times.append(time.perf_counter() - start)
     if what == "diagnose":
+        # One-time costs of a process (imports on first use) on a tiny model first.
+        tiny = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+        gradsight.diagnose(tiny, (torch.randn(16, 4), torch.randint(0, 3, (16,))), ce_loss)
         start = time.perf_counter()
         d = gradsight.diagnose(model, batch, loss_fn)
         out["seconds"] = time.perf_counter() - start
