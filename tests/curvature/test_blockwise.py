@@ -131,8 +131,8 @@ def test_sampled_factor_has_the_output_hessian_as_covariance() -> None:
     cov = draws.T @ draws / draws.shape[0]
     H = torch.autograd.functional.hessian(lambda z: ce(z, targets), logits).reshape(12, 12)
     assert torch.allclose(cov, H, atol=4e-3)
-    cols = factor.exact_columns().reshape(4, -1)
-    # exact columns, one per class: Σ_c of each sample's part, outer with itself, is H
+    cols = factor.exact_columns().reshape(3, -1)  # rank C − 1 = 3: three columns
+    # exact columns: Σ_c of each sample's part, outer with itself, is H
     assert torch.allclose(_blockdiag(cols, 3, 4), H, atol=1e-12)
 
 

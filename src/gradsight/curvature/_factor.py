@@ -71,7 +71,7 @@ class OutputFactor:
         return t.movedim(-1, self._cdim + 1).contiguous()
 
     def exact_columns(self) -> torch.Tensor:
-        """``(C, *shape)``: column ``c`` of ``L`` at every position."""
+        """``(num_columns, *shape)``: column ``c`` of ``L`` at every position."""
         L = self._block()  # (*pos, C, C)
         return self._to_outputs(L.movedim(-1, 0))
 
@@ -131,10 +131,12 @@ def _cross_entropy(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputF
 
     def block() -> torch.Tensor:
         p = probs.movedim(cdim, -1)  # (*pos, C)
-        w = (weight * root).unsqueeze(-1).unsqueeze(-1)
-        # diag(p) − ppᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ: column c is √p_c (e_c − p).
-        eye = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
-        return w * (eye - p.unsqueeze(-1)) * p.sqrt().unsqueeze(-2)
+        w2 = (weight * weight * scale).unsqueeze(-1).unsqueeze(-1)
+        # diag(p) − ppᵀ has rank C − 1 (its rows sum to zero): C − 1 columns suffice,
+        # from its eigendecomposition (the dropped eigenvalue is the zero one along 1).
+        H = w2 * (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2))
+        vals, vecs = torch.linalg.eigh(H)
+        return vecs[..., 1:] * vals[..., 1:].clamp_min(0).sqrt().unsqueeze(-2)
 
     def sample(k: int, gen: torch.Generator) -> torch.Tensor:
         p = probs.movedim(cdim, -1).reshape(-1, probs.shape[cdim])
@@ -145,7 +147,9 @@ def _cross_entropy(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputF
         s = s * (weight * root).unsqueeze(-1)
         return s.movedim(-1, cdim + 1).contiguous()
 
-    return OutputFactor(tuple(outputs.shape), block, cdim, sample)
+    factor = OutputFactor(tuple(outputs.shape), block, cdim, sample)
+    factor.num_columns = max(outputs.shape[cdim] - 1, 1)
+    return factor
 
 
 def _mse(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputFactor | None:
