@@ -8,9 +8,9 @@ mode). When the output of a sample is one vector of ``C`` entries and ``C`` is s
 ``H_out = L Lᵀ`` with ``C`` exact columns replaces the sampling and ``G = Σ_{n,c}
 u_{nc} u_{nc}ᵀ`` holds exactly.
 
-``H_out`` is analytic for cross-entropy (``diag(p) − ppᵀ`` per position, sampled as
-``p − e_y`` with ``y ~ p``) and for the mean squared error (``c·I``); for any other loss
-it comes from autograd, accepted when it is diagonal or block-diagonal over positions
+``H_out`` is analytic for cross-entropy (``diag(p) − ppᵀ`` per position, of rank
+``C − 1`` so ``C − 1`` exact columns, sampled as ``p − e_y`` with ``y ~ p``) and for the
+mean squared error (``c·I``); for any other loss it comes from autograd, accepted when it is diagonal or block-diagonal over positions
 with at most :data:`MAX_BLOCK` entries per position (verified on random probes).
 """
 
