@@ -10,8 +10,9 @@ u_{nc} u_{nc}ᵀ`` holds exactly.
 
 ``H_out`` is analytic for cross-entropy (``diag(p) − ppᵀ`` per position, of rank
 ``C − 1`` so ``C − 1`` exact columns, sampled as ``p − e_y`` with ``y ~ p``) and for the
-mean squared error (``c·I``); for any other loss it comes from autograd, accepted when it is diagonal or block-diagonal over positions
-with at most :data:`MAX_BLOCK` entries per position (verified on random probes).
+mean squared error (``c·I``); for any other loss it comes from autograd, accepted when
+it is diagonal or block-diagonal over positions with at most :data:`MAX_BLOCK` entries
+per position (verified on random probes).
 """
 
 from __future__ import annotations
