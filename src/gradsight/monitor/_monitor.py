@@ -97,7 +97,7 @@ class Monitor:
     the reason. Parameters stay bitwise those of a run without it. Misuse still raises
     :class:`~gradsight.GradsightError` (bad arguments, :meth:`step` after :meth:`close`).
 
-    **Cost** (``benchmarks/results/monitor.md``, on CPU): at ``every=1`` about 1.01× a
+    **Cost** (``benchmarks/results/monitor.md``, on CPU): at ``every=1`` about 1.02× a
     plain step on a 4-layer GPT-2 (AdamW, 8×128 tokens), 1.12× on a 10-layer width-256
     MLP and 1.06× on a small CNN, of which 1.06× and 1.04× is the price of hooking every
     layer's output and reducing every backward signal at all (bare hooks taking the
