@@ -14,7 +14,8 @@ only part of it: H = G + Σ_k (∂L/∂f_k) ∇²f_k. The rest can be large eith
 So the ``lr·λmax > 2`` verdict is checked on the Hessian (Lanczos on Hessian-vector
 products) for the blocks where it can change: those whose Gauss-Newton estimate puts
 lr·λmax above ``1`` (within a factor 2 of the threshold, or beyond it), and those whose
-parameters are shared with another module. Other blocks' G-based estimate stands.
+parameters are shared with another module. Other blocks' G-based estimate stands. A
+sampled G estimate counts with its error bar (λmax + 2 standard errors).
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def hessian_lambda_max(
             continue
         ggn = curvature.get(name)
         shared = any(owners[id(p)] > 1 for p in params) or _tied_elsewhere(model, params)
-        if not shared and (ggn is None or lr * ggn.lambda_max <= 1.0):
+        # The sampled estimate's error bar counts: λmax + 2 standard errors.
+        high = None if ggn is None else ggn.lambda_max + 2 * ggn.lambda_max_err
+        if not shared and (high is None or lr * high <= 1.0):
             continue
         top = top_eigenvalues(
             model, batch, loss_fn, k=1, params=list(params), tol=tol, max_matvecs=max_matvecs
