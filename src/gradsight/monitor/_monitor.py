@@ -98,10 +98,10 @@ class Monitor:
     :class:`~gradsight.GradsightError` (bad arguments, :meth:`step` after :meth:`close`).
 
     **Cost** (``benchmarks/results/monitor.md``, on CPU): at ``every=1`` about 1.02× a
-    plain step on a 4-layer GPT-2 (AdamW, 8×128 tokens), 1.12× on a 10-layer width-256
-    MLP and 1.06× on a small CNN, of which 1.06× and 1.04× is the price of hooking every
-    layer's output and reducing every backward signal at all (bare hooks taking the
-    same norms). Where that is too much, ``every=10`` costs 1.01–1.05×; the curvature
+    plain step on a 4-layer GPT-2 (AdamW, 8×128 tokens), 1.12–1.23× on a 10-layer
+    width-256 MLP and 1.06–1.09× on a small CNN, of which 1.06–1.15× and 1.04–1.06× is
+    the price of hooking every layer's output and reducing every backward signal at all
+    (bare hooks taking the same norms). Where that is too much, ``every=10`` costs 1.01–1.05×; the curvature
     tier costs what its products cost, so give it a ``curvature_every`` of hundreds of
     steps.
 
