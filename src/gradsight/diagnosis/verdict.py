@@ -225,7 +225,6 @@ def _measure(
             d.activation_factor = ratio(sig.signal_norm, nxt.input_signal_norm)
     grad_finite = all(math.isfinite(g) for g in e.grad_norms.values())
     has_signal = sig is not None and sig.signal_norm is not None
-    rel = [s.sensitivity / model.s_max if model.s_max > 0 else 0.0 for s in model.ran]
     facts = LayerFacts(
         name=e.name,
         frozen=e.frozen,
@@ -246,10 +245,17 @@ def _measure(
         step_ratio=d.step_ratio,
         activation=act,
         last=e.used_by is None and pos is not None and pos == len(model.ran) - 1,
-        upstream_sens=max(rel[:pos], default=None) if pos is not None else None,
+        upstream_sens=_upstream(model, pos),
         time_input_norms=e.time_input_norms,
     )
     return d, facts
+
+
+def _upstream(model: ModelFacts, pos: int | None) -> float | None:
+    """The largest relative sensitivity of the layers that ran before position ``pos``."""
+    if not pos or model.s_max <= 0:
+        return None if pos is None or pos == 0 else 0.0
+    return max(s.sensitivity for s in model.ran[:pos]) / model.s_max
 
 
 def _activation_after(
