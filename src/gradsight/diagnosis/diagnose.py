@@ -111,6 +111,8 @@ def diagnose(
     kind = optimizer_kind(optimizer)
     if optimizer is not None and lr is None:
         lr = optimizer_lr(optimizer)
+        if lr is not None and not lr > 0:
+            lr = None  # a schedule at lr 0 (warm-up, the end of a decay): no step to judge
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0):
         raise GradsightError(
             f"lr must be a positive number (the learning rate used in training), got {lr!r}. "
