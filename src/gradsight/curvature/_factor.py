@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gradsight.curvature.ggn import mse_scale
+
 __all__ = ["MAX_BLOCK", "OutputFactor", "output_factor"]
 
 #: Largest per-position block of a generic loss's output Hessian that is factored.
@@ -154,19 +156,9 @@ def _cross_entropy(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputF
 
 
 def _mse(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputFactor | None:
-    if isinstance(loss_fn, nn.MSELoss):
-        reduction = loss_fn.reduction
-    elif loss_fn is F.mse_loss:
-        reduction = "mean"
-    else:
+    scale = mse_scale(loss_fn, outputs, targets)
+    if scale is None:
         return None
-    if (
-        reduction not in ("mean", "sum")
-        or not isinstance(targets, torch.Tensor)
-        or targets.shape != outputs.shape
-    ):
-        return None
-    scale = 2.0 / outputs.numel() if reduction == "mean" else 2.0
     return _diagonal(outputs, torch.full_like(outputs, scale))
 
 

@@ -206,7 +206,9 @@ def _cross_entropy_hessian(
     return apply
 
 
-def _mse_hessian(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputHessian | None:
+def mse_scale(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> float | None:
+    """The constant Hessian ∂²L/∂z² = scale·I of a mean squared error loss (``nn.MSELoss``
+    or ``F.mse_loss`` on same-shaped targets, mean or sum reduction); None otherwise."""
     if isinstance(loss_fn, nn.MSELoss):
         reduction = loss_fn.reduction
     elif loss_fn is F.mse_loss:
@@ -219,5 +221,11 @@ def _mse_hessian(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputHes
         or targets.shape != outputs.shape
     ):
         return None
-    scale = 2.0 / outputs.numel() if reduction == "mean" else 2.0
+    return 2.0 / outputs.numel() if reduction == "mean" else 2.0
+
+
+def _mse_hessian(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputHessian | None:
+    scale = mse_scale(loss_fn, outputs, targets)
+    if scale is None:
+        return None
     return lambda w: scale * w
