@@ -101,9 +101,9 @@ class Monitor:
     plain step on a 4-layer GPT-2 (AdamW, 8×128 tokens), 1.12–1.23× on a 10-layer
     width-256 MLP and 1.06–1.09× on a small CNN, of which 1.06–1.15× and 1.04–1.06× is
     the price of hooking every layer's output and reducing every backward signal at all
-    (bare hooks taking the same norms). Where that is too much, ``every=10`` costs 1.01–1.05×; the curvature
-    tier costs what its products cost, so give it a ``curvature_every`` of hundreds of
-    steps.
+    (bare hooks taking the same norms). Where that is too much, ``every=10`` costs
+    1.01–1.05×; the curvature tier costs what its products cost, so give it a
+    ``curvature_every`` of hundreds of steps.
 
     Args:
         model: The model being trained.
