@@ -121,7 +121,9 @@ def diagnose(
     _, targets = split_batch(batch)
     params = [p for _, p in named]
     with preserved(model):
-        with SignalProbe(model, check_finite=True) as probe, _TimeInputs(model) as inputs:
+        # Finiteness is checked at every module only when the pass turns out non-finite
+        # (a second pass, below): on a finite pass those checks cost a hook per module.
+        with SignalProbe(model) as probe, _TimeInputs(model) as inputs:
             outputs, loss = compute_loss(model, batch, loss_fn)
             wanted = params + probe.extra_inputs
             grads = torch.autograd.grad(loss, wanted, allow_unused=True)[: len(params)]
@@ -191,7 +193,7 @@ def diagnose(
     )
     origin = None
     if not finite:
-        origin = flow.nonfinite_forward or flow.nonfinite_backward
+        origin = _nonfinite_origin(model, batch, loss_fn, params)
         summary = (
             f"The loss or a gradient is NaN/Inf (loss {loss_value}); it starts at module "
             f"{origin!r}.\n" + summary
@@ -211,6 +213,22 @@ def diagnose(
         realized_decrease=None if whole is None else whole.realized,
         lambda_max=None if whole is None else whole.lambda_max,
     )
+
+
+def _nonfinite_origin(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    params: list[nn.Parameter],
+) -> str | None:
+    """The first module whose output (or, if the forward pass is finite, backward signal)
+    is NaN/Inf: the same pass again (same RNG seed, so the same dropout masks), with a
+    finiteness check at every module."""
+    with preserved(model), SignalProbe(model, check_finite=True) as probe:
+        _, loss = compute_loss(model, batch, loss_fn)
+        torch.autograd.grad(loss, params + probe.extra_inputs, allow_unused=True)
+    flow = probe.result()
+    return flow.nonfinite_forward or flow.nonfinite_backward
 
 
 def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:
