@@ -22,10 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from gradsight.curvature.ggn import mse_scale
+from gradsight.curvature.ggn import cross_entropy_settings, mse_scale
 
 __all__ = ["MAX_BLOCK", "OutputFactor", "output_factor"]
 
@@ -107,16 +105,10 @@ def output_factor(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputFa
 
 
 def _cross_entropy(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputFactor | None:
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.weight is not None or loss_fn.label_smoothing:
-            return None
-        reduction, ignore_index = loss_fn.reduction, loss_fn.ignore_index
-    elif loss_fn is F.cross_entropy:
-        reduction, ignore_index = "mean", -100
-    else:
+    settings = cross_entropy_settings(loss_fn, targets, label_smoothing=False)
+    if settings is None:
         return None
-    if reduction not in ("mean", "sum") or not isinstance(targets, torch.Tensor):
-        return None
+    reduction, ignore_index = settings
     if outputs.ndim < 2:
         return None
     cdim = 1

@@ -173,11 +173,15 @@ def output_hessian(
     return apply
 
 
-def _cross_entropy_hessian(
-    loss_fn: Any, outputs: torch.Tensor, targets: Any
-) -> OutputHessian | None:
+def cross_entropy_settings(
+    loss_fn: Any, targets: Any, *, label_smoothing: bool = True
+) -> tuple[str, int] | None:
+    """``(reduction, ignore_index)`` of an unweighted cross-entropy loss
+    (``nn.CrossEntropyLoss`` or ``F.cross_entropy``) with mean or sum reduction and
+    tensor targets; None otherwise, or for label smoothing when ``label_smoothing`` is
+    False. Its Hessian with respect to the logits is the softmax Jacobian."""
     if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.weight is not None:
+        if loss_fn.weight is not None or (loss_fn.label_smoothing and not label_smoothing):
             return None
         reduction, ignore_index = loss_fn.reduction, loss_fn.ignore_index
     elif loss_fn is F.cross_entropy:
@@ -186,6 +190,16 @@ def _cross_entropy_hessian(
         return None
     if reduction not in ("mean", "sum") or not isinstance(targets, torch.Tensor):
         return None
+    return reduction, ignore_index
+
+
+def _cross_entropy_hessian(
+    loss_fn: Any, outputs: torch.Tensor, targets: Any
+) -> OutputHessian | None:
+    settings = cross_entropy_settings(loss_fn, targets)
+    if settings is None:
+        return None
+    reduction, ignore_index = settings
     cdim = 1 if outputs.ndim >= 2 else 0
     probs = torch.softmax(outputs, dim=cdim)
     if targets.is_floating_point():  # class probabilities: every position counts
