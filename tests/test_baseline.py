@@ -97,3 +97,82 @@ def test_structured_outputs_get_one_constant_per_head() -> None:
 
 def test_no_baseline_without_a_floating_output() -> None:
     assert constant_baseline_loss({"ids": torch.arange(3)}, None, lambda o, t: o) is None
+
+
+class _NoIterativeFit:
+    """Fails a test that reaches L-BFGS: the closed form should have been the minimum."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("the baseline ran an iterative fit")
+
+
+def _entropy(labels: torch.Tensor, classes: int) -> float:
+    freq = torch.bincount(labels.reshape(-1), minlength=classes).double() / labels.numel()
+    freq = freq[freq > 0]
+    return float(-(freq * freq.log()).sum())
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_shifted_language_model_loss_is_solved_in_closed_form(
+    scale: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A next-token loss (logits at t scored against the token at t+1, times a scale) is
+    cross-entropy in the constant over rows the targets do not show: its minimum is read
+    off two gradients, the entropy of the shifted tokens' frequencies, times the scale."""
+    vocab, gen = 6, torch.Generator().manual_seed(3)
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    tokens = torch.multinomial(probs, 64 * 50, replacement=True, generator=gen).reshape(64, 50)
+    tokens[:, 0] = 5  # position 0 is never a target: the unshifted counts would be wrong
+
+    def next_token(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+        )
+        return scale * loss
+
+    monkeypatch.setattr(torch.optim, "LBFGS", _NoIterativeFit)
+    base = constant_baseline_loss(torch.randn(64, 50, vocab, generator=gen), tokens, next_token)
+    assert base == pytest.approx(scale * _entropy(tokens[:, 1:], vocab), rel=1e-5)
+
+
+def test_binary_cross_entropy_baseline_is_the_binary_entropy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.rand(500, 2, generator=gen) < torch.tensor([0.2, 0.7])).float()
+    monkeypatch.setattr(torch.optim, "LBFGS", _NoIterativeFit)
+    base = constant_baseline_loss(
+        torch.randn(500, 2, generator=gen), y, nn.functional.binary_cross_entropy_with_logits
+    )
+    p = y.double().mean(dim=0)
+    expected = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+    assert base == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_loss_of_no_usual_form_is_still_fitted() -> None:
+    """Mean absolute error: the best constant is the median, no closed form the baseline
+    knows; the iterative fit still gets within a few percent of it."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randn(400, 1, generator=gen).exp()  # skewed: mean and median differ
+    base = constant_baseline_loss(torch.zeros(400, 1), y, nn.functional.l1_loss)
+    expected = float((y - y.median()).abs().mean())
+    assert base is not None and expected - 1e-6 <= base <= expected * 1.05
+
+
+def test_dict_heads_get_each_heads_closed_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A classification head and a regression head in one dict: the baseline is the
+    label entropy plus the weighted target variance, without an iterative fit."""
+    gen = torch.Generator().manual_seed(1)
+    n = 600
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    reg = 2.0 + 3.0 * torch.randn(n, generator=gen)
+    outputs = {"cls": torch.randn(n, 3, generator=gen), "reg": torch.randn(n, 1, generator=gen)}
+
+    def loss_fn(out: dict[str, torch.Tensor], t: dict[str, torch.Tensor]) -> torch.Tensor:
+        cls = nn.functional.cross_entropy(out["cls"], t["cls"])
+        return cls + 0.1 * nn.functional.mse_loss(out["reg"].squeeze(-1), t["reg"])
+
+    monkeypatch.setattr(torch.optim, "LBFGS", _NoIterativeFit)
+    base = constant_baseline_loss(outputs, {"cls": labels, "reg": reg}, loss_fn)
+    expected = _entropy(labels, 3) + 0.1 * float(reg.double().var(unbiased=False))
+    assert base == pytest.approx(expected, rel=1e-4)

@@ -11,12 +11,19 @@ position of a sequence or image, and it is judged on samples it was not fitted o
 2,048 and 1,024 tokens in the batch, a unigram fitted on the batch itself would "know"
 every token it is scored on. With at least 50 rows per feature (a classifier's batch)
 memorizing is worth under 2% of the loss, and the constant is fitted on the whole batch.
+
+The fit starts from the closed-form optimum of the usual losses, read off the targets:
+the log class frequencies (cross-entropy on class indices), the target mean (squared
+error), its logit (binary cross-entropy). For those losses the fit stops at once (the
+gradient there is zero); for any other loss it is a few L-BFGS iterations from the best
+of these starts, so a custom loss only costs more time, never a different answer.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +38,16 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 # held-out loss picks t, as a ridge path picks its penalty.
 _PATH = (0.0, 0.25, 0.5, 1.0)
 _IN_SAMPLE_ROWS = 50
+# L-BFGS stops where the largest gradient entry of loss/loss(start) is below this: at the
+# closed-form optimum of a recognized loss that is the first evaluation.
+_TOLERANCE_GRAD = 1e-6
+# Count added to every class for a constant scored on samples it was not fitted on (the
+# Krichevsky-Trofimov estimator): a class absent from one half is not impossible.
+_HELD_OUT_COUNT = 0.5
+# Count given to absent classes in the in-sample optimum (log 0 is -inf).
+_ABSENT_COUNT = 1e-6
+
+Candidate = Callable[[torch.Tensor, Any], "_Start | None"]
 
 
 def constant_baseline_loss(
@@ -81,30 +98,180 @@ def constant_baseline_loss(
         # its positions); several heads are flattened: one constant per head's feature.
         flat = FlatOutputs(keys)
         whole = flat.flatten(outputs)
-        return constant_baseline_loss(
-            whole, targets, lambda o, t: loss_fn(flat.rebuild(o), t), max_iter=max_iter
+        if not isinstance(whole, torch.Tensor) or whole.ndim == 0 or whole.shape[0] == 0:
+            return None
+        dims = _feature_dims(whole)
+        candidate = _structured_candidate(flat, outputs, dims) if len(keys) > 1 else None
+        return _safe_baseline(
+            whole.detach(),
+            targets,
+            lambda o, t: loss_fn(flat.rebuild(o), t),
+            dims,
+            max_iter,
+            candidate or _tensor_candidate(dims),
         )
-    if not isinstance(outputs, torch.Tensor) or not outputs.is_floating_point():
+    if not outputs.is_floating_point() or outputs.ndim == 0 or outputs.shape[0] == 0:
         return None
-    if outputs.ndim == 0 or outputs.shape[0] == 0:
-        return None
-    values = []
-    for dims in _feature_dims(outputs):
-        try:
-            values.append(_baseline(outputs.detach(), targets, loss_fn, dims, max_iter))
-        except Exception:  # a loss that cannot take a constant prediction has no baseline
-            continue
-    finite = [v for v in values if v is not None and torch.isfinite(torch.tensor(v))]
-    return min(finite) if finite else None
+    dims = _feature_dims(outputs)
+    return _safe_baseline(
+        outputs.detach(), targets, loss_fn, dims, max_iter, _tensor_candidate(dims)
+    )
 
 
-def _feature_dims(outputs: torch.Tensor) -> list[tuple[int, ...]]:
-    """Candidate dimensions that hold the output features (the rest are shared)."""
+def _safe_baseline(
+    outputs: torch.Tensor,
+    targets: Any,
+    loss_fn: LossFn,
+    dims: tuple[int, ...],
+    max_iter: int,
+    candidate: Candidate,
+) -> float | None:
+    try:
+        value = _baseline(outputs, targets, loss_fn, dims, max_iter, candidate)
+    except Exception:  # a loss that cannot take a constant prediction has no baseline
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _feature_dims(outputs: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions that hold the output features (the rest are shared)."""
     if outputs.ndim <= 1:
-        return [()]
+        return ()
     if outputs.ndim == 3:
-        return [(2,)]  # (batch, seq, features), as transformers' and torch's sequence models
-    return [(1,)]  # (batch, features) and channels-first (batch, C, H, W, ...)
+        return (2,)  # (batch, seq, features), as transformers' and torch's sequence models
+    return (1,)  # (batch, features) and channels-first (batch, C, H, W, ...)
+
+
+def _tensor_candidate(dims: tuple[int, ...]) -> Candidate:
+    return lambda outputs, targets: _closed_form(outputs, targets, dims)
+
+
+@dataclass
+class _Start:
+    """A closed-form start: the constant and, for cross-entropy, the class counts it is
+    the log of (weighted as the loss weighs its rows; ``row`` is one row's weight)."""
+
+    const: torch.Tensor
+    counts: torch.Tensor | None = None
+    row: float = 1.0
+
+    def smoothed(self, extra: float) -> torch.Tensor:
+        """The constant with ``extra`` rows added to every class's count."""
+        assert self.counts is not None
+        logits = (self.counts + extra * self.row).log()
+        return (logits - logits.mean()).to(self.const.dtype).reshape(self.const.shape)
+
+
+def _log_counts(counts: torch.Tensor, row: float, shape: list[int], dtype: torch.dtype) -> _Start:
+    logits = (counts + _ABSENT_COUNT * row).log()
+    return _Start((logits - logits.mean()).to(dtype).reshape(shape), counts, row)
+
+
+def _closed_form(outputs: torch.Tensor, targets: Any, dims: tuple[int, ...]) -> _Start | None:
+    """The constant that minimizes the usual loss these targets are for, shaped like the
+    model's mean output (one entry per feature), or None for targets of no usual form.
+
+    Class indices, one per row (the outputs' shape without the feature dimension, in any
+    layout of the same size): the log of each class's count, the minimum of
+    cross-entropy. Floating targets of the outputs' size: their mean per feature, the
+    minimum of squared error (binary cross-entropy's, its logit, is tried beside it).
+    """
+    if not isinstance(targets, torch.Tensor) or targets.is_complex():
+        return None
+    shape = _constant_shape(outputs, dims)
+    features = math.prod(shape)
+    with torch.no_grad():
+        if not targets.is_floating_point():
+            if targets.dtype == torch.bool or targets.numel() * features != outputs.numel():
+                return None
+            if len(dims) != 1 or features < 2:
+                return None
+            labels = targets.reshape(-1).long()
+            labels = labels[(labels >= 0) & (labels < features)]  # ignore_index drops out
+            if labels.numel() == 0:
+                return None
+            counts = torch.bincount(labels, minlength=features).to(torch.float64)
+            return _log_counts(counts, 1.0, shape, outputs.dtype)
+        if targets.numel() != outputs.numel():
+            return None
+        t = targets.detach().reshape(outputs.shape).to(torch.float64)
+        reduce = [d for d in range(outputs.ndim) if d not in dims]
+        return _Start(t.mean(dim=reduce, keepdim=True).to(outputs.dtype))
+
+
+def _constant_shape(outputs: torch.Tensor, dims: Sequence[int]) -> list[int]:
+    shape = [1] * outputs.ndim
+    for d in dims:
+        shape[d] = outputs.shape[d]
+    return shape
+
+
+def _binary_alternative(start: _Start, targets: Any) -> _Start | None:
+    """The logit of a mean in [0, 1]: the constant binary cross-entropy wants."""
+    const = start.const
+    if start.counts is not None or not isinstance(targets, torch.Tensor):
+        return None
+    if bool((const < 0).any()) or bool((const > 1).any()):
+        return None
+    return _Start(torch.logit(const.to(torch.float64), eps=1e-6).to(const.dtype))
+
+
+def _cross_entropy_from_gradients(
+    a: torch.Tensor, g_a: torch.Tensor, b: torch.Tensor, g_b: torch.Tensor, dim: int, rows: int
+) -> _Start | None:
+    """The minimum of a loss that is cross-entropy in the constant, whatever its rows,
+    weights or scale (a language model's loss on shifted targets, ``c × loss``), read off
+    its gradient at two constants.
+
+    For L(c) = Σ_r w_r CE(c, y_r) the gradient is W·softmax(c) − n, with n the weighted
+    class counts and W = Σ n: two gradients give W (their difference is W·(p_b − p_a)),
+    then n. None when the gradients do not have this form (W ≤ 0, counts below zero);
+    whether the result is the minimum is checked by the caller.
+    """
+    with torch.no_grad():
+        p_a = torch.softmax(a.double(), dim=dim)
+        p_b = torch.softmax(b.double(), dim=dim)
+        dp, dg = p_b - p_a, g_b.double() - g_a.double()
+        denom = float((dp * dp).sum())
+        if not denom > 0:
+            return None
+        total = float((dg * dp).sum()) / denom
+        if not (math.isfinite(total) and total > 0):
+            return None
+        counts = total * p_a - g_a.double()
+        if float(counts.min()) < -1e-3 * total / counts.numel():
+            return None
+        return _log_counts(counts.clamp_min(0.0), total / max(rows, 1), list(a.shape), a.dtype)
+
+
+def _structured_candidate(flat: FlatOutputs, outputs: Any, dims: tuple[int, ...]) -> Candidate:
+    """Closed-form starts for several heads flattened into one ``(batch, D)`` tensor: each
+    head's from the targets under the same key (a dict of targets) or position (a
+    tuple or list), its model mean where there are none."""
+    keys, shapes = list(flat.keys), list(flat.shapes)
+
+    def candidate(whole: torch.Tensor, targets: Any) -> _Start | None:
+        sizes = [int(torch.Size(s).numel()) for s in shapes]
+        parts, found = [], False
+        for key, shape, chunk in zip(keys, shapes, torch.split(whole, sizes, dim=1), strict=True):
+            head = chunk.reshape(whole.shape[0], *shape)
+            target = _entry(targets, key)
+            start = None if target is None else _closed_form(head, target, _feature_dims(head))
+            const = head.mean(dim=0, keepdim=True)
+            if start is not None and start.const.ndim == head.ndim:
+                const, found = start.const.expand(1, *shape), True
+            parts.append(const.reshape(1, -1))
+        return _Start(torch.cat(parts, dim=1)) if found else None
+
+    return candidate
+
+
+def _entry(targets: Any, key: Any) -> Any:
+    if isinstance(targets, Mapping):
+        return targets.get(key)
+    if isinstance(targets, (tuple, list)) and isinstance(key, int) and key < len(targets):
+        return targets[key]
+    return None
 
 
 def _mean_constant(outputs: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
@@ -113,7 +280,12 @@ def _mean_constant(outputs: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
 
 
 def _baseline(
-    outputs: torch.Tensor, targets: Any, loss_fn: LossFn, dims: Sequence[int], max_iter: int
+    outputs: torch.Tensor,
+    targets: Any,
+    loss_fn: LossFn,
+    dims: Sequence[int],
+    max_iter: int,
+    candidate: Candidate,
 ) -> float | None:
     with torch.no_grad():
         start = _mean_constant(outputs, dims)
@@ -124,20 +296,25 @@ def _baseline(
     # (a classifier's batch) the in-sample fit is within 2% and one fit is enough.
     halves = _halves(outputs, targets) if rows < _IN_SAMPLE_ROWS * features else None
     if halves is None:
-        fitted = _fit(start, outputs, targets, loss_fn, max_iter)
+        fitted, _ = _fit(start, outputs, targets, loss_fn, dims, max_iter, candidate)
         with torch.no_grad():
             return min(at_start, float(loss_fn(fitted.expand_as(outputs), targets)))
     (out_a, y_a), (out_b, y_b) = halves
     with torch.no_grad():
         combine = _combiner(loss_fn, start, outputs, targets, halves)
-    fit_a = _fit(_mean_constant(out_a, dims), out_a, y_a, loss_fn, max_iter)
-    fit_b = _fit(_mean_constant(out_b, dims), out_b, y_b, loss_fn, max_iter)
+        start_a, start_b = _mean_constant(out_a, dims), _mean_constant(out_b, dims)
+    fit_a, exact_a = _fit(start_a, out_a, y_a, loss_fn, dims, max_iter, candidate)
+    fit_b, exact_b = _fit(start_b, out_b, y_b, loss_fn, dims, max_iter, candidate)
+    pairs = [(start_a + t * (fit_a - start_a), start_b + t * (fit_b - start_b)) for t in _PATH]
+    counted = [e for e in (exact_a, exact_b) if e is not None and e.counts is not None]
+    if len(counted) == 2:
+        # Cross-entropy, solved in closed form: scored on the other half, a class's
+        # frequency counts half a row more in every class (Krichevsky-Trofimov), as a
+        # class absent from one half is still possible in the other.
+        pairs.append((counted[0].smoothed(_HELD_OUT_COUNT), counted[1].smoothed(_HELD_OUT_COUNT)))
     best = at_start
     with torch.no_grad():
-        start_a, start_b = _mean_constant(out_a, dims), _mean_constant(out_b, dims)
-        for t in _PATH:
-            c_a = start_a + t * (fit_a - start_a)
-            c_b = start_b + t * (fit_b - start_b)
+        for c_a, c_b in pairs:
             held_out = combine(
                 float(loss_fn(c_a.expand_as(out_b), y_b)), float(loss_fn(c_b.expand_as(out_a), y_a))
             )
@@ -195,17 +372,66 @@ def _combiner(
 
 
 def _fit(
-    start: torch.Tensor, outputs: torch.Tensor, targets: Any, loss_fn: LossFn, max_iter: int
-) -> torch.Tensor:
-    """The constant (shaped like ``start``) minimizing the loss on ``outputs``' batch."""
-    const = start.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [const], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-12
-    )
+    start: torch.Tensor,
+    outputs: torch.Tensor,
+    targets: Any,
+    loss_fn: LossFn,
+    dims: Sequence[int],
+    max_iter: int,
+    candidate: Candidate,
+) -> tuple[torch.Tensor, _Start | None]:
+    """The constant (shaped like ``start``, the model's mean output) minimizing the loss
+    on ``outputs``' batch, and the closed-form start when that already was the minimum.
+
+    Closed forms are tried first (from the targets; then, for a loss that is
+    cross-entropy in the constant, from two of its gradients); one is the minimum when the
+    loss's gradient there vanishes (every entry of ∂(loss/loss(start))/∂c within 1e-6).
+    Otherwise L-BFGS runs from the best point seen."""
     with torch.no_grad():
-        # L-BFGS stops on absolute tolerances: minimize the loss relative to its value
-        # at the start, so that the baseline of c·loss is exactly c times the baseline.
+        # Tolerances are absolute: work with the loss relative to its value at the
+        # model's mean output, so that the baseline of c·loss is exactly c times the
+        # baseline.
         scale = abs(float(loss_fn(start.expand_as(outputs), targets))) or 1.0
+
+    def gradient(c: torch.Tensor) -> tuple[float, torch.Tensor]:
+        const = c.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            value = loss_fn(const.expand_as(outputs), targets) / scale
+            (g,) = torch.autograd.grad(value, const)
+        return float(value.detach()), g
+
+    best, best_value = start, 1.0
+    found = candidate(outputs, targets)
+    tried = [] if found is None else [found, _binary_alternative(found, targets)]
+    with torch.no_grad():
+        for s in tried:
+            if s is not None and s.const.shape == start.shape:
+                value = float(loss_fn(s.const.expand_as(outputs), targets)) / scale
+                if math.isfinite(value) and value < best_value:
+                    best, best_value, found = s.const, value, s
+    value, g = gradient(best)
+    if best is not start and found is not None and _stationary(g):
+        return best, found
+    if len(dims) == 1 and outputs.shape[dims[0]] > 1:
+        # Two gradients determine a cross-entropy's minimum: at the best point and at 0.
+        other = torch.zeros_like(start) if best is start else start
+        g_other = gradient(other)[1]
+        rows = outputs.numel() // outputs.shape[dims[0]]
+        ce = _cross_entropy_from_gradients(best, g, other, g_other, dims[0], rows)
+        if ce is not None:
+            ce_value, ce_g = gradient(ce.const)
+            if math.isfinite(ce_value) and _stationary(ce_g):
+                return ce.const, ce
+            if math.isfinite(ce_value) and ce_value < value:
+                best = ce.const
+    const = best.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [const],
+        lr=1.0,
+        max_iter=max_iter,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=_TOLERANCE_GRAD,
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -215,4 +441,8 @@ def _fit(
 
     with torch.enable_grad():
         opt.step(closure)
-    return const.detach()
+    return const.detach(), None
+
+
+def _stationary(g: torch.Tensor) -> bool:
+    return bool(torch.isfinite(g).all()) and float(g.abs().max()) <= _TOLERANCE_GRAD
