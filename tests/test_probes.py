@@ -422,3 +422,80 @@ def test_diagnose_survives_a_failing_activation_statistic(monkeypatch) -> None: 
     assert len(notes) == 1 and "activation statistics" in notes[0]
     assert d.layer("0").grad_norm > 0 and d.layer("0").signal_norm is not None
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+class _Counting(torch.overrides.TorchFunctionMode):
+    """A mode of the model's own, entered around one of its layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _ModeInside(nn.Module):
+    """Enters a torch function mode of its own around its first layer and keeps the
+    functional activations outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 1)
+        self.mode = _Counting()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.mode:
+            h = self.a(x)
+        h = torch.tanh(h)
+        return self.c(torch.sigmoid(self.b(h)))
+
+
+def test_function_watcher_leaves_the_mode_stack_as_it_found_it() -> None:
+    """The watcher is on the stack only between a layer and its activation: a mode the
+    model enters itself still sees its calls and is popped by its own exit, activations
+    around it are still found, and nothing is left on the stack, during the backward
+    pass or after the probe."""
+    torch.manual_seed(0)
+    model = _ModeInside()
+    x = torch.randn(32, 4)
+    depth = torch._C._len_torch_function_stack()
+    with SignalProbe(model) as probe:
+        loss = model(x).pow(2).mean()
+        probe.end_forward()
+        assert torch._C._len_torch_function_stack() == depth
+        loss.backward()
+    assert torch._C._len_torch_function_stack() == depth
+    assert model.mode.calls > 0
+    flow = probe.result()
+    assert flow["b"].activation is not None and flow["b"].activation.name == "sigmoid"
+    # The model's own mode was on top when `a` finished: the watcher stayed off rather
+    # than be popped by the model's exit, so `a`'s tanh goes unrecorded, not misattributed.
+    assert flow["a"].activation is None or flow["a"].activation.name == "tanh"
+
+
+def test_small_gradients_norms_taken_together_equal_each_norm() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2)
+    )
+    x = torch.randn(64, 6)
+    outs: dict[str, torch.Tensor] = {}
+
+    def keep(name: str):  # type: ignore[no-untyped-def]
+        def hook(module, args, out):  # type: ignore[no-untyped-def]
+            out.retain_grad()
+            outs[name] = out
+
+        return hook
+
+    handles = [model[i].register_forward_hook(keep(str(i))) for i in (0, 2, 4)]
+    with SignalProbe(model) as probe:
+        model(x).pow(2).sum().backward()
+    for h in handles:
+        h.remove()
+    flow = probe.result()
+    for name, out in outs.items():
+        assert out.grad is not None
+        assert flow[name].signal_norm == pytest.approx(float(out.grad.norm()), rel=1e-6)

@@ -125,6 +125,7 @@ def diagnose(
         # (a second pass, below): on a finite pass those checks cost a hook per module.
         with SignalProbe(model) as probe, _TimeInputs(model) as inputs:
             outputs, loss = compute_loss(model, batch, loss_fn)
+            probe.end_forward()
             wanted = params + probe.extra_inputs
             grads = torch.autograd.grad(loss, wanted, allow_unused=True)[: len(params)]
         flow = probe.result()
@@ -226,6 +227,7 @@ def _nonfinite_origin(
     finiteness check at every module."""
     with preserved(model), SignalProbe(model, check_finite=True) as probe:
         _, loss = compute_loss(model, batch, loss_fn)
+        probe.end_forward()
         torch.autograd.grad(loss, params + probe.extra_inputs, allow_unused=True)
     flow = probe.result()
     return flow.nonfinite_forward or flow.nonfinite_backward

@@ -91,12 +91,26 @@ def parameter_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return owners
 
 
+#: At most this many gradient entries are kept for taking their norms all at once.
+_KEPT_ENTRIES = 1 << 20
+
+
 class _ActivationWatcher(TorchFunctionMode):
-    """Sees every torch function call in the forward pass and records activations."""
+    """Sees torch function calls in the forward pass and records activations.
+
+    It is on the mode stack only while a layer's activation is pending: from the
+    layer's forward hook to the next layer's pre-hook (or the end of the forward pass),
+    so that the other calls of the pass, and those the probe's own hooks make, do not
+    each pay a Python round trip. It is pushed only where the stack is as the probe found
+    it (a mode the model entered itself is never popped in its place) and popped only
+    from the top.
+    """
 
     def __init__(self, probe: SignalProbe) -> None:
         super().__init__()
         self.probe = probe
+        self.depth = torch._C._len_torch_function_stack()
+        self.on = False
         # Guarded, and bound to the probe rather than to this mode: the mode holding a
         # reference to its own method would be a reference cycle.
         self.record = probe._guard.wrap(ACTIVATIONS, functools.partial(_record, probe))
@@ -111,6 +125,33 @@ class _ActivationWatcher(TorchFunctionMode):
         if self.probe._pending_owner is not None and args and isinstance(args[0], torch.Tensor):
             self.record(func, args, kwargs)  # guarded: the call below happens regardless
         return func(*args, **(kwargs or {}))
+
+    def watch(self) -> None:
+        """Push onto the stack, unless it is on it or another mode came in since."""
+        if not self.on and torch._C._len_torch_function_stack() == self.depth:
+            self.__enter__()
+            self.on = True
+
+    def unwatch(self) -> None:
+        """Pop from the stack if it is on top (from a forward hook, on the forward thread)."""
+        n = torch._C._len_torch_function_stack()
+        if self.on and n == self.depth + 1 and torch._C._get_function_stack_at(n - 1) is self:
+            self.__exit__(None, None, None)
+            self.on = False
+
+    def remove(self) -> None:
+        """Off the stack wherever it is (the probe's exit): modes above it stay, in order."""
+        if not self.on:
+            return
+        above = []
+        while torch._C._len_torch_function_stack() > 0:
+            top = torch._C._pop_torch_function_stack()
+            if top is self:
+                break
+            above.append(top)
+        for mode in reversed(above):
+            torch._C._push_on_torch_function_stack(mode)
+        self.on = False
 
 
 def _record(
@@ -204,6 +245,7 @@ class SignalProbe(LeanHooks):
         self._pending_owner: ModuleAccumulator | None = None
         self._active = False
         self._events = 0
+        self._kept_entries = 0  # entries of the gradients kept for a norm later
         self._nonfinite_forward: str | None = None
         self._first_bad_grad: tuple[str, str] | None = None  # (module name, "in"/"out")
         # collect_columns: activation tensors copied aside, reduced many steps at a time
@@ -261,7 +303,11 @@ class SignalProbe(LeanHooks):
                         )
             elif self.activations:
                 self._mode = _ActivationWatcher(self)
-                self._mode.__enter__()
+                # Past the model's own forward, an activation still pending (a sigmoid
+                # inside the loss) is watched for; with none pending the mode goes.
+                self._handles.append(
+                    self.model.register_forward_hook(guard(ACTIVATIONS, self._forward_done))
+                )
         except BaseException:
             self._remove()
             raise
@@ -275,7 +321,7 @@ class SignalProbe(LeanHooks):
         self._active = False
         if self._mode is not None:
             mode, self._mode = self._mode, None
-            mode.__exit__(None, None, None)
+            mode.remove()
         for h in self._handles + self._tensor_handles:
             h.remove()
         self._handles.clear()
@@ -295,6 +341,8 @@ class SignalProbe(LeanHooks):
                 return None
             if acc.owns_params:
                 self._pending_owner = None  # a new layer starts: no activation is pending
+                if self._mode is not None:
+                    self._mode.unwatch()
                 if acc.calls == 0:
                     self._order.append(acc)
             acc.calls += 1
@@ -376,17 +424,43 @@ class SignalProbe(LeanHooks):
                     )
             if acc.owns_params:
                 self._pending_owner = acc
+                if self._mode is not None:
+                    self._mode.watch()
 
         return hook
+
+    def _forward_done(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._pending_owner is None and self._mode is not None:
+            self._mode.unwatch()
+
+    def end_forward(self) -> None:
+        """The forward pass and the loss are computed: stop watching torch functions
+        (no activation is recorded after this), so that the backward pass's hooks run
+        without the mode. Optional; call it between the loss and ``backward()``."""
+        self._pending_owner = None
+        if self._mode is not None:
+            self._mode.unwatch()
 
     def _grad_hook(self, acc: ModuleAccumulator, where: str) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
             if not self._active:
                 return
+            norms = acc.out_norms if where == "out" else acc.in_norms
+            if (
+                acc.owns_params
+                and not self.check_finite
+                and grad.numel() + self._kept_entries <= _KEPT_ENTRIES
+            ):
+                # A small gradient is kept; its norm is taken in result(), with every
+                # other kept one in a single call (the engine does not reuse a buffer
+                # that is referenced, so the values stay as they were).
+                self._kept_entries += grad.numel()
+                norms.append(grad.detach())
+                return
             with torch.no_grad():
                 norm = torch.linalg.vector_norm(grad.detach())
             if acc.owns_params:
-                (acc.out_norms if where == "out" else acc.in_norms).append(norm)
+                norms.append(norm)
             if (
                 self.check_finite
                 and self._first_bad_grad is None
@@ -417,6 +491,7 @@ class SignalProbe(LeanHooks):
             []
         """
         reduce_pending(self._order)
+        self._take_deferred_norms()
         rows: list[tuple[str, str, torch.Tensor]] = []
         for acc in self._order:
             if not acc.owns_params:
@@ -439,9 +514,28 @@ class SignalProbe(LeanHooks):
         self._pending_owner = None
         return rows
 
+    def _take_deferred_norms(self) -> None:
+        """Norms of the gradients kept whole (small ones), in one call for all."""
+        if not self._kept_entries:
+            return
+        kept = [
+            (norms, i)
+            for acc in self._order
+            for norms in (acc.out_norms, acc.in_norms)
+            for i, t in enumerate(norms)
+            if t.ndim > 0
+        ]
+        if kept:
+            with torch.no_grad():
+                values = torch._foreach_norm([norms[i] for norms, i in kept])
+            for (norms, i), value in zip(kept, values, strict=True):
+                norms[i] = value
+        self._kept_entries = 0
+
     def result(self) -> SignalFlow:
         """Reduce what was recorded into a :class:`SignalFlow` (forward order)."""
         reduce_pending(self._order)
+        self._take_deferred_norms()
         for acc in self._order:
             acc.fold_reduced()
         modules = [acc.result() for acc in self._order]
