@@ -49,11 +49,15 @@ def test_ddp_statistics_equal_single_process_on_concatenated_batch(
         "rms_derivative",
         "loss",
         "update_ratio",
-        # The curvature tier: every product all-reduced, estimators in lockstep.
+        # The curvature tier, from the blockwise engine (lambda_max_err and headroom_err
+        # come from it alone): each layer's inputs and backward vectors gathered over the
+        # ranks, gradients averaged.
         "lambda_max",
+        "lambda_max_err",
         "trace",
         "alpha_star",
         "headroom",
+        "headroom_err",
     } <= metrics
     keys = sorted(single)
     a = np.array([ddp[k] for k in keys])

@@ -134,13 +134,17 @@ def _cross_entropy(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputF
         return vecs[..., 1:] * vals[..., 1:].clamp_min(0).sqrt().unsqueeze(-2)
 
     def sample(k: int, gen: torch.Generator) -> torch.Tensor:
+        # s = p − e_y with y ~ p, built in the outputs' own layout and in place: the
+        # draws of a language model's logits are its largest tensors.
         p = probs.movedim(cdim, -1).reshape(-1, probs.shape[cdim])
         y = torch.multinomial(p, k, replacement=True, generator=gen)  # (P, k)
-        s = p.unsqueeze(0).repeat(k, 1, 1)
-        s.scatter_add_(2, y.T.unsqueeze(-1), -torch.ones_like(s[..., :1]))
-        s = s.reshape(k, *probs.movedim(cdim, -1).shape)
-        s = s * (weight * root).unsqueeze(-1)
-        return s.movedim(-1, cdim + 1).contiguous()
+        del p
+        s = probs.unsqueeze(0).repeat(k, *([1] * probs.ndim))  # (k, *shape)
+        # y holds positions in (*pos) order; put it in the outputs' layout, channel dim 1.
+        pos = probs.movedim(cdim, -1).shape[:-1]
+        idx = y.T.reshape(k, *pos).unsqueeze(cdim + 1)
+        s.scatter_add_(cdim + 1, idx, torch.full_like(idx, -1, dtype=s.dtype))
+        return s.mul_((weight * root).unsqueeze(cdim).unsqueeze(0))
 
     factor = OutputFactor(tuple(outputs.shape), block, cdim, sample)
     factor.num_columns = max(outputs.shape[cdim] - 1, 1)

@@ -16,6 +16,7 @@ Supported: ``nn.Linear``, transformers' ``Conv1D`` (weight ``(in, out)``),
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -125,25 +126,24 @@ def _conv_as_linear(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A convolution's input as ``(n, L, C_in·k)`` patches, ``δ`` as ``(m, n, L, C_out)``."""
     nd = a.ndim - 2
-    if nd == 2:
-        cols = F.unfold(
-            a,
-            module.kernel_size,
-            dilation=module.dilation,
-            padding=module.padding,
-            stride=module.stride,
-        )
-    else:  # 1-D and 3-D: unfold along each spatial dim in turn
-        x = F.pad(a, [p for pad in reversed(module.padding) for p in (pad, pad)])
+    # Patches by one strided slice per kernel offset (several times faster than
+    # F.unfold's im2col on small images): cols[n, c·K + k, l] = x_pad[n, c, l·s + k·dl].
+    x = F.pad(a, [p for pad in reversed(module.padding) for p in (pad, pad)])
+    out_size = [
+        (x.shape[2 + i] - module.dilation[i] * (module.kernel_size[i] - 1) - 1) // module.stride[i]
+        + 1
+        for i in range(nd)
+    ]
+    pieces = []
+    for offset in itertools.product(*(range(k) for k in module.kernel_size)):
+        index = [slice(None), slice(None)]
         for i in range(nd):
-            k, s, dl = module.kernel_size[i], module.stride[i], module.dilation[i]
-            x = x.unfold(2 + i, dl * (k - 1) + 1, s)[..., ::dl]
-        # x: (n, C, L1..Lnd, k1..knd) -> (n, C·k, L)
-        n, c = x.shape[:2]
-        spatial = x.shape[2 : 2 + nd]
-        x = x.permute(0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-        cols = x.reshape(n, c * int(torch.tensor(module.kernel_size).prod()), -1)
-        del spatial
+            begin = offset[i] * module.dilation[i]
+            stop = begin + module.stride[i] * (out_size[i] - 1) + 1
+            index.append(slice(begin, stop, module.stride[i]))
+        pieces.append(x[tuple(index)])
+    n, c = a.shape[:2]
+    cols = torch.stack(pieces, dim=2).reshape(n, c * len(pieces), -1)
     a2 = cols.transpose(1, 2)
     d2 = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1).transpose(2, 3)
     return a2, d2

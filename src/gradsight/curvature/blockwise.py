@@ -34,17 +34,24 @@ from typing import Any
 import torch
 from torch import nn
 
+try:  # torch >= 2.2: hold an output's autograd edge, not the output
+    from torch.autograd.graph import get_gradient_edge
+except ImportError:  # pragma: no cover - older torch: hold the output itself
+    get_gradient_edge = None  # type: ignore[assignment]
+
 from gradsight._batch import split_batch, trainable_parameters
 from gradsight._errors import GradsightError
 from gradsight.curvature._blocks import forward_loss
 from gradsight.curvature._factor import output_factor
 from gradsight.curvature._rows import TiedRows, layer_rows, supported
-from gradsight.curvature.lanczos import lanczos
+from gradsight.curvature.distributed import Ranks
 
 __all__ = ["JACKKNIFE_GROUPS", "BlockEstimate", "BlockwiseGGN"]
 
 #: Groups of samples left out in turn for the jackknife error bars.
 JACKKNIFE_GROUPS = 10
+#: Gram matrices summarized together at most (bytes; the per-layer ones are ``R × R``).
+_PENDING_BYTES = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,9 @@ class _Summary:
     trace_groups: torch.Tensor
 
 
+_PENDING = _Summary(math.nan, 0.0, torch.empty(0), math.nan, torch.empty(0))
+
+
 @dataclass
 class _Block:
     names: list[str]
@@ -115,8 +125,15 @@ class BlockwiseGGN:
             the rows (columns × samples) are at most ``max_rows``; the Gram matrices
             are ``rows × rows``.
         held_out: also prepare the held-out check of :meth:`held_out_step`: gradient
-            and rows of the first half of the samples.
+            and rows of the first half of the samples (not under ``distributed``).
         seed: seed of the draws (a private generator; the global RNG is untouched).
+        distributed: every rank of ``group`` holds a shard of the batch and builds the
+            engine at the same time: the result is that of the concatenated batch (rank
+            order) with the loss and gradient averaged over the ranks, as DDP averages
+            them (:class:`~gradsight.curvature.distributed.Ranks`), the same on every
+            rank. Exact columns give the single process's numbers to rounding; sampled
+            ones draw independently on each rank.
+        group: the process group (default: the world).
 
     Attributes:
         skipped: ``{name: reason}`` for the requested layers that are not covered.
@@ -141,7 +158,10 @@ class BlockwiseGGN:
         max_rows: int = 2048,
         held_out: bool = False,
         seed: int = 0,
+        distributed: bool = False,
+        group: Any = None,
     ) -> None:
+        ranks = Ranks(group) if distributed else None
         if blocks is None:
             blocks = {
                 name: m
@@ -173,50 +193,87 @@ class BlockwiseGGN:
         for name in wanted:
             for q in partners[name]:
                 hooked[q] = named_mods[q]
-        calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {n: [] for n in hooked}
+        calls: dict[str, list[_Call]] = {n: [] for n in hooked}
+        # A module applied once for the whole batch (a position embedding on ids of
+        # shape (1, T), its output broadcast onto every sample) has no per-sample
+        # backward signal at its output; its output is expanded to the batch in the
+        # forward hook (the broadcast that follows gives the same values), so that
+        # autograd returns each sample's signal.
+        batch_size = _batch_size(batch)
+        expand = {"on": batch_size is not None and batch_size > 1}
 
-        def hook(name: str) -> Callable[..., None]:
-            def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-                if (
+        def hook(name: str) -> Callable[..., Any]:
+            def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+                if not (
                     args
                     and isinstance(args[0], torch.Tensor)
                     and isinstance(output, torch.Tensor)
                     and output.requires_grad
                 ):
-                    calls[name].append((args[0].detach(), output))
-                else:
-                    calls[name].append((torch.empty(0), torch.empty(0)))
+                    calls[name].append(_Call.empty())
+                    return None
+                a = args[0].detach()
+                if (
+                    expand["on"]
+                    and isinstance(module, nn.Embedding)
+                    and a.ndim > 0
+                    and a.shape[0] == 1
+                    and output.ndim > 1
+                ):
+                    assert batch_size is not None
+                    a = a.expand(batch_size, *a.shape[1:])
+                    output = output.expand(batch_size, *output.shape[1:])
+                    calls[name].append(_Call.of(a, output))
+                    return output
+                calls[name].append(_Call.of(a, output))
+                return None
 
             return record
 
-        handles = [m.register_forward_hook(hook(n)) for n, m in hooked.items()]
-        try:
-            params0 = [p for _, p in trainable_parameters(model)]
-            device = params0[0].device
-            outputs, loss = forward_loss(model, batch, loss_fn, torch.get_rng_state(), device)
-        finally:
-            for h in handles:
-                h.remove()
+        params0 = [p for _, p in trainable_parameters(model)]
+        device = params0[0].device
+        rng = torch.get_rng_state()
+        for attempt in (0, 1):
+            handles = [m.register_forward_hook(hook(n)) for n, m in hooked.items()]
+            try:
+                outputs, loss = forward_loss(model, batch, loss_fn, rng, device)
+                break
+            except RuntimeError:
+                # The expanded output met an in-place operation (or a shape check):
+                # measure without the expansion (such layers are then not covered).
+                if attempt or not expand["on"]:
+                    raise
+                expand["on"] = False
+                for v in calls.values():
+                    v.clear()
+            finally:
+                for h in handles:
+                    h.remove()
         if not isinstance(outputs, torch.Tensor) or outputs.ndim == 0:
             raise GradsightError(
                 "blockwise curvature needs model(inputs) to return one tensor with a batch "
                 f"dim, got {type(outputs).__name__}. Wrap the model so that it returns the "
                 "tensor the loss is computed from."
             )
-        n = outputs.shape[0]
-        self.samples = n
+        n = outputs.shape[0]  # this rank's samples
+        N = ranks.total(n) if ranks is not None else n  # all ranks' samples
+        self.samples = N
         self.loss = float(loss.detach())
+        if ranks is not None:
+            self.loss = float(ranks.mean([torch.tensor([self.loss], dtype=torch.float64)])[0])
         _, targets = split_batch(batch)
 
         def carries_batch(mname: str) -> bool:
-            return bool(calls[mname]) and all(
-                z.ndim > 0 and a.ndim > 0 and z.shape[0] == n and a.shape[0] == n
-                for a, z in calls[mname]
-            )
+            return bool(calls[mname]) and all(c.carries(n) for c in calls[mname])
 
         for name in list(wanted):
             if not all(carries_batch(q) for q in [name, *partners[name]]):
                 self.skipped[name] = "its calls do not carry the batch in dim 0"
+                del wanted[name]
+        if ranks is not None:  # the same layers on every rank, or collectives would hang
+            common = ranks.common(list(wanted))
+            for name in [nm for nm in wanted if nm not in common]:
+                self.skipped[name] = "not covered on every rank"
                 del wanted[name]
         factor = output_factor(loss_fn, outputs, targets)
         if factor is None:
@@ -226,22 +283,27 @@ class BlockwiseGGN:
                 f"position with at most {max_columns} entries). Use the per-block operators "
                 "in gradsight.curvature instead."
             )
-        gen = torch.Generator(device=outputs.device).manual_seed(seed)
+        # Independent draws on each rank (the same seed would correlate their samples).
+        gen = torch.Generator(device=outputs.device).manual_seed(
+            seed + (ranks.rank if ranks is not None else 0)
+        )
         self.exact = (
             factor.positions_per_sample == 1
             and factor.num_columns <= max_columns
-            and factor.num_columns * n <= max_rows
+            and factor.num_columns * N <= max_rows
         )
         if self.exact:
             S = factor.exact_columns().to(outputs.dtype)
             weight = 1.0
         else:
-            k = min(max(int(draws), 1), max(max_rows // n, 1))
+            k = min(max(int(draws), 1), max(max_rows // N, 1))
             S = factor.draws(k, gen).to(outputs.dtype)
             weight = 1.0 / S.shape[0]
+        if ranks is not None:  # G = (1/W) Σ_r G_r: each rank's rows scaled by 1/√W
+            weight /= ranks.size
         m = S.shape[0]
-        # Row r = j·n + i: column/draw j, sample i.
-        self.row_sample = torch.arange(n).repeat(m)
+        # Row r = j·N + i: column/draw j, sample i (of the concatenated batch).
+        self.row_sample = torch.arange(N).repeat(m)
         self._fit_rows: torch.Tensor | None = None
         self.rho = 1.0
         params = {
@@ -252,27 +314,29 @@ class BlockwiseGGN:
         grads = (
             torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True) if flat else ()
         )
-        grad_of = {
-            id(p): (g if g is not None else torch.zeros_like(p))
-            for p, g in zip(flat, grads, strict=True)
-        }
+        dense = [
+            g if g is not None else torch.zeros_like(p) for p, g in zip(flat, grads, strict=True)
+        ]
+        if ranks is not None:
+            dense = ranks.mean(dense)
+        grad_of = {id(p): g for p, g in zip(flat, dense, strict=True)}
+        del grads, dense
         grads_fit: dict[int, torch.Tensor] = {}
-        if held_out and n >= 8 and flat:
+        if held_out and n >= 8 and flat and ranks is None:
             grads_fit = self._fit_gradient(loss, loss_fn, outputs, targets, flat)
         used = list(dict.fromkeys(q for nm in wanted for q in [nm, *partners[nm]]))
-        zs = [z for q in used for _, z in calls[q]]
-        deltas = _batched_backward(outputs, zs, S) if zs else []
+        flat_calls = [c for q in used for c in calls[q]]
+        # The graph is freed by the last backward pass; each δ after its last use.
+        deltas = _batched_backward(outputs, flat_calls, S) if flat_calls else []
         where: dict[str, slice] = {}
         start = 0
         for q in used:
             where[q] = slice(start, start + len(calls[q]))
             start += len(calls[q])
-        del S
-        # The graph is no longer needed: free it (and each δ after its last use) before
-        # the per-layer algebra.
-        inputs = {q: [a for a, _ in calls[q]] for q in used}
+        del S, flat_calls
+        inputs = {q: [c.a for c in calls[q]] for q in used}
         calls.clear()
-        del zs, outputs, loss
+        del outputs, loss
         last_use: dict[str, int] = {}
         for i, nm in enumerate(wanted):
             for q in [nm, *partners[nm]]:
@@ -282,21 +346,27 @@ class BlockwiseGGN:
         done: dict[tuple[int, ...], _Block] = {}
         self._K_sum: torch.Tensor | None = None
         self._whole: _Summary | None = None
+        pending: list[tuple[_Block, torch.Tensor]] = []
         for i, (name, module) in enumerate(wanted.items()):
             ps = params[name]
             key = tuple(id(p) for p in ps)
             if key in done:  # the same tied weight as an earlier layer
                 self.blocks[name] = done[key]
                 continue
-            parts = [
-                layer_rows(hooked[q], ps, inputs[q], deltas[where[q]])
-                for q in [name, *partners[name]]
-            ]
+            parts = []
+            for q in [name, *partners[name]]:
+                ins = inputs[q]
+                ds = [_stacked(d) for d in deltas[where[q]]]
+                if ranks is not None:  # the whole batch's inputs and δ, on every rank
+                    ins = [ranks.gather(a, 0) for a in ins]
+                    ds = [ranks.gather(d, 1) for d in ds]
+                parts.append(layer_rows(hooked[q], ps, ins, ds))
+                del ins, ds
             for q in [name, *partners[name]]:
                 if last_use[q] <= i:
                     inputs[q] = []
                     for j in range(where[q].start, where[q].stop):
-                        deltas[j] = torch.empty(0)
+                        deltas[j] = _Deltas([], (), torch.float32, torch.device("cpu"))
             rows = parts[0] if len(parts) == 1 else TiedRows(parts)
             g = [grad_of[id(p)] for p in ps]
             block = _Block(
@@ -306,7 +376,7 @@ class BlockwiseGGN:
                     if id(p) in trainable
                 ],
                 params=ps,
-                summary=self._summarize(K_b := rows.gram() * weight),
+                summary=_PENDING,
                 ug=torch.empty(0),
                 gg=float(sum(float((t.double() ** 2).sum()) for t in g)),
             )
@@ -318,9 +388,24 @@ class BlockwiseGGN:
                 block.ug_fit = ugs[1] * sw
                 block.gg_fit = float(sum(float((t.double() ** 2).sum()) for t in gf))
             self.blocks[name] = done[key] = block
-            self._K_sum = K_b if self._K_sum is None else self._K_sum.add_(K_b)
-            del rows, parts, K_b
-        self.rows = m * n
+            K_b = rows.gram() * weight
+            del rows, parts
+            self._K_sum = K_b.clone() if self._K_sum is None else self._K_sum.add_(K_b)
+            # Summaries are computed for several layers at once (one batched eigensolver
+            # instead of a Python loop per layer), a bounded number of bytes at a time.
+            pending.append((block, K_b))
+            if len(pending) * K_b.numel() * K_b.element_size() >= _PENDING_BYTES:
+                self._flush(pending)
+        self._flush(pending)
+        self.rows = m * N
+
+    def _flush(self, pending: list[tuple[_Block, torch.Tensor]]) -> None:
+        """Summarize the pending blocks' Gram matrices (all ``R × R``) together."""
+        if pending:
+            summaries = self._summarize_many(torch.stack([K for _, K in pending]))
+            for (block, _), summary in zip(pending, summaries, strict=True):
+                block.summary = summary
+            pending.clear()
 
     def _fit_gradient(
         self,
@@ -393,23 +478,41 @@ class BlockwiseGGN:
         return groups, self.row_sample % groups, n / (n - per)
 
     def _summarize(self, K: torch.Tensor) -> _Summary:
-        upper, vec = _top(K)
-        tr = float(K.diagonal().sum())
+        return self._summarize_many(K.unsqueeze(0))[0]
+
+    def _summarize_many(self, K: torch.Tensor) -> list[_Summary]:
+        """:class:`_Summary` of each ``K[b]`` (a stack of ``R × R`` Gram matrices)."""
+        # Exact rows: λmax to rounding; sampled rows: far below their error bars.
+        upper, vec = _top_batched(K, 1e-7 if self.exact else 1e-4)
+        tr = K.diagonal(dim1=-2, dim2=-1).sum(-1)
         if self.exact or self.samples < 2:
             empty = torch.empty(0, dtype=torch.float64)
-            return _Summary(upper, 0.0, empty, tr, empty)
+            return [
+                _Summary(float(u), 0.0, empty, float(t), empty)
+                for u, t in zip(upper.tolist(), tr.tolist(), strict=True)
+            ]
         groups, gid, scale = self._groups()
+        B = K.shape[0]
         # Leaving out a group's rows lowers λmax by λ·Σ_{rows in it} v_r² to first order
         # (v the top eigenvector of K): the infinitesimal jackknife, without R×R copies.
-        share = torch.zeros(groups, dtype=torch.float64).index_add_(0, gid, vec.double() ** 2)
-        diag = torch.zeros(groups, dtype=torch.float64).index_add_(0, gid, K.diagonal().double())
-        return _Summary(
-            upper=upper,
-            lower=self._cross_top(K),
-            upper_groups=upper * (1 - share) * scale,
-            trace=tr,
-            trace_groups=(tr - diag) * scale,
+        share = torch.zeros(B, groups, dtype=torch.float64).index_add_(1, gid, vec.double() ** 2)
+        diag = torch.zeros(B, groups, dtype=torch.float64).index_add_(
+            1, gid, K.diagonal(dim1=-2, dim2=-1).double()
         )
+        lower = self._cross_top(K)
+        up = upper.double().unsqueeze(1)
+        upper_groups = up * (1 - share) * scale
+        trace_groups = (tr.double().unsqueeze(1) - diag) * scale
+        return [
+            _Summary(
+                upper=float(upper[b]),
+                lower=float(lower[b]),
+                upper_groups=upper_groups[b],
+                trace=float(tr[b]),
+                trace_groups=trace_groups[b],
+            )
+            for b in range(B)
+        ]
 
     def _estimate(
         self, summary: _Summary, ug: torch.Tensor, gg: float, damping: float
@@ -464,27 +567,29 @@ class BlockwiseGGN:
             rows=self.rows,
         )
 
-    def _cross_top(self, K: torch.Tensor) -> float:
+    def _cross_top(self, K: torch.Tensor) -> torch.Tensor:
         """Curvature along the top direction of half of the rows, measured on the other half.
 
         Halves are independent draws of the same samples (or, with one draw, two halves
         of the samples); the estimate is unbiased for ``vᵀGv`` with ``v`` independent
-        of the half it is measured on, hence at most ``λmax(G)`` in expectation.
+        of the half it is measured on, hence at most ``λmax(G)`` in expectation. ``K``
+        is a stack of Gram matrices; 0 where a half has no positive curvature.
         """
         n = self.samples
-        m = K.shape[0] // n
-        idx = torch.arange(K.shape[0])
+        R = K.shape[-1]
+        m = R // n
+        idx = torch.arange(R)
         side = (idx // n) % 2 == 0 if m >= 2 else (idx % n) % 2 == 0
-        out = []
+        total = torch.zeros(K.shape[0], dtype=torch.float64)
+        valid = torch.ones(K.shape[0], dtype=torch.bool)
         for X in (side, ~side):
             Y = ~X
-            scale = K.shape[0] / int(Y.sum())
-            top, vec = _top(K[X][:, X])
-            if not top > 0:
-                return 0.0
-            proj = K[Y][:, X] @ vec.to(K.dtype)
-            out.append(float(proj @ proj) / top * scale)
-        return sum(out) / len(out)
+            scale = R / int(Y.sum())
+            top, vec = _top_batched(K[:, X][:, :, X], 1e-4)
+            proj = K[:, Y][:, :, X] @ vec.to(K.dtype).unsqueeze(-1)
+            valid &= top > 0
+            total += (proj.squeeze(-1) ** 2).sum(-1).double() / top.double() * scale
+        return torch.where(valid, total / 2, torch.zeros_like(total))
 
     def held_out_step(self, damping: float) -> dict[str, torch.Tensor] | None:
         """Block-scaled Gauss-Newton step fitted on the first half of the samples.
@@ -548,28 +653,146 @@ def take_rows(obj: Any, rows: slice) -> Any:
     return obj
 
 
-def _batched_backward(
-    outputs: torch.Tensor, zs: list[torch.Tensor], S: torch.Tensor
-) -> list[torch.Tensor]:
-    """``∂(s_j · outputs)/∂z`` for every captured layer output ``z``: ``(m, *z.shape)`` each."""
-    # One backward pass per column: the same work as a vmapped (is_grads_batched) pass,
-    # without its first-use import of torch.func's machinery (~2 s per process).
-    per = [torch.autograd.grad(outputs, zs, s, retain_graph=True, allow_unused=True) for s in S]
-    got: list[torch.Tensor | None] = []
-    for i in range(len(zs)):
-        parts = [p[i] for p in per]
-        got.append(None if any(t is None for t in parts) else torch.stack(parts))
-    return [
-        g if g is not None else torch.zeros(S.shape[0], *z.shape, dtype=z.dtype, device=z.device)
-        for g, z in zip(got, zs, strict=True)
-    ]
+@dataclass
+class _Call:
+    """One call of a hooked module: its first input, and where its output's gradient is.
+
+    The output is kept as an autograd edge, not as a tensor, so that holding it does not
+    hold the output's memory (the graph keeps what its backward needs).
+    """
+
+    a: torch.Tensor
+    edge: Any
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    @staticmethod
+    def of(a: torch.Tensor, output: torch.Tensor) -> _Call:
+        edge = get_gradient_edge(output) if get_gradient_edge is not None else output
+        return _Call(a, edge, tuple(output.shape), output.dtype, output.device)
+
+    @staticmethod
+    def empty() -> _Call:
+        return _Call(torch.empty(0), None, (), torch.float32, torch.device("cpu"))
+
+    def carries(self, n: int) -> bool:
+        """Whether input and output carry the batch (of size ``n``) in dim 0."""
+        return (
+            self.edge is not None
+            and len(self.shape) > 0
+            and self.a.ndim > 0
+            and self.shape[0] == n
+            and self.a.shape[0] == n
+        )
 
 
-def _top(K: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Largest eigenvalue of the PSD ``K`` and its unit eigenvector."""
-    R = K.shape[0]
-    if R <= 256:
+@dataclass
+class _Deltas:
+    """The backward vectors at one call's output, one per column (``None``: zero)."""
+
+    columns: list[torch.Tensor | None]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+def _stacked(d: _Deltas) -> torch.Tensor:
+    """``(m, *shape)``: the columns stacked (built when the layer is processed)."""
+    return torch.stack(
+        [
+            c if c is not None else torch.zeros(d.shape, dtype=d.dtype, device=d.device)
+            for c in d.columns
+        ]
+    )
+
+
+def _batched_backward(outputs: torch.Tensor, calls: list[_Call], S: torch.Tensor) -> list[_Deltas]:
+    """``∂(s_j · outputs)/∂z`` for every captured call's output ``z`` and every column.
+
+    One backward pass per column (the same work as a vmapped ``is_grads_batched`` pass,
+    without its first-use import of torch.func's machinery, ~2 s per process); the last
+    one frees the graph as it goes. The columns are kept apart and stacked per layer
+    when it is processed, so that at most one layer's stack exists at a time.
+    """
+    m = S.shape[0]
+    out = [_Deltas([], c.shape, c.dtype, c.device) for c in calls]
+    edges = [c.edge for c in calls]
+    for j in range(m):
+        got = torch.autograd.grad(outputs, edges, S[j], retain_graph=j < m - 1, allow_unused=True)
+        for d, g in zip(out, got, strict=True):
+            d.columns.append(g)
+        del got
+    return out
+
+
+def _batch_size(batch: Any) -> int | None:
+    """The leading size of the inputs' first tensor, if any."""
+    stack = [split_batch(batch)[0]]
+    while stack:
+        x = stack.pop(0)
+        if isinstance(x, torch.Tensor):
+            return int(x.shape[0]) if x.ndim > 0 else None
+        if isinstance(x, Mapping):
+            stack = list(x.values()) + stack
+        elif isinstance(x, (tuple, list)):
+            stack = list(x) + stack
+    return None
+
+
+def _top(K: torch.Tensor, tol: float = 1e-4) -> tuple[float, torch.Tensor]:
+    """Largest eigenvalue of the PSD ``K`` and its unit eigenvector (:func:`_top_batched`)."""
+    vals, vecs = _top_batched(K.unsqueeze(0), tol)
+    return float(vals[0]), vecs[0]
+
+
+def _top_batched(K: torch.Tensor, tol: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Largest eigenvalue and unit eigenvector of each PSD ``K[b]``: ``(B,)``, ``(B, R)``.
+
+    Small matrices by ``eigh``; larger ones by subspace iteration on a block of
+    :data:`_BLOCK` vectors with Rayleigh-Ritz (Golub & Van Loan, *Matrix Computations*,
+    §8.2.4), all matrices at once, until every residual ``‖Kv − λv‖`` is at most
+    ``tol``·λ, which bounds the eigenvalue's relative error by about ``tol²·λ/gap`` and
+    the vector's angle by ``tol·λ/gap``. For the 256 × 256 Gram matrices of a small
+    CNN's 14 layers this takes ~10 ms against ~100 ms for ``eigh`` (the estimates' own
+    error bars are percents). The start block is seeded, so the result is deterministic
+    (and equal on every rank that holds the same ``K``); matrices whose iteration has
+    not converged after :data:`_MAX_ITERS` steps (a cluster of top eigenvalues) are
+    decided by ``eigh``.
+    """
+    B, R = K.shape[0], K.shape[-1]
+    if R <= 2 * _BLOCK:
         vals, vecs = torch.linalg.eigh(K)
-        return float(vals[-1]), vecs[:, -1]
-    res = lanczos(K, 1, tol=1e-5, max_matvecs=min(R, 100))
-    return float(res.eigenvalues[0]), res.eigenvectors[:, 0]
+        return vals[:, -1], vecs[..., -1]
+    gen = torch.Generator(device=K.device).manual_seed(0)
+    Q = torch.randn(R, _BLOCK, generator=gen, dtype=K.dtype, device=K.device).expand(B, R, _BLOCK)
+    lam = torch.zeros(B, dtype=K.dtype, device=K.device)
+    v = torch.zeros(B, R, dtype=K.dtype, device=K.device)
+    todo = torch.arange(B, device=K.device)
+    Kt = K
+    for _ in range(_MAX_ITERS):
+        Q, _r = torch.linalg.qr(Q)
+        KQ = Kt @ Q
+        vals, vecs = torch.linalg.eigh(Q.transpose(-1, -2) @ KQ)
+        top = vals[:, -1]
+        w = vecs[..., -1:]
+        vt = (Q @ w).squeeze(-1)
+        resid = torch.linalg.vector_norm((KQ @ w).squeeze(-1) - top.unsqueeze(-1) * vt, dim=-1)
+        done = (resid <= tol * top) | ~(top > 0)
+        if bool(done.any()):
+            lam[todo[done]] = top[done]
+            v[todo[done]] = vt[done]
+            keep = ~done
+            todo, Kt, KQ = todo[keep], Kt[keep], KQ[keep]
+            if len(todo) == 0:
+                return lam, v
+        Q = KQ
+    vals, vecs = torch.linalg.eigh(Kt)
+    lam[todo] = vals[:, -1]
+    v[todo] = vecs[..., -1]
+    return lam, v
+
+
+#: Block size and iteration cap of :func:`_top`'s subspace iteration.
+_BLOCK = 8
+_MAX_ITERS = 60

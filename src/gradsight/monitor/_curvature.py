@@ -33,15 +33,16 @@ class CurvatureTier:
     * ``headroom`` (and ``headroom_err``): the damped Gauss-Newton decrease along the
       gradient, ½(gᵀg)²/(gᵀGg + λgᵀg) (λ = 10⁻³·λmax(G)), over the loss.
 
-    The engine runs when ``blockwise=True`` (the Monitor does not ask for it yet: its
-    DDP test compares a single process with the ranks' all-reduced products to 1e-6,
-    and the engine has no all-reduce). Otherwise, for layers the engine does not cover
-    (e.g. recurrent layers, tied weights), and under torch.distributed, every layer gets
-    the same quantities from per-layer GGN-vector
-    products (Lanczos, XTrace with ``probes`` products, one product for α*), each
-    averaged over the ranks' shards (:class:`~gradsight.curvature.distributed.
-    DistributedOperator`), giving the curvature of the whole batch on every rank. The
-    model is left as found.
+    Layers the engine does not cover (recurrent layers, modules it has no rows for,
+    calls without the batch in dim 0), and every layer when the loss's output Hessian has
+    no known factor or with ``blockwise=False``, get the same quantities from their own
+    GGN-vector products instead (Lanczos, XTrace with ``probes`` products, one product
+    for α*; without ``lambda_max_err`` and ``headroom_err``). Under torch.distributed the
+    engine gathers each layer's inputs and backward vectors over the ranks
+    (:class:`~gradsight.curvature.distributed.Ranks`) and the fallback averages every
+    product over them (:class:`~gradsight.curvature.distributed.DistributedOperator`):
+    either way every rank gets the curvature of the whole batch. The model is left as
+    found.
     """
 
     def __init__(
@@ -52,7 +53,7 @@ class CurvatureTier:
         probes: int = 20,
         distributed: bool = False,
         group: Any = None,
-        blockwise: bool = False,
+        blockwise: bool = True,
     ) -> None:
         self.blockwise = blockwise
         self.model = model
@@ -72,11 +73,19 @@ class CurvatureTier:
         from gradsight.curvature.blockwise import BlockwiseGGN
 
         engine = None
-        if self.blockwise and not self.distributed:
+        if self.blockwise:
             modules = {name: self.model.get_submodule(name) for name in self.layers}
             try:
-                engine = BlockwiseGGN(self.model, batch, loss_fn, modules, draws=2)
-            except GradsightError:
+                engine = BlockwiseGGN(
+                    self.model,
+                    batch,
+                    loss_fn,
+                    modules,
+                    draws=2,
+                    distributed=self.distributed,
+                    group=self.group,
+                )
+            except GradsightError:  # no factor for this loss (the same on every rank)
                 engine = None
         rows: list[tuple[str, str, float]] = []
         for layer in self.layers:
