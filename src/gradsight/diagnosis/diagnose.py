@@ -26,7 +26,7 @@ from gradsight.diagnosis.result import Diagnosis
 from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
 from gradsight.diagnosis.verdict import LayerEvidence, Thresholds, judge, worst_status
-from gradsight.probes.signal import SignalFlow, SignalProbe, parameter_owners
+from gradsight.probes.signal import SignalFlow, SignalProbe
 
 __all__ = ["diagnose"]
 
@@ -134,7 +134,7 @@ def diagnose(
             constant_baseline_loss(outputs, targets, loss_fn) if math.isfinite(loss_value) else None
         )
     grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
-    evidence = _evidence(model, flow, grad_of)
+    evidence = _evidence(flow, grad_of, probe.owners)
     for e in evidence:
         e.time_input_norms = inputs.norms.get(e.name)
     if kind == "adaptive" and optimizer is not None:
@@ -240,7 +240,9 @@ def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:
 
 
 def _evidence(
-    model: nn.Module, flow: SignalFlow, grad_of: Mapping[int, torch.Tensor | None]
+    flow: SignalFlow,
+    grad_of: Mapping[int, torch.Tensor | None],
+    owners: list[tuple[str, nn.Module]],
 ) -> list[LayerEvidence]:
     """Per-layer evidence in forward order.
 
@@ -251,22 +253,21 @@ def _evidence(
     and listed right after it. Modules the loss does not reach at all come last.
     """
     signals = {m.name: m for m in flow.modules}
-    owners = dict(parameter_owners(model))
+    trainable = [
+        [(pname, p) for pname, p in module.named_parameters(recurse=False) if id(p) in grad_of]
+        for _, module in owners
+    ]  # frozen parameters are not in grad_of
+    flat = [p for params in trainable for _, p in params]
+    grad_norm = dict(zip(map(id, flat), _norms([grad_of[id(p)] for p in flat]), strict=True))
+    param_norm = dict(zip(map(id, flat), _norms([p.detach() for p in flat]), strict=True))
     out: dict[str, LayerEvidence] = {}
-    for name, module in owners.items():
-        grad_norms, param_norms = {}, {}
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) not in grad_of:
-                continue  # frozen
-            g = grad_of[id(p)]
-            grad_norms[pname] = 0.0 if g is None else float(torch.linalg.vector_norm(g))
-            param_norms[pname] = float(torch.linalg.vector_norm(p.detach()))
+    for (name, module), params in zip(owners, trainable, strict=True):
         out[name] = LayerEvidence(
             name=name,
             module_type=type(module).__name__,
             signal=signals.get(name),
-            grad_norms=grad_norms,
-            param_norms=param_norms,
+            grad_norms={pname: grad_norm[id(p)] for pname, p in params},
+            param_norms={pname: param_norm[id(p)] for pname, p in params},
         )
     used_by: dict[str, list[str]] = {}
     for name in flow.unused:
@@ -282,6 +283,18 @@ def _evidence(
         order += [m.name, *used_by.get(m.name, [])]
     order += [n for n in flow.unused if out[n].used_by is None]
     return [out[n] for n in order]
+
+
+def _norms(tensors: list[torch.Tensor | None]) -> list[float]:
+    """The norm of each tensor (0 for None), in one pass and one copy to the host where
+    they share a device and dtype."""
+    present = [t for t in tensors if t is not None]
+    with torch.no_grad():
+        if present and len({(t.device, t.dtype) for t in present}) == 1:
+            values = iter(torch.stack(torch._foreach_norm(present)).tolist())
+        else:
+            values = iter([float(torch.linalg.vector_norm(t)) for t in present])
+    return [0.0 if t is None else next(values) for t in tensors]
 
 
 class _TimeInputs:

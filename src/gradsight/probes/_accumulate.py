@@ -35,8 +35,11 @@ class ActivationAccumulator:
     def __init__(self, spec: ActivationSpec) -> None:
         self.spec = spec
         self.states: ActivationStates | None = None
+        self._metrics: list[float] | None = None  # of `states`, where already on the host
 
-    def add(self, states: ActivationStates) -> None:
+    def add(self, states: ActivationStates, metrics: list[float] | None = None) -> None:
+        """Add one call's states (``metrics``: theirs, if already computed)."""
+        self._metrics = metrics if self.states is None else None
         self.states = states if self.states is None else self.states.add(states)
 
     @torch.no_grad()
@@ -51,7 +54,7 @@ class ActivationAccumulator:
         s = self.states
         if s is None or s.count == 0:
             return None
-        sat, dead, mean, rms = s.metrics()[0].double().tolist()
+        sat, dead, mean, rms = self._metrics or s.metrics()[0].double().tolist()
         return ActivationStats(
             name=self.spec.name,
             saturation=sat,
@@ -150,7 +153,32 @@ def reduce_pending(accs: list[ModuleAccumulator]) -> None:
                 m.pending = None
 
 
-def combine(norms: list[torch.Tensor]) -> float | None:
+def reduce_kept(
+    kept: list[tuple[ModuleAccumulator, ActivationSpec, torch.Tensor, int]],
+) -> dict[int, tuple[ActivationStates, list[float]]]:
+    """Activation statistics of pre-activations kept by the function watcher, one kernel
+    call per group of layers with the same activation, unit dimension, shape and dtype:
+    ``{index in kept: (states, their 4 metrics)}``. A tensor changed in place since it was
+    kept (its version moved on), which the statistics can no longer see, is left out."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (owner, spec, z, version) in enumerate(kept):
+        if z.numel() == 0 or z._version != version:
+            continue
+        unit_dim = owner.unit_dim % z.ndim if z.ndim else 0
+        groups.setdefault((spec, unit_dim, z.shape, z.dtype, z.device), []).append(i)
+    out: dict[int, tuple[ActivationStates, list[float]]] = {}
+    with torch.no_grad():
+        for (spec, unit_dim, _, _, _), members in groups.items():
+            zs = [kept[i][2] for i in members]
+            x = torch.stack(zs) if len(zs) > 1 else zs[0].unsqueeze(0)
+            group = activation_states(spec, unit_dim, x)
+            rows = group.metrics().double().tolist()  # one copy to the host per group
+            for i, states, row in zip(members, group.unbind(), rows, strict=True):
+                out[i] = (states, row)
+    return out
+
+
+def combine(norms: list[torch.Tensor] | list[float]) -> float | None:
     if not norms:
         return None
     vals = [float(n) for n in norms]

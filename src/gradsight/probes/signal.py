@@ -56,6 +56,7 @@ from gradsight.probes._accumulate import (
     ModuleAccumulator,
     differentiable,
     map_tensors,
+    reduce_kept,
     reduce_pending,
     tensors,
 )
@@ -64,7 +65,7 @@ from gradsight.probes._guard import ACTIVATIONS, SIGNALS, TIME, HookGuard
 from gradsight.probes._kernel import ACTIVATION_METRICS
 from gradsight.probes._lean import LeanHooks
 from gradsight.probes._results import ActivationStats, ModuleSignal, SignalFlow
-from gradsight.probes.activations import match_activation, module_activation
+from gradsight.probes.activations import ActivationSpec, match_activation, module_activation
 
 __all__ = [
     "ActivationStats",
@@ -162,10 +163,23 @@ def _record(
     spec = match_activation(func, args, kwargs)
     if owner is not None and spec is not None:
         probe._pending_owner = None
+        z = args[0]
+        inplace = getattr(func, "__name__", "").endswith("_") or bool((kwargs or {}).get("inplace"))
+        if not inplace and z.numel() + probe._kept_entries <= _KEPT_ENTRIES:
+            # Kept (autograd often keeps it anyway), and reduced in result() together with
+            # every other layer's of the same activation and shape: one kernel call each.
+            probe._kept_entries += z.numel()
+            probe._kept_activations.append((owner, spec, z.detach(), z._version))
+            return
         # The input is read before the call: in-place variants overwrite it.
-        if owner.activation is None or owner.activation.spec != spec:
-            owner.activation = ActivationAccumulator(spec)
-        owner.activation.add_tensor(args[0], owner.unit_dim)
+        _add_activation(owner, spec).add_tensor(z, owner.unit_dim)
+
+
+def _add_activation(owner: ModuleAccumulator, spec: ActivationSpec) -> ActivationAccumulator:
+    """The owner's activation accumulator for ``spec`` (a change of activation restarts)."""
+    if owner.activation is None or owner.activation.spec != spec:
+        owner.activation = ActivationAccumulator(spec)
+    return owner.activation
 
 
 class SignalProbe(LeanHooks):
@@ -245,7 +259,12 @@ class SignalProbe(LeanHooks):
         self._pending_owner: ModuleAccumulator | None = None
         self._active = False
         self._events = 0
-        self._kept_entries = 0  # entries of the gradients kept for a norm later
+        #: The modules that own parameters, as :func:`parameter_owners` lists them on entry.
+        self.owners: list[tuple[str, nn.Module]] = []
+        self._kept_entries = 0  # entries kept for reducing later: gradients, activations
+        self._kept_activations: list[
+            tuple[ModuleAccumulator, ActivationSpec, torch.Tensor, int]
+        ] = []
         self._nonfinite_forward: str | None = None
         self._first_bad_grad: tuple[str, str] | None = None  # (module name, "in"/"out")
         # collect_columns: activation tensors copied aside, reduced many steps at a time
@@ -266,7 +285,8 @@ class SignalProbe(LeanHooks):
             self._active = bool(on)
 
     def __enter__(self) -> SignalProbe:
-        owners = {id(m) for _, m in parameter_owners(self.model)}
+        self.owners = parameter_owners(self.model)
+        owners = {id(m) for _, m in self.owners}
         guard = self._guard.wrap
         seen: set[int] = set()
         try:
@@ -514,8 +534,21 @@ class SignalProbe(LeanHooks):
         self._pending_owner = None
         return rows
 
+    def _reduce_kept_activations(self) -> None:
+        """Activation statistics of the kept pre-activations (guarded: a failure leaves
+        them out, with one warning, and the other measurements stand)."""
+        kept, self._kept_activations = self._kept_activations, []
+        if not kept or ACTIVATIONS in self._guard.failed:
+            return
+        reduced = self._guard.wrap(ACTIVATIONS, reduce_kept)(kept)
+        for i, (owner, spec, _, _) in enumerate(kept):  # in call order, as recorded
+            if reduced is not None and i in reduced:
+                states, metrics = reduced[i]
+                _add_activation(owner, spec).add(states, metrics=metrics)
+
     def _take_deferred_norms(self) -> None:
         """Norms of the gradients kept whole (small ones), in one call for all."""
+        self._reduce_kept_activations()
         if not self._kept_entries:
             return
         kept = [
@@ -532,15 +565,32 @@ class SignalProbe(LeanHooks):
                 norms[i] = value
         self._kept_entries = 0
 
+    def _norms_to_host(self) -> None:
+        """Every recorded norm as a Python float, in one copy to the host."""
+        lists = [
+            norms
+            for acc in self._order
+            for norms in (acc.out_norms, acc.in_norms, acc.value_norms, acc.act_out_norms)
+            if norms and isinstance(norms[0], torch.Tensor)
+        ]
+        tensors = [t for norms in lists for t in norms if isinstance(t, torch.Tensor)]
+        if not tensors or len({(t.device, t.dtype) for t in tensors}) != 1:
+            return
+        with torch.no_grad():
+            values = iter(torch.stack([t.reshape(()) for t in tensors]).tolist())
+        for norms in lists:
+            norms[:] = [next(values) if isinstance(t, torch.Tensor) else t for t in norms]
+
     def result(self) -> SignalFlow:
         """Reduce what was recorded into a :class:`SignalFlow` (forward order)."""
         reduce_pending(self._order)
         self._take_deferred_norms()
+        self._norms_to_host()
         for acc in self._order:
             acc.fold_reduced()
         modules = [acc.result() for acc in self._order]
         called = {id(acc.module) for acc in self._order}
-        unused = [name for name, m in parameter_owners(self.model) if id(m) not in called]
+        unused = [name for name, m in self.owners if id(m) not in called]
         # Hooks fire in backward order, and on one tensor innermost module first, so the
         # first non-finite gradient seen belongs to the first module (walking back from
         # the loss) whose backward signal is non-finite: at its input if the module
