@@ -78,6 +78,9 @@ class ModuleAccumulator:
         self.time_sq: list[torch.Tensor] = []  # recurrent layers: per-step ‖∂L/∂x_t‖²
         # Lean mode: the tensor hook for the output of the activation after this module.
         self.act_norm_hook: Callable[[torch.Tensor], None] | None = None
+        # The tensor hooks for ∂L/∂input and ∂L/∂output (made once, not per call).
+        self.in_hook: Callable[[torch.Tensor], None] | None = None
+        self.out_hook: Callable[[torch.Tensor], None] | None = None
         self.activation: ActivationAccumulator | None = None
         self.unit_dim = 1 if isinstance(module, CHANNEL_FIRST) else -1
         # Lean mode: the tensor the activation module after this one saw, reduced later,

@@ -299,6 +299,8 @@ class SignalProbe(LeanHooks):
                     continue
                 acc = ModuleAccumulator(name, module, owns)
                 acc.act_norm_hook = guard(ACTIVATIONS, self._norm_hook(acc.act_out_norms))
+                acc.in_hook = guard(SIGNALS, self._grad_hook(acc, "in"))
+                acc.out_hook = guard(SIGNALS, self._grad_hook(acc, "out"))
                 self._accs[id(module)] = acc
                 if self.input_signals or self.check_finite:
                     self._handles.append(
@@ -348,7 +350,8 @@ class SignalProbe(LeanHooks):
         self._tensor_handles.clear()
         self._pending_owner = None
         for acc in self._accs.values():
-            acc.act_norm_hook = None  # it refers to the probe: no reference cycle is left
+            # They refer to the probe: no reference cycle is left.
+            acc.act_norm_hook = acc.in_hook = acc.out_hook = None
 
     # -- hooks
     def _pre_hook(
@@ -373,6 +376,15 @@ class SignalProbe(LeanHooks):
             # Route each differentiable input through its own view so that the tensor
             # hook sees the gradient through this module only (not, e.g., a skip path).
             # One view per distinct tensor keeps `query is key`-style checks intact.
+            in_hook = acc.in_hook
+            assert in_hook is not None
+            if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
+                x = args[0]  # the usual call, one tensor: no search through the arguments
+                if not differentiable(x):
+                    return None
+                view = x.view_as(x)
+                self._tensor_handles.append(view.register_hook(in_hook))
+                return (view,), kwargs
             views: dict[int, torch.Tensor] = {}
 
             def view_of(t: torch.Tensor) -> torch.Tensor:
@@ -380,9 +392,7 @@ class SignalProbe(LeanHooks):
                     return t
                 if id(t) not in views:
                     view = t.view_as(t)
-                    self._tensor_handles.append(
-                        view.register_hook(self._guard.wrap(SIGNALS, self._grad_hook(acc, "in")))
-                    )
+                    self._tensor_handles.append(view.register_hook(in_hook))
                     views[id(t)] = view
                 return views[id(t)]
 
@@ -439,9 +449,8 @@ class SignalProbe(LeanHooks):
                 ):
                     self._nonfinite_forward = acc.name
                 if differentiable(t):
-                    self._tensor_handles.append(
-                        t.register_hook(self._guard.wrap(SIGNALS, self._grad_hook(acc, "out")))
-                    )
+                    assert acc.out_hook is not None
+                    self._tensor_handles.append(t.register_hook(acc.out_hook))
             if acc.owns_params:
                 self._pending_owner = acc
                 if self._mode is not None:
@@ -577,7 +586,7 @@ class SignalProbe(LeanHooks):
         if not tensors or len({(t.device, t.dtype) for t in tensors}) != 1:
             return
         with torch.no_grad():
-            values = iter(torch.stack([t.reshape(()) for t in tensors]).tolist())
+            values = iter(torch.stack([t.reshape(()) if t.ndim else t for t in tensors]).tolist())
         for norms in lists:
             norms[:] = [next(values) if isinstance(t, torch.Tensor) else t for t in norms]
 
