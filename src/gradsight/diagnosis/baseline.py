@@ -296,17 +296,23 @@ def _baseline(
     # (a classifier's batch) the in-sample fit is within 2% and one fit is enough.
     halves = _halves(outputs, targets) if rows < _IN_SAMPLE_ROWS * features else None
     if halves is None:
-        fitted, _ = _fit(start, outputs, targets, loss_fn, dims, max_iter, candidate)
-        with torch.no_grad():
-            return min(at_start, float(loss_fn(fitted.expand_as(outputs), targets)))
+        fit = _fit(start, outputs, targets, loss_fn, dims, max_iter, candidate)
+        return min(at_start, fit.loss)
     (out_a, y_a), (out_b, y_b) = halves
     with torch.no_grad():
-        combine = _combiner(loss_fn, start, outputs, targets, halves)
+        combine = _combiner(loss_fn, at_start, start, halves)
         start_a, start_b = _mean_constant(out_a, dims), _mean_constant(out_b, dims)
-    fit_a, exact_a = _fit(start_a, out_a, y_a, loss_fn, dims, max_iter, candidate)
-    fit_b, exact_b = _fit(start_b, out_b, y_b, loss_fn, dims, max_iter, candidate)
-    pairs = [(start_a + t * (fit_a - start_a), start_b + t * (fit_b - start_b)) for t in _PATH]
-    counted = [e for e in (exact_a, exact_b) if e is not None and e.counts is not None]
+    fit_a = _fit(start_a, out_a, y_a, loss_fn, dims, max_iter, candidate)
+    fit_b = _fit(start_b, out_b, y_b, loss_fn, dims, max_iter, candidate)
+    # How far to move from each half's mean output towards its fit, chosen on held-out
+    # loss; a closed form solved exactly needs no strong shrinkage.
+    path = _PATH if fit_a.exact is None or fit_b.exact is None else _PATH[2:]
+    pairs = [
+        (start_a + t * (fit_a.const - start_a), start_b + t * (fit_b.const - start_b)) for t in path
+    ]
+    counted = [
+        f.exact for f in (fit_a, fit_b) if f.exact is not None and f.exact.counts is not None
+    ]
     if len(counted) == 2:
         # Cross-entropy, solved in closed form: scored on the other half, a class's
         # frequency counts half a row more in every class (Krichevsky-Trofimov), as a
@@ -353,22 +359,32 @@ def _take(targets: Any, start: int) -> Any:
 
 def _combiner(
     loss_fn: LossFn,
+    whole: float,
     start: torch.Tensor,
-    outputs: torch.Tensor,
-    targets: Any,
     halves: tuple[tuple[torch.Tensor, Any], tuple[torch.Tensor, Any]],
 ) -> Callable[[float, float], float]:
     """How two halves' losses make a whole batch's: summed (``reduction="sum"``) or
-    averaged by size (``"mean"``), whichever reproduces the whole batch's loss."""
+    averaged by size (``"mean"``), whichever reproduces the whole batch's loss ``whole``
+    at the constant ``start``."""
     (out_a, y_a), (out_b, y_b) = halves
-    whole = float(loss_fn(start.expand_as(outputs), targets))
     la = float(loss_fn(start.expand_as(out_a), y_a))
     lb = float(loss_fn(start.expand_as(out_b), y_b))
-    wa, wb = out_a.shape[0] / outputs.shape[0], out_b.shape[0] / outputs.shape[0]
+    n = out_a.shape[0] + out_b.shape[0]
+    wa, wb = out_a.shape[0] / n, out_b.shape[0] / n
     if abs(whole - (la + lb)) < abs(whole - (wa * la + wb * lb)):
         return lambda a, b: a + b
     # The loss on half A is scored with the constant fitted on B and the other way round.
     return lambda on_b, on_a: wb * on_b + wa * on_a
+
+
+@dataclass
+class _Fitted:
+    """A fitted constant, its loss, and the closed-form start it is (None: fitted by
+    L-BFGS)."""
+
+    const: torch.Tensor
+    loss: float
+    exact: _Start | None
 
 
 def _fit(
@@ -379,39 +395,43 @@ def _fit(
     dims: Sequence[int],
     max_iter: int,
     candidate: Candidate,
-) -> tuple[torch.Tensor, _Start | None]:
+) -> _Fitted:
     """The constant (shaped like ``start``, the model's mean output) minimizing the loss
-    on ``outputs``' batch, and the closed-form start when that already was the minimum.
+    on ``outputs``' batch.
 
     Closed forms are tried first (from the targets; then, for a loss that is
     cross-entropy in the constant, from two of its gradients); one is the minimum when the
-    loss's gradient there vanishes (every entry of ∂(loss/loss(start))/∂c within 1e-6).
-    Otherwise L-BFGS runs from the best point seen."""
-    with torch.no_grad():
-        # Tolerances are absolute: work with the loss relative to its value at the
-        # model's mean output, so that the baseline of c·loss is exactly c times the
-        # baseline.
-        scale = abs(float(loss_fn(start.expand_as(outputs), targets))) or 1.0
+    loss's gradient there vanishes (every entry of ∂loss/∂c within 10⁻⁶ of the loss:
+    relative, so that c·loss is solved as loss is). Otherwise L-BFGS runs from the best
+    point seen."""
 
     def gradient(c: torch.Tensor) -> tuple[float, torch.Tensor]:
         const = c.detach().clone().requires_grad_(True)
         with torch.enable_grad():
-            value = loss_fn(const.expand_as(outputs), targets) / scale
+            value = loss_fn(const.expand_as(outputs), targets)
             (g,) = torch.autograd.grad(value, const)
         return float(value.detach()), g
 
-    best, best_value = start, 1.0
+    def stationary(value: float, g: torch.Tensor) -> bool:
+        return (
+            math.isfinite(value)
+            and bool(torch.isfinite(g).all())
+            and float(g.abs().max()) <= _TOLERANCE_GRAD * abs(value)
+        )
+
     found = candidate(outputs, targets)
     tried = [] if found is None else [found, _binary_alternative(found, targets)]
-    with torch.no_grad():
-        for s in tried:
-            if s is not None and s.const.shape == start.shape:
-                value = float(loss_fn(s.const.expand_as(outputs), targets)) / scale
-                if math.isfinite(value) and value < best_value:
-                    best, best_value, found = s.const, value, s
-    value, g = gradient(best)
-    if best is not start and found is not None and _stationary(g):
-        return best, found
+    best, best_value, g = start, math.inf, None
+    for s in tried:
+        if s is None or s.const.shape != start.shape:
+            continue
+        value, s_g = gradient(s.const)
+        if stationary(value, s_g):
+            return _Fitted(s.const, value, s)
+        if value < best_value:
+            best, best_value, g = s.const, value, s_g
+    if g is None:
+        best_value, g = gradient(start)
     if len(dims) == 1 and outputs.shape[dims[0]] > 1:
         # Two gradients determine a cross-entropy's minimum: at the best point and at 0.
         other = torch.zeros_like(start) if best is start else start
@@ -420,10 +440,13 @@ def _fit(
         ce = _cross_entropy_from_gradients(best, g, other, g_other, dims[0], rows)
         if ce is not None:
             ce_value, ce_g = gradient(ce.const)
-            if math.isfinite(ce_value) and _stationary(ce_g):
-                return ce.const, ce
-            if math.isfinite(ce_value) and ce_value < value:
-                best = ce.const
+            if stationary(ce_value, ce_g):
+                return _Fitted(ce.const, ce_value, ce)
+            if math.isfinite(ce_value) and ce_value < best_value:
+                best, best_value = ce.const, ce_value
+    # L-BFGS stops on absolute tolerances: minimize the loss relative to its value at
+    # the start, so that the baseline of c·loss is exactly c times the baseline.
+    scale = abs(best_value) if math.isfinite(best_value) and best_value else 1.0
     const = best.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
         [const],
@@ -441,8 +464,9 @@ def _fit(
 
     with torch.enable_grad():
         opt.step(closure)
-    return const.detach(), None
-
-
-def _stationary(g: torch.Tensor) -> bool:
-    return bool(torch.isfinite(g).all()) and float(g.abs().max()) <= _TOLERANCE_GRAD
+    fitted = const.detach()
+    with torch.no_grad():
+        value = float(loss_fn(fitted.expand_as(outputs), targets))
+    if not value <= best_value:  # NaN, or worse than where it started
+        return _Fitted(best.detach(), best_value, None)
+    return _Fitted(fitted, value, None)
