@@ -228,9 +228,10 @@ def _nonfinite_origin(
     with preserved(model), SignalProbe(model, check_finite=True) as probe:
         _, loss = compute_loss(model, batch, loss_fn)
         probe.end_forward()
+        if probe.nonfinite_forward is not None:  # found in the forward pass
+            return probe.nonfinite_forward
         torch.autograd.grad(loss, params + probe.extra_inputs, allow_unused=True)
-    flow = probe.result()
-    return flow.nonfinite_forward or flow.nonfinite_backward
+    return probe.result().nonfinite_backward
 
 
 def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:

@@ -462,6 +462,11 @@ class SignalProbe(LeanHooks):
         if self._pending_owner is None and self._mode is not None:
             self._mode.unwatch()
 
+    @property
+    def nonfinite_forward(self) -> str | None:
+        """With ``check_finite``: the first module whose output was NaN/Inf so far."""
+        return self._nonfinite_forward
+
     def end_forward(self) -> None:
         """The forward pass and the loss are computed: stop watching torch functions
         (no activation is recorded after this), so that the backward pass's hooks run
