@@ -84,3 +84,30 @@ def test_ddp_run_and_report_written_once_by_rank_zero(ddp_run: Path) -> None:
     assert run.complete and run.metadata["steps"] == 3
     html = (ddp_run / "run" / "report.html").read_text()
     assert "grad_norm" in html or "gradient" in html
+
+
+def test_blockwise_engine_across_ranks_equals_one_process_on_the_whole_batch(
+    tmp_path: Path,
+) -> None:
+    """Inputs and backward vectors gathered per layer, gradients averaged: with exact
+    columns and equal shards every rank gets the single process's numbers (the position
+    embedding, whose ids have no batch dim, included); with sampled draws and unequal
+    shards (20 + 12) both ranks get the same numbers, of the whole batch's size."""
+    from _dist_blockwise_worker import blockwise_cases
+    from gradsight.curvature.blockwise import BlockwiseGGN
+
+    torchrun(HERE / "_dist_blockwise_worker.py", str(tmp_path))
+    ranks = [json.loads((tmp_path / f"blockwise{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]  # bit for bit: every rank computes from the same tensors
+    got = ranks[0]
+    model, batch, loss_fn, _ = blockwise_cases()["positions"]
+    ref = BlockwiseGGN(model, batch, loss_fn, draws=2)
+    assert got["positions"]["exact"] and ref.exact and got["positions"]["skipped"] == []
+    assert set(ref.blocks) == {"tok", "pos", "head"}
+    for name in ref.blocks:
+        want = list(vars(ref.estimate(name, 1e-3)).values())
+        assert np.allclose(got["positions"][name], want, rtol=1e-9, atol=1e-15), name
+    assert np.allclose(got["positions"]["whole"], list(vars(ref.whole(1e-3)).values()), 1e-9)
+    sampled = got["sampled"]
+    assert not sampled["exact"] and sampled["samples"] == 32 and sampled["skipped"] == []
+    assert sampled["whole"][1] > 0  # sampled: a nonzero error bar on λmax

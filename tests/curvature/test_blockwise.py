@@ -43,6 +43,36 @@ class _Seq(nn.Module):
         return self.head(h).transpose(1, 2)
 
 
+class _Positions(nn.Module):
+    """Token and position embeddings; the positions' ids have no batch dim (as GPT-2's)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.pos = nn.Embedding(7, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.arange(x.shape[1]).unsqueeze(0)  # (1, T)
+        h = torch.tanh(self.tok(x) + self.pos(ids))
+        return self.head(h.mean(1))
+
+
+class _Convs(nn.Module):
+    """Strided, dilated and padded 1-D and 3-D convolutions (patches by strided slices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3, stride=2, dilation=2, padding=1)  # (n, 2, 8) -> (n, 3, 3)
+        self.c3 = nn.Conv3d(1, 2, (2, 3, 2), stride=(1, 2, 1), padding=(1, 0, 1))
+        self.head = nn.Linear(9 + 18, 4)  # c3: (n, 1, 2, 4, 2) -> (n, 2, 3, 1, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.tanh(self.c1(x)).flatten(1)
+        b = torch.tanh(self.c3(x.reshape(-1, 1, 2, 4, 2))).flatten(1)
+        return self.head(torch.cat([a, b], dim=1))
+
+
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -63,7 +93,14 @@ def _cases():  # type: ignore[no-untyped-def]
     ).double()
     xc = torch.randn(32, 2, 4, 4, generator=gen, dtype=torch.float64)
     yc = torch.randint(0, 4, (32,), generator=gen)
+    torch.manual_seed(2)
+    xs = torch.randint(0, 11, (24, 7), generator=gen)
+    ys = torch.randint(0, 3, (24,), generator=gen)
+    xv = torch.randn(24, 2, 8, generator=gen, dtype=torch.float64)
+    yv = torch.randint(0, 4, (24,), generator=gen)
     return {
+        "positions": (_Positions().double(), (xs, ys), ce),
+        "convs": (_Convs().double(), (xv, yv), ce),
         "mlp-ce": (_mlp(), (x, y), ce),
         "mlp-scaled-ce": (_mlp(), (x, y), lambda o, t: 2.5 * ce(o, t)),
         "mlp-scaled-mse": (_mlp(), (x, yr), lambda o, t: 3 * nn.functional.mse_loss(o, t)),
@@ -71,7 +108,9 @@ def _cases():  # type: ignore[no-untyped-def]
     }
 
 
-@pytest.mark.parametrize("key", ["mlp-ce", "mlp-scaled-ce", "mlp-scaled-mse", "cnn-groupnorm"])
+@pytest.mark.parametrize(
+    "key", ["mlp-ce", "mlp-scaled-ce", "mlp-scaled-mse", "cnn-groupnorm", "positions", "convs"]
+)
 def test_exact_columns_match_the_exact_block_ggn(key: str) -> None:
     model, batch, loss_fn = _cases()[key]
     eng = BlockwiseGGN(model, batch, loss_fn)
@@ -225,3 +264,60 @@ def test_lambda_max_error_bar_covers_the_exact_value_with_few_rows(samples, draw
             assert abs(est.lambda_max - ref["lam"]) <= 3 * est.lambda_max_err, (name, seed)
             if samples >= 32:  # enough rows: the bracket is informative
                 assert est.lambda_max_err < est.lambda_max
+
+
+def test_batched_top_eigenpairs_match_eigh_including_clustered_spectra() -> None:
+    """Subspace iteration on a stack of Gram matrices: each λmax to the residual bound
+    (tol²·λ/gap), each vector up to sign; a top eigenvalue repeated 12 times (more than
+    the block of 8 vectors) does not converge in the vector and is decided by eigh."""
+    from gradsight.curvature.blockwise import _top_batched
+
+    gen = torch.Generator().manual_seed(0)
+    R = 96
+    Q, _ = torch.linalg.qr(torch.randn(R, R, generator=gen, dtype=torch.float64))
+    spectra = [
+        torch.logspace(0, -6, R, dtype=torch.float64),  # a clear top
+        torch.cat([torch.tensor([1.0, 0.97]), torch.logspace(-1, -6, R - 2)]).double(),
+        torch.cat([torch.ones(12), torch.logspace(-1, -6, R - 12)]).double(),  # cluster
+        torch.zeros(R, dtype=torch.float64),  # no curvature at all
+    ]
+    K = torch.stack([(Q * s) @ Q.T for s in spectra])
+    lam, vec = _top_batched(K, 1e-7)
+    vals, vecs = torch.linalg.eigh(K)
+    assert torch.allclose(lam, vals[:, -1], rtol=1e-10, atol=1e-12)
+    for b in range(2):  # distinct tops: the eigenvector itself
+        assert abs(float(vec[b] @ vecs[b, :, -1])) == pytest.approx(1.0, abs=1e-8)
+    # Cluster: any unit vector of the top eigenspace is an answer.
+    assert float(vec[2] @ K[2] @ vec[2]) == pytest.approx(1.0, rel=1e-10)
+    assert float(vec[2] @ vec[2]) == pytest.approx(1.0, rel=1e-10)
+
+
+def test_public_functions_share_the_engine() -> None:
+    """gradsight.curvature's per-block functions with method="blockwise" and
+    layer_estimates give the engine's numbers: here exact, so those of the dense GGN."""
+    import gradsight.curvature as gc
+
+    model, batch, loss_fn = _cases()["cnn-groupnorm"]
+    ests = gc.layer_estimates(model, batch, loss_fn)
+    assert list(ests) == ["0", "1", "4", ""]
+    whole = _exact(model, batch, loss_fn, None)
+    assert ests[""].lambda_max == pytest.approx(whole["lam"], rel=1e-9)
+    for name in ("0", "4"):
+        ref = _exact(model, batch, loss_fn, name)
+        assert ests[name].lambda_max == pytest.approx(ref["lam"], rel=1e-9)
+        lam = gc.top_eigenvalues(model, batch, loss_fn, params=name, kind="ggn", method="blockwise")
+        assert float(lam[0]) == pytest.approx(ref["lam"], rel=1e-9)
+        tr = gc.trace(
+            model, batch, loss_fn, params=model[int(name)], kind="ggn", method="blockwise"
+        )
+        assert tr.estimate == pytest.approx(ref["trace"], rel=1e-9) and tr.stderr == 0.0
+        step = gc.optimal_step(model, batch, loss_fn, params=name, kind="ggn", method="blockwise")
+        assert step.alpha == pytest.approx(ref["alpha"], rel=1e-9)
+        lanczos_step = gc.optimal_step(model, batch, loss_fn, params=name, kind="ggn")
+        assert step.decrease == pytest.approx(lanczos_step.decrease, rel=1e-9)
+    with pytest.raises(GradsightError, match="kind='ggn'"):
+        gc.top_eigenvalues(model, batch, loss_fn, params="0", method="blockwise")
+    with pytest.raises(GradsightError, match="submodules with parameters"):
+        gc.trace(model, batch, loss_fn, params="", kind="ggn", method="blockwise")
+    with pytest.raises(GradsightError, match="k=2"):
+        gc.top_eigenvalues(model, batch, loss_fn, k=2, params="0", kind="ggn", method="blockwise")

@@ -16,6 +16,13 @@ Estimators, which take an operator or a plain square tensor:
 Model-level functions build the operator for a block and run one estimator:
 :func:`top_eigenvalues`, :func:`trace`, :func:`optimal_step`, :func:`newton_decrement`.
 
+Every layer at once: :func:`layer_estimates` (and ``method="blockwise"`` of
+:func:`top_eigenvalues`, :func:`trace` and :func:`optimal_step` for one layer) runs
+:class:`~gradsight.curvature.blockwise.BlockwiseGGN`, the engine that
+:func:`gradsight.diagnose` and the Monitor's curvature tier use too: one forward pass and
+a few backward passes give each layer's Gauss-Newton λmax, trace, α* and decrement, with
+error bars, instead of dozens of products per layer.
+
 ``params=`` selects the block: ``None`` (all trainable parameters), a module, a
 parameter, a qualified module name as in ``model.named_modules()``, or a list of these.
 The result for one layer is the diagonal block of the whole-model matrix. The model is
@@ -27,12 +34,14 @@ from __future__ import annotations
 
 from gradsight.curvature._api import (
     curvature_operator,
+    layer_estimates,
     newton_decrement,
     optimal_step,
     top_eigenvalues,
     trace,
 )
 from gradsight.curvature._operator import CurvatureOperator
+from gradsight.curvature.blockwise import BlockEstimate, BlockwiseGGN
 from gradsight.curvature.ggn import GGNOperator
 from gradsight.curvature.hessian import HessianOperator
 from gradsight.curvature.lanczos import LanczosResult, lanczos
@@ -47,6 +56,8 @@ from gradsight.curvature.solve import (
 from gradsight.curvature.trace import TraceEstimate, hutchinson_trace, hutchpp_trace, xtrace
 
 __all__ = [
+    "BlockEstimate",
+    "BlockwiseGGN",
     "CGResult",
     "CurvatureOperator",
     "GGNOperator",
@@ -62,6 +73,7 @@ __all__ = [
     "hutchinson_trace",
     "hutchpp_trace",
     "lanczos",
+    "layer_estimates",
     "newton_decrement",
     "optimal_step",
     "top_eigenvalues",

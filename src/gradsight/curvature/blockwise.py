@@ -51,7 +51,7 @@ __all__ = ["JACKKNIFE_GROUPS", "BlockEstimate", "BlockwiseGGN"]
 #: Groups of samples left out in turn for the jackknife error bars.
 JACKKNIFE_GROUPS = 10
 #: Gram matrices summarized together at most (bytes; the per-layer ones are ``R × R``).
-_PENDING_BYTES = 1 << 26
+_PENDING_BYTES = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,10 @@ class BlockwiseGGN:
         max_columns: use the exact factor when it has at most this many columns and
             the rows (columns × samples) are at most ``max_rows``; the Gram matrices
             are ``rows × rows``.
+        draw_rows: draws beyond the first are taken only while the rows (draws ×
+            samples) stay within this: a layer's work grows with the square of the
+            rows, while the error bars, which are dominated by the spread between samples
+            once there are more than a few dozen, shrink little with more draws.
         held_out: also prepare the held-out check of :meth:`held_out_step`: gradient
             and rows of the first half of the samples (not under ``distributed``).
         seed: seed of the draws (a private generator; the global RNG is untouched).
@@ -156,6 +160,7 @@ class BlockwiseGGN:
         draws: int = 1,
         max_columns: int = 8,
         max_rows: int = 2048,
+        draw_rows: int = 128,
         held_out: bool = False,
         seed: int = 0,
         distributed: bool = False,
@@ -296,7 +301,7 @@ class BlockwiseGGN:
             S = factor.exact_columns().to(outputs.dtype)
             weight = 1.0
         else:
-            k = min(max(int(draws), 1), max(max_rows // N, 1))
+            k = min(max(int(draws), 1), max(min(draw_rows, max_rows) // N, 1))
             S = factor.draws(k, gen).to(outputs.dtype)
             weight = 1.0 / S.shape[0]
         if ranks is not None:  # G = (1/W) Σ_r G_r: each rank's rows scaled by 1/√W
@@ -346,7 +351,8 @@ class BlockwiseGGN:
         done: dict[tuple[int, ...], _Block] = {}
         self._K_sum: torch.Tensor | None = None
         self._whole: _Summary | None = None
-        pending: list[tuple[_Block, torch.Tensor]] = []
+        pending: list[_Block] = []
+        stack = torch.empty(0)
         for i, (name, module) in enumerate(wanted.items()):
             ps = params[name]
             key = tuple(id(p) for p in ps)
@@ -388,24 +394,31 @@ class BlockwiseGGN:
                 block.ug_fit = ugs[1] * sw
                 block.gg_fit = float(sum(float((t.double() ** 2).sum()) for t in gf))
             self.blocks[name] = done[key] = block
-            K_b = rows.gram() * weight
+            K_b = rows.gram().mul_(weight)
             del rows, parts
-            self._K_sum = K_b.clone() if self._K_sum is None else self._K_sum.add_(K_b)
-            # Summaries are computed for several layers at once (one batched eigensolver
-            # instead of a Python loop per layer), a bounded number of bytes at a time.
-            pending.append((block, K_b))
-            if len(pending) * K_b.numel() * K_b.element_size() >= _PENDING_BYTES:
-                self._flush(pending)
-        self._flush(pending)
+            if self._K_sum is None:
+                self._K_sum = torch.zeros_like(K_b)
+                # Summaries are computed for several layers at once (one batched
+                # eigensolver instead of a Python loop per layer), in a buffer of a
+                # bounded number of bytes.
+                size = K_b.numel() * K_b.element_size()
+                stack = K_b.new_empty((max(1, _PENDING_BYTES // size), *K_b.shape))
+            self._K_sum.add_(K_b)
+            stack[len(pending)] = K_b
+            pending.append(block)
+            del K_b
+            if len(pending) == stack.shape[0]:
+                self._flush(pending, stack)
+        if pending:
+            self._flush(pending, stack)
         self.rows = m * N
 
-    def _flush(self, pending: list[tuple[_Block, torch.Tensor]]) -> None:
-        """Summarize the pending blocks' Gram matrices (all ``R × R``) together."""
-        if pending:
-            summaries = self._summarize_many(torch.stack([K for _, K in pending]))
-            for (block, _), summary in zip(pending, summaries, strict=True):
-                block.summary = summary
-            pending.clear()
+    def _flush(self, pending: list[_Block], stack: torch.Tensor) -> None:
+        """Summarize the pending blocks' Gram matrices (``stack[i]``, all ``R × R``)."""
+        summaries = self._summarize_many(stack[: len(pending)])
+        for block, summary in zip(pending, summaries, strict=True):
+            block.summary = summary
+        pending.clear()
 
     def _fit_gradient(
         self,

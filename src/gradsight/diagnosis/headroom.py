@@ -300,8 +300,7 @@ def _held_out(
         step = engine.held_out_step(rel * max(lam, torch.finfo(torch.float64).tiny))
         if step is None:
             return None
-        flat = torch.cat([step.get(str(id(p)), torch.zeros_like(p)).reshape(-1) for p in params])
-        after = _loss_at(model, held_out, loss_fn, params, flat)
+        after = _loss_at(model, held_out, loss_fn, params, step)
         return (before - after) / abs(before) if math.isfinite(after) else -math.inf
 
     # The most damped (shortest) step first: when even it does not help, the longer
@@ -375,12 +374,21 @@ def _loss_at(
     batch: Any,
     loss_fn: LossFn,
     params: Sequence[torch.Tensor],
-    step: torch.Tensor | None,
+    step: torch.Tensor | Mapping[str, torch.Tensor] | None,
 ) -> float:
-    """Loss with ``step`` added to ``params``, without writing to the model."""
+    """Loss with ``step`` added to ``params``, without writing to the model.
+
+    ``step`` is flat (in the order of ``params``) or keyed by ``str(id(p))`` (missing
+    parameters do not move).
+    """
     inputs, targets = split_batch(batch)
     replacements: dict[int, torch.Tensor] = {}
-    if step is not None:
+    if isinstance(step, Mapping):
+        for p in params:
+            d = step.get(str(id(p)))
+            if d is not None:
+                replacements[id(p)] = p.detach() + d.view_as(p).to(p.dtype)
+    elif step is not None:
         offset = 0
         for p in params:
             n = p.numel()
