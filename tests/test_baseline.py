@@ -176,3 +176,34 @@ def test_dict_heads_get_each_heads_closed_form(monkeypatch: pytest.MonkeyPatch) 
     base = constant_baseline_loss(outputs, {"cls": labels, "reg": reg}, loss_fn)
     expected = _entropy(labels, 3) + 0.1 * float(reg.double().var(unbiased=False))
     assert base == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "classes", "reduction", "ignore"),
+    [
+        ((96,), 3, "mean", None),  # cross-fitted: 32 rows per class
+        ((600,), 4, "mean", None),  # in-sample: 150 rows per class
+        ((40,), 10, "sum", None),
+        ((24, 5, 5), 6, "mean", -100),  # a segmentation map, some pixels ignored
+        ((24, 5, 5), 16, "mean", -100),  # the same, cross-fitted
+        ((12,), 7, "mean", None),  # classes absent from a half
+    ],
+)
+def test_cross_entropy_from_counts_equals_the_general_fit(
+    shape: tuple[int, ...], classes: int, reduction: str, ignore: int | None
+) -> None:
+    """The baseline read off the class counts for a recognized cross-entropy is the one
+    the general fit finds for the same loss seen as an unknown function."""
+    gen = torch.Generator().manual_seed(len(shape) * 100 + classes)
+    n, *rest = shape
+    outputs = torch.randn(n, classes, *rest, generator=gen)
+    targets = torch.randint(0, classes, shape, generator=gen)
+    if ignore is not None:
+        targets[torch.rand(shape, generator=gen) < 0.2] = ignore
+    loss = nn.CrossEntropyLoss(reduction=reduction)
+    known = constant_baseline_loss(outputs, targets, loss)
+    general = constant_baseline_loss(outputs, targets, lambda o, t: loss(o, t))
+    assert known is not None and general is not None
+    # With ignored targets the halves are combined by their counted targets rather than
+    # their rows (exact for the loss's own mean): a hair apart.
+    assert known == pytest.approx(general, rel=1e-5 if ignore is None else 1e-3)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from gradsight._outputs import FlatOutputs, output_keys
+from gradsight.curvature.ggn import cross_entropy_settings
 
 __all__ = ["constant_baseline_loss"]
 
@@ -112,6 +113,9 @@ def constant_baseline_loss(
         )
     if not outputs.is_floating_point() or outputs.ndim == 0 or outputs.shape[0] == 0:
         return None
+    known = _cross_entropy_baseline(outputs.detach(), targets, loss_fn)
+    if known is not None:
+        return known
     dims = _feature_dims(outputs)
     return _safe_baseline(
         outputs.detach(), targets, loss_fn, dims, max_iter, _tensor_candidate(dims)
@@ -131,6 +135,57 @@ def _safe_baseline(
     except Exception:  # a loss that cannot take a constant prediction has no baseline
         return None
     return value if value is not None and math.isfinite(value) else None
+
+
+def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn) -> float | None:
+    """The baseline of ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` (mean or sum, no
+    class weights or label smoothing) on class indices, from the class counts alone: the
+    same constants and held-out scoring as the general fit, without a call of the loss.
+    None for any other loss or target layout."""
+    settings = cross_entropy_settings(loss_fn, targets, label_smoothing=False)
+    if settings is None or outputs.ndim < 2 or targets.is_floating_point():
+        return None
+    if _feature_dims(outputs) != (1,) or targets.shape != outputs.shape[:1] + outputs.shape[2:]:
+        return None
+    reduction, ignore_index = settings
+    classes = outputs.shape[1]
+    with torch.no_grad():
+        valid = targets != ignore_index
+        labels = targets[valid]
+        if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= classes).any()):
+            return None  # the loss itself says what is wrong
+        logits = outputs.movedim(1, -1).to(torch.float64)
+
+        def counts(rows: slice) -> torch.Tensor:
+            return torch.bincount(targets[rows][valid[rows]], minlength=classes).double()
+
+        def mean_logits(rows: slice) -> torch.Tensor:
+            return logits[rows].reshape(-1, classes).mean(dim=0)
+
+        def centered_log(n: torch.Tensor, extra: float) -> torch.Tensor:
+            log = (n + extra).log()
+            return log - log.mean()
+
+        def summed(c: torch.Tensor, n: torch.Tensor) -> float:
+            return float(-(n * torch.log_softmax(c, dim=0)).sum())
+
+        n = counts(slice(None))
+        total = float(n.sum())
+        start = mean_logits(slice(None))
+        scale = total if reduction == "mean" else 1.0
+        at_start = summed(start, n) / scale
+        rows = outputs.numel() // classes
+        if rows >= _IN_SAMPLE_ROWS * classes or outputs.shape[0] < 4:
+            return min(at_start, summed(centered_log(n, _ABSENT_COUNT), n) / scale)
+        halves = slice(0, None, 2), slice(1, None, 2)
+        (n_a, n_b), (start_a, start_b) = map(counts, halves), map(mean_logits, halves)
+        fit_a, fit_b = centered_log(n_a, _ABSENT_COUNT), centered_log(n_b, _ABSENT_COUNT)
+        pairs = [
+            (start_a + t * (fit_a - start_a), start_b + t * (fit_b - start_b)) for t in _PATH[2:]
+        ]
+        pairs.append((centered_log(n_a, _HELD_OUT_COUNT), centered_log(n_b, _HELD_OUT_COUNT)))
+        held_out = [(summed(c_a, n_b) + summed(c_b, n_a)) / scale for c_a, c_b in pairs]
+    return min(at_start, *held_out)
 
 
 def _feature_dims(outputs: torch.Tensor) -> tuple[int, ...]:
