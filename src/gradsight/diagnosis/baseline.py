@@ -184,7 +184,10 @@ def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
             (start_a + t * (fit_a - start_a), start_b + t * (fit_b - start_b)) for t in _PATH[2:]
         ]
         pairs.append((centered_log(n_a, _HELD_OUT_COUNT), centered_log(n_b, _HELD_OUT_COUNT)))
-        held_out = [(summed(c_a, n_b) + summed(c_b, n_a)) / scale for c_a, c_b in pairs]
+        # Each half's constants scored on the other half, all pairs at once.
+        on_b = -(n_b * torch.log_softmax(torch.stack([a for a, _ in pairs]), dim=1)).sum(dim=1)
+        on_a = -(n_a * torch.log_softmax(torch.stack([b for _, b in pairs]), dim=1)).sum(dim=1)
+        held_out = ((on_b + on_a) / scale).tolist()
     return min(at_start, *held_out)
 
 
