@@ -48,6 +48,12 @@ class LayerRows:
         """``U v`` for several ``v`` (one pass over the layer's input where possible)."""
         return [self.dot(v) for v in vs]
 
+    def gram_dots(
+        self, vs: Sequence[Sequence[torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``K`` and ``U v`` for each ``v`` (from the same built rows where they are built)."""
+        return self.gram(), self.dots(vs)
+
 
 class TiedRows(LayerRows):
     """One weight used by several layers (a tied embedding and output layer): the rows
@@ -202,6 +208,11 @@ class _LinearRows(LayerRows):
         return out.reshape(-1).double()
 
     def gram(self) -> torch.Tensor:
+        return self.gram_dots([])[0]
+
+    def gram_dots(
+        self, vs: Sequence[Sequence[torch.Tensor]]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         m, n, T, dout = self.d.shape
         din = self.a.shape[-1]
         R = m * n
@@ -214,20 +225,29 @@ class _LinearRows(LayerRows):
                 aa = aa + 1
             dd = self.d.reshape(R * T, dout)
             if T == 1:  # (AAᵀ + 1) ⊙ ΔΔᵀ, A repeated for each column j
-                return (aa.reshape(n, n).repeat(m, m) * (dd @ dd.T)).double()
-            ddt = (dd @ dd.T).reshape(m, n, T, m, n, T)
-            K = torch.einsum("ntlu,jntblu->jnbl", aa, ddt)
-            return K.reshape(R, R).double()
+                K = (aa.reshape(n, n).repeat(m, m) * (dd @ dd.T)).double()
+            else:
+                ddt = (dd @ dd.T).reshape(m, n, T, m, n, T)
+                K = torch.einsum("ntlu,jntblu->jnbl", aa, ddt).reshape(R, R).double()
+            return K, (self.dots(vs) if vs else [])
+        # Built in chunks of output features: U v from the same chunks (a matrix-vector
+        # product each, instead of another pass over the layer's input).
         K = torch.zeros(R, R, dtype=torch.float64, device=self.a.device)
+        outs = [torch.zeros(R, dtype=torch.float64, device=self.a.device) for _ in vs]
+        ws = [self._weight(v[0]).to(self.a.dtype) for v in vs]  # (dout, din) each
         step = max(1, CHUNK // max(R * din, 1))
         for start in range(0, dout, step):
             dchunk = self.d[..., start : start + step]  # (m, n, T, c)
             U = torch.einsum("mntc,nti->mnci", dchunk, self.a).reshape(R, -1)
             K += (U @ U.T).double()
+            for out, w in zip(outs, ws, strict=True):
+                out += (U @ w[start : start + step].reshape(-1)).double()
         if self.has_bias:
             ub = self.d.sum(dim=2).reshape(R, dout)
             K += (ub @ ub.T).double()
-        return K
+            for out, v in zip(outs, vs, strict=True):
+                out += (ub @ v[1].to(ub.dtype).reshape(-1)).double()
+        return K, outs
 
 
 class _EmbeddingRows(LayerRows):
