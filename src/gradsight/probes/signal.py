@@ -433,14 +433,14 @@ class SignalProbe(LeanHooks):
                 if acc.owns_params and acc.calls == 0:
                     self._order.append(acc)
                 acc.calls += 1
-            for t in tensors(output):
+            for t in (output,) if isinstance(output, torch.Tensor) else tensors(output):
                 if (
                     self.output_norms
                     and acc.owns_params
                     and (t.is_floating_point() or t.is_complex())
                 ):
-                    with torch.no_grad():
-                        acc.value_norms.append(torch.linalg.vector_norm(t.detach()))
+                    # Of a detached tensor: no graph is recorded, no grad mode needed.
+                    acc.value_norms.append(torch.linalg.vector_norm(t.detach()))
                 if (
                     self.check_finite
                     and self._nonfinite_forward is None
