@@ -7,9 +7,11 @@ its default config; and (``--large``) a GPT-2-small-shaped model (12 × 768, 4×
 
 Per model it prints the parameter count, the layers diagnosed, the forward+backward time
 (median of 3 steps before and 3 after diagnose, in the same process, so that both see
-the same load), the diagnose time, their ratio, the fraction of layers with curvature, and the
-peak resident memory of diagnose over that of a training step (each measured in a fresh
-subprocess, ``ru_maxrss``).
+the same load), the diagnose time, their ratio, the same ratio in process CPU time (less
+sensitive to other processes on a shared machine, though OpenMP threads that spin while
+waiting for a descheduled sibling count too), the fraction of layers with curvature, and
+the peak resident memory of diagnose over that of a training step (each measured in a
+fresh subprocess, ``ru_maxrss``).
 
 Run: ``python benchmarks/diagnose.py [--large] [--only NAME]`` (2 threads).
 """
@@ -109,26 +111,30 @@ def measure(name: str, what: str) -> dict[str, Any]:
     model, batch, loss_fn = build(name)
     out: dict[str, Any] = {"params": sum(p.numel() for p in model.parameters())}
     _step(model, batch, loss_fn)  # warm-up
-    times = []
+    times, cpu = [], []
     for _ in range(3):
-        start = time.perf_counter()
+        start, c0 = time.perf_counter(), time.process_time()
         _step(model, batch, loss_fn)
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - c0)
     if what == "diagnose":
         # One-time costs of a process (imports on first use) on a tiny model first.
         tiny = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
         gradsight.diagnose(tiny, (torch.randn(16, 4), torch.randint(0, 3, (16,))), ce_loss)
-        start = time.perf_counter()
+        start, c0 = time.perf_counter(), time.process_time()
         d = gradsight.diagnose(model, batch, loss_fn)
         out["seconds"] = time.perf_counter() - start
+        out["cpu_seconds"] = time.process_time() - c0
         out["layers"] = len(d.layers)
         out["with_curvature"] = sum(layer.lambda_max is not None for layer in d.layers)
         out["status"] = d.status
         for _ in range(3):  # the step again, under the same load as diagnose
-            start = time.perf_counter()
+            start, c0 = time.perf_counter(), time.process_time()
             _step(model, batch, loss_fn)
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - c0)
     out["step_seconds"] = statistics.median(times)
+    out["step_cpu_seconds"] = statistics.median(cpu)
     out["maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return out
 
@@ -166,9 +172,9 @@ def main() -> None:
     print()
     print(
         "| model | parameters | layers (with curvature) | forward+backward | diagnose | "
-        "ratio | peak memory ratio |"
+        "ratio | CPU-time ratio | peak memory ratio |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in names:
         step = _sub(name, "step")  # peak memory of training steps alone
         diag = _sub(name, "diagnose")  # diagnose between steps, timed in one process
@@ -179,6 +185,7 @@ def main() -> None:
             f"| {name} | {step['params'] / 1e6:.1f}M | {diag['layers']} "
             f"({diag['with_curvature']}) | {diag['step_seconds']:.3f} s | "
             f"{diag['seconds']:.2f} s | {diag['seconds'] / diag['step_seconds']:.1f}× | "
+            f"{diag['cpu_seconds'] / diag['step_cpu_seconds']:.1f}× | "
             f"{diag['maxrss_mb'] / step['maxrss_mb']:.2f} ({diag['maxrss_mb']:.0f} / "
             f"{step['maxrss_mb']:.0f} MB) |",
             flush=True,

@@ -496,7 +496,7 @@ class BlockwiseGGN:
     def _summarize_many(self, K: torch.Tensor) -> list[_Summary]:
         """:class:`_Summary` of each ``K[b]`` (a stack of ``R × R`` Gram matrices)."""
         # Exact rows: λmax to rounding; sampled rows: far below their error bars.
-        upper, vec = _top_batched(K, 1e-7 if self.exact else 1e-4)
+        upper, vec = _top_batched(K, 1e-7 if self.exact else 1e-3)
         tr = K.diagonal(dim1=-2, dim2=-1).sum(-1)
         if self.exact or self.samples < 2:
             empty = torch.empty(0, dtype=torch.float64)
@@ -598,7 +598,7 @@ class BlockwiseGGN:
         for X in (side, ~side):
             Y = ~X
             scale = R / int(Y.sum())
-            top, vec = _top_batched(K[:, X][:, :, X], 1e-4)
+            top, vec = _top_batched(K[:, X][:, :, X], 1e-3)
             proj = K[:, Y][:, :, X] @ vec.to(K.dtype).unsqueeze(-1)
             valid &= top > 0
             total += (proj.squeeze(-1) ** 2).sum(-1).double() / top.double() * scale
