@@ -131,7 +131,7 @@ def test_kronecker_factors_are_the_ggn_block_linear_and_conv() -> None:
     for module, x in cases:
         model = nn.Sequential(module, nn.Flatten())
         dense = GGNOperator(model, (x, y), nn.functional.cross_entropy).to_dense()
-        opt = GaussNewton(model, warmup=1)
+        opt = GaussNewton(model, warmup=1, exact_outputs=32)
         opt.step(lambda m=model, x=x: nn.functional.cross_entropy(m(x), y))
         st = opt.state[module.weight]
         torch.testing.assert_close(torch.kron(st["S"], st["A"]), dense, rtol=1e-6, atol=1e-10)
@@ -191,7 +191,7 @@ def test_one_by_one_convolution_is_a_linear_layer() -> None:
     lin_net = PerLocation()
     states = []
     for net, weight in ((conv_net, conv.weight), (lin_net, lin.weight)):
-        opt = GaussNewton(net, warmup=1)
+        opt = GaussNewton(net, warmup=1, exact_outputs=32)
         opt.step(lambda n=net: nn.functional.cross_entropy(n(x), y))
         states.append(opt.state[weight])
     for key in ("A", "S"):

@@ -22,7 +22,12 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["damped_inverse", "damped_inverses"]
+__all__ = [
+    "damped_choleskys",
+    "damped_inverse",
+    "damped_inverses",
+    "inverses_from_choleskys",
+]
 
 
 def damped_inverse(factor: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -49,17 +54,19 @@ def damped_inverse(factor: torch.Tensor, gamma: float) -> torch.Tensor:
     return torch.cholesky_inverse(chol)
 
 
-def damped_inverses(factors: list[torch.Tensor], gamma: float) -> list[torch.Tensor]:
-    """:func:`damped_inverse` of every factor, one batched factorization per size.
+def damped_choleskys(factors: list[torch.Tensor], gamma: float) -> list[torch.Tensor]:
+    """Lower Cholesky factors ``L`` of ``F + γ·tr(F)/d·I``, one batched factorization per size.
 
     A network's layers mostly share a few factor sizes, so stacking them turns a dozen
-    small LAPACK calls (each with its own dispatch overhead) into two or three.
+    small LAPACK calls (each with its own dispatch overhead) into two or three. A zero
+    factor (no signal at all) gives the identity; one that is not numerically positive
+    definite gets more damping (``+ tr(F)/d·I``), as :func:`damped_inverse` does.
 
     Example:
         >>> import torch
-        >>> F = [torch.eye(2) * 4.0, torch.eye(3), torch.eye(2), torch.zeros(2, 2)]
-        >>> [round(float(inv[0, 0]), 3) for inv in damped_inverses(F, 1.0)]  # 0: no signal
-        [0.125, 0.5, 0.5, 1.0]
+        >>> F = [torch.eye(2) * 4.0, torch.zeros(2, 2)]
+        >>> [round(float(c[0, 0]) ** 2, 3) for c in damped_choleskys(F, 1.0)]  # 4 + 4; I
+        [8.0, 1.0]
     """
     out: list[torch.Tensor | None] = [None] * len(factors)
     by_size: dict[int, list[int]] = {}
@@ -72,13 +79,34 @@ def damped_inverses(factors: list[torch.Tensor], gamma: float) -> list[torch.Ten
         damped = stack + (gamma * scale)[:, None, None] * eye
         chol, info = torch.linalg.cholesky_ex(damped)
         bad = (info != 0) | ~(scale > 0)
-        if bool(bad.any()):  # rare (no signal, or not definite): one factor at a time
-            chol[bad] = eye
-            inv = torch.cholesky_inverse(chol)
-            for j in bad.nonzero().flatten().tolist():
-                inv[j] = damped_inverse(factors[idx[j]], gamma)
-        else:
-            inv = torch.cholesky_inverse(chol)
+        for j in bad.nonzero().flatten().tolist():  # rare: no signal, or not definite
+            s = float(scale[j])
+            chol[j] = torch.linalg.cholesky(damped[j] + s * eye) if s > 0.0 else eye
+        for j, i in enumerate(idx):
+            out[i] = chol[j]
+    return [t for t in out if t is not None]
+
+
+def inverses_from_choleskys(choleskys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``(L Lᵀ)⁻¹`` of every lower Cholesky factor, batched by size."""
+    out: list[torch.Tensor | None] = [None] * len(choleskys)
+    by_size: dict[int, list[int]] = {}
+    for i, c in enumerate(choleskys):
+        by_size.setdefault(c.shape[0], []).append(i)
+    for idx in by_size.values():
+        inv = torch.cholesky_inverse(torch.stack([choleskys[i] for i in idx]))
         for j, i in enumerate(idx):
             out[i] = inv[j]
     return [t for t in out if t is not None]
+
+
+def damped_inverses(factors: list[torch.Tensor], gamma: float) -> list[torch.Tensor]:
+    """:func:`damped_inverse` of every factor, one batched factorization per size.
+
+    Example:
+        >>> import torch
+        >>> F = [torch.eye(2) * 4.0, torch.eye(3), torch.eye(2), torch.zeros(2, 2)]
+        >>> [round(float(inv[0, 0]), 3) for inv in damped_inverses(F, 1.0)]  # 0: no signal
+        [0.125, 0.5, 0.5, 1.0]
+    """
+    return inverses_from_choleskys(damped_choleskys(factors, gamma))
