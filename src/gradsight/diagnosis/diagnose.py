@@ -12,6 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradsight._batch import compute_loss, split_batch, trainable_parameters, unwrap_compiled
 from gradsight._errors import GradsightError
+from gradsight._norms import norms
 from gradsight._outputs import tensor_output
 from gradsight._state import preserved
 from gradsight.diagnosis._sharded import gathered
@@ -259,8 +260,8 @@ def _evidence(
         for _, module in owners
     ]  # frozen parameters are not in grad_of
     flat = [p for params in trainable for _, p in params]
-    grad_norm = dict(zip(map(id, flat), _norms([grad_of[id(p)] for p in flat]), strict=True))
-    param_norm = dict(zip(map(id, flat), _norms([p.detach() for p in flat]), strict=True))
+    grad_norm = dict(zip(map(id, flat), norms([grad_of[id(p)] for p in flat]), strict=True))
+    param_norm = dict(zip(map(id, flat), norms([p.detach() for p in flat]), strict=True))
     out: dict[str, LayerEvidence] = {}
     for (name, module), params in zip(owners, trainable, strict=True):
         out[name] = LayerEvidence(
@@ -284,18 +285,6 @@ def _evidence(
         order += [m.name, *used_by.get(m.name, [])]
     order += [n for n in flow.unused if out[n].used_by is None]
     return [out[n] for n in order]
-
-
-def _norms(tensors: list[torch.Tensor | None]) -> list[float]:
-    """The norm of each tensor (0 for None), in one pass and one copy to the host where
-    they share a device and dtype."""
-    present = [t for t in tensors if t is not None]
-    with torch.no_grad():
-        if present and len({(t.device, t.dtype) for t in present}) == 1:
-            values = iter(torch.stack(torch._foreach_norm(present)).tolist())
-        else:
-            values = iter([float(torch.linalg.vector_norm(t)) for t in present])
-    return [0.0 if t is None else next(values) for t in tensors]
 
 
 class _TimeInputs:

@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
 from gradsight._errors import GradsightError
+from gradsight._norms import norm_tensors
 from gradsight.probes._accumulate import (
     ACTIVATION_SIGNAL_NORM,
     INPUT_SIGNAL_NORM,
@@ -485,9 +486,9 @@ class SignalProbe(LeanHooks):
                 and not self.check_finite
                 and grad.numel() + self._kept_entries <= _KEPT_ENTRIES
             ):
-                # A small gradient is kept; its norm is taken in result(), with every
-                # other kept one in a single call (the engine does not reuse a buffer
-                # that is referenced, so the values stay as they were).
+                # A small gradient is kept; its norm is taken in result(), with the
+                # other kept ones of its shape in one call (the engine does not reuse a
+                # buffer that is referenced, so the values stay as they were).
                 self._kept_entries += grad.numel()
                 norms.append(grad.detach())
                 return
@@ -573,8 +574,7 @@ class SignalProbe(LeanHooks):
             if t.ndim > 0
         ]
         if kept:
-            with torch.no_grad():
-                values = torch._foreach_norm([norms[i] for norms, i in kept])
+            values = norm_tensors([norms[i] for norms, i in kept])
             for (norms, i), value in zip(kept, values, strict=True):
                 norms[i] = value
         self._kept_entries = 0

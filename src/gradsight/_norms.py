@@ -1,0 +1,48 @@
+"""Norms of many tensors at once: one ``torch._foreach_norm`` call per device and dtype
+(one Python round trip for all of a model's gradients, outputs or parameters), and one
+copy to the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["norm_tensors", "norms"]
+
+
+def norm_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The 2-norm of each tensor, as 0-d tensors on its device (in its dtype).
+
+    Example:
+        >>> [float(n) for n in norm_tensors([torch.ones(4), torch.full((4,), 2.0), torch.ones(9)])]
+        [2.0, 4.0, 3.0]
+    """
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[tuple[object, ...], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    with torch.no_grad():
+        for members in groups.values():
+            values = torch._foreach_norm([tensors[i].detach() for i in members])
+            for i, n in zip(members, values, strict=True):
+                out[i] = n
+    return [n for n in out if n is not None]
+
+
+def norms(tensors: Sequence[torch.Tensor | None]) -> list[float]:
+    """The 2-norm of each tensor as a float (0 for None), with one copy to the host where
+    the norms share a device and dtype.
+
+    Example:
+        >>> norms([torch.ones(4), None, torch.full((2, 2), 2.0)])
+        [2.0, 0.0, 4.0]
+    """
+    present = [t for t in tensors if t is not None]
+    values = norm_tensors(present)
+    if values and len({(v.device, v.dtype) for v in values}) == 1:
+        floats = iter(torch.stack(values).tolist())
+    else:
+        floats = iter([float(v) for v in values])
+    return [0.0 if t is None else next(floats) for t in tensors]
