@@ -26,7 +26,9 @@ rows are the K-FAC-style approximation that ignores the batch statistics' coupli
 
 from __future__ import annotations
 
+import ctypes
 import math
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -167,6 +169,7 @@ class BlockwiseGGN:
         group: Any = None,
     ) -> None:
         ranks = Ranks(group) if distributed else None
+        _release_free_memory()
         if blocks is None:
             blocks = {
                 name: m
@@ -737,6 +740,30 @@ def _batched_backward(outputs: torch.Tensor, calls: list[_Call], S: torch.Tensor
             d.columns.append(g)
         del got
     return out
+
+
+def _release_free_memory() -> None:
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``), if available.
+
+    The caller's passes just before (``gradsight.diagnose``'s own forward and backward)
+    leave freed memory in the heap that the engine's differently sized tensors do not
+    all reuse, so without this the process's peak resident memory counts both. Measured
+    on the 100-layer MLP of ``benchmarks/diagnose.py``: peak RSS of diagnose 657 MB
+    without, 604 MB with (a training step: 319 MB). A no-op where glibc is absent.
+    """
+    global _TRIM
+    if _TRIM is None:
+        _TRIM = False
+        if sys.platform.startswith("linux"):
+            try:
+                _TRIM = ctypes.CDLL(None).malloc_trim
+            except (AttributeError, OSError):
+                _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 def _batch_size(batch: Any) -> int | None:
