@@ -499,3 +499,29 @@ def test_small_gradients_norms_taken_together_equal_each_norm() -> None:
     for name, out in outs.items():
         assert out.grad is not None
         assert flow[name].signal_norm == pytest.approx(float(out.grad.norm()), rel=1e-6)
+
+
+class _FunctionalReLU(nn.Module):
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 32), nn.Linear(32, 2)
+        self.inplace = inplace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(nn.functional.relu(self.a(x) - 0.5, self.inplace))  # positional flag
+
+
+def test_functional_activation_in_place_by_position_is_read_before_it_overwrites() -> None:
+    """``F.relu(z, True)`` overwrites z: its statistics are taken before the call, and
+    equal those of the same layer with ``F.relu(z)``."""
+    flows = []
+    for inplace in (False, True):
+        torch.manual_seed(0)
+        model = _FunctionalReLU(inplace)
+        with SignalProbe(model) as probe:
+            model(torch.randn(64, 6)).pow(2).mean().backward()
+        flows.append(probe.result()["a"].activation)
+    plain, inplace_stats = flows
+    assert plain is not None and inplace_stats is not None
+    assert 0.05 < plain.dead_fraction < 1 or 0.05 < plain.saturation < 1
+    assert inplace_stats == plain

@@ -38,6 +38,7 @@ output, so it receives ∂L/∂z even after ``ReLU(inplace=True)`` overwrote z.
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -93,7 +94,8 @@ def parameter_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return owners
 
 
-#: At most this many gradient entries are kept for taking their norms all at once.
+#: At most this many entries (gradients, pre-activations) are kept per pass, to be
+#: reduced all at once in :meth:`SignalProbe.result`; beyond it each is reduced at once.
 _KEPT_ENTRIES = 1 << 20
 
 
@@ -165,8 +167,7 @@ def _record(
     if owner is not None and spec is not None:
         probe._pending_owner = None
         z = args[0]
-        inplace = getattr(func, "__name__", "").endswith("_") or bool((kwargs or {}).get("inplace"))
-        if not inplace and z.numel() + probe._kept_entries <= _KEPT_ENTRIES:
+        if not _in_place(func, args, kwargs) and z.numel() + probe._kept_entries <= _KEPT_ENTRIES:
             # Kept (autograd often keeps it anyway), and reduced in result() together with
             # every other layer's of the same activation and shape: one kernel call each.
             probe._kept_entries += z.numel()
@@ -174,6 +175,26 @@ def _record(
             return
         # The input is read before the call: in-place variants overwrite it.
         _add_activation(owner, spec).add_tensor(z, owner.unit_dim)
+
+
+def _in_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
+    """Whether the call overwrites its input: ``relu_``, or ``inplace=True`` (by keyword or
+    by position, as ``F.relu(x, True)``)."""
+    if getattr(func, "__name__", "").endswith("_"):
+        return True
+    if kwargs and kwargs.get("inplace"):
+        return True
+    position = _inplace_position(func)
+    return position is not None and len(args) > position and bool(args[position])
+
+
+@functools.cache
+def _inplace_position(func: Any) -> int | None:
+    try:
+        names = list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):  # a builtin without a signature takes no inplace flag
+        return None
+    return names.index("inplace") if "inplace" in names else None
 
 
 def _add_activation(owner: ModuleAccumulator, spec: ActivationSpec) -> ActivationAccumulator:
@@ -484,6 +505,7 @@ class SignalProbe(LeanHooks):
             if (
                 acc.owns_params
                 and not self.check_finite
+                and grad.ndim > 0  # kept ones are told from norms (0-d) by their shape
                 and grad.numel() + self._kept_entries <= _KEPT_ENTRIES
             ):
                 # A small gradient is kept; its norm is taken in result(), with the
