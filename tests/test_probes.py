@@ -512,8 +512,8 @@ class _FunctionalReLU(nn.Module):
 
 
 def test_functional_activation_in_place_by_position_is_read_before_it_overwrites() -> None:
-    """``F.relu(z, True)`` overwrites z: its statistics are taken before the call, and
-    equal those of the same layer with ``F.relu(z)``."""
+    """``F.relu(z, True)`` overwrites z: its statistics are taken before the call (not
+    kept for later, when z holds the output), and equal those of ``F.relu(z)``."""
     flows = []
     for inplace in (False, True):
         torch.manual_seed(0)

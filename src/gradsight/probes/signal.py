@@ -38,7 +38,6 @@ output, so it receives ∂L/∂z even after ``ReLU(inplace=True)`` overwrote z.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -167,7 +166,7 @@ def _record(
     if owner is not None and spec is not None:
         probe._pending_owner = None
         z = args[0]
-        if not _in_place(func, args, kwargs) and z.numel() + probe._kept_entries <= _KEPT_ENTRIES:
+        if not _in_place(func, kwargs) and z.numel() + probe._kept_entries <= _KEPT_ENTRIES:
             # Kept (autograd often keeps it anyway), and reduced in result() together with
             # every other layer's of the same activation and shape: one kernel call each.
             probe._kept_entries += z.numel()
@@ -177,24 +176,10 @@ def _record(
         _add_activation(owner, spec).add_tensor(z, owner.unit_dim)
 
 
-def _in_place(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
-    """Whether the call overwrites its input: ``relu_``, or ``inplace=True`` (by keyword or
-    by position, as ``F.relu(x, True)``)."""
-    if getattr(func, "__name__", "").endswith("_"):
-        return True
-    if kwargs and kwargs.get("inplace"):
-        return True
-    position = _inplace_position(func)
-    return position is not None and len(args) > position and bool(args[position])
-
-
-@functools.cache
-def _inplace_position(func: Any) -> int | None:
-    try:
-        names = list(inspect.signature(func).parameters)
-    except (TypeError, ValueError):  # a builtin without a signature takes no inplace flag
-        return None
-    return names.index("inplace") if "inplace" in names else None
+def _in_place(func: Any, kwargs: dict[str, Any] | None) -> bool:
+    """Whether the call overwrites its input: ``relu_``, or ``inplace=True`` (the functional
+    forms reach a mode with their flag as a keyword, also when called with it by position)."""
+    return getattr(func, "__name__", "").endswith("_") or bool(kwargs and kwargs.get("inplace"))
 
 
 def _add_activation(owner: ModuleAccumulator, spec: ActivationSpec) -> ActivationAccumulator:
