@@ -39,8 +39,8 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 # held-out loss picks t, as a ridge path picks its penalty.
 _PATH = (0.0, 0.25, 0.5, 1.0)
 _IN_SAMPLE_ROWS = 50
-# L-BFGS stops where the largest gradient entry of loss/loss(start) is below this: at the
-# closed-form optimum of a recognized loss that is the first evaluation.
+# A constant is the minimum where every entry of ∂loss/∂c is within this fraction of the
+# loss (relative, so that c·loss is solved as loss is); L-BFGS stops there too.
 _TOLERANCE_GRAD = 1e-6
 # Count added to every class for a constant scored on samples it was not fitted on (the
 # Krichevsky-Trofimov estimator): a class absent from one half is not impossible.
@@ -64,12 +64,12 @@ def constant_baseline_loss(
     every other dimension: shape ``(C,)`` for ``(batch, C)`` outputs; the last
     dimension of ``(batch, seq, vocab)`` outputs (a language model's unigram); dimension
     1 of ``(batch, C, H, W, ...)`` outputs (a segmentation map's class frequencies). It
-    is fitted with L-BFGS on
-    one half of the batch (samples 0, 2, 4, ...) and scored on the other, and the other
-    way round; the held-out loss also chooses how far to move from the model's mean
-    output towards the fitted constant. With at least 50 rows (samples × positions) per
-    feature, fewer than 4 samples, or targets that cannot be split along the batch, it is
-    fitted and scored on the whole batch.
+    is fitted on one half of the batch (samples 0, 2, 4, ...) and scored on the other,
+    and the other way round; the held-out loss also chooses how far to move from the
+    model's mean output towards the fitted constant. With at least 50 rows (samples ×
+    positions) per feature, fewer than 4 samples, or targets that cannot be split along
+    the batch, it is fitted and scored on the whole batch. The fit is the closed-form
+    optimum where the loss is a usual one (see the module docstring), L-BFGS otherwise.
 
     For cross-entropy this is (up to the held-out correction, O(C/n)) the entropy of
     the label frequencies; for mean squared error the target variance.
@@ -102,7 +102,7 @@ def constant_baseline_loss(
         if not isinstance(whole, torch.Tensor) or whole.ndim == 0 or whole.shape[0] == 0:
             return None
         dims = _feature_dims(whole)
-        candidate = _structured_candidate(flat, outputs, dims) if len(keys) > 1 else None
+        candidate = _structured_candidate(flat) if len(keys) > 1 else None
         return _safe_baseline(
             whole.detach(),
             targets,
@@ -302,7 +302,7 @@ def _cross_entropy_from_gradients(
         return _log_counts(counts.clamp_min(0.0), total / max(rows, 1), list(a.shape), a.dtype)
 
 
-def _structured_candidate(flat: FlatOutputs, outputs: Any, dims: tuple[int, ...]) -> Candidate:
+def _structured_candidate(flat: FlatOutputs) -> Candidate:
     """Closed-form starts for several heads flattened into one ``(batch, D)`` tensor: each
     head's from the targets under the same key (a dict of targets) or position (a
     tuple or list), its model mean where there are none."""
