@@ -88,7 +88,7 @@ def constant_baseline_loss(
         >>> freq = torch.bincount(y).double() / len(y)
         >>> entropy = float(-(freq * freq.log()).sum())
         >>> base = constant_baseline_loss(torch.randn(600, 3), y, torch.nn.functional.cross_entropy)
-        >>> entropy <= base < 1.01 * entropy
+        >>> abs(base - entropy) < 1e-12  # 200 rows per class: fitted on the whole batch
         True
     """
     if not isinstance(outputs, torch.Tensor):
