@@ -91,7 +91,7 @@ def test_each_layers_step_is_lr_times_its_initial_scale_per_group() -> None:
         {"params": list(model[0].parameters()), "lr": 0.05},
         {"params": list(model[2].parameters())},
     ]
-    opt = GaussNewton(groups, lr=0.01, model=model, momentum=0.0, weight_decay=0.0)
+    opt = GaussNewton(groups, lr=0.01, model=model, momentum=0.0, weight_decay=0.0, snr_decay=0.0)
     layers = [model[0], model[2]]
     before = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in layers]
     for step in range(2):  # the scale is the one at the first step, not the current one
@@ -107,6 +107,70 @@ def test_each_layers_step_is_lr_times_its_initial_scale_per_group() -> None:
         ]
         assert rms == pytest.approx(want, rel=1e-5), step
     assert opt.param_groups[1]["lr"] == 0.01 and opt.param_groups[1]["momentum"] == 0.0
+
+
+def _adam_ratio(grads: list[torch.Tensor], beta: float, decay: float) -> float:
+    """Adam's bias-corrected m̂ and v̂ after ``grads``, computed plainly in float64:
+    min(1, √mean(m̂²/v̂)) over the entries whose v̂ is nonzero (the others count 0)."""
+    m = torch.zeros_like(grads[0], dtype=torch.float64)
+    v = torch.zeros_like(m)
+    for g in grads:
+        m = beta * m + (1 - beta) * g.double()
+        v = decay * v + (1 - decay) * g.double() ** 2
+    t = len(grads)
+    m_hat, v_hat = m / (1 - beta**t), v / (1 - decay**t)
+    r2 = torch.where(v_hat > 0, m_hat**2 / v_hat, torch.zeros_like(v_hat))
+    return min(1.0, float(r2.mean()) ** 0.5)
+
+
+def test_step_shrinks_by_adams_signal_to_noise_ratio() -> None:
+    """Each layer's radius is lr × its initial RMS × min(1, RMS of Adam's m̂/√v̂),
+    against Adam's moments computed by hand from the gradients the optimizer used."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    opt = GaussNewton(model, lr=0.05, weight_decay=0.0, momentum=0.9, snr_decay=0.95)
+    grads: dict[int, list[torch.Tensor]] = {0: [], 2: []}
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        x = torch.randn(16, 6, generator=gen)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        start = {i: [p.detach().clone() for p in model[i].parameters()] for i in grads}
+        opt.step(lambda x=x, y=y: nn.functional.cross_entropy(model(x), y))
+        assert opt.last is not None
+        for i in grads:
+            grads[i].append(torch.cat([p.grad.flatten() for p in model[i].parameters()]))
+            want = _adam_ratio(grads[i], 0.9, 0.95)
+            assert opt.last.signal_to_noise[str(i)] == pytest.approx(want, rel=1e-5)
+            moved = torch.cat(
+                [
+                    (p.detach() - s).flatten()
+                    for p, s in zip(model[i].parameters(), start[i], strict=True)
+                ]
+            )
+            init_rms = float(opt.state[model[i].weight]["init_rms"])
+            rms = float(moved.square().mean()) ** 0.5
+            assert rms == pytest.approx(0.05 * init_rms * want, rel=1e-4)
+
+
+def test_signal_to_noise_of_noise_and_of_a_constant_gradient() -> None:
+    """A gradient that never changes keeps the full radius (ratio 1); pure noise gives
+    the stationary √((1 − β)/(1 + β)) = 0.229 of a momentum 0.9 (linear losses: no
+    curvature, so the direction is the gradient itself)."""
+    layer = nn.Linear(2000, 1, bias=False)
+    opt = GaussNewton(layer, momentum=0.9, snr_decay=0.99)
+    fixed = torch.randn(1, 2000)
+    for _ in range(5):
+        opt.step(lambda: layer(fixed).sum())
+        assert opt.last is not None
+        assert opt.last.signal_to_noise[""] == pytest.approx(1.0, abs=1e-6)
+    layer = nn.Linear(2000, 1, bias=False)
+    opt = GaussNewton(layer, momentum=0.9, snr_decay=0.99)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(400):
+        noise = torch.randn(1, 2000, generator=gen)
+        opt.step(lambda noise=noise: layer(noise).sum())
+    assert opt.last is not None
+    assert opt.last.signal_to_noise[""] == pytest.approx((0.1 / 1.9) ** 0.5, rel=0.05)
 
 
 def test_zero_initialized_layer_is_not_frozen() -> None:
@@ -214,6 +278,8 @@ def test_closure_must_return_scalar_loss(closure_value, match) -> None:  # type:
 def test_constructor_errors() -> None:
     with pytest.raises(GradsightError, match="lr must be a positive"):
         GaussNewton(_tiny(0), lr=0.0)
+    with pytest.raises(GradsightError, match=r"snr_decay must lie in \[0, 1\)"):
+        GaussNewton(_tiny(0), snr_decay=1.0)
     with pytest.raises(GradsightError, match="register takes the model"):
         GaussNewton(_tiny(0).parameters()).register([])  # type: ignore[arg-type]
     with pytest.raises(GradsightError, match="do not belong to the registered model"):

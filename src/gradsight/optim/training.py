@@ -23,7 +23,7 @@ def make_optimizer(model: nn.Module, **kwargs: Any) -> GaussNewton:
         >>> from torch import nn
         >>> opt = make_optimizer(nn.Linear(3, 2))
         >>> opt.param_groups[0]["lr"], [b.kind for b in opt.blocks]
-        (0.3, ['kfac'])
+        (0.5, ['kfac'])
     """
     return GaussNewton(model.parameters(), model=model, **kwargs)
 
