@@ -321,3 +321,24 @@ def test_public_functions_share_the_engine() -> None:
         gc.trace(model, batch, loss_fn, params="", kind="ggn", method="blockwise")
     with pytest.raises(GradsightError, match="k=2"):
         gc.top_eigenvalues(model, batch, loss_fn, k=2, params="0", kind="ggn", method="blockwise")
+
+
+@pytest.mark.parametrize("key", ["convs", "cnn-groupnorm"])
+def test_convolution_rows_by_patches_when_the_grouped_rows_do_not_fit(
+    key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Convolutions whose rows exceed CHUNK are built from patches (strided slices) in
+    chunks of output channels: the same exact values as the dense GGN."""
+    from gradsight.curvature import _rows
+
+    monkeypatch.setattr(_rows, "CHUNK", 64)
+    model, batch, loss_fn = _cases()[key]
+    built: list[object] = []
+    monkeypatch.setattr(_rows, "_ConvRows", lambda *a: built.append(a))  # never called
+    eng = BlockwiseGGN(model, batch, loss_fn)
+    assert not built and eng.exact and not eng.skipped
+    for name in eng.blocks:
+        est, ref = eng.estimate(name, DAMPING), _exact(model, batch, loss_fn, name)
+        assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9)
+        assert est.alpha_star == pytest.approx(ref["alpha"], rel=1e-9)
+        assert est.trace == pytest.approx(ref["trace"], rel=1e-9)

@@ -715,6 +715,8 @@ class _Deltas:
 
 def _stacked(d: _Deltas) -> torch.Tensor:
     """``(m, *shape)``: the columns stacked (built when the layer is processed)."""
+    if len(d.columns) == 1 and d.columns[0] is not None:
+        return d.columns[0].unsqueeze(0)  # one column: a view, no copy
     return torch.stack(
         [
             c if c is not None else torch.zeros(d.shape, dtype=d.dtype, device=d.device)
