@@ -2,12 +2,14 @@
 
 Per-block Lanczos needs dozens of products per layer, each a pass through the whole
 model, which is hundreds of passes on a transformer. Here every layer's curvature comes
-from one forward pass, the gradient's backward pass and one batched backward pass of
-the output-Hessian factor (:mod:`gradsight.curvature._factor`):
+from one forward pass, the gradient's backward pass (two with the held-out check) and
+one backward pass per column of the output-Hessian factor
+(:mod:`gradsight.curvature._factor`), to the layers' outputs only:
 
 * backward vectors ``s_j`` with ``E[s_j s_jᵀ] = H_out`` (exact columns when each sample's
   output is one vector of at most ``max_columns`` entries, else ``draws`` Monte Carlo
-  draws) are sent back at once (``is_grads_batched``);
+  draws, a second one only while the rows stay within ``draw_rows``) are sent back, one
+  pass each, the last one freeing the graph;
 * hooks keep each layer's input and the backward signal ``δ`` at its output; per sample
   ``n`` they give the rows ``u_{jn} = J_{b,n}ᵀ s_{jn}`` of the layer
   (:mod:`gradsight.curvature._rows`), whose sum ``G̃_b = Σ u uᵀ`` (weighted ``1/draws``)

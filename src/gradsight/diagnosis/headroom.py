@@ -2,8 +2,8 @@
 
 Per parameter block (one layer) and for the whole model, on the generalized
 Gauss-Newton matrix G (positive semi-definite, analytic in output space), all layers at
-once from :class:`~gradsight.curvature.blockwise.BlockwiseGGN` (one forward pass and two
-backward passes), with standard errors where the output Hessian is sampled:
+once from :class:`~gradsight.curvature.blockwise.BlockwiseGGN` (one forward pass and a
+few backward passes), with standard errors where the output Hessian is sampled:
 
 * λmax, the block's largest curvature. A gradient step of size η is stable for the
   block only if η·λmax < 2.
@@ -197,8 +197,9 @@ def layer_curvature(
     """Per-layer curvature of ``layers`` and the whole model's headroom, at one go.
 
     All layers come from :class:`~gradsight.curvature.blockwise.BlockwiseGGN` (one
-    forward pass, the gradient's backward pass and one batched backward pass of the
-    output-Hessian factor), with standard errors. Then, within ``budget``:
+    forward pass, the gradient's and the held-out half's backward passes and one
+    backward pass per column of the output-Hessian factor), with standard errors.
+    Then, within ``budget``:
 
     * a layer whose estimate is within two standard errors of a verdict's threshold
       (headroom ``threshold``; ``lr·λmax = 2``) is recomputed exactly by

@@ -21,7 +21,7 @@ class CurvatureTier:
     For each parameter-owning layer (its own parameters as the block), on the
     generalized Gauss-Newton matrix G (the positive semi-definite part of the Hessian,
     which the verdicts use too), from the same engine as :func:`gradsight.diagnose`
-    (:class:`~gradsight.curvature.blockwise.BlockwiseGGN`: one forward pass and two
+    (:class:`~gradsight.curvature.blockwise.BlockwiseGGN`: one forward pass and a few
     backward passes serve every layer):
 
     * ``lambda_max`` (and its standard error ``lambda_max_err``): the top eigenvalue of
