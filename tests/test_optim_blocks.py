@@ -236,3 +236,29 @@ def test_add_param_group_joins_the_blocks() -> None:
     assert not torch.equal(before, model.head.weight)
     assert torch.equal(conv, model.conv.weight)  # not in the optimizer: left alone
     assert opt.param_groups[1]["lr"] == 0.05
+
+
+def test_large_factor_is_solved_with_its_cholesky_factor() -> None:
+    """A factor far larger than its partner (300 + 1 inputs against 3 outputs) is kept as
+    the Cholesky factor of its damped self and solved with; the direction equals
+    S⁻¹ G A⁻¹ with both damped factors inverted densely in float64."""
+    torch.manual_seed(0)
+    model = nn.Linear(300, 3).double()
+    x = torch.randn(64, 300, dtype=torch.float64)
+    y = torch.randint(0, 3, (64,))
+    opt = GaussNewton(model, momentum=0.0, weight_decay=0.0, snr_decay=0.0)
+    opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+    st = opt.state[model.weight]
+    assert "A_chol" in st and "A_inv" not in st and "S_inv" in st and "S_chol" not in st
+    gamma = opt.param_groups[0]["factor_damping"]
+
+    def inv(f: torch.Tensor) -> torch.Tensor:
+        eye = torch.eye(f.shape[0], dtype=torch.float64)
+        return torch.linalg.inv(f + gamma * f.diagonal().mean() * eye)
+
+    g = [torch.randn_like(model.weight), torch.randn_like(model.bias)]
+    block = opt.blocks[0]
+    got = torch.cat([t.flatten() for t in opt._direction(block, g)])
+    want = inv(st["S"]) @ torch.cat([g[0], g[1][:, None]], dim=1) @ inv(st["A"])
+    want_flat = torch.cat([want[:, :-1].flatten(), want[:, -1]])
+    torch.testing.assert_close(got, want_flat, rtol=1e-8, atol=1e-12)

@@ -81,7 +81,8 @@ def damped_choleskys(factors: list[torch.Tensor], gamma: float) -> list[torch.Te
         bad = (info != 0) | ~(scale > 0)
         for j in bad.nonzero().flatten().tolist():  # rare: no signal, or not definite
             s = float(scale[j])
-            chol[j] = torch.linalg.cholesky(damped[j] + s * eye) if s > 0.0 else eye
+            # (a non-finite factor stays non-finite, as its inverse would)
+            chol[j] = torch.linalg.cholesky_ex(damped[j] + s * eye)[0] if s > 0.0 else eye
         for j, i in enumerate(idx):
             out[i] = chol[j]
     return [t for t in out if t is not None]
