@@ -323,20 +323,31 @@ def test_public_functions_share_the_engine() -> None:
         gc.top_eigenvalues(model, batch, loss_fn, k=2, params="0", kind="ggn", method="blockwise")
 
 
+@pytest.mark.parametrize("path", ["grouped", "patches"])
 @pytest.mark.parametrize("key", ["convs", "cnn-groupnorm"])
-def test_convolution_rows_by_patches_when_the_grouped_rows_do_not_fit(
-    key: str, monkeypatch: pytest.MonkeyPatch
+def test_convolution_rows_both_ways_match_the_dense_ggn(
+    key: str, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Convolutions whose rows exceed CHUNK are built from patches (strided slices) in
-    chunks of output channels: the same exact values as the dense GGN."""
+    """A convolution's rows as per-sample weight gradients of one grouped convolution
+    (large layers), or from patches (strided slices) in chunks of output channels
+    (small layers, and rows beyond CHUNK): the exact values of the dense GGN both ways."""
     from gradsight.curvature import _rows
 
-    monkeypatch.setattr(_rows, "CHUNK", 64)
-    model, batch, loss_fn = _cases()[key]
+    if path == "grouped":
+        monkeypatch.setattr(_rows, "GROUPED_WORK", 0)
+    else:
+        monkeypatch.setattr(_rows, "CHUNK", 64)  # chunks of one output channel
+    grouped = _rows._ConvRows
     built: list[object] = []
-    monkeypatch.setattr(_rows, "_ConvRows", lambda *a: built.append(a))  # never called
+
+    def spy(*args: object) -> object:
+        built.append(args)
+        return grouped(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_rows, "_ConvRows", spy)
+    model, batch, loss_fn = _cases()[key]
     eng = BlockwiseGGN(model, batch, loss_fn)
-    assert not built and eng.exact and not eng.skipped
+    assert bool(built) == (path == "grouped") and eng.exact and not eng.skipped
     for name in eng.blocks:
         est, ref = eng.estimate(name, DAMPING), _exact(model, batch, loss_fn, name)
         assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9)

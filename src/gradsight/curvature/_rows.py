@@ -28,6 +28,8 @@ __all__ = ["LayerRows", "TiedRows", "layer_rows", "supported"]
 
 #: Largest number of elements of a built chunk of ``U`` (float64 rows: 256 MiB).
 CHUNK = 1 << 25
+#: Multiply-adds of a convolution's rows from which :class:`_ConvRows` is used.
+GROUPED_WORK = 1 << 27
 
 
 class LayerRows:
@@ -114,7 +116,11 @@ def layer_rows(
         return _NormRows(module, params, inputs, deltas)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         rows = deltas[0].shape[0] * deltas[0].shape[1]
-        if rows * module.weight.numel() <= CHUNK:  # all rows at once, else in chunks below
+        work = rows * deltas[0][0, 0].numel() * module.weight.numel()
+        # The grouped weight gradient is oneDNN's: its first use for a shape generates a
+        # kernel (~18 ms measured), which only pays off on large layers; all rows at
+        # once only while they fit, else patches in chunks below.
+        if work >= GROUPED_WORK and rows * module.weight.numel() <= CHUNK:
             return _ConvRows(module, params, inputs, deltas)
     a_list, d_list = [], []
     for a, d in zip(inputs, deltas, strict=True):

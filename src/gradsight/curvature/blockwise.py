@@ -747,27 +747,59 @@ def _batched_backward(outputs: torch.Tensor, calls: list[_Call], S: torch.Tensor
 
 
 def _release_free_memory() -> None:
-    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``), if available.
+    """Return the C heap's free pages to the OS (glibc's ``malloc_trim``) when they are many.
 
     The caller's passes just before (``gradsight.diagnose``'s own forward and backward)
     leave freed memory in the heap that the engine's differently sized tensors do not
     all reuse, so without this the process's peak resident memory counts both. Measured
     on the 100-layer MLP of ``benchmarks/diagnose.py``: peak RSS of diagnose 657 MB
-    without, 604 MB with (a training step: 319 MB). A no-op where glibc is absent.
+    without, 604-614 MB with (a training step: 319 MB). Only when at least
+    :data:`_TRIM_BYTES` are free (glibc's ``mallinfo2``): the pages given back fault in
+    again when reused, which cost a small CNN 10-14 ms a call. A no-op without glibc.
     """
-    global _TRIM
-    if _TRIM is None:
-        _TRIM = False
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = False
         if sys.platform.startswith("linux"):
             try:
-                _TRIM = ctypes.CDLL(None).malloc_trim
+                libc = ctypes.CDLL(None)
+                libc.malloc_trim  # noqa: B018 - raises AttributeError without glibc
+                _LIBC = libc
             except (AttributeError, OSError):
-                _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+                _LIBC = False
+    if not _LIBC:
+        return
+    try:
+        info = _LIBC.mallinfo2
+        info.restype = _MallInfo2
+        free = int(info().fordblks)
+    except AttributeError:  # glibc < 2.33: no mallinfo2, trim unconditionally
+        free = _TRIM_BYTES
+    if free >= _TRIM_BYTES:
+        _LIBC.malloc_trim(0)
 
 
-_TRIM: Any = None
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
+
+
+_LIBC: Any = None
+#: Free heap bytes from which :func:`_release_free_memory` trims.
+_TRIM_BYTES = 64 << 20
 
 
 def _batch_size(batch: Any) -> int | None:
