@@ -500,8 +500,12 @@ class BlockwiseGGN:
 
     def _summarize_many(self, K: torch.Tensor) -> list[_Summary]:
         """:class:`_Summary` of each ``K[b]`` (a stack of ``R × R`` Gram matrices)."""
-        # Exact rows: λmax to rounding; sampled rows: far below their error bars.
-        upper, vec = _top_batched(K, 1e-7 if self.exact else 1e-3)
+        # Exact rows: λmax to rounding. Sampled rows: far below their error bars, in
+        # single precision (the iterations read the whole stack each step: half the
+        # memory traffic; the rows themselves are single precision on float32 models).
+        Kw = K if self.exact else K.float()
+        upper, vec = _top_batched(Kw, 1e-7 if self.exact else 1e-3)
+        upper, vec = upper.double(), vec.double()
         tr = K.diagonal(dim1=-2, dim2=-1).sum(-1)
         if self.exact or self.samples < 2:
             empty = torch.empty(0, dtype=torch.float64)
@@ -517,8 +521,8 @@ class BlockwiseGGN:
         diag = torch.zeros(B, groups, dtype=torch.float64).index_add_(
             1, gid, K.diagonal(dim1=-2, dim2=-1).double()
         )
-        lower = self._cross_top(K)
-        up = upper.double().unsqueeze(1)
+        lower = self._cross_top(Kw)
+        up = upper.unsqueeze(1)
         upper_groups = up * (1 - share) * scale
         trace_groups = (tr.double().unsqueeze(1) - diag) * scale
         return [
