@@ -101,6 +101,7 @@ class _Summary:
     trace_groups: torch.Tensor
 
 
+#: Placeholder of a block whose Gram matrix waits in the buffer to be summarized.
 _PENDING = _Summary(math.nan, 0.0, torch.empty(0), math.nan, torch.empty(0))
 
 
