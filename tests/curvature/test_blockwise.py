@@ -353,3 +353,29 @@ def test_convolution_rows_both_ways_match_the_dense_ggn(
         assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9)
         assert est.alpha_star == pytest.approx(ref["alpha"], rel=1e-9)
         assert est.trace == pytest.approx(ref["trace"], rel=1e-9)
+
+
+def test_position_embedding_written_in_place_is_measured_without_the_expansion() -> None:
+    """A model that writes to the position embedding's output in place cannot take the
+    expanded output (one memory location for every sample): the engine measures again
+    without the expansion; the position embedding is then reported as not covered, the
+    other layers keep their exact values."""
+
+    class InPlace(_Positions):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p = self.pos(torch.arange(x.shape[1]).unsqueeze(0))
+            p.mul_(2.0)
+            return self.head(torch.tanh(self.tok(x) + p).mean(1))
+
+    torch.manual_seed(0)
+    model = InPlace().double()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 11, (24, 7), generator=gen)
+    batch = (ids, torch.randint(0, 3, (24,), generator=gen))
+    eng = BlockwiseGGN(model, batch, ce)
+    assert eng.exact and set(eng.blocks) == {"tok", "head"}
+    assert "batch" in eng.skipped["pos"]
+    for name in ("tok", "head"):
+        est, ref = eng.estimate(name, DAMPING), _exact(model, batch, ce, name)
+        assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9)
+        assert est.alpha_star == pytest.approx(ref["alpha"], rel=1e-9)

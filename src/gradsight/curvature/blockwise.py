@@ -211,7 +211,7 @@ class BlockwiseGGN:
         # forward hook (the broadcast that follows gives the same values), so that
         # autograd returns each sample's signal.
         batch_size = _batch_size(batch)
-        expand = {"on": batch_size is not None and batch_size > 1}
+        expand = {"on": batch_size is not None and batch_size > 1, "used": False}
 
         def hook(name: str) -> Callable[..., Any]:
             def record(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
@@ -234,6 +234,7 @@ class BlockwiseGGN:
                     assert batch_size is not None
                     a = a.expand(batch_size, *a.shape[1:])
                     output = output.expand(batch_size, *output.shape[1:])
+                    expand["used"] = True
                     calls[name].append(_Call.of(a, output))
                     return output
                 calls[name].append(_Call.of(a, output))
@@ -249,10 +250,10 @@ class BlockwiseGGN:
             try:
                 outputs, loss = forward_loss(model, batch, loss_fn, rng, device)
                 break
-            except RuntimeError:
+            except (RuntimeError, GradsightError):  # the model's error, wrapped or not
                 # The expanded output met an in-place operation (or a shape check):
                 # measure without the expansion (such layers are then not covered).
-                if attempt or not expand["on"]:
+                if attempt or not expand["used"]:
                     raise
                 expand["on"] = False
                 for v in calls.values():
