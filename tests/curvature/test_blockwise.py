@@ -217,9 +217,10 @@ def test_monitor_tier_blockwise_rows_match_its_exact_rows() -> None:
     from gradsight.monitor._curvature import CurvatureTier
 
     model, batch, loss_fn = _cases()["mlp-ce"]
-    fast = dict_rows(CurvatureTier(model, ["0", "2"], blockwise=True), batch, loss_fn)
-    slow = dict_rows(CurvatureTier(model, ["0", "2"], probes=400), batch, loss_fn)
+    fast = dict_rows(CurvatureTier(model, ["0", "2"]), batch, loss_fn)  # the engine: default
+    slow = dict_rows(CurvatureTier(model, ["0", "2"], probes=400, blockwise=False), batch, loss_fn)
     assert fast[("0", "lambda_max_err")] == 0.0  # exact columns: 3 classes
+    assert ("0", "lambda_max_err") not in slow  # the per-block fallback has no error bars
     for key in ("lambda_max", "alpha_star", "headroom", "trace", "step_ratio"):
         for layer in ("0", "2"):
             assert fast[(layer, key)] == pytest.approx(slow[(layer, key)], rel=2e-2), key
