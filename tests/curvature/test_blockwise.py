@@ -380,3 +380,29 @@ def test_position_embedding_written_in_place_is_measured_without_the_expansion()
         est, ref = eng.estimate(name, DAMPING), _exact(model, batch, ce, name)
         assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9)
         assert est.alpha_star == pytest.approx(ref["alpha"], rel=1e-9)
+
+
+def test_monitor_tier_falls_back_to_per_block_products_for_uncovered_layers() -> None:
+    """A recurrent layer has no rows in the engine: the Monitor's tier measures it by its
+    own GGN-vector products, the covered layer from the engine, in one call."""
+    from gradsight.monitor._curvature import CurvatureTier
+
+    class Rnn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.GRU(3, 4, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model = Rnn().double()
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(16, 5, 3, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    rows = dict_rows(CurvatureTier(model, ["rnn", "head"]), batch, ce)
+    assert ("head", "lambda_max_err") in rows and ("rnn", "lambda_max_err") not in rows
+    for layer in ("rnn", "head"):
+        ref = _exact(model, batch, ce, layer)
+        assert rows[(layer, "lambda_max")] == pytest.approx(ref["lam"], rel=2e-2)
+        assert rows[(layer, "alpha_star")] == pytest.approx(ref["alpha"], rel=1e-6)
