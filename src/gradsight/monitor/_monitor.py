@@ -71,10 +71,14 @@ class Monitor:
     functions (``torch.relu`` in ``forward``); :func:`gradsight.diagnose` sees both.
 
     **Curvature tier** (every ``curvature_every`` steps, needs ``batch`` and
-    ``loss_fn``): per layer the top Hessian eigenvalue (``lambda_max``, and
-    ``lr_lambda_max``: above 2 the step is unstable), the trace, the curvature-optimal
-    step α* = gᵀg/gᵀHg over the learning rate (``step_ratio``) and ``headroom``, the
-    damped Gauss-Newton decrement ½gᵀ(G+λI)⁻¹g relative to the loss.
+    ``loss_fn``): per layer, on the Gauss-Newton matrix G (the same engine as
+    :func:`gradsight.diagnose`: one forward and a few backward passes serve every layer),
+    the top eigenvalue (``lambda_max`` ± ``lambda_max_err``, and ``lr_lambda_max``: above
+    2 the step is unstable), the trace (± ``trace_stderr``), the curvature-optimal step
+    α* = gᵀg/gᵀGg over the learning rate (``step_ratio``) and ``headroom``
+    (± ``headroom_err``), the damped Gauss-Newton decrease along the gradient relative to
+    the loss. Layers the engine does not cover (recurrent layers, say) get the same
+    quantities from per-layer G-vector products.
 
     **Gradient accumulation**: call :meth:`step` once per optimizer step, after the last
     ``backward()``, with the loss of the whole step: the mean of the micro-batch losses
@@ -131,13 +135,14 @@ class Monitor:
             and loss_fn are known) and store it as ``diagnosis.json``.
         name: Run name shown in reports (default: the logdir's name).
         overwrite: Replace a run already in ``logdir`` (default: refuse).
-        curvature_probes: Budget of curvature-vector products per layer for the trace.
+        curvature_probes: Budget of curvature-vector products per layer for the trace, for
+            the layers measured by products (those the engine does not cover).
         distributed: Under ``torch.distributed`` with several ranks (None: detected),
             reduce each step's measurements across ranks so that they equal a single
             process on the global batch, and write from rank 0 only (see
-            :mod:`gradsight.monitor._distributed`; curvature products are averaged over
-            the ranks too, and the diagnosis at close is rank 0's shard). False: every rank
-            records on its own.
+            :mod:`gradsight.monitor._distributed`; the curvature engine gathers each
+            layer's inputs and backward vectors from every rank, and the diagnosis at
+            close is rank 0's shard). False: every rank records on its own.
         thresholds: Decision thresholds for the verdicts of the diagnosis at close
             (:class:`gradsight.Thresholds`; default: its defaults).
 
