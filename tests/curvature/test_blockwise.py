@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -98,7 +99,17 @@ def _cases():  # type: ignore[no-untyped-def]
     ys = torch.randint(0, 3, (24,), generator=gen)
     xv = torch.randn(24, 2, 8, generator=gen, dtype=torch.float64)
     yv = torch.randint(0, 4, (24,), generator=gen)
+    # BitFit: frozen weights, trained biases (the convolution's and the head's).
+    bitfit = copy.deepcopy(cnn)
+    bitfit[0].weight.requires_grad_(False)
+    bitfit[4].weight.requires_grad_(False)
+    torch.manual_seed(3)
+    bitfit_convs = _Convs().double()
+    for m in (bitfit_convs.c1, bitfit_convs.c3, bitfit_convs.head):
+        m.weight.requires_grad_(False)
     return {
+        "bitfit-cnn": (bitfit, (xc, yc), ce),
+        "bitfit-convs": (bitfit_convs, (xv, yv), ce),
         "positions": (_Positions().double(), (xs, ys), ce),
         "convs": (_Convs().double(), (xv, yv), ce),
         "mlp-ce": (_mlp(), (x, y), ce),
@@ -109,7 +120,17 @@ def _cases():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize(
-    "key", ["mlp-ce", "mlp-scaled-ce", "mlp-scaled-mse", "cnn-groupnorm", "positions", "convs"]
+    "key",
+    [
+        "mlp-ce",
+        "mlp-scaled-ce",
+        "mlp-scaled-mse",
+        "cnn-groupnorm",
+        "positions",
+        "convs",
+        "bitfit-cnn",
+        "bitfit-convs",
+    ],
 )
 def test_exact_columns_match_the_exact_block_ggn(key: str) -> None:
     model, batch, loss_fn = _cases()[key]

@@ -114,6 +114,9 @@ def layer_rows(
         return _EmbeddingRows(module, params, inputs, deltas)
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
         return _NormRows(module, params, inputs, deltas)
+    weight = getattr(module, "weight", None)
+    if weight is not None and not any(p is weight for p in params):
+        return _BiasRows(module, deltas)  # a frozen weight, a trained bias (BitFit)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         rows = deltas[0].shape[0] * deltas[0].shape[1]
         work = rows * deltas[0][0, 0].numel() * module.weight.numel()
@@ -163,6 +166,30 @@ def _conv_as_linear(
     a2 = cols.transpose(1, 2)
     d2 = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1).transpose(2, 3)
     return a2, d2
+
+
+class _BiasRows(LayerRows):
+    """The bias alone of a linear or convolution layer whose weight is frozen:
+    ``u_{jn} = Σ_t δ_{jnt}``, the backward vectors summed over positions (and calls)."""
+
+    def __init__(self, module: nn.Module, deltas: Sequence[torch.Tensor]) -> None:
+        channels_first = isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        total = None
+        for d in deltas:  # (m, n, C, *spatial) or (m, n, ..., C)
+            if channels_first:
+                u = d.reshape(d.shape[0], d.shape[1], d.shape[2], -1).sum(dim=3)
+            else:
+                u = d.reshape(d.shape[0], d.shape[1], -1, d.shape[-1]).sum(dim=2)
+            total = u if total is None else total + u
+        assert total is not None
+        self.u = total.reshape(total.shape[0] * total.shape[1], -1)  # (R, C)
+
+    def gram(self) -> torch.Tensor:
+        u = self.u.double()
+        return u @ u.T
+
+    def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
+        return (self.u.double() @ v[0].double().reshape(-1)).reshape(-1)
 
 
 class _LinearRows(LayerRows):
