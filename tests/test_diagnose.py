@@ -178,6 +178,48 @@ def test_nonfinite_origin_names_the_faulty_module() -> None:
     assert d.nonfinite_origin == "1"
 
 
+class _Counted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.lin(x)
+
+
+class _Forgiving(nn.Module):
+    """Runs its layers under ``except Exception``, as some models guard optional parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.log, self.rest = nn.Linear(4, 4), _LogLayer(), _Counted()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            h = self.log(self.first(x))
+        except Exception:
+            h = x
+        return self.rest(h)
+
+
+def test_locating_a_nan_stops_at_its_module_through_the_models_own_except() -> None:
+    """The pass that locates a NaN ends at the module where it starts (what comes after
+    it does not run again), also when the model catches Exception around it; the model's
+    state is left as it was."""
+    torch.manual_seed(0)
+    model = _Forgiving()
+    with torch.no_grad():
+        model.first.bias.fill_(-50.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    d = diagnose(model, (torch.randn(8, 4), torch.randint(0, 2, (8,))), ce)
+    assert d.status == "nonfinite" and d.nonfinite_origin == "log"
+    assert model.rest.calls == 1  # the first pass only
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_nonfinite_backward_origin_when_forward_is_finite() -> None:
     class Sqrt(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ from gradsight.diagnosis.result import Diagnosis
 from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
 from gradsight.diagnosis.verdict import LayerEvidence, Thresholds, judge, worst_status
-from gradsight.probes.signal import SignalFlow, SignalProbe
+from gradsight.probes.signal import NonfiniteOutput, SignalFlow, SignalProbe
 
 __all__ = ["diagnose"]
 
@@ -226,10 +226,14 @@ def _nonfinite_origin(
     """The first module whose output (or, if the forward pass is finite, backward signal)
     is NaN/Inf: the same pass again (same RNG seed, so the same dropout masks), with a
     finiteness check at every module."""
-    with preserved(model), SignalProbe(model, check_finite=True) as probe:
-        _, loss = compute_loss(model, batch, loss_fn)
+    probe = SignalProbe(model, check_finite=True, stop_at_nonfinite=True)
+    with preserved(model), probe:
+        try:
+            _, loss = compute_loss(model, batch, loss_fn)
+        except NonfiniteOutput as found:  # the forward pass stops where it turns NaN/Inf
+            return found.module
         probe.end_forward()
-        if probe.nonfinite_forward is not None:  # found in the forward pass
+        if probe.nonfinite_forward is not None:  # NaN/Inf from the loss function's input on
             return probe.nonfinite_forward
         torch.autograd.grad(loss, params + probe.extra_inputs, allow_unused=True)
     return probe.result().nonfinite_backward

@@ -71,6 +71,7 @@ from gradsight.probes.activations import ActivationSpec, match_activation, modul
 __all__ = [
     "ActivationStats",
     "ModuleSignal",
+    "NonfiniteOutput",
     "SignalFlow",
     "SignalProbe",
     "parameter_owners",
@@ -96,6 +97,15 @@ def parameter_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
 #: At most this many entries (gradients, pre-activations) are kept per pass, to be
 #: reduced all at once in :meth:`SignalProbe.result`; beyond it each is reduced at once.
 _KEPT_ENTRIES = 1 << 20
+
+
+class NonfiniteOutput(BaseException):
+    """Raised from a forward hook by a probe with ``stop_at_nonfinite``: ``module`` is the
+    first module whose output is NaN/Inf; the rest of the forward pass does not run."""
+
+    def __init__(self, module: str) -> None:
+        super().__init__(module)
+        self.module = module
 
 
 class _ActivationWatcher(TorchFunctionMode):
@@ -205,6 +215,10 @@ class SignalProbe(LeanHooks):
             ``activation_signal_norm``); ``False`` records none.
         check_finite: Also watch every module (not only parameter owners) for
             NaN/Inf outputs and backward signals, to locate where they start.
+        stop_at_nonfinite: With ``check_finite``: end the forward pass at the first
+            module whose output is NaN/Inf, by raising :class:`NonfiniteOutput` (a
+            ``BaseException``, so that no ``except Exception`` in the model swallows it)
+            from its forward hook; catch it around the forward pass.
         input_signals: Record ‖∂L/∂input‖ through each module (one view and one tensor
             hook per input and call). Without it ``weight_factor`` is None.
         output_norms: Record ‖output‖ (one reduction per call).
@@ -235,6 +249,7 @@ class SignalProbe(LeanHooks):
         *,
         activations: bool | Literal["functions", "modules"] = True,
         check_finite: bool = False,
+        stop_at_nonfinite: bool = False,
         input_signals: bool = True,
         output_norms: bool = True,
         activation_samples: int | None = None,
@@ -251,6 +266,7 @@ class SignalProbe(LeanHooks):
         self.model = model
         self.activations = activations
         self.check_finite = check_finite
+        self.stop_at_nonfinite = stop_at_nonfinite
         self.input_signals = input_signals
         self.output_norms = output_norms
         self.activation_samples = activation_samples
@@ -455,6 +471,8 @@ class SignalProbe(LeanHooks):
                     and not bool(torch.isfinite(t.detach()).all())
                 ):
                     self._nonfinite_forward = acc.name
+                    if self.stop_at_nonfinite:
+                        raise NonfiniteOutput(acc.name)  # not an Exception: past the guard
                 if differentiable(t):
                     assert acc.out_hook is not None
                     self._tensor_handles.append(t.register_hook(acc.out_hook))
