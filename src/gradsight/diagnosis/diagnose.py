@@ -233,7 +233,7 @@ def _nonfinite_origin(
         except NonfiniteOutput as found:  # the forward pass stops where it turns NaN/Inf
             return found.module
         probe.end_forward()
-        if probe.nonfinite_forward is not None:  # NaN/Inf from the loss function's input on
+        if probe.nonfinite_forward is not None:  # found, but a model caught the signal
             return probe.nonfinite_forward
         torch.autograd.grad(loss, params + probe.extra_inputs, allow_unused=True)
     return probe.result().nonfinite_backward
