@@ -38,6 +38,8 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 # Shrinkage from the model's mean output (t = 0) to the fitted constant (t = 1); the
 # held-out loss picks t, as a ridge path picks its penalty.
 _PATH = (0.0, 0.25, 0.5, 1.0)
+# For a closed form that is the exact minimum on its half: at most halfway back.
+_EXACT_PATH = _PATH[2:]
 _IN_SAMPLE_ROWS = 50
 # A constant is the minimum where every entry of ∂loss/∂c is within this fraction of the
 # loss (relative, so that c·loss is solved as loss is); L-BFGS stops there too.
@@ -162,10 +164,6 @@ def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
         def mean_logits(rows: slice) -> torch.Tensor:
             return logits[rows].reshape(-1, classes).mean(dim=0)
 
-        def centered_log(n: torch.Tensor, extra: float) -> torch.Tensor:
-            log = (n + extra).log()
-            return log - log.mean()
-
         def summed(c: torch.Tensor, n: torch.Tensor) -> float:
             return float(-(n * torch.log_softmax(c, dim=0)).sum())
 
@@ -176,14 +174,12 @@ def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
         at_start = summed(start, n) / scale
         rows = outputs.numel() // classes
         if rows >= _IN_SAMPLE_ROWS * classes or outputs.shape[0] < 4:
-            return min(at_start, summed(centered_log(n, _ABSENT_COUNT), n) / scale)
+            return min(at_start, summed(_centered_log(n, _ABSENT_COUNT), n) / scale)
         halves = slice(0, None, 2), slice(1, None, 2)
         (n_a, n_b), (start_a, start_b) = map(counts, halves), map(mean_logits, halves)
-        fit_a, fit_b = centered_log(n_a, _ABSENT_COUNT), centered_log(n_b, _ABSENT_COUNT)
-        pairs = [
-            (start_a + t * (fit_a - start_a), start_b + t * (fit_b - start_b)) for t in _PATH[2:]
-        ]
-        pairs.append((centered_log(n_a, _HELD_OUT_COUNT), centered_log(n_b, _HELD_OUT_COUNT)))
+        fit_a, fit_b = _centered_log(n_a, _ABSENT_COUNT), _centered_log(n_b, _ABSENT_COUNT)
+        pairs = _shrunk(start_a, fit_a, start_b, fit_b, _EXACT_PATH)
+        pairs.append((_centered_log(n_a, _HELD_OUT_COUNT), _centered_log(n_b, _HELD_OUT_COUNT)))
         # Each half's constants scored on the other half, all pairs at once.
         on_b = -(n_b * torch.log_softmax(torch.stack([a for a, _ in pairs]), dim=1)).sum(dim=1)
         on_a = -(n_a * torch.log_softmax(torch.stack([b for _, b in pairs]), dim=1)).sum(dim=1)
@@ -216,13 +212,32 @@ class _Start:
     def smoothed(self, extra: float) -> torch.Tensor:
         """The constant with ``extra`` rows added to every class's count."""
         assert self.counts is not None
-        logits = (self.counts + extra * self.row).log()
-        return (logits - logits.mean()).to(self.const.dtype).reshape(self.const.shape)
+        logits = _centered_log(self.counts, extra * self.row)
+        return logits.to(self.const.dtype).reshape(self.const.shape)
 
 
 def _log_counts(counts: torch.Tensor, row: float, shape: list[int], dtype: torch.dtype) -> _Start:
-    logits = (counts + _ABSENT_COUNT * row).log()
-    return _Start((logits - logits.mean()).to(dtype).reshape(shape), counts, row)
+    logits = _centered_log(counts, _ABSENT_COUNT * row)
+    return _Start(logits.to(dtype).reshape(shape), counts, row)
+
+
+def _centered_log(counts: torch.Tensor, extra: float) -> torch.Tensor:
+    """Logits of the class frequencies with ``extra`` added to every count (softmax is
+    shift-invariant: centered, so that shrinking towards another constant is by shape)."""
+    logits = (counts + extra).log()
+    return logits - logits.mean()
+
+
+def _shrunk(
+    start_a: torch.Tensor,
+    fit_a: torch.Tensor,
+    start_b: torch.Tensor,
+    fit_b: torch.Tensor,
+    path: Sequence[float],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each half's constant moved a fraction ``t`` of the way from its mean output to its
+    fit, for each ``t`` of ``path``."""
+    return [(start_a + t * (fit_a - start_a), start_b + t * (fit_b - start_b)) for t in path]
 
 
 def _closed_form(outputs: torch.Tensor, targets: Any, dims: tuple[int, ...]) -> _Start | None:
@@ -364,10 +379,8 @@ def _baseline(
     fit_b = _fit(start_b, out_b, y_b, loss_fn, dims, max_iter, candidate)
     # How far to move from each half's mean output towards its fit, chosen on held-out
     # loss; a closed form solved exactly needs no strong shrinkage.
-    path = _PATH if fit_a.exact is None or fit_b.exact is None else _PATH[2:]
-    pairs = [
-        (start_a + t * (fit_a.const - start_a), start_b + t * (fit_b.const - start_b)) for t in path
-    ]
+    path = _PATH if fit_a.exact is None or fit_b.exact is None else _EXACT_PATH
+    pairs = _shrunk(start_a, fit_a.const, start_b, fit_b.const, path)
     counted = [
         f.exact for f in (fit_a, fit_b) if f.exact is not None and f.exact.counts is not None
     ]

@@ -264,8 +264,10 @@ def _evidence(
         for _, module in owners
     ]  # frozen parameters are not in grad_of
     flat = [p for params in trainable for _, p in params]
-    grad_norm = dict(zip(map(id, flat), norms([grad_of[id(p)] for p in flat]), strict=True))
-    param_norm = dict(zip(map(id, flat), norms([p.detach() for p in flat]), strict=True))
+    # Gradients' and parameters' norms in one pass and one copy to the host.
+    values = norms([grad_of[id(p)] for p in flat] + [p.detach() for p in flat])
+    grad_norm = dict(zip(map(id, flat), values[: len(flat)], strict=True))
+    param_norm = dict(zip(map(id, flat), values[len(flat) :], strict=True))
     out: dict[str, LayerEvidence] = {}
     for (name, module), params in zip(owners, trainable, strict=True):
         out[name] = LayerEvidence(
