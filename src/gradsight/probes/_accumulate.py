@@ -9,7 +9,7 @@ keep the tensor and reduce all layers of one shape together (:func:`reduce_pendi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -131,6 +131,26 @@ class ModuleAccumulator:
         )
 
 
+def _grouped_states(
+    items: Sequence[tuple[ModuleActivation | ActivationSpec, int, torch.Tensor]],
+) -> list[tuple[list[int], ActivationStates, torch.Tensor]]:
+    """Activation statistics of ``(activation, unit dim, tensor)`` items, one kernel call
+    per group of the same activation, unit dimension, shape, dtype and device: per group
+    ``(indices into items, the stacked states, their [n, 4] metrics)``, on the device."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (act, unit_dim, t) in enumerate(items):
+        key = (act, unit_dim % max(t.ndim, 1), t.shape, t.dtype, t.device)
+        groups.setdefault(key, []).append(i)
+    out = []
+    with torch.no_grad():
+        for (act, unit_dim, _, _, _), members in groups.items():
+            tensors = [items[i][2] for i in members]
+            x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
+            states = activation_states(act, unit_dim, x)
+            out.append((members, states, states.metrics()))
+    return out
+
+
 def reduce_pending(accs: list[ModuleAccumulator]) -> None:
     """Reduce the lean mode's pending activation tensors, one group of shapes at a time.
 
@@ -138,22 +158,13 @@ def reduce_pending(accs: list[ModuleAccumulator]) -> None:
     stacked and reduced together by the kernel: a dozen tensor operations for the whole
     group instead of a dozen per layer, and no copy to the host.
     """
-    groups: dict[tuple[Any, ...], list[ModuleAccumulator]] = {}
-    for acc in accs:
-        if acc.pending is None:
-            continue
-        act, t = acc.pending
-        key = (act, acc.unit_dim % max(t.ndim, 1), t.shape, t.dtype, t.device)
-        groups.setdefault(key, []).append(acc)
-    with torch.no_grad():
-        for (act, unit_dim, _, _, _), members in groups.items():
-            tensors = [m.pending[1] for m in members]  # type: ignore[index]
-            x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
-            states = activation_states(act, unit_dim, x)
-            metrics = states.metrics()
-            for m, st, row in zip(members, states.unbind(), metrics.unbind(), strict=True):
-                m.reduced.append((act.spec, st, tuple(row.unbind())))
-                m.pending = None
+    pending = [(acc, acc.pending) for acc in accs if acc.pending is not None]
+    items = [(act, acc.unit_dim, t) for acc, (act, t) in pending]
+    for members, states, metrics in _grouped_states(items):
+        for i, st, row in zip(members, states.unbind(), metrics.unbind(), strict=True):
+            acc, (act, _) = pending[i]
+            acc.reduced.append((act.spec, st, tuple(row.unbind())))
+            acc.pending = None
 
 
 def reduce_kept(
@@ -163,21 +174,13 @@ def reduce_kept(
     call per group of layers with the same activation, unit dimension, shape and dtype:
     ``{index in kept: (states, their 4 metrics)}``. A tensor changed in place since it was
     kept (its version moved on), which the statistics can no longer see, is left out."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (owner, spec, z, version) in enumerate(kept):
-        if z.numel() == 0 or z._version != version:
-            continue
-        unit_dim = owner.unit_dim % z.ndim if z.ndim else 0
-        groups.setdefault((spec, unit_dim, z.shape, z.dtype, z.device), []).append(i)
+    live = [i for i, (_, _, z, version) in enumerate(kept) if z.numel() and z._version == version]
+    items = [(kept[i][1], kept[i][0].unit_dim, kept[i][2]) for i in live]
     out: dict[int, tuple[ActivationStates, list[float]]] = {}
-    with torch.no_grad():
-        for (spec, unit_dim, _, _, _), members in groups.items():
-            zs = [kept[i][2] for i in members]
-            x = torch.stack(zs) if len(zs) > 1 else zs[0].unsqueeze(0)
-            group = activation_states(spec, unit_dim, x)
-            rows = group.metrics().double().tolist()  # one copy to the host per group
-            for i, states, row in zip(members, group.unbind(), rows, strict=True):
-                out[i] = (states, row)
+    for members, states, metrics in _grouped_states(items):
+        rows = metrics.double().tolist()  # one copy to the host per group
+        for j, st, row in zip(members, states.unbind(), rows, strict=True):
+            out[live[j]] = (st, row)
     return out
 
 
