@@ -207,3 +207,40 @@ def test_cross_entropy_from_counts_equals_the_general_fit(
     # With ignored targets the halves are combined by their counted targets rather than
     # their rows (exact for the loss's own mean): a hair apart.
     assert known == pytest.approx(general, rel=1e-5 if ignore is None else 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("shape", "reduction"),
+    [
+        ((200, 3), "mean"),  # in-sample: 200 rows per feature
+        ((40, 3), "mean"),  # cross-fitted
+        ((41, 3), "sum"),  # halves of unequal size
+        ((64, 1), "mean"),  # one output, as a regression net's
+        ((12, 4, 5, 5), "mean"),  # channels-first: one constant per channel
+        ((8, 10, 6), "sum"),  # a sequence: one constant per feature for every position
+    ],
+)
+def test_squared_error_from_sums_equals_the_general_fit(
+    shape: tuple[int, ...], reduction: str
+) -> None:
+    """The baseline read off the target sums for a recognized squared error is the one the
+    general fit finds for the same loss seen as an unknown function; no call of the loss."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    outputs = torch.randn(*shape, generator=gen)
+    targets = 3.0 + 2.0 * torch.randn(*shape, generator=gen)
+    loss = nn.MSELoss(reduction=reduction)
+    calls = []
+
+    def counted(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return loss(o, t)
+
+    counted_loss = nn.MSELoss(reduction=reduction)
+    counted_loss.forward = counted  # type: ignore[method-assign]  # an nn.MSELoss all the same
+    known = constant_baseline_loss(outputs, targets, counted_loss)
+    general = constant_baseline_loss(outputs, targets, lambda o, t: loss(o, t))
+    assert known is not None and general is not None
+    assert not calls
+    assert known == pytest.approx(general, rel=1e-5)
+    if reduction == "mean" and shape == (200, 3):
+        assert known == pytest.approx(float(targets.var(dim=0, unbiased=False).mean()), rel=1e-6)

@@ -24,9 +24,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from gradsight._outputs import FlatOutputs, output_keys
 from gradsight.curvature.ggn import cross_entropy_settings
@@ -51,6 +54,7 @@ _HELD_OUT_COUNT = 0.5
 _ABSENT_COUNT = 1e-6
 
 Candidate = Callable[[torch.Tensor, Any], "_Start | None"]
+T = TypeVar("T", torch.Tensor, np.ndarray)
 
 
 def constant_baseline_loss(
@@ -116,6 +120,8 @@ def constant_baseline_loss(
     if not outputs.is_floating_point() or outputs.ndim == 0 or outputs.shape[0] == 0:
         return None
     known = _cross_entropy_baseline(outputs.detach(), targets, loss_fn)
+    if known is None:
+        known = _squared_error_baseline(outputs.detach(), targets, loss_fn)
     if known is not None:
         return known
     dims = _feature_dims(outputs)
@@ -150,40 +156,110 @@ def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
     if _feature_dims(outputs) != (1,) or targets.shape != outputs.shape[:1] + outputs.shape[2:]:
         return None
     reduction, ignore_index = settings
-    classes = outputs.shape[1]
+    classes, samples = outputs.shape[1], outputs.shape[0]
     with torch.no_grad():
         valid = targets != ignore_index
         labels = targets[valid]
-        if labels.numel() == 0 or bool((labels < 0).any()) or bool((labels >= classes).any()):
+        if labels.numel() == 0 or bool(((labels < 0) | (labels >= classes)).any()):
             return None  # the loss itself says what is wrong
-        logits = outputs.movedim(1, -1).to(torch.float64)
+        # Per half of the batch (even and odd samples): class counts and logit sums, in
+        # one copy to the host; the rest is arithmetic on class vectors.
+        parity = torch.arange(samples, device=targets.device).remainder_(2)
+        parity = parity.view(-1, *[1] * (targets.ndim - 1)).expand_as(targets)
+        counts = torch.bincount((targets + classes * parity)[valid], minlength=2 * classes)
+        per_sample = outputs.movedim(1, -1).reshape(samples, -1, classes)
+        sums = per_sample.sum(dim=1, dtype=torch.float64)
+        halves = torch.stack([sums[0::2].sum(dim=0), sums[1::2].sum(dim=0)])
+        host = torch.cat([counts.view(2, classes).double(), halves]).cpu().numpy()
+    n_a, n_b, sum_a, sum_b = host
+    positions = per_sample.shape[1]
+    rows_a, rows_b = (samples + 1) // 2 * positions, samples // 2 * positions
+    n = n_a + n_b
+    scale = float(n.sum()) if reduction == "mean" else 1.0
 
-        def counts(rows: slice) -> torch.Tensor:
-            return torch.bincount(targets[rows][valid[rows]], minlength=classes).double()
+    def summed(c: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """−Σ_k n_k log softmax(c)_k for each row of ``c``."""
+        shifted = c - c.max(axis=-1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        return -(counts * log_p).sum(axis=-1)
 
-        def mean_logits(rows: slice) -> torch.Tensor:
-            return logits[rows].reshape(-1, classes).mean(dim=0)
+    def centered_log(counts: np.ndarray, extra: float) -> np.ndarray:
+        logits = np.log(counts + extra)
+        return logits - logits.mean()
 
-        def summed(c: torch.Tensor, n: torch.Tensor) -> float:
-            return float(-(n * torch.log_softmax(c, dim=0)).sum())
+    at_start = float(summed((sum_a + sum_b) / (rows_a + rows_b), n)) / scale
+    if (rows_a + rows_b) >= _IN_SAMPLE_ROWS * classes or samples < 4:
+        return min(at_start, float(summed(centered_log(n, _ABSENT_COUNT), n)) / scale)
+    start_a, start_b = sum_a / rows_a, sum_b / rows_b
+    fit_a, fit_b = centered_log(n_a, _ABSENT_COUNT), centered_log(n_b, _ABSENT_COUNT)
+    pairs = _shrunk(start_a, fit_a, start_b, fit_b, _EXACT_PATH)
+    pairs.append((centered_log(n_a, _HELD_OUT_COUNT), centered_log(n_b, _HELD_OUT_COUNT)))
+    # Each half's constants scored on the other half, all pairs at once.
+    on_b = summed(np.stack([a for a, _ in pairs]), n_b)
+    on_a = summed(np.stack([b for _, b in pairs]), n_a)
+    held_out = ((on_b + on_a) / scale).tolist()
+    return min(at_start, *held_out)
 
-        n = counts(slice(None))
-        total = float(n.sum())
-        start = mean_logits(slice(None))
-        scale = total if reduction == "mean" else 1.0
-        at_start = summed(start, n) / scale
-        rows = outputs.numel() // classes
-        if rows >= _IN_SAMPLE_ROWS * classes or outputs.shape[0] < 4:
-            return min(at_start, summed(_centered_log(n, _ABSENT_COUNT), n) / scale)
+
+def _squared_error_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn) -> float | None:
+    """The baseline of ``F.mse_loss`` / ``nn.MSELoss`` (mean or sum) on targets of the
+    outputs' shape, from the targets' per-feature sums alone: the same constants (the
+    target mean; the path from the model's mean output) and held-out scoring as the
+    general fit, without a call of the loss. None for any other loss or target layout.
+
+    On rows r of one feature, Σ_r (c − y_r)² = m c² − 2c Σy + Σy² (m rows): every
+    candidate constant is scored from the three sums of the half it is scored on."""
+    if isinstance(loss_fn, nn.MSELoss):
+        reduction = loss_fn.reduction
+    elif loss_fn is F.mse_loss:
+        reduction = "mean"
+    else:
+        return None
+    if (
+        reduction not in ("mean", "sum")
+        or not isinstance(targets, torch.Tensor)
+        or not targets.is_floating_point()
+        or targets.shape != outputs.shape
+        or outputs.ndim < 1
+    ):
+        return None
+    dims = _feature_dims(outputs)
+    reduce = [d for d in range(outputs.ndim) if d not in dims]
+    with torch.no_grad():
+        y, out = targets.detach().double(), outputs.double()
+
+        def sums(rows: slice) -> torch.Tensor:
+            """Per feature (flattened): the model's mean output, Σy, Σy²."""
+            y_r, o_r = y[rows], out[rows]
+            return torch.stack(
+                [o_r.mean(dim=reduce), y_r.sum(dim=reduce), y_r.square().sum(dim=reduce)]
+            ).reshape(3, -1)
+
+        def scores(consts: torch.Tensor, stats: torch.Tensor, entries: int) -> torch.Tensor:
+            """The loss of each row of ``consts`` on the rows ``stats`` sums."""
+            m = entries / stats.shape[1]  # rows per feature
+            summed = (m * consts.square() - 2 * consts * stats[1] + stats[2]).sum(dim=1)
+            return summed / entries if reduction == "mean" else summed
+
+        n, total = outputs.shape[0], outputs.numel()
+        whole = sums(slice(None))
+        features = whole.shape[1]
+        at_start, in_sample = scores(
+            torch.stack([whole[0], whole[1] * features / total]), whole, total
+        ).tolist()
+        if total // features >= _IN_SAMPLE_ROWS * features or n < 4:
+            return min(at_start, in_sample)
         halves = slice(0, None, 2), slice(1, None, 2)
-        (n_a, n_b), (start_a, start_b) = map(counts, halves), map(mean_logits, halves)
-        fit_a, fit_b = _centered_log(n_a, _ABSENT_COUNT), _centered_log(n_b, _ABSENT_COUNT)
-        pairs = _shrunk(start_a, fit_a, start_b, fit_b, _EXACT_PATH)
-        pairs.append((_centered_log(n_a, _HELD_OUT_COUNT), _centered_log(n_b, _HELD_OUT_COUNT)))
-        # Each half's constants scored on the other half, all pairs at once.
-        on_b = -(n_b * torch.log_softmax(torch.stack([a for a, _ in pairs]), dim=1)).sum(dim=1)
-        on_a = -(n_a * torch.log_softmax(torch.stack([b for _, b in pairs]), dim=1)).sum(dim=1)
-        held_out = ((on_b + on_a) / scale).tolist()
+        (a, b) = map(sums, halves)
+        n_a, n_b = len(range(n)[halves[0]]), len(range(n)[halves[1]])
+        e_a, e_b = total // n * n_a, total // n * n_b
+        pairs = _shrunk(a[0], a[1] * features / e_a, b[0], b[1] * features / e_b, _EXACT_PATH)
+        on_b = scores(torch.stack([c for c, _ in pairs]), b, e_b)
+        on_a = scores(torch.stack([c for _, c in pairs]), a, e_a)
+        if reduction == "mean":
+            held_out = (on_b * (n_b / n) + on_a * (n_a / n)).tolist()
+        else:
+            held_out = (on_b + on_a).tolist()
     return min(at_start, *held_out)
 
 
@@ -228,13 +304,7 @@ def _centered_log(counts: torch.Tensor, extra: float) -> torch.Tensor:
     return logits - logits.mean()
 
 
-def _shrunk(
-    start_a: torch.Tensor,
-    fit_a: torch.Tensor,
-    start_b: torch.Tensor,
-    fit_b: torch.Tensor,
-    path: Sequence[float],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _shrunk(start_a: T, fit_a: T, start_b: T, fit_b: T, path: Sequence[float]) -> list[tuple[T, T]]:
     """Each half's constant moved a fraction ``t`` of the way from its mean output to its
     fit, for each ``t`` of ``path``."""
     return [(start_a + t * (fit_a - start_a), start_b + t * (fit_b - start_b)) for t in path]

@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gradsight._batch import compute_loss, split_batch, trainable_parameters, unwrap_compiled
+from gradsight._collector import collector_paused
 from gradsight._errors import GradsightError
 from gradsight._norms import norms
 from gradsight._outputs import tensor_output
@@ -106,6 +107,20 @@ def diagnose(
         >>> d.status, d.layer("0").status
         ('vanishing', 'vanishing')
     """
+    with collector_paused():
+        return _diagnose(model, batch, loss_fn, lr, curvature, budget, optimizer, thresholds)
+
+
+def _diagnose(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    lr: float | None,
+    curvature: bool,
+    budget: float,
+    optimizer: torch.optim.Optimizer | None,
+    thresholds: Thresholds | None,
+) -> Diagnosis:
     model = unwrap_compiled(model)
     model = gathered(model)  # FSDP2: a plain copy with the full parameters (every rank)
     named = trainable_parameters(model)

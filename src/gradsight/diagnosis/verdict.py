@@ -163,9 +163,14 @@ def judge(
     global_step = lr
     if global_step is None and model is not None and model.lambda_max > 0:
         global_step = 2.0 / model.lambda_max
+    # Before position p, the largest sensitivity: a running maximum, once for all layers.
+    upstream, peak = [], 0.0
+    for sig in ran:
+        upstream.append(peak)
+        peak = max(peak, sig.sensitivity)
     layers = []
     for e in evidence:
-        d, layer = _measure(e, facts, curvature.get(e.name), position, global_step, scale)
+        d, layer = _measure(e, facts, curvature.get(e.name), position, upstream, global_step, scale)
         if hessian and e.name in hessian:
             d.hessian_lambda_max = hessian[e.name]
             layer = dataclasses.replace(layer, lambda_max=hessian[e.name], hessian=True)
@@ -180,19 +185,22 @@ def _measure(
     model: ModelFacts,
     curv: BlockCurvature | None,
     position: Mapping[str, int],
+    upstream: Sequence[float],
     global_step: float | None,
     scale: float,
 ) -> tuple[LayerDiagnosis, LayerFacts]:
-    """The layer's row of measurements and the facts its verdict is judged on."""
+    """The layer's row of measurements and the facts its verdict is judged on
+    (``upstream[p]``: the largest sensitivity of the layers before position p)."""
     sig = e.signal
+    grad_norm, relative_grad = e.grad_norm, e.relative_grad
     d = LayerDiagnosis(
         name=e.name,
         module_type=e.module_type,
         status="ok",
         reason="",
-        grad_norm=e.grad_norm,
+        grad_norm=grad_norm,
         signal_norm=None if sig is None else sig.signal_norm,
-        relative_grad=e.relative_grad,
+        relative_grad=relative_grad,
         param_grad_norms=dict(e.grad_norms),
         used_by=e.used_by,
     )
@@ -228,7 +236,7 @@ def _measure(
     facts = LayerFacts(
         name=e.name,
         frozen=e.frozen,
-        grad_norm=e.grad_norm,
+        grad_norm=grad_norm,
         grad_finite=grad_finite,
         signal=sig,
         used_by=e.used_by,
@@ -238,24 +246,24 @@ def _measure(
             if has_signal and sig is not None
             else None
         ),
-        g_rel=(e.relative_grad or 0.0) / scale if scale > 0 else 0.0,
+        g_rel=(relative_grad or 0.0) / scale if scale > 0 else 0.0,
         headroom=d.headroom,
         lambda_max=d.lambda_max,
         step=step,
         step_ratio=d.step_ratio,
         activation=act,
         last=e.used_by is None and pos is not None and pos == len(model.ran) - 1,
-        upstream_sens=_upstream(model, pos),
+        upstream_sens=_upstream(model, upstream, pos),
         time_input_norms=e.time_input_norms,
     )
     return d, facts
 
 
-def _upstream(model: ModelFacts, pos: int | None) -> float | None:
+def _upstream(model: ModelFacts, upstream: Sequence[float], pos: int | None) -> float | None:
     """The largest relative sensitivity of the layers that ran before position ``pos``."""
     if not pos or model.s_max <= 0:
         return None if pos is None or pos == 0 else 0.0
-    return max(s.sensitivity for s in model.ran[:pos]) / model.s_max
+    return upstream[pos] / model.s_max
 
 
 def _activation_after(
