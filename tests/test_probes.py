@@ -525,3 +525,28 @@ def test_functional_activation_in_place_by_position_is_read_before_it_overwrites
     assert plain is not None and inplace_stats is not None
     assert 0.05 < plain.dead_fraction < 1 or 0.05 < plain.saturation < 1
     assert inplace_stats == plain
+
+
+@pytest.mark.parametrize("unit_dim", [1, 0])
+def test_relu_statistics_from_sums_equal_the_general_kernel(unit_dim: int) -> None:
+    """ReLU's derivative is 0 or 1, so its flat count and sum of squares come from the sum
+    alone (a shortcut); they equal what the general kernel computes for the same
+    derivative declared without the shortcut: dead units, half-dead ones, NaN entries."""
+    from gradsight.probes._kernel import activation_states
+    from gradsight.probes.activations import RELU, ActivationSpec
+
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 40, 6, 5, generator=gen)
+    z[0, :, 2] = -1.0  # a unit flat on every entry read
+    z[1, :20] = -torch.rand(20, 6, 5, generator=gen)  # the first half of the samples off
+    z[2, 0, 0, 0] = float("nan")
+    plain = ActivationSpec("relu", RELU.derivative, 1.0, rectifier=True)
+    assert not plain.binary and RELU.binary
+    fast, general = activation_states(RELU, unit_dim, z), activation_states(plain, unit_dim, z)
+    assert fast.count == general.count
+    assert torch.equal(fast.flat, general.flat) and torch.equal(fast.dsum, general.dsum)
+    torch.testing.assert_close(fast.dsq, general.dsq)  # the general one: a norm, squared
+    assert torch.equal(fast.alive, general.alive)
+    torch.testing.assert_close(fast.metrics(), general.metrics())
+    # Dead fraction of the first tensor: unit 2 of 6 along dim 1; no sample is all off.
+    assert float(fast.metrics()[0, 1]) == pytest.approx(1 / 6 if unit_dim == 1 else 0.0)

@@ -76,12 +76,27 @@ def traits_of(
 ) -> ModelTraits:
     """The :class:`ModelTraits` of ``model`` (activations as the probe recognised them)."""
     has_norm = has_residual = gated = False
-    for module in model.modules():
-        cls = type(module).__name__.lower()
-        has_norm = has_norm or isinstance(module, _NORMS) or cls.endswith(("norm", "rmsnorm"))
-        has_residual = has_residual or any(n in cls for n in _RESIDUAL_NAMES)
-        gated = gated or isinstance(module, _GATED)
+    for cls in {type(module) for module in model.modules()}:
+        norm, residual, gate = _class_traits(cls)
+        has_norm, has_residual, gated = has_norm or norm, has_residual or residual, gated or gate
     return ModelTraits(frozenset(activations), has_norm, has_residual, gated, optimizer)
+
+
+_CLASS_TRAITS: dict[type, tuple[bool, bool, bool]] = {}
+
+
+def _class_traits(cls: type[nn.Module]) -> tuple[bool, bool, bool]:
+    """(a normalization layer, a residual block, a gated recurrent layer), by class
+    (remembered: a model has few classes, and they are the same at every call)."""
+    known = _CLASS_TRAITS.get(cls)
+    if known is None:
+        name = cls.__name__.lower()
+        known = _CLASS_TRAITS[cls] = (
+            issubclass(cls, _NORMS) or name.endswith(("norm", "rmsnorm")),
+            any(n in name for n in _RESIDUAL_NAMES),
+            issubclass(cls, _GATED),
+        )
+    return known
 
 
 def vanishing_advice(

@@ -274,8 +274,12 @@ def _evidence(
     and listed right after it. Modules the loss does not reach at all come last.
     """
     signals = {m.name: m for m in flow.modules}
-    trainable = [
-        [(pname, p) for pname, p in module.named_parameters(recurse=False) if id(p) in grad_of]
+    trainable: list[list[tuple[str, torch.Tensor]]] = [
+        [
+            (pname, p)
+            for pname, p in module._parameters.items()
+            if p is not None and id(p) in grad_of
+        ]
         for _, module in owners
     ]  # frozen parameters are not in grad_of
     flat = [p for params in trainable for _, p in params]

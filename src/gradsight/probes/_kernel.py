@@ -192,7 +192,7 @@ def activation_states(
     else:
         d = (act.from_output or act.spec.derivative)(x)
     # d is ours from here on: x itself only where overwrite allows it.
-    if not act.nonnegative:
+    if not (act.nonnegative or act.spec.nonnegative):
         d = d.abs_()
     threshold = FLAT_FRACTION * act.spec.max_derivative
     if len(shape) == 0:  # one entry per tensor
@@ -205,6 +205,9 @@ def activation_states(
     d = d.reshape(n, -1)
     count = d.shape[1]
     dsum = d.sum(dim=1)
+    if act.spec.binary:  # φ' ∈ {0, max}: flat where 0, and Σφ'² = max·Σφ'
+        top = act.spec.max_derivative
+        return ActivationStates(count, count - dsum / top, dsum, dsum * top, alive)
     dsq = torch.linalg.vector_norm(d, dim=1).square_()
     # Flat entries counted over d itself, in place where d is ours (float passes: faster
     # here than a bool mask): 1.0 where d > threshold, else 0.0.

@@ -28,6 +28,7 @@ __all__ = [
     "FLAT_FRACTION",
     "ActivationSpec",
     "ModuleActivation",
+    "is_activation_function",
     "match_activation",
     "module_activation",
 ]
@@ -49,12 +50,17 @@ class ActivationSpec:
         max_derivative: sup |φ'|, the scale the flat threshold is relative to.
         rectifier: True for the ReLU family, whose flat side is exactly zero
             (units there are *inactive*; inactive on a whole batch means *dead*).
+        nonnegative: φ' ≥ 0 everywhere (no ``abs`` needed to read its size).
+        binary: φ' takes only the values 0 and ``max_derivative`` (ReLU): its sum
+            alone gives the flat count and the sum of squares.
     """
 
     name: str
     derivative: Callable[[torch.Tensor], torch.Tensor]
     max_derivative: float
     rectifier: bool = False
+    nonnegative: bool = False
+    binary: bool = False
 
     def flat(self, z: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the units where φ is flat at ``z``."""
@@ -87,12 +93,12 @@ def _silu_d(z: torch.Tensor) -> torch.Tensor:
     return s * (1 + z * (1 - s))
 
 
-SIGMOID = ActivationSpec("sigmoid", _sigmoid_d, 0.25)
-TANH = ActivationSpec("tanh", _tanh_d, 1.0)
-RELU = ActivationSpec("relu", _relu_d, 1.0, rectifier=True)
+SIGMOID = ActivationSpec("sigmoid", _sigmoid_d, 0.25, nonnegative=True)
+TANH = ActivationSpec("tanh", _tanh_d, 1.0, nonnegative=True)
+RELU = ActivationSpec("relu", _relu_d, 1.0, rectifier=True, nonnegative=True, binary=True)
 GELU = ActivationSpec("gelu", _gelu_d, 1.1289)  # max of Φ(z)+zφ(z), at z = √2
 SILU = ActivationSpec("silu", _silu_d, 1.0998)  # max at z ≈ 2.40
-SOFTPLUS = ActivationSpec("softplus", torch.sigmoid, 1.0)  # d/dz log(1+e^z) = σ(z)
+SOFTPLUS = ActivationSpec("softplus", torch.sigmoid, 1.0, nonnegative=True)  # σ(z)
 
 
 def _leaky(slope: float) -> ActivationSpec:
@@ -325,6 +331,15 @@ for _i, _row in enumerate(_ROWS):
         _FUNCTIONS[_fn] = _i
     for _m in _row.modules:
         _MODULE_TYPES[_m] = _i
+
+
+def is_activation_function(func: Any) -> bool:
+    """Whether ``func`` is a torch function that computes a known activation (its
+    parameters aside): the cheap test a function watcher makes on every call."""
+    try:
+        return func in _FUNCTIONS
+    except TypeError:  # unhashable callables are never activations
+        return False
 
 
 def match_activation(

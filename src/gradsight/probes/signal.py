@@ -66,7 +66,12 @@ from gradsight.probes._guard import ACTIVATIONS, SIGNALS, TIME, HookGuard
 from gradsight.probes._kernel import ACTIVATION_METRICS
 from gradsight.probes._lean import LeanHooks
 from gradsight.probes._results import ActivationStats, ModuleSignal, SignalFlow
-from gradsight.probes.activations import ActivationSpec, match_activation, module_activation
+from gradsight.probes.activations import (
+    ActivationSpec,
+    is_activation_function,
+    match_activation,
+    module_activation,
+)
 
 __all__ = [
     "ActivationStats",
@@ -83,15 +88,13 @@ def parameter_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
     A module reached under several names is listed once, under its first name.
     """
-    seen: set[int] = set()
-    owners = []
-    for name, module in model.named_modules():
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        if next(module.parameters(recurse=False), None) is not None:
-            owners.append((name, module))
-    return owners
+    # named_modules() lists each module once; a module's own parameters are the
+    # non-None entries of its _parameters (what parameters(recurse=False) iterates).
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if any(p is not None for p in module._parameters.values())
+    ]
 
 
 #: At most this many entries (gradients, pre-activations) are kept per pass, to be
@@ -135,7 +138,12 @@ class _ActivationWatcher(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if self.probe._pending_owner is not None and args and isinstance(args[0], torch.Tensor):
+        if (
+            self.probe._pending_owner is not None
+            and args
+            and isinstance(args[0], torch.Tensor)
+            and is_activation_function(func)
+        ):
             self.record(func, args, kwargs)  # guarded: the call below happens regardless
         return func(*args, **(kwargs or {}))
 
@@ -311,18 +319,16 @@ class SignalProbe(LeanHooks):
         self.owners = parameter_owners(self.model)
         owners = {id(m) for _, m in self.owners}
         guard = self._guard.wrap
-        seen: set[int] = set()
         try:
-            for name, module in self.model.named_modules():
-                if id(module) in seen:
-                    continue
-                seen.add(id(module))
+            for name, module in (
+                self.owners if not self.check_finite else self.model.named_modules()
+            ):
                 owns = id(module) in owners
-                if not owns and not self.check_finite:
-                    continue
                 acc = ModuleAccumulator(name, module, owns)
-                acc.act_norm_hook = guard(ACTIVATIONS, self._norm_hook(acc.act_out_norms))
-                acc.in_hook = guard(SIGNALS, self._grad_hook(acc, "in"))
+                if self.activations == "modules":
+                    acc.act_norm_hook = guard(ACTIVATIONS, self._norm_hook(acc.act_out_norms))
+                if self.input_signals:
+                    acc.in_hook = guard(SIGNALS, self._grad_hook(acc, "in"))
                 acc.out_hook = guard(SIGNALS, self._grad_hook(acc, "out"))
                 self._accs[id(module)] = acc
                 if self.input_signals or self.check_finite:
