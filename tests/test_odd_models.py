@@ -234,3 +234,50 @@ def test_recurrent_layer_records_the_signal_through_time() -> None:
     assert torch.allclose(torch.tensor(steps, dtype=torch.float64), expected, rtol=1e-10)
     assert steps[0] < 1e-2 * steps[-1]
     assert "Through time the signal fades" in d.layer("rnn").reason
+
+
+def test_opt_position_embedding_called_on_the_mask_gets_exact_curvature() -> None:
+    """transformers' OPT (from a config, nothing downloaded): its learned position
+    embedding, an nn.Embedding subclass called on the attention mask, crashed the
+    diagnosis (the mask read as ids). It is now measured by exact block products, next to
+    every other layer, and the model is left as it was."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    config = OPTConfig(
+        vocab_size=32,
+        hidden_size=16,
+        ffn_dim=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        word_embed_proj_dim=16,
+        dropout=0.0,
+    )
+    model = OPTForCausalLM(config)
+    ids = torch.randint(0, 32, (4, 8))
+
+    def loss_fn(out, t):  # type: ignore[no-untyped-def]
+        return ce(out.logits[:, :-1].reshape(-1, 32), t[:, 1:].reshape(-1))
+
+    d = _unchanged(model, lambda: gradsight.diagnose(model, ({"input_ids": ids}, ids), loss_fn))
+    assert "Curvature was not measured" not in d.summary
+    positions = d.layer("model.decoder.embed_positions")
+    assert positions.lambda_max is not None and positions.lambda_max > 0
+    assert all(layer.lambda_max is not None for layer in d.layers if layer.status != "frozen")
+
+
+def test_a_curvature_failure_of_any_kind_leaves_the_signal_verdicts(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Curvature is a refinement: whatever it raises on an unforeseen model, the diagnosis
+    stands on signal flow and says why curvature is missing."""
+    import sys
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise IndexError("tensors used as indices must be long")
+
+    monkeypatch.setattr(sys.modules["gradsight.diagnosis.diagnose"], "layer_curvature", broken)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    d = gradsight.diagnose(model, (torch.randn(32, 4), torch.randint(0, 3, (32,))), ce)
+    assert [layer.name for layer in d.layers] == ["0", "2"]
+    assert "Curvature was not measured (IndexError: tensors used as indices" in d.summary
+    assert all(layer.lambda_max is None for layer in d.layers)

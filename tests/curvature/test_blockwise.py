@@ -427,3 +427,54 @@ def test_monitor_tier_falls_back_to_per_block_products_for_uncovered_layers() ->
         ref = _exact(model, batch, ce, layer)
         assert rows[(layer, "lambda_max")] == pytest.approx(ref["lam"], rel=2e-2)
         assert rows[(layer, "alpha_star")] == pytest.approx(ref["alpha"], rel=1e-6)
+
+
+class _MaskPositions(nn.Embedding):
+    """OPT's learned position embedding: called on the attention mask, it derives the
+    position ids itself (here the mask is all ones, as long integers: a plain embedding
+    read off the module's input would look up row 1 at every position)."""
+
+    def forward(self, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward((torch.cumsum(mask, dim=1) - 1).long() + 2)
+
+
+class _Doubled(nn.Linear):
+    """A linear layer whose forward is not the plain one (as a LoRA or scaled layer)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x)
+
+
+class _Overridden(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 6)
+        self.pos = _MaskPositions(9, 6)
+        self.mid = _Doubled(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok(x) + self.pos(torch.ones_like(x))
+        return self.head(torch.tanh(self.mid(torch.tanh(h))).mean(1))
+
+
+def test_subclasses_that_override_forward_are_refined_exactly_not_misread() -> None:
+    """A subclass of a known layer type with a forward of its own is not given the plain
+    type's rows (which would be silently wrong: OPT's position embedding's input is the
+    mask, not the ids); it is reported as such and its block is measured exactly."""
+    torch.manual_seed(0)
+    model = _Overridden().double()
+    gen = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randint(0, 11, (24, 7), generator=gen),
+        torch.randint(0, 3, (24,), generator=gen),
+    )
+    eng = BlockwiseGGN(model, batch, ce)
+    assert set(eng.skipped) == {"pos", "mid"}
+    assert "overrides the forward of Embedding" in eng.skipped["pos"]
+    assert "overrides the forward of Linear" in eng.skipped["mid"]
+    names = ["tok", "pos", "mid", "head"]
+    blocks, _ = layer_curvature(model, batch, ce, names, budget=math.inf)
+    for name in names:
+        ref = _exact(model, batch, ce, name)
+        assert blocks[name].lambda_max == pytest.approx(ref["lam"], rel=2e-2), name

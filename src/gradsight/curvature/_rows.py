@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerRows", "TiedRows", "layer_rows", "supported"]
+__all__ = ["LayerRows", "TiedRows", "layer_rows", "supported", "unsupported_reason"]
 
 #: Largest number of elements of a built chunk of ``U`` (float64 rows: 256 MiB).
 CHUNK = 1 << 25
@@ -82,10 +82,49 @@ class TiedRows(LayerRows):
         return K
 
 
+#: The layer types :func:`layer_rows` knows. A subclass counts only where it keeps the
+#: type's own ``forward``: one that overrides it may compute another function of its
+#: first input (OPT's learned position embedding takes the attention mask and derives the
+#: ids; a LoRA linear adds a low-rank branch; a weight-standardized convolution rescales
+#: its weight), and its rows would be silently wrong.
+_KNOWN: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
+
+
+def _standard_forward(module: nn.Module) -> bool:
+    """Whether ``module`` runs the ``forward`` of the known type it is an instance of."""
+    forward = type(module).forward
+    return any(isinstance(module, kind) and forward is kind.forward for kind in _KNOWN)
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why :func:`layer_rows` cannot take ``module``, or None where it can."""
+    if supported(module):
+        return None
+    kind = next((k for k in _KNOWN if isinstance(module, k)), None)
+    if kind is not None and not _standard_forward(module):
+        return (
+            f"{type(module).__name__} overrides the forward of {kind.__name__}, so its "
+            "rows are not a plain one's"
+        )
+    return f"{type(module).__name__} layers are not supported"
+
+
 def supported(module: nn.Module) -> bool:
-    """Whether :func:`layer_rows` knows this module type."""
-    if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+    """Whether :func:`layer_rows` knows this module type (and its forward is the type's
+    own, see :data:`_KNOWN`)."""
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 linear, weight transposed
         return True
+    if not _standard_forward(module):
+        return False
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return (
             module.groups == 1
@@ -93,9 +132,7 @@ def supported(module: nn.Module) -> bool:
             and not isinstance(module.padding, str)
             and not isinstance(module, nn.modules.conv._ConvTransposeNd)
         )
-    return isinstance(
-        module, (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-    )
+    return True
 
 
 def layer_rows(

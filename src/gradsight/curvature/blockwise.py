@@ -47,7 +47,7 @@ from gradsight._batch import split_batch, trainable_parameters
 from gradsight._errors import GradsightError
 from gradsight.curvature._blocks import forward_loss
 from gradsight.curvature._factor import output_factor
-from gradsight.curvature._rows import TiedRows, layer_rows, supported
+from gradsight.curvature._rows import TiedRows, layer_rows, supported, unsupported_reason
 from gradsight.curvature.distributed import Ranks
 
 __all__ = ["JACKKNIFE_GROUPS", "BlockEstimate", "BlockwiseGGN"]
@@ -193,8 +193,8 @@ class BlockwiseGGN:
             shared = [q for p in own for q in users.get(id(p), []) if q != name]
             if not own:
                 self.skipped[name] = "no trainable parameters of its own"
-            elif not supported(m):
-                self.skipped[name] = f"{type(m).__name__} layers are not supported"
+            elif (why := unsupported_reason(m)) is not None:
+                self.skipped[name] = why
             elif shared and not _tie_supported(named_mods, [name, *shared], trainable):
                 self.skipped[name] = "a parameter shared with another module"
             else:
@@ -657,7 +657,7 @@ def _tie_supported(mods: Mapping[str, nn.Module], names: list[str], trainable: s
     owned = []
     for q in names:
         m = mods[q]
-        if not isinstance(m, (nn.Linear, nn.Embedding)):
+        if not isinstance(m, (nn.Linear, nn.Embedding)) or not supported(m):
             return False
         own = [p for p in m.parameters(recurse=False) if id(p) in trainable]
         if len(own) != 1:

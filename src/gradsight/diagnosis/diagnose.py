@@ -186,8 +186,9 @@ def _diagnose(
                         blocks,
                         lr,
                     )
-        except (GradsightError, RuntimeError, NotImplementedError) as exc:
-            # Curvature is a refinement: without it the verdicts rest on signal flow.
+        except Exception as exc:
+            # Curvature is a refinement: without it the verdicts rest on signal flow (a
+            # model it cannot handle costs the refinement, never the diagnosis).
             blocks, whole, hessian = {}, None, {}
             skipped = (
                 f"\nCurvature was not measured ({type(exc).__name__}: {exc}); the verdicts "
