@@ -74,7 +74,8 @@ def contradictions(
 
 
 def _sentence_checks(text: str) -> Iterable[str]:
-    if re.search(r"[;:,]\s*[.;]|\(\s*\)|\s\.$|\s,", text):
+    # An empty parenthetical "( )" is a dropped value; "forward()" is a call.
+    if re.search(r"[;:,]\s*[.;]|(?<![\w.])\(\s*\)|\s\.$|\s,", text):
         yield f"dangling fragment in {text!r}"
     if re.search(r"(?:^|[\s(])[Ll]ayers?(?:\s*[:;,]|\s+[.'])", text):
         yield f"blank layer name in {text!r}"

@@ -74,6 +74,20 @@ class _Convs(nn.Module):
         return self.head(torch.cat([a, b], dim=1))
 
 
+class _Grouped(nn.Module):
+    """A depthwise convolution (groups = channels) and a grouped, strided one without bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.grouped = nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.grouped(torch.tanh(self.depthwise(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -107,7 +121,10 @@ def _cases():  # type: ignore[no-untyped-def]
     bitfit_convs = _Convs().double()
     for m in (bitfit_convs.c1, bitfit_convs.c3, bitfit_convs.head):
         m.weight.requires_grad_(False)
+    torch.manual_seed(4)
+    xg = torch.randn(16, 4, 5, 5, generator=gen, dtype=torch.float64)
     return {
+        "grouped-convs": (_Grouped().double(), (xg, yc[:16] % 3), ce),
         "bitfit-cnn": (bitfit, (xc, yc), ce),
         "bitfit-convs": (bitfit_convs, (xv, yv), ce),
         "positions": (_Positions().double(), (xs, ys), ce),
@@ -130,6 +147,7 @@ def _cases():  # type: ignore[no-untyped-def]
         "convs",
         "bitfit-cnn",
         "bitfit-convs",
+        "grouped-convs",
     ],
 )
 def test_exact_columns_match_the_exact_block_ggn(key: str) -> None:

@@ -10,7 +10,7 @@ matrix when that is cheaper (a linear layer on single vectors: ``K = (AAᵀ + 1)
 Goodfellow 2015's per-example trick), else ``U`` is built in chunks of output features.
 
 Supported: ``nn.Linear``, transformers' ``Conv1D`` (weight ``(in, out)``),
-``nn.Conv1d/2d/3d`` with ``groups=1`` and zero padding, ``nn.Embedding``,
+``nn.Conv1d/2d/3d`` with zero padding (grouped and depthwise too), ``nn.Embedding``,
 ``nn.LayerNorm``, ``nn.GroupNorm`` and the BatchNorm family (affine parameters).
 """
 
@@ -127,8 +127,7 @@ def supported(module: nn.Module) -> bool:
         return False
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return (
-            module.groups == 1
-            and module.padding_mode == "zeros"
+            module.padding_mode == "zeros"
             and not isinstance(module.padding, str)
             and not isinstance(module, nn.modules.conv._ConvTransposeNd)
         )
@@ -154,6 +153,8 @@ def layer_rows(
     weight = getattr(module, "weight", None)
     if weight is not None and not any(p is weight for p in params):
         return _BiasRows(module, deltas)  # a frozen weight, a trained bias (BitFit)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and module.groups > 1:
+        return _GroupedRows(module, params, inputs, deltas)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         rows = deltas[0].shape[0] * deltas[0].shape[1]
         work = rows * deltas[0][0, 0].numel() * module.weight.numel()
@@ -175,6 +176,55 @@ def layer_rows(
     d = torch.cat(d_list, dim=2) if len(d_list) > 1 else d_list[0]
     transposed = type(module).__name__ == "Conv1D"
     return _LinearRows(params, a, d, transposed=transposed)
+
+
+class _GroupedRows(LayerRows):
+    """A convolution with G groups (depthwise: G = C_in) is G independent convolutions,
+    group g taking input channels and giving output channels of its own: its rows are
+    the groups' linear rows side by side, so ``K = Σ_g U_g U_gᵀ`` and ``U v = Σ_g U_g v_g``
+    (``v_g``: the weight's and bias's entries of group g's output channels)."""
+
+    def __init__(
+        self,
+        module: Any,
+        params: Sequence[torch.Tensor],
+        inputs: Sequence[torch.Tensor],
+        deltas: Sequence[torch.Tensor],
+    ) -> None:
+        G = module.groups
+        self.has_bias = len(params) > 1
+        self.out_per_group = module.out_channels // G
+        a_list, d_list = [], []
+        for a, d in zip(inputs, deltas, strict=True):
+            a2, d2 = _conv_as_linear(module, a, d)  # (n, L, C_in·K), (m, n, L, C_out)
+            a_list.append(a2.unflatten(-1, (G, -1)))  # a group's channels are contiguous
+            d_list.append(d2.unflatten(-1, (G, -1)))
+        a = torch.cat(a_list, dim=1) if len(a_list) > 1 else a_list[0]
+        d = torch.cat(d_list, dim=2) if len(d_list) > 1 else d_list[0]
+        self.groups = [
+            _LinearRows(
+                [p[g * self.out_per_group : (g + 1) * self.out_per_group] for p in params],
+                a[..., g, :],
+                d[..., g, :],
+                transposed=False,
+            )
+            for g in range(G)
+        ]
+
+    def _split(self, v: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+        k = self.out_per_group
+        return [[t[g * k : (g + 1) * k] for t in v] for g in range(len(self.groups))]
+
+    def dots(self, vs: Sequence[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+        split = [self._split(v) for v in vs]
+        per_group = [rows.dots([s[g] for s in split]) for g, rows in enumerate(self.groups)]
+        return [torch.stack([out[i] for out in per_group]).sum(dim=0) for i in range(len(vs))]
+
+    def dot(self, v: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.dots([v])[0]
+
+    def gram(self) -> torch.Tensor:
+        return torch.stack([rows.gram() for rows in self.groups]).sum(dim=0)
 
 
 def _conv_as_linear(

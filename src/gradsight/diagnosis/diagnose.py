@@ -227,7 +227,7 @@ def _diagnose(
         lr=None if lr is None else float(lr),
         nonfinite_origin=origin,
         summary=summary,
-        headroom=None if whole is None else whole.headroom,
+        headroom=None if whole is None else min(whole.headroom, 1.0),
         realized_decrease=None if whole is None else whole.realized,
         lambda_max=None if whole is None else whole.lambda_max,
     )

@@ -122,7 +122,8 @@ class Diagnosis:
             finite, backward signal) is NaN/Inf; else None.
         summary: Plain-language summary: which layers vanish, where and why.
         headroom: Loss a damped Newton step on the whole model would win, as a fraction
-            of the loss (None when curvature was not computed).
+            of the loss, at most 1 (a quadratic model predicting more than the whole loss
+            overshoots; the summary says so); None when curvature was not computed.
         realized_decrease: Fraction of the held-out half of the batch's loss that a
             Levenberg-Marquardt Gauss-Newton step fitted on the other half removed.
         lambda_max: Largest Gauss-Newton eigenvalue of the whole model; 2/λmax is the

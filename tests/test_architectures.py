@@ -1,0 +1,174 @@
+"""No false alarm on the architectures people train, built from configs nobody here
+wrote (transformers; nothing downloaded), beyond the reference zoo (tests/zoo).
+
+Ground truth: each is a standard architecture at its library's own initialization, the
+point every training run of it starts from; none is stuck there (they are trained from
+exactly these inits). So no layer may be called vanishing, exploding, dead or stuck,
+every reason must agree with its numbers, and curvature must be measured, also on the
+layers the engine does not cover (an embedding subclass called on the attention mask,
+depthwise convolutions: exact block products instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gradsight
+from contradictions import contradictions
+
+transformers = pytest.importorskip("transformers")
+
+V = 64
+ALARMS = {"vanishing", "exploding", "dead", "unstable", "nonfinite"}
+
+
+def _tokens() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (8, 16), generator=gen)
+    ids[:, 1:] = (3 * ids[:, :-1] + 1) % V  # a chain a model can learn
+    return ids
+
+
+def _next_token(out: Any, ids: torch.Tensor) -> torch.Tensor:
+    logits = out.logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def _classes(out: Any, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.logits, labels)
+
+
+_SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    vocab_size=V,
+    max_position_embeddings=32,
+)
+_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+# name: (model class, config class, config, task)
+ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(_SMALL, num_key_value_heads=1), "lm"),
+    "gemma": (
+        "GemmaForCausalLM",
+        "GemmaConfig",
+        dict(_SMALL, num_key_value_heads=1, head_dim=16),
+        "lm",
+    ),
+    "falcon": (
+        "FalconForCausalLM",
+        "FalconConfig",
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, vocab_size=V),
+        "lm",
+    ),
+    "opt": (
+        "OPTForCausalLM",
+        "OPTConfig",
+        dict(
+            hidden_size=32,
+            ffn_dim=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            vocab_size=V,
+            max_position_embeddings=32,
+            word_embed_proj_dim=32,
+            dropout=0.0,
+        ),
+        "lm",
+    ),
+    "bart-decoder": (
+        "BartForCausalLM",
+        "BartConfig",
+        dict(
+            d_model=32,
+            decoder_layers=2,
+            decoder_attention_heads=2,
+            decoder_ffn_dim=64,
+            vocab_size=V,
+            max_position_embeddings=32,
+            dropout=0.0,
+        ),
+        "lm",
+    ),
+    "albert": (
+        "AlbertForSequenceClassification",
+        "AlbertConfig",
+        dict(_SMALL, embedding_size=16, num_labels=2, **_NO_DROPOUT),
+        "classify",
+    ),
+    "deberta-v2": (
+        "DebertaV2ForSequenceClassification",
+        "DebertaV2Config",
+        dict(_SMALL, num_labels=2, **_NO_DROPOUT),
+        "classify",
+    ),
+    "convnext": (
+        "ConvNextForImageClassification",
+        "ConvNextConfig",
+        dict(hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], num_labels=3),
+        "image",
+    ),
+    "swin": (
+        "SwinForImageClassification",
+        "SwinConfig",
+        dict(
+            image_size=32,
+            patch_size=4,
+            embed_dim=16,
+            depths=[1, 1],
+            num_heads=[2, 2],
+            window_size=4,
+            num_labels=3,
+        ),
+        "image",
+    ),
+    "mobilenet-v2": (
+        "MobileNetV2ForImageClassification",
+        "MobileNetV2Config",
+        dict(image_size=32, depth_multiplier=0.25, num_labels=3),
+        "image",
+    ),
+}
+
+
+def _build(name: str) -> tuple[torch.nn.Module, Any, Callable[[Any, Any], torch.Tensor]]:
+    model_cls, config_cls, config, task = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+    model.train()
+    ids = _tokens()
+    if task == "lm":
+        return model, ({"input_ids": ids}, ids), _next_token
+    if task == "classify":
+        return model, ({"input_ids": ids}, ids[:, 0] % 2), _classes
+    gen = torch.Generator().manual_seed(1)
+    images = torch.randn(8, 3, 32, 32, generator=gen)
+    return model, ({"pixel_values": images}, torch.randint(0, 3, (8,), generator=gen)), _classes
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_standard_architecture_at_init_raises_no_alarm(name: str) -> None:
+    model, batch, loss_fn = _build(name)
+    d = gradsight.diagnose(model, batch, loss_fn)
+    alarms = {layer.name: layer.status for layer in d.layers if layer.status in ALARMS}
+    assert not alarms, alarms
+    assert d.status in ("ok", "converged")
+    assert "Curvature was not measured" not in d.summary
+    called = [layer for layer in d.layers if layer.grad_norm]  # BART's unused cross-attention aside
+    assert all(layer.lambda_max is not None for layer in called)
+    names = {layer.module_type for layer in d.layers}
+    assert (
+        contradictions(
+            d,
+            has_norm=any("Norm" in t for t in names),
+            has_residual=True,  # every one of them is residual
+        )
+        == []
+    )
