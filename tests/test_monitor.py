@@ -344,3 +344,65 @@ def test_an_optimizer_with_its_own_backward_passes_is_measured_on_the_loss_only(
         assert steps.tolist() == [0, 1, 2]
         want = [ref[name].signal_norm for ref in refs]
         assert values.tolist() == pytest.approx(want, rel=1e-12)
+
+
+class _Heads(nn.Module):
+    """A trunk and two heads returned as a dict (as multi-task models and Hugging Face
+    models do: the curvature engine needs one tensor, so the tier flattens the heads)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(8, 16)
+        self.cls = nn.Linear(16, 3)
+        self.reg = nn.Linear(16, 1)
+        self.gru = nn.GRU(16, 4, batch_first=True)  # not covered by the engine: exact products
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.trunk(x))
+        seq, _ = self.gru(h.unsqueeze(1))
+        return {"cls": self.cls(h) + seq[:, 0, :1], "reg": self.reg(h)}
+
+
+def _heads_loss(out: dict[str, torch.Tensor], t: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return nn.functional.cross_entropy(out["cls"], t[0]) + nn.functional.mse_loss(
+        out["reg"].squeeze(1), t[1]
+    )
+
+
+def test_curvature_tier_on_structured_outputs_and_a_failing_layer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model returning a dict of heads (a ModelOutput alike) gets its curvature, as
+    diagnose does, instead of the tier failing as a whole; a layer whose measurement
+    raises is left out with one warning, the other layers' curvature is recorded."""
+    from gradsight.monitor._curvature import CurvatureTier
+
+    torch.manual_seed(0)
+    model = _Heads()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 8, generator=gen)
+    targets = (torch.randint(0, 3, (32,), generator=gen), torch.randn(32, generator=gen))
+    exact = CurvatureTier._exact
+
+    def gru_fails(self, model, prefix, layer, *args):  # type: ignore[no-untyped-def]
+        if layer == "gru":
+            raise RuntimeError("injected: no products for this layer")
+        return exact(self, model, prefix, layer, *args)
+
+    monkeypatch.setattr(CurvatureTier, "_exact", gru_fails)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Monitor(model, logdir=tmp_path / "r", curvature_every=1, optimizer=opt) as mon:
+            for _ in range(2):
+                opt.zero_grad()
+                loss = _heads_loss(model(x), targets)
+                loss.backward()
+                mon.step(loss, batch=(x, targets), loss_fn=_heads_loss)
+                opt.step()
+    messages = [str(w.message) for w in caught if "gradsight" in str(w.message)]
+    assert not any("curvature tier failed" in m for m in messages), messages
+    assert sum("could not be measured (first: 'gru'" in m for m in messages) == 1, messages
+    lam = load_run(tmp_path / "r").series("lambda_max")
+    assert set(lam) == {"trunk", "cls", "reg"}
+    assert all(values[0] > 0 for _, values in lam.values())

@@ -210,3 +210,22 @@ def test_estimators_reject_non_square_input() -> None:
         xtrace(torch.eye(3), 2)
     with pytest.raises(GradsightError, match="k must be"):
         lanczos(torch.eye(3), k=5)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_xtrace_is_exact_on_an_operator_of_lower_rank_than_its_sketch(rank: int) -> None:
+    """A zero block (a layer the loss does not reach) or one of rank below the number of
+    test vectors makes the sketch exactly rank-deficient, which crashed the QR algebra
+    (the Monitor's curvature tier on BART's unused cross-attention). The test vectors'
+    images then span the whole range: the trace is exact, with no standard error."""
+    gen = torch.Generator().manual_seed(rank)
+    A = torch.zeros(40, 40, dtype=torch.float64)
+    for i in range(rank):  # exactly rank-deficient: coordinate directions
+        A[i, i] = float(i + 2)
+    est = xtrace(A, num_matvecs=12)
+    assert est.estimate == pytest.approx(float(A.trace()), abs=1e-12)
+    assert est.stderr == 0.0
+    B = torch.randn(40, 40, generator=gen, dtype=torch.float64)
+    full = B @ B.T  # full rank: the estimator as before, with a standard error
+    est = xtrace(full, num_matvecs=12)
+    assert est.stderr > 0 and abs(est.estimate - float(full.trace())) < 5 * est.stderr + 1e-9

@@ -150,6 +150,21 @@ def hutchpp_trace(
     return TraceEstimate(top + float(terms.mean()), stderr, num_matvecs, "hutch++")
 
 
+def _trace_on_range(A: Any, Y: torch.Tensor, m: int, dtype: torch.dtype) -> TraceEstimate:
+    """The trace when ``Y = AΩ`` is exactly rank-deficient (a zero operator: a layer the
+    loss does not reach; a block of lower rank than the sketch): with probability one
+    the m random test vectors' images then span A's whole range, so the trace is
+    ``tr(QᵀAQ)`` on an orthonormal basis Q of that range, exactly (no standard error)."""
+    U, sv, _ = torch.linalg.svd(Y, full_matrices=False)
+    top = float(sv.max()) if sv.numel() else 0.0
+    rank = int((sv > top * max(Y.shape) * torch.finfo(Y.dtype).eps).sum()) if top > 0 else 0
+    if rank == 0:
+        return TraceEstimate(0.0, 0.0, m, "xtrace")
+    Q = U[:, :rank]
+    exact = float(torch.trace(Q.T @ (A @ Q.to(dtype)).double()))
+    return TraceEstimate(exact, 0.0, m + rank, "xtrace")
+
+
 def xtrace(A: Any, num_matvecs: int, *, seed: int = 0) -> TraceEstimate:
     """XTrace: Hutch++ made exchangeable, so every product serves both sketch and probe.
 
@@ -185,6 +200,8 @@ def xtrace(A: Any, num_matvecs: int, *, seed: int = 0) -> TraceEstimate:
     # The QR and the small m × m algebra run in float64 whatever the operator's dtype:
     # in float32 the sketch loses orthogonality when a few eigenvalues dominate.
     Q64, R64 = torch.linalg.qr(Y)
+    if not bool((R64.diagonal() != 0).all()):
+        return _trace_on_range(A, Y, m, dtype)
     Om64 = Om.double()
     W = Q64.T @ Om64
     S = torch.linalg.inv(R64).T

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = ["CurvatureTier"]
 
@@ -56,6 +57,8 @@ class CurvatureTier:
         blockwise: bool = True,
     ) -> None:
         self.blockwise = blockwise
+        #: Layers whose curvature could not be measured at the last step, and why.
+        self.failed: dict[str, str] = {}
         self.model = model
         self.layers = layers
         self.probes = probes
@@ -69,15 +72,25 @@ class CurvatureTier:
         *,
         lr: float | None,
     ) -> list[tuple[str, str, float]]:
+        # The math attention kernel has the double backward that curvature products
+        # need (the fused CPU/flash kernels do not); results agree to rounding.
+        self.failed = {}
+        with sdpa_kernel(SDPBackend.MATH):
+            return self._measure(batch, loss_fn, lr)
+
+    def _measure(
+        self, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor], lr: float | None
+    ) -> list[tuple[str, str, float]]:
         from gradsight._errors import GradsightError
         from gradsight.curvature.blockwise import BlockwiseGGN
 
+        model, loss_fn, prefix = self._tensor_model(batch, loss_fn)
         engine = None
         if self.blockwise:
-            modules = {name: self.model.get_submodule(name) for name in self.layers}
+            modules = {prefix + name: model.get_submodule(prefix + name) for name in self.layers}
             try:
                 engine = BlockwiseGGN(
-                    self.model,
+                    model,
                     batch,
                     loss_fn,
                     modules,
@@ -89,30 +102,57 @@ class CurvatureTier:
                 engine = None
         rows: list[tuple[str, str, float]] = []
         for layer in self.layers:
-            if engine is not None and layer in engine.blocks:
-                est = engine.estimate(layer, DAMPING)
+            if engine is not None and prefix + layer in engine.blocks:
+                est = engine.estimate(prefix + layer, DAMPING)
                 lam, alpha, loss = est.lambda_max, est.alpha_star, engine.loss
                 rows += [(layer, "lambda_max", lam), (layer, "lambda_max_err", est.lambda_max_err)]
                 if lr is not None:
                     rows.append((layer, "lr_lambda_max", lr * lam))
                 rows += [(layer, "trace", est.trace), (layer, "trace_stderr", est.trace_err)]
-                rows.append((layer, "alpha_star", alpha))
+                if not math.isnan(alpha):  # 0/0: a layer without gradient has no α*
+                    rows.append((layer, "alpha_star", alpha))
                 if lr is not None and math.isfinite(alpha):
                     rows.append((layer, "step_ratio", alpha / lr))
                 if loss > 0:
                     rows.append((layer, "headroom", est.decrement / loss))
                     rows.append((layer, "headroom_err", est.decrement_err / loss))
             else:
-                rows += self._exact(layer, batch, loss_fn, lr)
+                try:
+                    rows += self._exact(model, prefix, layer, batch, loss_fn, lr)
+                except Exception as exc:  # this layer only: the others' rows stand
+                    self.failed[layer] = f"{type(exc).__name__}: {exc}"
         return rows
 
+    def _tensor_model(
+        self, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor]
+    ) -> tuple[nn.Module, Callable[[Any, Any], torch.Tensor], str]:
+        """The model and loss as the curvature engine needs them: returning one tensor.
+        A Hugging Face ``ModelOutput``, a dict of heads or a tuple is flattened as
+        :func:`gradsight.diagnose` does (:func:`~gradsight._outputs.tensor_output`),
+        after one forward pass without gradients that leaves the model as it was."""
+        from gradsight._batch import call_model, split_batch
+        from gradsight._outputs import tensor_output
+        from gradsight._state import preserved
+
+        with torch.no_grad(), preserved(self.model):
+            outputs = call_model(self.model, split_batch(batch)[0])
+        adapted = tensor_output(self.model, outputs, loss_fn)
+        return (self.model, loss_fn, "") if adapted is None else adapted
+
     def _exact(
-        self, layer: str, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor], lr: float | None
+        self,
+        model: nn.Module,
+        prefix: str,
+        layer: str,
+        batch: Any,
+        loss_fn: Callable[[Any, Any], torch.Tensor],
+        lr: float | None,
     ) -> list[tuple[str, str, float]]:
-        """The same rows from per-layer GGN-vector products."""
+        """The same rows from per-layer GGN-vector products (``model``: the one returning
+        a tensor, in which ``layer`` is ``prefix + layer``)."""
         from gradsight.curvature import curvature_operator, curvature_step, lanczos, xtrace
 
-        op: Any = curvature_operator(self.model, batch, loss_fn, params=layer, kind="ggn")
+        op: Any = curvature_operator(model, batch, loss_fn, params=prefix + layer, kind="ggn")
         if self.distributed:
             from gradsight.curvature.distributed import DistributedOperator
 
@@ -125,7 +165,8 @@ class CurvatureTier:
         tr = xtrace(op, max(self.probes, 4), seed=0)
         rows += [(layer, "trace", tr.estimate), (layer, "trace_stderr", tr.stderr)]
         step = curvature_step(op, op.gradient)
-        rows.append((layer, "alpha_star", float(step.alpha)))
+        if not math.isnan(float(step.alpha)):  # 0/0: a layer without gradient has no α*
+            rows.append((layer, "alpha_star", float(step.alpha)))
         if lr is not None and math.isfinite(step.alpha):
             rows.append((layer, "step_ratio", step.alpha / lr))
         loss = float(op.loss)

@@ -658,6 +658,14 @@ class Monitor:
         finally:
             self._probe.recording = True
             self._curvature.model = self.model  # the copy's memory is freed at once
+        if self._curvature.failed:
+            failed = self._curvature.failed
+            self._warn_once(
+                "curvature-layers",
+                f"gradsight.Monitor: the curvature of {len(failed)} layer(s) could not be "
+                f"measured (first: {next(iter(failed))!r}, {next(iter(failed.values()))}); "
+                "the other layers' curvature is recorded.",
+            )
         if rows:
             keys = [(layer, metric) for layer, metric, _ in rows]
             self._writer.append(step, keys, np.array([v for _, _, v in rows], dtype=np.float64))
