@@ -10,6 +10,7 @@ through time as a mere sentence) is pinned down where it is decided.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 
 import pytest
@@ -355,3 +356,35 @@ def test_adaptive_step_matches_the_update_adam_takes(steps_before: int) -> None:
     assert predicted == pytest.approx(float(g @ delta / (g @ g)), rel=1e-9)
     assert optimizer_kind(opt) == "adaptive"
     assert optimizer_kind(torch.optim.SGD([w], lr=0.1)) == "sgd"
+
+
+def test_a_layer_blocked_by_a_zero_initialized_one_is_ok_not_converged() -> None:
+    """Exactly zero gradient and signal because a later layer's weight is exactly zero
+    and that layer gets a gradient (a zero-initialized residual branch): its first update
+    opens the path, so the layer is ``ok`` and the reason names the layer and why."""
+    blocked = _layer(
+        signal=_signal("0", norm=0.0),
+        grad_norm=0.0,
+        rel_sens=0.0,
+        g_rel=0.0,
+        headroom=0.0,
+        upstream_sens=1.0,
+        blocked_by=("blocks.0.fc2", 0.14),
+    )
+    status, reason, _ = _verdict(blocked, _model())
+    assert status == "ok"
+    assert "blocks.0.fc2" in reason and "exactly zero" in reason and "1.4e-01" in reason
+    # The same facts with nothing to open the path: the loss does not depend on it.
+    status, reason, _ = _verdict(dataclasses.replace(blocked, blocked_by=None), _model())
+    assert status == "converged" and "no backward signal reaches it" in reason
+    assert "the signal reaches it" not in reason
+
+
+def test_vanishing_is_not_excused_by_the_headroom_of_an_exactly_zero_gradient() -> None:
+    """At an exactly zero gradient the Newton decrement is 0/0, not "nothing to win": a
+    layer whose signal is exactly lost while the model has headroom is vanishing."""
+    layer = _layer(
+        signal=_signal("0", norm=0.0), grad_norm=0.0, rel_sens=0.0, g_rel=0.0, headroom=0.0
+    )
+    status, reason, _ = _verdict(layer, _model())
+    assert status == "vanishing" and "exactly zero" in reason

@@ -166,3 +166,67 @@ def test_measured_attenuation_matches_mean_field(sigma_w2: float, chi1: float) -
         measured.append(math.exp(sum(logs) / len(logs)))
     for value in measured:
         assert value == pytest.approx(theory.chi1, rel=0.05)
+
+
+class _ZeroInitResidual(nn.Module):
+    """x ← x + W₂ relu(W₁ x) with W₂ = 0 at init (Fixup, SkipInit, ControlNet's zero
+    convolutions, torchvision's ``zero_init_residual``)."""
+
+    def __init__(self, train_branch_out: bool = True) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Linear(10, 32), nn.Linear(32, 3)
+        self.fc1 = nn.ModuleList(nn.Linear(32, 32) for _ in range(3))
+        self.fc2 = nn.ModuleList(nn.Linear(32, 32) for _ in range(3))
+        for lin in self.fc2:
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+            lin.requires_grad_(train_branch_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for fc1, fc2 in zip(self.fc1, self.fc2, strict=True):
+            h = h + fc2(torch.relu(fc1(h)))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("train_branch_out", [True, False])
+def test_zero_initialized_residual_branches(train_branch_out: bool) -> None:
+    """Healthy twin: the branches' output layers start at exactly zero and get a
+    gradient, so the layers before them get none yet but will: ground truth, one SGD
+    step gives them a gradient. They are ``ok`` with the reason, never converged or
+    vanishing; the zero layers' sensitivity (0 at a zero output) is not quoted. Sick
+    twin: the zero layers are frozen, so the first layers never get a gradient (20 SGD
+    steps leave them as they were): the loss does not depend on them, said as such."""
+    torch.manual_seed(0)
+    model = _ZeroInitResidual(train_branch_out)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 10, generator=gen)
+    y = x[:, :3].argmax(1)
+    d = gradsight.diagnose(model, (x, y), ce, lr=0.1)
+    first = [d.layer(f"fc1.{i}") for i in range(3)]
+    # Ground truth from training, outside gradsight.
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    before = [m.weight.detach().clone() for m in trained.fc1]
+    for _ in range(20 if not train_branch_out else 1):
+        opt.zero_grad()
+        ce(trained(x), y).backward()
+        opt.step()
+    opt.zero_grad()
+    ce(trained(x), y).backward()
+    grads = [float(m.weight.grad.norm()) for m in trained.fc1]
+    if train_branch_out:
+        assert all(g > 0 for g in grads)  # one update of fc2 opened the path
+        assert all(layer.status == "ok" and "no signal yet" in layer.reason for layer in first)
+        assert all(f"fc2.{i}" in layer.reason for i, layer in enumerate(first))
+        for i in range(3):
+            second = d.layer(f"fc2.{i}")
+            assert second.status == "ok" and "exactly zero (zero-initialized)" in second.reason
+            assert "of the largest" not in second.reason
+    else:
+        assert all(torch.equal(m.weight, b) for m, b in zip(trained.fc1, before, strict=True))
+        assert all(g == 0 for g in grads)
+        assert all(layer.status == "converged" for layer in first)
+        assert all("no backward signal reaches it" in layer.reason for layer in first)
+    assert d.status in ("ok", "converged")
+    assert contradictions(d) == []

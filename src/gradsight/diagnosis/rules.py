@@ -20,18 +20,25 @@ it:
    neither learns nor passes a signal. A partly dead layer that still learns keeps its
    status, and its reason says "partly dead";
 8. ``exploding`` when the backward signal grows at every later layer;
-9. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
-   largest while the model has headroom, the layer's own headroom (when measured) is
-   not negligible, and the signal is lost on the way back: no earlier layer gets a
-   strong signal either. Where earlier layers do (through a skip connection or a
-   parallel path, e.g. attention queries and keys at initialization beside the value
-   path), little of the signal enters this layer's branch; the reason says so, and the
-   status follows the layer's own headroom;
-10. ``vanishing`` through time: a recurrent layer whose signal does not reach the time
+9. ``ok`` when the gradient and backward signal are exactly zero only because a later
+   layer's weight is exactly zero and that layer gets a gradient (a zero-initialized
+   residual branch: its first update opens the path);
+10. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
+    largest while the model has headroom, the layer's own headroom (when measured, and
+    defined: not 0/0 at an exactly zero gradient) is not negligible, and the signal is
+    lost on the way back: no earlier layer gets a strong signal either. Where earlier
+    layers do (through a skip connection or a parallel path, e.g. attention queries and
+    keys at initialization beside the value path), little of the signal enters this
+    layer's branch; the reason says so, and the status follows the layer's own headroom;
+11. ``vanishing`` through time: a recurrent layer whose signal does not reach the time
     steps where its inputs are (input-weighted reach below ``time_vanishing``) while the
     loss sits on its plateau and no step the signal does reach helps;
-11. ``converged`` when the layer's own headroom is negligible;
-12. ``ok``: learning.
+12. ``converged`` when the layer's own headroom is negligible;
+13. ``ok``: learning.
+
+A layer whose output is exactly zero while a signal reaches it (a zero-initialized
+layer) has no relative sensitivity (``‖∂L/∂z‖·‖z‖`` is 0 whatever the signal): it is
+not judged by it.
 
 Every rule compares quantities that do not change when the loss is multiplied by a
 constant, nor when a ReLU network is reparametrized without changing its function.
@@ -134,6 +141,11 @@ class LayerFacts:
         last: It is the last layer that ran: its signal is the loss's own.
         upstream_sens: The largest ``rel_sens`` of the layers that ran before it.
         time_input_norms: Recurrent layers: ‖x_t‖ of the input at each time step.
+        zero_weight: Its trained weight is exactly zero (zero-initialized) while it gets
+            a gradient: its output carries nothing yet, and its first update changes that.
+        blocked_by: With an exactly zero gradient and backward signal: the nearest later
+            layer with ``zero_weight`` (the signal stops there until that layer's first
+            update), and that layer's gradient norm.
     """
 
     name: str
@@ -154,6 +166,8 @@ class LayerFacts:
     last: bool = False
     upstream_sens: float | None = None
     time_input_norms: tuple[float, ...] | None = None
+    zero_weight: bool = False
+    blocked_by: tuple[str, float] | None = None
 
     @property
     def label(self) -> str:
@@ -340,26 +354,44 @@ def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     )
 
 
+def opened_by_first_update(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """Its gradient and backward signal are exactly zero because a later layer's weight
+    is exactly zero, as zero-initialized residual branches make them (Fixup, SkipInit,
+    torchvision's ``zero_init_residual``, ControlNet's zero convolutions); that layer gets
+    a gradient, so its first update opens the path: ``ok``, not stuck."""
+    if layer.blocked_by is None:
+        return None
+    blocker, grad = layer.blocked_by
+    return Verdict(
+        "ok",
+        f"no signal yet: its gradient is exactly zero because the weight of "
+        f"{display_name(blocker)} after it is exactly zero (zero-initialized); that layer "
+        f"gets a gradient ({_e(grad)}), so its first update opens the path to this one.",
+    )
+
+
 def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """The signal reaching the layer is lost on the way back while there is something to
     win: its sensitivity is below ``th.vanishing`` of the largest, no earlier layer gets
     a stronger share, and its own headroom (when measured) is not negligible."""
     if not _starved(layer, model.th) or layer.position is None:
         return None
-    if layer.headroom is not None and layer.headroom < model.th.headroom:
-        return None  # nothing to win for it: converged, not stuck
+    gradient = layer.grad_norm is not None and layer.grad_norm > 0
+    if gradient and layer.headroom is not None and layer.headroom < model.th.headroom:
+        return None  # nothing to win for it: converged, not stuck (without any gradient
+        # the Newton decrement is 0/0, which says nothing)
     assert layer.rel_sens is not None
     ref = max(model.ran, key=lambda s: s.sensitivity)
     where = (
         " while the loss is no better than the best constant prediction" if model.plateau else ""
     )
-    if ref.sensitivity > 0:
+    if ref.sensitivity > 0 and layer.rel_sens > 0:
         reach = (
             f"the loss's sensitivity to this layer's output is {layer.rel_sens:.1e} of layer "
             f"{display_name(ref.name)}'s"
         )
     else:
-        reach = "no backward signal reaches this layer's output, nor any other layer's"
+        reach = "no backward signal reaches this layer's output (it is exactly zero)"
     parts = [f"gradient {_e(layer.grad_norm)}: {reach}{where}"]
     cause = chain_cause(model.ran, layer.position)
     if cause:
@@ -421,6 +453,8 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         reach = "the loss's own signal reaches it (the last layer)"
     elif layer.rel_sens is None:
         reach = "its gradient comes from the module that uses its parameters"
+    elif layer.rel_sens == 0:
+        reach = "no backward signal reaches it (exactly zero: the loss does not depend on it)"
     else:
         reach = f"the signal reaches it (sensitivity {layer.rel_sens:.1e} of the largest)"
     return Verdict(
@@ -450,6 +484,7 @@ RULES: tuple[Rule, ...] = (
     no_headroom,
     dead,
     growing_signal,
+    opened_by_first_update,
     vanishing,
     vanishing_through_time,
     layer_converged,
@@ -483,6 +518,11 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
         notes.append(
             f"Its parameters are used directly by {display_name(layer.used_by)} rather than "
             "through a call of the module, so that module's signal stands in for it."
+        )
+    if layer.zero_weight and status not in ("dead", "frozen"):
+        notes.append(
+            "Its weight is exactly zero (zero-initialized): its output carries nothing yet "
+            "and the layers before it get no signal through it, until its first update."
         )
     frac = layer.dead_fraction
     if status not in ("dead", "frozen", "converged") and frac >= model.th.partly_dead:

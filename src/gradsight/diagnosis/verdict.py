@@ -168,9 +168,16 @@ def judge(
     for sig in ran:
         upstream.append(peak)
         peak = max(peak, sig.sensitivity)
+    # Layers whose trained weight is exactly zero while they get a gradient (zero-
+    # initialized), by position: the backward signal stops there until their first update.
+    zero = {e.name for e in ran_ev if _zero_weight(e)}
+    openers = [(i, e.name, e.grad_norm or 0.0) for i, e in enumerate(ran_ev) if e.name in zero]
     layers = []
     for e in evidence:
         d, layer = _measure(e, facts, curvature.get(e.name), position, upstream, global_step, scale)
+        blocked = _blocked_by(e, layer, openers)
+        if blocked is not None or e.name in zero:
+            layer = dataclasses.replace(layer, zero_weight=e.name in zero, blocked_by=blocked)
         if hessian and e.name in hessian:
             d.hessian_lambda_max = hessian[e.name]
             layer = dataclasses.replace(layer, lambda_max=hessian[e.name], hessian=True)
@@ -241,11 +248,7 @@ def _measure(
         signal=sig,
         used_by=e.used_by,
         position=pos if has_signal else None,
-        rel_sens=(
-            (sig.sensitivity / model.s_max if model.s_max > 0 else 0.0)
-            if has_signal and sig is not None
-            else None
-        ),
+        rel_sens=_relative_sensitivity(sig, model.s_max) if has_signal else None,
         g_rel=(relative_grad or 0.0) / scale if scale > 0 else 0.0,
         headroom=d.headroom,
         lambda_max=d.lambda_max,
@@ -257,6 +260,40 @@ def _measure(
         time_input_norms=e.time_input_norms,
     )
     return d, facts
+
+
+def _relative_sensitivity(sig: ModuleSignal | None, s_max: float) -> float | None:
+    """s_l / max_j s_j; None where it says nothing: an output that is exactly zero while
+    a signal reaches it (a zero-initialized layer: ‖∂L/∂z‖·‖z‖ is 0 whatever the signal)."""
+    if sig is None:
+        return None
+    s = sig.sensitivity
+    if s == 0 and sig.output_norm == 0 and (sig.signal_norm or 0.0) > 0:
+        return None
+    return s / s_max if s_max > 0 else 0.0
+
+
+def _zero_weight(e: LayerEvidence) -> bool:
+    """Its trained weight is exactly zero while it gets a gradient."""
+    weight = e.param_norms.get("weight")
+    return weight == 0.0 and e.grad_norms.get("weight", 0.0) > 0
+
+
+def _blocked_by(
+    e: LayerEvidence, layer: LayerFacts, openers: Sequence[tuple[int, str, float]]
+) -> tuple[str, float] | None:
+    """For a layer with an exactly zero gradient and backward signal: the nearest later
+    zero-weight layer that gets a gradient (see :func:`_zero_weight`), with its gradient."""
+    sig = e.signal
+    if (
+        layer.position is None
+        or e.frozen
+        or layer.grad_norm != 0.0
+        or sig is None
+        or sig.signal_norm != 0.0
+    ):
+        return None
+    return next(((n, g) for i, n, g in openers if i > layer.position), None)
 
 
 def _upstream(model: ModelFacts, upstream: Sequence[float], pos: int | None) -> float | None:
