@@ -230,3 +230,64 @@ def test_zero_initialized_residual_branches(train_branch_out: bool) -> None:
         assert all("no backward signal reaches it" in layer.reason for layer in first)
     assert d.status in ("ok", "converged")
     assert contradictions(d) == []
+
+
+def _conv_bn(zero_scale: bool) -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for c_in, c_out in ((3, 8), (8, 8), (8, 8)):
+        layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    if zero_scale:  # the classic bug: every 1-D parameter zeroed, "meant for biases"
+        for p in model.parameters():
+            if p.ndim == 1:
+                nn.init.zeros_(p)
+    return model
+
+
+@pytest.mark.parametrize("zero_scale", [False, True])
+def test_zeroed_normalization_weights_are_named_as_the_cause(zero_scale: bool) -> None:
+    """Sick twin: every 1-D parameter zeroed, BatchNorm weights included: each BatchNorm
+    outputs its bias (0), ReLU passes nothing, and no convolution or BatchNorm gets a
+    gradient (ground truth: 20 SGD steps leave them exactly as they were). They are dead,
+    with the zero weight as the cause and re-initializing it as the first advice. Healthy
+    twin (weights 1): nothing dead, nothing about normalization weights."""
+    model = _conv_bn(zero_scale)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 8, 8, generator=gen)
+    y = torch.randint(0, 4, (64,), generator=gen)
+    d = gradsight.diagnose(model, (x, y), ce, lr=0.1)
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        ce(trained(x), y).backward()
+        opt.step()
+    convs = [i for i, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    moved = [
+        not torch.equal(trained[i].weight, model[i].weight) for i in convs
+    ]  # outside gradsight: did training move them?
+    if zero_scale:
+        assert not any(moved)
+        for i in convs:
+            layer = d.layer(str(i))
+            assert layer.status == "dead", (i, layer.status, layer.reason)
+            assert "weight" in layer.reason and "exactly zero" in layer.reason
+            assert layer.advice[0].startswith("Initialize the normalization weight of")
+    else:
+        assert all(moved)
+        assert all(layer.status not in ("dead", "vanishing") for layer in d.layers)
+        assert not any("normalization weight" in a for layer in d.layers for a in layer.advice)
+    assert contradictions(d, has_norm=True) == []
+
+
+def test_the_summary_names_a_few_layers_and_counts_the_rest() -> None:
+    torch.manual_seed(0)
+    model = mlp(16, 16, activation="sigmoid", init="xavier")
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 64, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+    d = gradsight.diagnose(model, (x, y), ce, curvature=False)
+    vanishing = [layer.name for layer in d.layers if layer.status == "vanishing"]
+    assert len(vanishing) > 8
+    line = next(s for s in d.summary.splitlines() if s.endswith("the signal does not reach them."))
+    assert f"and {len(vanishing) - 6} more" in line and vanishing[6] not in line.split(",")

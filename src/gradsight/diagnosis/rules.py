@@ -146,6 +146,9 @@ class LayerFacts:
         blocked_by: With an exactly zero gradient and backward signal: the nearest later
             layer with ``zero_weight`` (the signal stops there until that layer's first
             update), and that layer's gradient norm.
+        zero_scale: A normalization layer whose weight is exactly zero, the layer itself
+            or the one right after it: it outputs its bias alone, the same on every
+            sample (a loop that zeroes every 1-D parameter zeroes these weights too).
     """
 
     name: str
@@ -168,6 +171,7 @@ class LayerFacts:
     time_input_norms: tuple[float, ...] | None = None
     zero_weight: bool = False
     blocked_by: tuple[str, float] | None = None
+    zero_scale: str | None = None
 
     @property
     def label(self) -> str:
@@ -202,6 +206,8 @@ class ModelFacts:
         s_out: The last layer's sensitivity.
         traits: What the model already does (activations, normalization, residuals).
         alpha_spread: Decades spanned by the layers' curvature-optimal steps.
+        zero_norms: Normalization layers whose weight is exactly zero (they output their
+            bias alone and pass no signal back).
     """
 
     th: Thresholds
@@ -219,6 +225,7 @@ class ModelFacts:
     s_out: float
     traits: ModelTraits
     alpha_spread: float = 0.0
+    zero_norms: frozenset[str] = frozenset()
 
     @property
     def scale(self) -> float:
@@ -319,6 +326,15 @@ def no_headroom(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     )
 
 
+def _zero_norm_advice(names: Sequence[str]) -> str:
+    shown = ", ".join(display_name(n) for n in names[:3]) + (" …" if len(names) > 3 else "")
+    return (
+        f"Initialize the normalization weight of {shown} to 1 (nn.init.ones_): a zero "
+        "normalization weight outputs the bias alone and passes no signal back. A loop that "
+        "zeroes every 1-D parameter (meant for biases) zeroes these too."
+    )
+
+
 def dead(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """Most units after the layer never activate, and it neither learns (its scale-free
     gradient is at most ``th.converged`` of the loss) nor passes a signal (the loss's
@@ -328,13 +344,25 @@ def dead(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         return None
     if layer.g_rel > model.th.converged:
         return None  # its live units still learn: partly dead, said in the reason
+    cause, advice = "", remedies("dead", model.traits)
+    if layer.zero_scale is not None:
+        which = (
+            "its weight is"
+            if layer.zero_scale == layer.name
+            else f"the weight of {display_name(layer.zero_scale)}, the normalization after it, is"
+        )
+        cause = (
+            f" The cause: {which} exactly zero, so it outputs its bias alone, the same on "
+            "every sample."
+        )
+        advice = (_zero_norm_advice([layer.zero_scale]), *advice)
     return Verdict(
         "dead",
         f"{frac:.0%} of the units after it ({layer.activation_name}) are flat on every sample "
         f"of the batch: the loss's sensitivity to its output is {layer.rel_sens:.1e} of the "
         f"largest and its gradient {_e(layer.grad_norm)} moves the loss by at most "
-        f"{layer.g_rel:.1e}× its value, so it neither learns nor passes a signal.",
-        remedies("dead", model.traits),
+        f"{layer.g_rel:.1e}× its value, so it neither learns nor passes a signal." + cause,
+        advice,
     )
 
 
@@ -398,11 +426,11 @@ def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         parts.append(cause)
     if note := _step_note(layer, model):
         parts.append(note)
-    return Verdict(
-        "vanishing",
-        "; ".join(parts) + ".",
-        vanishing_advice(model.ran, layer.position, model.traits, model.alpha_spread),
-    )
+    advice = vanishing_advice(model.ran, layer.position, model.traits, model.alpha_spread)
+    blocking = [s.name for s in model.ran[layer.position + 1 :] if s.name in model.zero_norms]
+    if blocking:  # normalization layers after it that pass nothing back: the first fix
+        advice = (_zero_norm_advice(blocking), *advice)
+    return Verdict("vanishing", "; ".join(parts) + ".", advice)
 
 
 def _starved(layer: LayerFacts, th: Thresholds) -> bool:

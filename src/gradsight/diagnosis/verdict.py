@@ -159,6 +159,9 @@ def judge(
         s_out=ran[-1].sensitivity if ran else 0.0,
         traits=traits,
         alpha_spread=math.log10(max(alphas) / min(alphas)) if len(alphas) >= 2 else 0.0,
+        zero_norms=frozenset(
+            e.name for e in ran_ev if "Norm" in e.module_type and e.param_norms.get("weight") == 0.0
+        ),
     )
     global_step = lr
     if global_step is None and model is not None and model.lambda_max > 0:
@@ -172,12 +175,16 @@ def judge(
     # initialized), by position: the backward signal stops there until their first update.
     zero = {e.name for e in ran_ev if _zero_weight(e)}
     openers = [(i, e.name, e.grad_norm or 0.0) for i, e in enumerate(ran_ev) if e.name in zero]
+    flat_norms = [e.name in facts.zero_norms for e in ran_ev]  # by position
     layers = []
     for e in evidence:
         d, layer = _measure(e, facts, curvature.get(e.name), position, upstream, global_step, scale)
         blocked = _blocked_by(e, layer, openers)
-        if blocked is not None or e.name in zero:
-            layer = dataclasses.replace(layer, zero_weight=e.name in zero, blocked_by=blocked)
+        scale_zero = _zero_scale(e, layer.position, ran_ev, flat_norms)
+        if blocked is not None or e.name in zero or scale_zero is not None:
+            layer = dataclasses.replace(
+                layer, zero_weight=e.name in zero, blocked_by=blocked, zero_scale=scale_zero
+            )
         if hessian and e.name in hessian:
             d.hessian_lambda_max = hessian[e.name]
             layer = dataclasses.replace(layer, lambda_max=hessian[e.name], hessian=True)
@@ -279,6 +286,19 @@ def _zero_weight(e: LayerEvidence) -> bool:
     return weight == 0.0 and e.grad_norms.get("weight", 0.0) > 0
 
 
+def _zero_scale(
+    e: LayerEvidence, pos: int | None, ran: Sequence[LayerEvidence], flat: Sequence[bool]
+) -> str | None:
+    """The normalization layer with an exactly zero weight that is this layer or the one
+    right after it (conv → BatchNorm), if any."""
+    if pos is None or e.used_by is not None:
+        return None
+    for i in (pos, pos + 1):
+        if i < len(flat) and flat[i]:
+            return ran[i].name
+    return None
+
+
 def _blocked_by(
     e: LayerEvidence, layer: LayerFacts, openers: Sequence[tuple[int, str, float]]
 ) -> tuple[str, float] | None:
@@ -312,6 +332,18 @@ def _activation_after(
         return sig.activation
     nxt = ran[pos + 1]
     return nxt.activation if "Norm" in nxt.module_type else None
+
+
+#: At most this many layer names in one sentence of the summary (the table has them all).
+_NAMES_IN_SUMMARY = 8
+
+
+def _listed(names: Sequence[str]) -> str:
+    """``a, b, c``; past :data:`_NAMES_IN_SUMMARY` names, the first ones and how many more."""
+    if len(names) <= _NAMES_IN_SUMMARY:
+        return ", ".join(names)
+    shown = ", ".join(names[: _NAMES_IN_SUMMARY - 2])
+    return f"{shown} and {len(names) - _NAMES_IN_SUMMARY + 2} more"
 
 
 def _summary(
@@ -374,7 +406,7 @@ def _summary(
         names = by_status.get(status)
         if names:
             noun = "Layers" if len(names) > 1 else "Layer"
-            lines.append(f"{noun} {', '.join(names)}: {verb}.")
+            lines.append(f"{noun} {_listed(names)}: {verb}.")
     vanishing = [layer for layer in layers if layer.status == "vanishing"]
     if vanishing:
         lines.append(f"Why, for layer {display_name(vanishing[0].name)}: {vanishing[0].reason}")
