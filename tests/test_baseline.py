@@ -244,3 +244,32 @@ def test_squared_error_from_sums_equals_the_general_fit(
     assert known == pytest.approx(general, rel=1e-5)
     if reduction == "mean" and shape == (200, 3):
         assert known == pytest.approx(float(targets.var(dim=0, unbiased=False).mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 4), (40, 4)])  # in-sample; cross-fitted
+def test_nll_on_log_probabilities_is_the_label_entropy_not_unbounded(
+    shape: tuple[int, ...],
+) -> None:
+    """A model ending in LogSoftmax trained with NLL: its constant must be a
+    log-probability too. As a free constant NLL falls without bound (the general fit
+    reached -2.9e8, which made every model "no better than a constant"); read as
+    cross-entropy in the constant it equals cross-entropy's baseline on the same counts."""
+    gen = torch.Generator().manual_seed(shape[0])
+    logits = torch.randn(*shape, generator=gen)
+    y = torch.randint(0, shape[1], shape[:1], generator=gen)
+    log_probs = torch.log_softmax(logits, dim=1)
+    for loss in (nn.functional.nll_loss, nn.NLLLoss(), nn.NLLLoss(reduction="sum")):
+        base = constant_baseline_loss(log_probs, y, loss)
+        reduction = getattr(loss, "reduction", "mean")
+        same = constant_baseline_loss(logits, y, nn.CrossEntropyLoss(reduction=reduction))
+        assert base is not None and same is not None
+        assert base == pytest.approx(same, rel=1e-6)
+
+
+def test_a_loss_unbounded_in_the_constant_has_no_baseline() -> None:
+    """An unrecognized loss with no best constant (NLL of unnormalized outputs, wrapped so
+    that it is not recognized) gets no baseline, rather than a hugely negative one."""
+    gen = torch.Generator().manual_seed(0)
+    outputs = torch.randn(64, 4, generator=gen)
+    y = torch.randint(0, 4, (64,), generator=gen)
+    assert constant_baseline_loss(outputs, y, lambda o, t: nn.functional.nll_loss(o, t)) is None

@@ -130,6 +130,12 @@ def constant_baseline_loss(
     )
 
 
+#: A fitted constant whose loss falls this many times the loss at the model's mean
+#: output below it has found no minimum: the loss is unbounded below in the constant
+#: (a negative log-likelihood of outputs that are not normalized).
+_UNBOUNDED = 1e3
+
+
 def _safe_baseline(
     outputs: torch.Tensor,
     targets: Any,
@@ -145,12 +151,21 @@ def _safe_baseline(
     return value if value is not None and math.isfinite(value) else None
 
 
+def _bounded(value: float, at_start: float) -> float | None:
+    """``value``, or None where it is :data:`_UNBOUNDED` times the loss at the model's mean
+    output below it (no best constant: the loss falls without bound)."""
+    return None if value < at_start - _UNBOUNDED * max(abs(at_start), 1e-12) else value
+
+
 def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn) -> float | None:
     """The baseline of ``F.cross_entropy`` / ``nn.CrossEntropyLoss`` (mean or sum, no
-    class weights or label smoothing) on class indices, from the class counts alone: the
-    same constants and held-out scoring as the general fit, without a call of the loss.
-    None for any other loss or target layout."""
+    class weights or label smoothing), or of ``F.nll_loss`` / ``nn.NLLLoss`` on
+    log-probabilities (see :func:`_nll_settings`), on class indices, from the class
+    counts alone: the same constants and held-out scoring as the general fit, without a
+    call of the loss. None for any other loss or target layout."""
     settings = cross_entropy_settings(loss_fn, targets, label_smoothing=False)
+    if settings is None:
+        settings = _nll_settings(loss_fn, targets)
     if settings is None or outputs.ndim < 2 or targets.is_floating_point():
         return None
     if _feature_dims(outputs) != (1,) or targets.shape != outputs.shape[:1] + outputs.shape[2:]:
@@ -199,6 +214,26 @@ def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
     on_a = summed(np.stack([b for _, b in pairs]), n_a)
     held_out = ((on_b + on_a) / scale).tolist()
     return min(at_start, *held_out)
+
+
+def _nll_settings(loss_fn: LossFn, targets: Any) -> tuple[str, int] | None:
+    """``(reduction, ignore_index)`` of an unweighted ``F.nll_loss`` / ``nn.NLLLoss``.
+
+    Its inputs are log-probabilities (a model ending in ``LogSoftmax``), so the constant
+    that replaces them must be one too: a constant c scores as ``log_softmax(c)``, which
+    makes it cross-entropy in the constant. Left to the general fit, NLL of a free
+    constant falls without bound (−c[y] as c[y] → ∞)."""
+    if isinstance(loss_fn, nn.NLLLoss):
+        if loss_fn.weight is not None:
+            return None
+        reduction, ignore_index = loss_fn.reduction, loss_fn.ignore_index
+    elif loss_fn is F.nll_loss:
+        reduction, ignore_index = "mean", -100
+    else:
+        return None
+    if reduction not in ("mean", "sum") or not isinstance(targets, torch.Tensor):
+        return None
+    return reduction, ignore_index
 
 
 def _squared_error_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn) -> float | None:
@@ -440,7 +475,7 @@ def _baseline(
     halves = _halves(outputs, targets) if rows < _IN_SAMPLE_ROWS * features else None
     if halves is None:
         fit = _fit(start, outputs, targets, loss_fn, dims, max_iter, candidate)
-        return min(at_start, fit.loss)
+        return _bounded(min(at_start, fit.loss), at_start)
     (out_a, y_a), (out_b, y_b) = halves
     with torch.no_grad():
         combine = _combiner(loss_fn, at_start, start, halves)
@@ -466,7 +501,7 @@ def _baseline(
                 float(loss_fn(c_a.expand_as(out_b), y_b)), float(loss_fn(c_b.expand_as(out_a), y_a))
             )
             best = min(best, held_out)
-    return best
+    return _bounded(best, at_start)
 
 
 def _halves(
