@@ -496,3 +496,112 @@ def test_subclasses_that_override_forward_are_refined_exactly_not_misread() -> N
     for name in names:
         ref = _exact(model, batch, ce, name)
         assert blocks[name].lambda_max == pytest.approx(ref["lam"], rel=2e-2), name
+
+
+class _SameLayerNorm(nn.LayerNorm):
+    """A LayerNorm subclass whose forward is its own but computes the same function
+    (as transformers' channels-last ConvNeXt LayerNorm): it keeps its rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.contiguous())
+
+
+class _ChannelsFirst(nn.LayerNorm):
+    """transformers' channels-first ConvNeXt LayerNorm: normalizes dim 1 of (N, C, L)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _Norms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 4, 3, padding=1)
+        self.first = _ChannelsFirst(4)
+        self.same = _SameLayerNorm(5)
+        self.head = nn.Linear(20, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.first(self.conv(x)))  # (n, 4, 5)
+        return self.head(torch.tanh(self.same(h)).flatten(1))
+
+
+def test_subclasses_that_compute_the_plain_function_keep_their_rows() -> None:
+    """An overriding forward is checked on its call: where the plain type's forward gives
+    the same output the rows are the plain type's (exact, against the dense GGN); where
+    it does not (a channels-first LayerNorm) the layer is measured exactly instead."""
+    torch.manual_seed(0)
+    model = _Norms().double()
+    gen = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randn(16, 3, 5, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (16,), generator=gen),
+    )
+    eng = BlockwiseGGN(model, batch, ce)
+    assert set(eng.skipped) == {"first"} and "computes something else" in eng.skipped["first"]
+    assert "same" in eng.blocks
+    for name in ("same", "conv", "head"):
+        est, ref = eng.estimate(name, DAMPING), _exact(model, batch, ce, name)
+        assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9), name
+    blocks, _ = layer_curvature(model, batch, ce, ["first"], budget=math.inf)
+    assert blocks["first"].lambda_max == pytest.approx(
+        _exact(model, batch, ce, "first")["lam"], rel=2e-2
+    )
+
+
+class LlamaLikeRMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm, as written there (float32 inside, w ⊙ x̂)."""
+
+    def __init__(self, size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
+class GemmaLikeRMSNorm(LlamaLikeRMSNorm):
+    """Gemma's: (1 + w) ⊙ x̂, another function of its weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return (1.0 + self.weight) * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
+class _RMSNorms(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.torch_rms = nn.RMSNorm(6)
+        self.llama = LlamaLikeRMSNorm(6)
+        self.gemma = GemmaLikeRMSNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.torch_rms(self.emb(x)))
+        h = torch.tanh(self.llama(h + 0.3))
+        return self.head(self.gemma(h).mean(1))
+
+
+def test_rms_norms_get_exact_rows_unless_they_compute_something_else() -> None:
+    """nn.RMSNorm and a Llama-style RMSNorm (another library's module, checked on its
+    call) get RMS normalization rows, equal to the dense GGN; Gemma's (1 + w) variant
+    does not compute w ⊙ x̂ and is measured exactly instead."""
+    torch.manual_seed(0)
+    model = _RMSNorms().double()
+    with torch.no_grad():
+        for norm in (model.torch_rms, model.llama, model.gemma):
+            norm.weight.uniform_(0.5, 1.5)
+    gen = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randint(0, 11, (24, 7), generator=gen),
+        torch.randint(0, 3, (24,), generator=gen),
+    )
+    eng = BlockwiseGGN(model, batch, ce)
+    assert set(eng.skipped) == {"gemma"} and "computes something else" in eng.skipped["gemma"]
+    for name in ("torch_rms", "llama", "emb", "head"):
+        est, ref = eng.estimate(name, DAMPING), _exact(model, batch, ce, name)
+        assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9), name
+        assert est.trace == pytest.approx(ref["trace"], rel=1e-9), name

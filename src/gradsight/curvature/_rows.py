@@ -11,7 +11,8 @@ Goodfellow 2015's per-example trick), else ``U`` is built in chunks of output fe
 
 Supported: ``nn.Linear``, transformers' ``Conv1D`` (weight ``(in, out)``),
 ``nn.Conv1d/2d/3d`` with zero padding (grouped and depthwise too), ``nn.Embedding``,
-``nn.LayerNorm``, ``nn.GroupNorm`` and the BatchNorm family (affine parameters).
+``nn.LayerNorm``, ``nn.RMSNorm`` (and RMSNorm-like modules of other libraries, checked
+on their calls), ``nn.GroupNorm`` and the BatchNorm family (affine parameters).
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LayerRows", "TiedRows", "layer_rows", "supported", "unsupported_reason"]
+__all__ = [
+    "LayerRows",
+    "TiedRows",
+    "computes_as_its_kind",
+    "is_rms_norm",
+    "known_kind",
+    "layer_rows",
+    "overrides_forward",
+    "supported",
+    "unsupported_reason",
+]
 
 #: Largest number of elements of a built chunk of ``U`` (float64 rows: 256 MiB).
 CHUNK = 1 << 25
@@ -82,11 +93,12 @@ class TiedRows(LayerRows):
         return K
 
 
-#: The layer types :func:`layer_rows` knows. A subclass counts only where it keeps the
-#: type's own ``forward``: one that overrides it may compute another function of its
-#: first input (OPT's learned position embedding takes the attention mask and derives the
-#: ids; a LoRA linear adds a low-rank branch; a weight-standardized convolution rescales
-#: its weight), and its rows would be silently wrong.
+#: The layer types :func:`layer_rows` knows. A subclass that overrides ``forward`` may
+#: compute another function of its first input (OPT's learned position embedding takes
+#: the attention mask and derives the ids; a LoRA linear adds a low-rank branch;
+#: ConvNeXt's channels-first LayerNorm permutes its input): its rows would be silently
+#: wrong. It is taken only where the type's own forward, on the input of its call,
+#: gives the output it gave (:func:`computes_as_its_kind`).
 _KNOWN: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
@@ -99,39 +111,96 @@ _KNOWN: tuple[type[nn.Module], ...] = (
 )
 
 
-def _standard_forward(module: nn.Module) -> bool:
-    """Whether ``module`` runs the ``forward`` of the known type it is an instance of."""
-    forward = type(module).forward
-    return any(isinstance(module, kind) and forward is kind.forward for kind in _KNOWN)
+#: ``torch.nn.RMSNorm`` (torch ≥ 2.4), or None.
+_RMS_NORM: type[nn.Module] | None = getattr(nn, "RMSNorm", None)
+
+
+def is_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is an RMS normalization ``z = w ⊙ x / √(mean x² + ε)`` over the
+    last dimension: ``nn.RMSNorm``, or a module of another library that looks like one
+    (its class name says RMSNorm, its one parameter is a 1-D ``weight``, it has an ``eps``
+    or ``variance_epsilon``; transformers' Llama, Qwen, Mistral ... RMSNorm). Whether such
+    a module computes exactly that is checked on its calls (:func:`computes_as_its_kind`:
+    Gemma's ``(1 + w)`` does not)."""
+    if _RMS_NORM is not None and isinstance(module, _RMS_NORM):
+        return True
+    if "RMSNorm" not in type(module).__name__:
+        return False
+    own = dict(module.named_parameters(recurse=False))
+    weight = own.get("weight")
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return (
+        set(own) == {"weight"}
+        and weight is not None
+        and weight.ndim == 1
+        and (isinstance(eps, (int, float)))
+    )
+
+
+def _rms_eps(module: nn.Module) -> float | None:
+    """An RMS normalization's ε (None: torch's default, the input dtype's machine ε)."""
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return None if eps is None else float(eps)
+
+
+def known_kind(module: nn.Module) -> type[nn.Module] | None:
+    """The known type ``module`` is an instance of, ``nn.RMSNorm`` for an RMSNorm-like
+    module (:func:`is_rms_norm`); None for another layer, or a convolution with
+    circular/reflect padding or string padding."""
+    if is_rms_norm(module):
+        return _RMS_NORM or nn.LayerNorm  # only a label where torch has no RMSNorm
+    kind = next((k for k in _KNOWN if isinstance(module, k)), None)
+    if kind is None or isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and (
+        module.padding_mode != "zeros" or isinstance(module.padding, str)
+    ):
+        return None
+    return kind
+
+
+def overrides_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class overrides the forward of its known type (an
+    RMSNorm-like module of another library always counts as overriding)."""
+    kind = known_kind(module)
+    return kind is not None and type(module).forward is not kind.forward
+
+
+def computes_as_its_kind(module: nn.Module, a: torch.Tensor, output: torch.Tensor) -> bool:
+    """Whether the known type's own forward, on ``a``, gives ``output`` (to rounding):
+    then the rows of the known type are this module's, whatever its class."""
+    kind = known_kind(module)
+    if kind is None:
+        return False
+    # The function itself, not the module: a subclass's hooks must not see this call.
+    with torch.no_grad():
+        try:
+            if is_rms_norm(module):
+                w = module.get_parameter("weight")
+                plain = F.rms_norm(a, tuple(w.shape), w, _rms_eps(module))
+            else:
+                plain = kind.forward(module, a)
+        except Exception:  # the input is not one the known type takes
+            return False
+    out = output.detach()
+    if not isinstance(plain, torch.Tensor) or plain.shape != out.shape:
+        return False
+    return bool(torch.allclose(plain, out, rtol=1e-4, atol=1e-6 * float(out.abs().max() + 1)))
 
 
 def unsupported_reason(module: nn.Module) -> str | None:
-    """Why :func:`layer_rows` cannot take ``module``, or None where it can."""
-    if supported(module):
+    """Why :func:`layer_rows` cannot take ``module`` whatever its calls, or None."""
+    if type(module).__name__ == "Conv1D" or known_kind(module) is not None:
         return None
-    kind = next((k for k in _KNOWN if isinstance(module, k)), None)
-    if kind is not None and not _standard_forward(module):
-        return (
-            f"{type(module).__name__} overrides the forward of {kind.__name__}, so its "
-            "rows are not a plain one's"
-        )
     return f"{type(module).__name__} layers are not supported"
 
 
 def supported(module: nn.Module) -> bool:
-    """Whether :func:`layer_rows` knows this module type (and its forward is the type's
-    own, see :data:`_KNOWN`)."""
+    """Whether :func:`layer_rows` knows this module type and its forward is the type's
+    own (a subclass overriding it is checked on its calls, :func:`computes_as_its_kind`)."""
     if type(module).__name__ == "Conv1D":  # transformers' GPT-2 linear, weight transposed
         return True
-    if not _standard_forward(module):
-        return False
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return (
-            module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-            and not isinstance(module, nn.modules.conv._ConvTransposeNd)
-        )
-    return True
+    return known_kind(module) is not None and not overrides_forward(module)
 
 
 def layer_rows(
@@ -148,7 +217,9 @@ def layer_rows(
     """
     if isinstance(module, nn.Embedding):
         return _EmbeddingRows(module, params, inputs, deltas)
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)):
+    if is_rms_norm(module) or isinstance(
+        module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    ):
         return _NormRows(module, params, inputs, deltas)
     weight = getattr(module, "weight", None)
     if weight is not None and not any(p is weight for p in params):
@@ -515,8 +586,8 @@ class _NormRows(LayerRows):
         for a, d in zip(inputs, deltas, strict=True):
             xhat = _normalized(module, a.detach()).to(d.dtype)
             m, n = d.shape[:2]
-            if isinstance(module, nn.LayerNorm):
-                wdims = len(module.normalized_shape)
+            if isinstance(module, nn.LayerNorm) or is_rms_norm(module):
+                wdims = module.weight.ndim
                 sum_dims = tuple(range(2, d.ndim - wdims))
                 wshape = (m, n, -1)
                 dw = (d * xhat).sum(dim=sum_dims) if sum_dims else d * xhat
@@ -543,6 +614,8 @@ class _NormRows(LayerRows):
 
 def _normalized(module: Any, a: torch.Tensor) -> torch.Tensor:
     """The module's normalized input ``x̂`` (before the affine map), as its forward computes it."""
+    if is_rms_norm(module):
+        return F.rms_norm(a, tuple(module.get_parameter("weight").shape), None, _rms_eps(module))
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(a, module.normalized_shape, None, None, module.eps)
     if isinstance(module, nn.GroupNorm):

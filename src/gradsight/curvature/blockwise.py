@@ -47,7 +47,14 @@ from gradsight._batch import split_batch, trainable_parameters
 from gradsight._errors import GradsightError
 from gradsight.curvature._blocks import forward_loss
 from gradsight.curvature._factor import output_factor
-from gradsight.curvature._rows import TiedRows, layer_rows, supported, unsupported_reason
+from gradsight.curvature._rows import (
+    TiedRows,
+    computes_as_its_kind,
+    known_kind,
+    layer_rows,
+    overrides_forward,
+    unsupported_reason,
+)
 from gradsight.curvature.distributed import Ranks
 
 __all__ = ["JACKKNIFE_GROUPS", "BlockEstimate", "BlockwiseGGN"]
@@ -205,6 +212,9 @@ class BlockwiseGGN:
             for q in partners[name]:
                 hooked[q] = named_mods[q]
         calls: dict[str, list[_Call]] = {n: [] for n in hooked}
+        # Subclasses with a forward of their own, checked on their calls (see _rows).
+        check = {n for n, m in hooked.items() if overrides_forward(m)}
+        differs: dict[str, str] = {}
         # A module applied once for the whole batch (a position embedding on ids of
         # shape (1, T), its output broadcast onto every sample) has no per-sample
         # backward signal at its output; its output is expanded to the batch in the
@@ -224,6 +234,12 @@ class BlockwiseGGN:
                     calls[name].append(_Call.empty())
                     return None
                 a = args[0].detach()
+                if (
+                    name in check
+                    and name not in differs
+                    and not computes_as_its_kind(module, a, output)
+                ):
+                    differs[name] = type(module).__name__
                 if (
                     expand["on"]
                     and isinstance(module, nn.Embedding)
@@ -279,7 +295,16 @@ class BlockwiseGGN:
             return bool(calls[mname]) and all(c.carries(n) for c in calls[mname])
 
         for name in list(wanted):
-            if not all(carries_batch(q) for q in [name, *partners[name]]):
+            odd = [q for q in [name, *partners[name]] if q in differs]
+            if odd:
+                kind = known_kind(hooked[odd[0]])
+                assert kind is not None
+                self.skipped[name] = (
+                    f"{differs[odd[0]]} overrides the forward of {kind.__name__} and computes "
+                    "something else, so its rows are not a plain one's"
+                )
+                del wanted[name]
+            elif not all(carries_batch(q) for q in [name, *partners[name]]):
                 self.skipped[name] = "its calls do not carry the batch in dim 0"
                 del wanted[name]
         if ranks is not None:  # the same layers on every rank, or collectives would hang
@@ -657,7 +682,7 @@ def _tie_supported(mods: Mapping[str, nn.Module], names: list[str], trainable: s
     owned = []
     for q in names:
         m = mods[q]
-        if not isinstance(m, (nn.Linear, nn.Embedding)) or not supported(m):
+        if not isinstance(m, (nn.Linear, nn.Embedding)) or unsupported_reason(m) is not None:
             return False
         own = [p for p in m.parameters(recurse=False) if id(p) in trainable]
         if len(own) != 1:
