@@ -201,10 +201,11 @@ def layer_curvature(
     backward pass per column of the output-Hessian factor), with standard errors.
     Then, within ``budget``:
 
+    * a layer the blockwise pass does not cover is computed by :func:`block_curvature`
+      (these first: without it their verdict rests on signal flow alone);
     * a layer whose estimate is within two standard errors of a verdict's threshold
       (headroom ``threshold``; ``lr·λmax = 2``) is recomputed exactly by
-      :func:`block_curvature`;
-    * a layer the blockwise pass does not cover is computed by :func:`block_curvature`.
+      :func:`block_curvature`, the closest first.
 
     Args:
         layers: module names (each block is the module's own trainable parameters).
@@ -233,7 +234,9 @@ def layer_curvature(
     unit = max(time.perf_counter() - start, 1e-6) / 4  # the pass is about four passes' work
     for name in layers:
         if engine is None or name not in engine.blocks:
-            todo.append((math.inf, name))
+            # First in line: without curvature its verdict rests on signal flow alone (an
+            # estimate near a threshold, below, at least has one, with its error bar).
+            todo.append((-1.0, name))
             continue
         est = engine.estimate(name, damping)
         bc = BlockCurvature(
