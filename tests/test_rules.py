@@ -369,11 +369,18 @@ def test_a_layer_blocked_by_a_zero_initialized_one_is_ok_not_converged() -> None
         g_rel=0.0,
         headroom=0.0,
         upstream_sens=1.0,
-        blocked_by=("blocks.0.fc2", 0.14),
+        blocked_by=("blocks.0.fc2", 0.14, "after"),
     )
     status, reason, _ = _verdict(blocked, _model())
-    assert status == "ok"
-    assert "blocks.0.fc2" in reason and "exactly zero" in reason and "1.4e-01" in reason
+    assert status == "ok" and reason.startswith("no signal yet")
+    assert "blocks.0.fc2 after it" in reason and "exactly zero" in reason and "1.4e-01" in reason
+    # Its input exactly zero, from a zero-weight layer before it (a zeroed final norm
+    # before the output layer): the same, said the other way round.
+    fed = dataclasses.replace(
+        blocked, signal=_signal("0", norm=1.0), blocked_by=("ln_f", 0.02, "before")
+    )
+    status, reason, _ = _verdict(fed, _model())
+    assert status == "ok" and reason.startswith("no input yet") and "ln_f before it" in reason
     # The same facts with nothing to open the path: the loss does not depend on it.
     status, reason, _ = _verdict(dataclasses.replace(blocked, blocked_by=None), _model())
     assert status == "converged" and "no backward signal reaches it" in reason

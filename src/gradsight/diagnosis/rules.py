@@ -20,9 +20,10 @@ it:
    neither learns nor passes a signal. A partly dead layer that still learns keeps its
    status, and its reason says "partly dead";
 8. ``exploding`` when the backward signal grows at every later layer;
-9. ``ok`` when the gradient and backward signal are exactly zero only because a later
-   layer's weight is exactly zero and that layer gets a gradient (a zero-initialized
-   residual branch: its first update opens the path);
+9. ``ok`` when the gradient is exactly zero only because a later layer's weight is
+   exactly zero (no signal arrives) or an earlier one's (no input arrives), and that
+   layer gets a gradient (a zero-initialized residual branch: its first update opens
+   the path);
 10. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
     largest while the model has headroom, the layer's own headroom (when measured, and
     defined: not 0/0 at an exactly zero gradient) is not negligible, and the signal is
@@ -143,9 +144,10 @@ class LayerFacts:
         time_input_norms: Recurrent layers: ‖x_t‖ of the input at each time step.
         zero_weight: Its trained weight is exactly zero (zero-initialized) while it gets
             a gradient: its output carries nothing yet, and its first update changes that.
-        blocked_by: With an exactly zero gradient and backward signal: the nearest later
-            layer with ``zero_weight`` (the signal stops there until that layer's first
-            update), and that layer's gradient norm.
+        blocked_by: With an exactly zero gradient: the layer with ``zero_weight`` that
+            explains it, its gradient norm, and ``"after"`` (no backward signal arrives:
+            it stops there) or ``"before"`` (its output, this layer's input, is exactly
+            zero); either way that layer's first update opens the path.
         zero_scale: A normalization layer whose weight is exactly zero, the layer itself
             or the one right after it: it outputs its bias alone, the same on every
             sample (a loop that zeroes every 1-D parameter zeroes these weights too).
@@ -170,7 +172,7 @@ class LayerFacts:
     upstream_sens: float | None = None
     time_input_norms: tuple[float, ...] | None = None
     zero_weight: bool = False
-    blocked_by: tuple[str, float] | None = None
+    blocked_by: tuple[str, float, str] | None = None
     zero_scale: str | None = None
 
     @property
@@ -383,18 +385,20 @@ def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
 
 
 def opened_by_first_update(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """Its gradient and backward signal are exactly zero because a later layer's weight
-    is exactly zero, as zero-initialized residual branches make them (Fixup, SkipInit,
-    torchvision's ``zero_init_residual``, ControlNet's zero convolutions); that layer gets
-    a gradient, so its first update opens the path: ``ok``, not stuck."""
+    """Its gradient is exactly zero because a later layer's weight is exactly zero (no
+    backward signal arrives), as zero-initialized residual branches make them (Fixup,
+    SkipInit, torchvision's ``zero_init_residual``, ControlNet's zero convolutions), or an
+    earlier one's is (its input is zero); that layer gets a gradient, so its first update
+    opens the path: ``ok``, not stuck."""
     if layer.blocked_by is None:
         return None
-    blocker, grad = layer.blocked_by
+    blocker, grad, where = layer.blocked_by
+    what = "no signal yet" if where == "after" else "no input yet"
     return Verdict(
         "ok",
-        f"no signal yet: its gradient is exactly zero because the weight of "
-        f"{display_name(blocker)} after it is exactly zero (zero-initialized); that layer "
-        f"gets a gradient ({_e(grad)}), so its first update opens the path to this one.",
+        f"{what}: its gradient is exactly zero because the weight of {display_name(blocker)} "
+        f"{where} it is exactly zero; that layer gets a gradient ({_e(grad)}), so its first "
+        "update opens the path to this one.",
     )
 
 

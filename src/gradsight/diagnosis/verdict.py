@@ -174,7 +174,11 @@ def judge(
     # Layers whose trained weight is exactly zero while they get a gradient (zero-
     # initialized), by position: the backward signal stops there until their first update.
     zero = {e.name for e in ran_ev if _zero_weight(e)}
-    openers = [(i, e.name, e.grad_norm or 0.0) for i, e in enumerate(ran_ev) if e.name in zero]
+    openers = [
+        (i, e.name, e.grad_norm or 0.0, e.signal is not None and e.signal.output_norm == 0.0)
+        for i, e in enumerate(ran_ev)
+        if e.name in zero
+    ]
     flat_norms = [e.name in facts.zero_norms for e in ran_ev]  # by position
     layers = []
     for e in evidence:
@@ -300,20 +304,20 @@ def _zero_scale(
 
 
 def _blocked_by(
-    e: LayerEvidence, layer: LayerFacts, openers: Sequence[tuple[int, str, float]]
-) -> tuple[str, float] | None:
-    """For a layer with an exactly zero gradient and backward signal: the nearest later
-    zero-weight layer that gets a gradient (see :func:`_zero_weight`), with its gradient."""
-    sig = e.signal
-    if (
-        layer.position is None
-        or e.frozen
-        or layer.grad_norm != 0.0
-        or sig is None
-        or sig.signal_norm != 0.0
-    ):
+    e: LayerEvidence, layer: LayerFacts, openers: Sequence[tuple[int, str, float, bool]]
+) -> tuple[str, float, str] | None:
+    """For a layer with an exactly zero gradient, the zero-weight layer that gets a
+    gradient (see :func:`_zero_weight`) and explains it, with its gradient and where it
+    is: the nearest later one when no backward signal arrives (``"after"``), else the
+    nearest earlier one whose output is exactly zero, the layer's input (``"before"``)."""
+    sig, pos = e.signal, layer.position
+    if pos is None or e.frozen or layer.grad_norm != 0.0 or sig is None:
         return None
-    return next(((n, g) for i, n, g in openers if i > layer.position), None)
+    if sig.signal_norm == 0.0:
+        return next(((n, g, "after") for i, n, g, _ in openers if i > pos), None)
+    if sig.signal_norm:
+        return next(((n, g, "before") for i, n, g, z in reversed(openers) if i < pos and z), None)
+    return None
 
 
 def _upstream(model: ModelFacts, upstream: Sequence[float], pos: int | None) -> float | None:
