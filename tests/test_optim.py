@@ -123,14 +123,17 @@ def _adam_ratio(grads: list[torch.Tensor], beta: float, decay: float) -> float:
     return min(1.0, float(r2.mean()) ** 0.5)
 
 
-def test_step_shrinks_by_adams_signal_to_noise_ratio() -> None:
-    """Each layer's radius is lr × its initial RMS × min(1, RMS of Adam's m̂/√v̂),
-    against Adam's moments computed by hand from the gradients the optimizer used."""
+@pytest.mark.parametrize("knee", [0.0, 0.5, 1.0])
+def test_step_shrinks_by_adams_signal_to_noise_ratio(knee: float) -> None:
+    """Each layer's radius is lr × its initial RMS × the RMS ``r`` of Adam's m̂/√v̂ (at
+    most 1), and × ``r / snr_knee`` more below the knee, against Adam's moments computed
+    by hand from the gradients the optimizer used."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
-    opt = GaussNewton(model, lr=0.05, weight_decay=0.0, momentum=0.9, snr_decay=0.95)
+    opt = GaussNewton(model, lr=0.05, weight_decay=0.0, momentum=0.9, snr_decay=0.95, snr_knee=knee)
     grads: dict[int, list[torch.Tensor]] = {0: [], 2: []}
     gen = torch.Generator().manual_seed(1)
+    below = 0
     for _ in range(12):
         x = torch.randn(16, 6, generator=gen)
         y = torch.randint(0, 3, (16,), generator=gen)
@@ -149,7 +152,11 @@ def test_step_shrinks_by_adams_signal_to_noise_ratio() -> None:
             )
             init_rms = float(opt.state[model[i].weight]["init_rms"])
             rms = float(moved.square().mean()) ** 0.5
-            assert rms == pytest.approx(0.05 * init_rms * want, rel=1e-4)
+            length = want * min(1.0, want / knee) if knee > 0 else want
+            below += want < knee
+            assert rms == pytest.approx(0.05 * init_rms * length, rel=1e-4)
+    if knee > 0:
+        assert below > 0  # the knee was crossed (ratios here: 0.3–1)
 
 
 def test_signal_to_noise_of_noise_and_of_a_constant_gradient() -> None:
@@ -280,6 +287,8 @@ def test_constructor_errors() -> None:
         GaussNewton(_tiny(0), lr=0.0)
     with pytest.raises(GradsightError, match=r"snr_decay must lie in \[0, 1\)"):
         GaussNewton(_tiny(0), snr_decay=1.0)
+    with pytest.raises(GradsightError, match=r"snr_knee must lie in \[0, 1\]"):
+        GaussNewton(_tiny(0), snr_knee=1.5)
     with pytest.raises(GradsightError, match="register takes the model"):
         GaussNewton(_tiny(0).parameters()).register([])  # type: ignore[arg-type]
     with pytest.raises(GradsightError, match="do not belong to the registered model"):

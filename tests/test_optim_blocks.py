@@ -79,11 +79,11 @@ def test_resume_from_state_dict_is_bitwise_identical(exact_outputs: int) -> None
         straight.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
         assert torch.equal(a, b), name
-    anchor = opt2.state[resumed.conv.weight]
+    anchor = opt2.state[resumed.conv.weight]  # reads the data: no input factor
     assert anchor["step"] == 2 * n
-    assert {"A", "S", "A_inv", "S_inv", "momentum_buffer", "factor_steps", "init_rms"} <= set(
-        anchor
-    )
+    assert {"S", "S_inv", "momentum_buffer", "factor_steps", "init_rms"} <= set(anchor)
+    assert not {"A", "A_inv", "A_chol"} & set(anchor)
+    assert {"A", "S", "A_inv", "S_inv"} <= set(opt2.state[resumed.fc.weight])
     assert "rng_state" in anchor and "diagonal" in opt2.state[resumed.norm.weight]
 
 
@@ -131,7 +131,7 @@ def test_kronecker_factors_are_the_ggn_block_linear_and_conv() -> None:
     for module, x in cases:
         model = nn.Sequential(module, nn.Flatten())
         dense = GGNOperator(model, (x, y), nn.functional.cross_entropy).to_dense()
-        opt = GaussNewton(model, warmup=1, exact_outputs=32)
+        opt = GaussNewton(model, warmup=1, exact_outputs=32, whiten_data=True)
         opt.step(lambda m=model, x=x: nn.functional.cross_entropy(m(x), y))
         st = opt.state[module.weight]
         torch.testing.assert_close(torch.kron(st["S"], st["A"]), dense, rtol=1e-6, atol=1e-10)
@@ -191,7 +191,7 @@ def test_one_by_one_convolution_is_a_linear_layer() -> None:
     lin_net = PerLocation()
     states = []
     for net, weight in ((conv_net, conv.weight), (lin_net, lin.weight)):
-        opt = GaussNewton(net, warmup=1, exact_outputs=32)
+        opt = GaussNewton(net, warmup=1, exact_outputs=32, whiten_data=True)
         opt.step(lambda n=net: nn.functional.cross_entropy(n(x), y))
         states.append(opt.state[weight])
     for key in ("A", "S"):
@@ -246,7 +246,7 @@ def test_large_factor_is_solved_with_its_cholesky_factor() -> None:
     model = nn.Linear(300, 3).double()
     x = torch.randn(64, 300, dtype=torch.float64)
     y = torch.randint(0, 3, (64,))
-    opt = GaussNewton(model, momentum=0.0, weight_decay=0.0, snr_decay=0.0)
+    opt = GaussNewton(model, momentum=0.0, weight_decay=0.0, snr_decay=0.0, whiten_data=True)
     opt.step(lambda: nn.functional.cross_entropy(model(x), y))
     st = opt.state[model.weight]
     assert "A_chol" in st and "A_inv" not in st and "S_inv" in st and "S_chol" not in st
@@ -262,3 +262,32 @@ def test_large_factor_is_solved_with_its_cholesky_factor() -> None:
     want = inv(st["S"]) @ torch.cat([g[0], g[1][:, None]], dim=1) @ inv(st["A"])
     want_flat = torch.cat([want[:, :-1].flatten(), want[:, -1]])
     torch.testing.assert_close(got, want_flat, rtol=1e-8, atol=1e-12)
+
+
+def test_a_layer_that_reads_the_data_is_not_whitened() -> None:
+    """A Kronecker layer whose input depends on no trained parameter (the data, after a
+    fixed reshape, or features from a frozen layer) keeps no input factor: its direction
+    is S⁻¹ M alone; the next layer gets S⁻¹ M A⁻¹; ``whiten_data=True`` whitens both."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    x = torch.randn(32, 2, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    opt = GaussNewton(model, momentum=0.0, weight_decay=0.0)
+    opt.step(lambda: nn.functional.cross_entropy(model(x), y))
+    first, second = opt.state[model[1].weight], opt.state[model[3].weight]
+    assert not {"A", "A_inv", "A_chol"} & set(first) and {"S", "S_inv"} <= set(first)
+    assert {"A", "A_inv", "S", "S_inv"} <= set(second)
+    g = [torch.randn_like(model[1].weight), torch.randn_like(model[1].bias)]
+    got = opt._direction(opt.blocks[0], g)
+    want = first["S_inv"] @ torch.cat([g[0], g[1][:, None]], dim=1)
+    torch.testing.assert_close(got[0], want[:, :-1], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], want[:, -1], rtol=1e-12, atol=1e-14)
+
+    whitening = GaussNewton(model, whiten_data=True)
+    whitening.step(lambda: nn.functional.cross_entropy(model(x), y))
+    assert {"A", "A_inv"} <= set(whitening.state[model[1].weight])
+
+    model[1].requires_grad_(False)  # frozen: the head now reads fixed features
+    frozen = GaussNewton([p for p in model.parameters() if p.requires_grad], model=model)
+    frozen.step(lambda: nn.functional.cross_entropy(model(x), y))
+    assert "A" not in frozen.state[model[3].weight] and [b.name for b in frozen.blocks] == ["3"]
