@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 
 import pytest
@@ -395,3 +396,25 @@ def test_vanishing_is_not_excused_by_the_headroom_of_an_exactly_zero_gradient() 
     )
     status, reason, _ = _verdict(layer, _model())
     assert status == "vanishing" and "exactly zero" in reason
+
+
+def test_an_sgd_step_that_overshoots_by_first_order_is_exploding() -> None:
+    """lr·‖g‖² far above a nonnegative loss: the linear model of the step goes below
+    zero (past Polyak's step), whatever the curvature says (0 at saturated outputs). The
+    layers carrying the step are exploding, the others say so in a note; not judged for
+    an adaptive optimizer, nor without a positive baseline (a loss that may be negative)."""
+    model = _model(lr=0.01, loss=388.0, baseline=1.34, grad_sq=13 * 1.5e4, grad_layers=13)
+    big = _layer(grad_norm=math.sqrt(1.5e4), lambda_max=0.0, headroom=1.0)
+    status, reason, advice = _verdict(big, model)
+    assert status == "exploding" and "lr·‖g‖² is 5.03 times the loss" in reason
+    assert "Polyak's step L/‖g‖² is 2.0e-03" in reason and advice[0].startswith("Lower")
+    small = _layer(grad_norm=1.0, lambda_max=0.0, headroom=1.0)
+    status, reason, _ = _verdict(small, model)
+    assert status != "exploding" and "The step as a whole overshoots" in reason
+    for other in (
+        dataclasses.replace(model, optimizer="adaptive"),
+        dataclasses.replace(model, baseline=None),
+        dataclasses.replace(model, lr=0.001),  # 0.5 times the loss: no overshoot
+    ):
+        status, reason, _ = _verdict(big, other)
+        assert status != "exploding" and "overshoots" not in reason

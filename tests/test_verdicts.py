@@ -291,3 +291,49 @@ def test_the_summary_names_a_few_layers_and_counts_the_rest() -> None:
     assert len(vanishing) > 8
     line = next(s for s in d.summary.splitlines() if s.endswith("the signal does not reach them."))
     assert f"and {len(vanishing) - 6} more" in line and vanishing[6] not in line.split(",")
+
+
+def _deep_conv(gain: float) -> nn.Module:
+    """12 ReLU convolutions without normalization or skips, He init × ``gain``."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(12):
+        conv = nn.Conv2d(3 if i == 0 else 16, 16, 3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        with torch.no_grad():
+            conv.weight.mul_(gain)
+        layers += [conv, nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("gain", [1.0, 2.0])
+def test_a_step_that_overshoots_where_curvature_is_blind_is_exploding(gain: float) -> None:
+    """Sick twin: He init ×2 in a 12-layer plain ReLU net: activations grow ×4 per layer,
+    the logits are huge, the softmax is saturated, so the Gauss-Newton curvature is ~0
+    (no lr·λmax test can fire) while lr·‖g‖² is hundreds of times the loss. Ground truth:
+    SGD at that lr multiplies the loss by over 1e3 within two steps (then NaN). Healthy
+    twin (He init): SGD at the same lr lowers the loss, and nothing is exploding."""
+    model = _deep_conv(gain)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
+    d = gradsight.diagnose(model, (x, y), ce, lr=0.01)
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.01)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = ce(trained(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    if gain > 1:
+        assert not losses[2] < 1e3 * losses[0]  # diverged (or NaN)
+        assert d.status == "exploding"
+        flagged = [layer for layer in d.layers if layer.status == "exploding"]
+        assert flagged and all("Polyak's step" in layer.reason for layer in flagged)
+        assert all("overshoots" in layer.reason for layer in d.layers)  # the others in a note
+    else:
+        assert losses[2] < losses[0]
+        assert all(layer.status != "exploding" for layer in d.layers)
+        assert not any("overshoots" in layer.reason for layer in d.layers)
+    assert contradictions(d) == []

@@ -12,6 +12,8 @@ it:
    output unused by the loss, so its gradient is exactly zero): nothing for it to win,
    and the reason says so in case it should be trained;
 4. ``exploding`` at the step used (lr·λmax > 2): training will leave even an optimum;
+   and where SGD's step overshoots by first order (lr·‖g‖² above ``overshoot`` times a
+   nonnegative loss: past Polyak's step, which curvature misses at saturated outputs);
 5. ``converged`` when the model is solved (loss ≤ ``solved``× the constant
    prediction's): with nothing left to win nothing is dead or vanishing;
 6. ``converged`` when the whole model has no headroom left;
@@ -48,6 +50,7 @@ constant, nor when a ReLU network is reparametrized without changing its functio
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +92,9 @@ class Thresholds:
         learnable: a held-out Levenberg-Marquardt step realizing at least this fraction
             of the loss means the model can still learn from what the signal reaches.
         min_chain: the fewest consecutive growing layers that make "exploding".
+        overshoot: SGD's step lr·‖g‖² over the loss above this (a nonnegative loss):
+            by first order the step would take the loss this many times below zero, past
+            even Polyak's step L/‖g‖², so it overshoots whatever the curvature says.
     """
 
     vanishing: float = 1e-3
@@ -102,6 +108,7 @@ class Thresholds:
     time_vanishing: float = 1e-3
     learnable: float = 0.01
     min_chain: int = 3
+    overshoot: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +217,7 @@ class ModelFacts:
         alpha_spread: Decades spanned by the layers' curvature-optimal steps.
         zero_norms: Normalization layers whose weight is exactly zero (they output their
             bias alone and pass no signal back).
+        grad_sq: ‖g‖² over every trained layer; ``grad_layers``: how many have a gradient.
     """
 
     th: Thresholds
@@ -228,6 +236,8 @@ class ModelFacts:
     traits: ModelTraits
     alpha_spread: float = 0.0
     zero_norms: frozenset[str] = frozenset()
+    grad_sq: float = 0.0
+    grad_layers: int = 0
 
     @property
     def scale(self) -> float:
@@ -277,6 +287,50 @@ def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         f"step is {2 / layer.lambda_max:.1e}).",
         remedies("unstable_step", model.traits),
     )
+
+
+def overshooting_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """SGD's step overshoots by first order: lr·‖g‖² exceeds ``th.overshoot`` × the loss,
+    so the linear model of the step takes a nonnegative loss below zero: the step is past
+    Polyak's step L/‖g‖² (with the most generous target, 0). Curvature can miss this:
+    saturated outputs (a softmax at one-hot) make the Gauss-Newton curvature vanish while
+    the gradient is large. Judged for SGD only, where the baseline shows a nonnegative
+    loss, on the layers carrying at least half an equal share of lr·‖g‖²."""
+    total = _overshoot(model)
+    if total is None or not layer.grad_norm or model.lr is None:
+        return None
+    mine = model.lr * layer.grad_norm**2 / model.loss
+    if mine / total < 0.5 / max(model.grad_layers, 1):
+        return None  # a small part of the step: not where it overshoots
+    polyak = model.loss / model.grad_sq
+    return Verdict(
+        "exploding",
+        f"the step overshoots: for SGD at lr {model.lr:g}, lr·‖g‖² is {total:.3g} times the "
+        f"loss ({model.loss:.3g}), so by first order the step would take the loss below zero; "
+        f"even Polyak's step L/‖g‖² is {polyak:.1e}, and this layer's gradient carries "
+        f"{mine / total:.0%} of lr·‖g‖².",
+        (
+            f"Lower the learning rate below {polyak:.1e} (Polyak's step L/‖g‖²), or use a "
+            "step that adapts to the gradient's size (gradient clipping, Adam).",
+            *remedies("unstable_step", model.traits)[1:],
+        ),
+    )
+
+
+def _overshoot(model: ModelFacts) -> float | None:
+    """lr·‖g‖² over the loss where it is above ``th.overshoot`` (SGD, a nonnegative loss
+    as the baseline shows), else None."""
+    if (
+        model.optimizer not in (None, "sgd")
+        or model.lr is None
+        or not model.loss > 0
+        or model.baseline is None
+        or not model.baseline > 0
+        or not model.grad_sq > 0
+    ):
+        return None
+    total = model.lr * model.grad_sq / model.loss
+    return total if math.isfinite(total) and total > model.th.overshoot else None
 
 
 def solved(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
@@ -512,6 +566,7 @@ RULES: tuple[Rule, ...] = (
     frozen,
     unreached,
     unstable_step,
+    overshooting_step,
     solved,
     no_headroom,
     dead,
@@ -546,6 +601,12 @@ def apply_rules(
 
 def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
     notes = []
+    overshoot = _overshoot(model)
+    if overshoot is not None and status != "exploding":
+        notes.append(
+            f"The step as a whole overshoots: lr·‖g‖² is {overshoot:.3g} times the loss "
+            "(see the exploding layers)."
+        )
     if layer.used_by is not None:
         notes.append(
             f"Its parameters are used directly by {display_name(layer.used_by)} rather than "

@@ -159,6 +159,8 @@ def judge(
         s_out=ran[-1].sensitivity if ran else 0.0,
         traits=traits,
         alpha_spread=math.log10(max(alphas) / min(alphas)) if len(alphas) >= 2 else 0.0,
+        grad_sq=math.fsum((e.grad_norm or 0.0) ** 2 for e in evidence),
+        grad_layers=sum(1 for e in evidence if e.grad_norm),
         zero_norms=frozenset(
             e.name for e in ran_ev if "Norm" in e.module_type and e.param_norms.get("weight") == 0.0
         ),
