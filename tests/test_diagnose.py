@@ -290,3 +290,31 @@ def test_a_diagnosis_leaves_no_reference_cycles() -> None:
         d = diagnose(model, (x, y), loss_fn, curvature=False)
         del d
         assert gc.collect() == 0
+
+
+def test_curvature_under_autocast_is_measured_in_full_precision() -> None:
+    """Called inside a bfloat16 autocast region (as a training step is), diagnose
+    measures curvature in full precision: in bfloat16 the loss's output Hessian is not
+    recognized and every layer fell back to the time-budgeted refinement. The verdicts
+    and curvature equal those outside autocast; the caller's autocast is left as it was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 5)
+    )
+    gen = torch.Generator().manual_seed(0)
+    batch = (torch.randn(64, 16, generator=gen), torch.randint(0, 5, (64,), generator=gen))
+
+    def loss_fn(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ce(out, t)  # not recognized by name: its Hessian is found by probing it
+
+    plain = diagnose(model, batch, loss_fn)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = diagnose(model, batch, loss_fn)
+        assert torch.is_autocast_enabled("cpu")
+    assert [layer.status for layer in mixed.layers] == [layer.status for layer in plain.layers]
+    # The one-pass engine ran (its whole-model headroom), not the per-layer fallback.
+    assert mixed.headroom is not None and plain.headroom is not None
+    assert mixed.headroom == pytest.approx(plain.headroom, rel=0.05)
+    for a, b in zip(mixed.layers, plain.layers, strict=True):
+        assert a.lambda_max is not None and b.lambda_max is not None
+        assert a.lambda_max == pytest.approx(b.lambda_max, rel=0.05)

@@ -605,3 +605,35 @@ def test_rms_norms_get_exact_rows_unless_they_compute_something_else() -> None:
         est, ref = eng.estimate(name, DAMPING), _exact(model, batch, ce, name)
         assert est.lambda_max == pytest.approx(ref["lam"], rel=1e-9), name
         assert est.trace == pytest.approx(ref["trace"], rel=1e-9), name
+
+
+def test_layers_the_budget_leaves_out_still_get_their_curvature_along_the_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A layer the engine does not cover and the time budget leaves unrefined gets α* and
+    the decrement along its gradient from one GGN product (no λmax), so its verdict never
+    rests on the size of its gradient nor on the machine's load; equal to the full
+    refinement's to the damping's difference."""
+    import gradsight.diagnosis.headroom as headroom
+
+    model, batch, loss = _gru_case()
+    monkeypatch.setattr(headroom, "MIN_SECONDS", 0.0)
+    blocks, _ = layer_curvature(model, batch, loss, ["1", "3"], budget=1e-9)
+    full, _ = layer_curvature(model, batch, loss, ["1"], budget=math.inf)
+    assert blocks["1"].lambda_max is None and full["1"].lambda_max is not None
+    assert blocks["1"].alpha_star == pytest.approx(full["1"].alpha_star, rel=1e-9)
+    assert blocks["1"].headroom == pytest.approx(full["1"].headroom, rel=1e-3)
+    assert blocks["3"].lambda_max is not None  # covered by the engine: as before
+    none, _ = layer_curvature(model, batch, loss, ["1", "3"], budget=0)
+    assert "1" not in none  # budget 0: no products beyond the one pass
+
+
+def _gru_case():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Embedding(5, 4), nn.GRU(4, 4, batch_first=True), _First(), nn.Linear(4, 5)
+    ).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (16, 3), generator=gen)
+    batch = (x, torch.randint(0, 5, (16, 3), generator=gen))
+    return model, batch, lambda o, t: ce(o.transpose(1, 2), t)

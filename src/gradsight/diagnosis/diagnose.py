@@ -15,6 +15,7 @@ from gradsight._collector import collector_paused
 from gradsight._errors import GradsightError
 from gradsight._norms import norms
 from gradsight._outputs import tensor_output
+from gradsight._precision import full_precision
 from gradsight._state import preserved
 from gradsight.diagnosis._sharded import gathered
 from gradsight.diagnosis.advice import traits_of
@@ -167,7 +168,7 @@ def _diagnose(
         try:
             # The math attention kernel has the double backward that curvature products
             # need (the fused CPU/flash kernels do not); results agree to rounding.
-            with sdpa_kernel(SDPBackend.MATH):
+            with sdpa_kernel(SDPBackend.MATH), full_precision():
                 names = [e.name for e in evidence if e.signal is not None and not e.frozen]
                 # A ModelOutput, a dict of heads or a tuple: curvature sees one tensor.
                 adapted = tensor_output(model, outputs, loss_fn)

@@ -75,7 +75,8 @@ class BlockCurvature:
     """Curvature of one parameter block along its gradient (GGN).
 
     Attributes:
-        lambda_max: Largest GGN eigenvalue of the block.
+        lambda_max: Largest GGN eigenvalue of the block (None where only the curvature
+            along the gradient was measured, :func:`gradient_curvature`).
         alpha_star: Curvature-optimal step size along the gradient, gᵀg/gᵀGg.
         decrement: ½(gᵀg)²/(gᵀGg + λgᵀg) with λ = DAMPING·λmax, in loss units: the
             decrease the damped quadratic model predicts for the best step along the
@@ -90,7 +91,7 @@ class BlockCurvature:
         exact: whether the values are exact (up to Lanczos' 1% on λmax).
     """
 
-    lambda_max: float
+    lambda_max: float | None
     alpha_star: float
     decrement: float
     loss: float
@@ -174,6 +175,25 @@ def block_curvature(
     )
 
 
+def gradient_curvature(
+    model: nn.Module, batch: Any, loss_fn: LossFn, params: Any, *, damping: float = DAMPING
+) -> BlockCurvature:
+    """α* and the decrement of one block along its gradient, from one GGN-vector product
+    (no λmax): what the verdicts need of a layer the blockwise pass does not cover and the
+    budget left unrefined. Its damping is relative to the curvature along the gradient
+    (a lower bound of λmax: at 10⁻³ the difference is below rounding for the verdicts)."""
+    op = curvature_operator(model, batch, loss_fn, params, kind="ggn")
+    step = curvature_step(op, op.gradient)
+    curv = max(step.curvature, 0.0) if math.isfinite(step.curvature) else 0.0
+    return BlockCurvature(
+        lambda_max=None,
+        alpha_star=step.alpha,
+        decrement=_cauchy(step.grad_sq, step.curvature * step.grad_sq, damping * curv),
+        loss=op.loss,
+        matvecs=op.num_matvecs,
+    )
+
+
 def _cauchy(gg: float, gag: float, lam: float) -> float:
     """``½(gᵀg)²/(gᵀGg + λgᵀg)``, the damped model's decrease along the gradient."""
     if gg == 0:
@@ -202,7 +222,9 @@ def layer_curvature(
     Then, within ``budget``:
 
     * a layer the blockwise pass does not cover is computed by :func:`block_curvature`
-      (these first: without it their verdict rests on signal flow alone);
+      (these first); those the budget leaves out get their curvature along the gradient
+      (:func:`gradient_curvature`, one product each, no λmax), so that no verdict rests
+      on signal flow alone where curvature was asked for;
     * a layer whose estimate is within two standard errors of a verdict's threshold
       (headroom ``threshold``; ``lr·λmax = 2``) is recomputed exactly by
       :func:`block_curvature`, the closest first.
@@ -274,6 +296,14 @@ def layer_curvature(
             break
         params = [p for p in modules[name].parameters(recurse=False) if p.requires_grad]
         out[name] = block_curvature(model, batch, loss_fn, params, damping=damping)
+    if budget > 0:
+        # Uncovered layers the budget left out still get the curvature along their
+        # gradient (one product each): their headroom, scale-free, so that their verdict
+        # never falls back to the size of their gradient, nor depends on the machine's load.
+        for name in layers:
+            if name not in out and (engine is None or name not in engine.blocks):
+                params = [p for p in modules[name].parameters(recurse=False) if p.requires_grad]
+                out[name] = gradient_curvature(model, batch, loss_fn, params, damping=damping)
     return {name: out[name] for name in layers if name in out}, whole
 
 
@@ -282,7 +312,7 @@ def _margin(bc: BlockCurvature, lr: float | None, threshold: float) -> float:
     margins = [math.inf]
     if bc.headroom_err > 0 and math.isfinite(bc.headroom):
         margins.append(abs(bc.headroom - threshold) / bc.headroom_err)
-    if lr is not None and bc.lambda_max_err > 0:
+    if lr is not None and bc.lambda_max is not None and bc.lambda_max_err > 0:
         margins.append(abs(lr * bc.lambda_max - 2.0) / (lr * bc.lambda_max_err))
     return min(margins)
 

@@ -66,7 +66,11 @@ def hessian_lambda_max(
         ggn = curvature.get(name)
         shared = any(owners[id(p)] > 1 for p in params) or _tied_elsewhere(model, params)
         # The sampled estimate's error bar counts: λmax + 2 standard errors.
-        high = None if ggn is None else ggn.lambda_max + 2 * ggn.lambda_max_err
+        high = (
+            None
+            if ggn is None or ggn.lambda_max is None
+            else ggn.lambda_max + 2 * ggn.lambda_max_err
+        )
         if not shared and (high is None or lr * high <= 1.0):
             continue
         top = top_eigenvalues(

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gradsight._precision import full_precision
+
 __all__ = ["CurvatureTier"]
 
 #: Damping of the Newton decrement relative to the block's λmax, as in the verdicts.
@@ -75,7 +77,7 @@ class CurvatureTier:
         # The math attention kernel has the double backward that curvature products
         # need (the fused CPU/flash kernels do not); results agree to rounding.
         self.failed = {}
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), full_precision():
             return self._measure(batch, loss_fn, lr)
 
     def _measure(
