@@ -418,3 +418,18 @@ def test_an_sgd_step_that_overshoots_by_first_order_is_exploding() -> None:
     ):
         status, reason, _ = _verdict(big, other)
         assert status != "exploding" and "overshoots" not in reason
+
+
+@pytest.mark.parametrize(
+    ("lr_lambda", "status", "noted"),
+    [(1.5, "ok", False), (3.0, "ok", True), (4.5, "exploding", False)],
+)
+def test_between_two_and_four_the_step_is_at_the_edge_of_stability(
+    lr_lambda: float, status: str, noted: bool
+) -> None:
+    """Above lr·λmax = 2 gradient descent oscillates along the sharpest direction, but up
+    to about 4 training steadies itself (the catapult phase): a note; past 4, exploding."""
+    layer = _layer(lambda_max=lr_lambda / 0.1, headroom=0.3)
+    got, reason, _ = _verdict(layer, _model(lr=0.1))
+    assert got == status
+    assert ("edge of stability" in reason) is noted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import pytest
@@ -337,3 +338,33 @@ def test_a_step_that_overshoots_where_curvature_is_blind_is_exploding(gain: floa
         assert all(layer.status != "exploding" for layer in d.layers)
         assert not any("overshoots" in layer.reason for layer in d.layers)
     assert contradictions(d) == []
+
+
+def test_a_step_at_the_edge_of_stability_is_not_exploding() -> None:
+    """8 conv+BatchNorm+ReLU layers at SGD lr 0.1: the head's lr·λmax is between 2 and
+    4. Ground truth: the loss bumps once, then training converges (1.4 → below 0.1 in 30
+    steps; the catapult phase). Not exploding; the head's reason notes the edge."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for i in range(8):
+        layers += [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()]
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(8 * 64, 4))
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 3, 8, 8, generator=gen), torch.randint(0, 4, (64,), generator=gen)
+    d = gradsight.diagnose(model, (x, y), ce, lr=0.1)
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = ce(trained(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert any(b > a for a, b in itertools.pairwise(losses))  # a bump
+    assert losses[-1] < 0.1 * losses[0]  # and it converges
+    head = d.layer("25")
+    assert head.lambda_max is not None and 2 < 0.1 * head.lambda_max <= 4
+    assert all(layer.status != "exploding" for layer in d.layers)
+    assert "edge of stability" in head.reason
+    assert contradictions(d, has_norm=True) == []

@@ -66,7 +66,7 @@ def diagnose(
             ``model(**inputs)`` for a dict) gives the outputs.
         loss_fn: ``loss_fn(outputs, targets)`` returns the scalar training loss.
         lr: The learning rate used in training, if known. Step ratios and the
-            ``lr·λmax > 2`` stability test use it; without it the step a layer gets is
+            ``lr·λmax`` stability test use it; without it the step a layer gets is
             the largest one stable for the whole model, 2/λmax. Taken from
             ``optimizer`` when that is given.
         optimizer: The optimizer training the model, if any. For SGD its lr is the step
@@ -74,7 +74,7 @@ def diagnose(
             is the one the optimizer would take along the layer's gradient, gᵀΔ/gᵀg with
             Δ its update (read from its state, not applied), so that step ratios compare
             the curvature-optimal step with the step actually taken, not with the raw
-            lr; the ``lr·λmax > 2`` test is then skipped (an adaptive step's stability
+            lr; the ``lr·λmax`` stability test is then skipped (an adaptive step's stability
             depends on its preconditioner). For other optimizers (Muon, ...) step ratios
             are left out. The optimizer is not changed.
         curvature: Also measure curvature (Gauss-Newton λmax, curvature-optimal step and
@@ -173,8 +173,16 @@ def _diagnose(
                 # A ModelOutput, a dict of heads or a tuple: curvature sees one tensor.
                 adapted = tensor_output(model, outputs, loss_fn)
                 cmodel, closs, prefix = (model, loss_fn, "") if adapted is None else adapted
+                th = thresholds or Thresholds()
                 blocks, whole = layer_curvature(
-                    cmodel, batch, closs, [prefix + n for n in names], lr=lr, budget=budget
+                    cmodel,
+                    batch,
+                    closs,
+                    [prefix + n for n in names],
+                    lr=lr,
+                    budget=budget,
+                    threshold=th.headroom,
+                    unstable=th.unstable,
                 )
                 blocks = {k.removeprefix(prefix): v for k, v in blocks.items()}
                 if lr is not None and kind in (None, "sgd"):

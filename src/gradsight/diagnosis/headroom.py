@@ -212,6 +212,7 @@ def layer_curvature(
     budget: float = 10.0,
     draws: int = 2,
     threshold: float = 1e-4,
+    unstable: float = 4.0,
     damping: float = DAMPING,
 ) -> tuple[dict[str, BlockCurvature], ModelHeadroom | None]:
     """Per-layer curvature of ``layers`` and the whole model's headroom, at one go.
@@ -226,7 +227,7 @@ def layer_curvature(
       (:func:`gradient_curvature`, one product each, no λmax), so that no verdict rests
       on signal flow alone where curvature was asked for;
     * a layer whose estimate is within two standard errors of a verdict's threshold
-      (headroom ``threshold``; ``lr·λmax = 2``) is recomputed exactly by
+      (headroom ``threshold``; ``lr·λmax = unstable``) is recomputed exactly by
       :func:`block_curvature`, the closest first.
 
     Args:
@@ -236,6 +237,7 @@ def layer_curvature(
             own forward-and-backward time; 0 for none, ``math.inf`` for all.
         draws: Monte Carlo draws of the output-Hessian factor when it is not exact.
         threshold: the headroom threshold of the verdicts.
+        unstable: the ``lr·λmax`` threshold of the verdicts.
 
     Returns:
         ``({layer: BlockCurvature}, ModelHeadroom)``; layers neither covered nor
@@ -274,7 +276,7 @@ def layer_curvature(
         )
         out[name] = bc
         if not est.exact:
-            margin = _margin(bc, lr, threshold)
+            margin = _margin(bc, lr, threshold, unstable)
             if margin < 2.0:
                 todo.append((margin, name))
     if engine is not None and engine.blocks:
@@ -307,13 +309,13 @@ def layer_curvature(
     return {name: out[name] for name in layers if name in out}, whole
 
 
-def _margin(bc: BlockCurvature, lr: float | None, threshold: float) -> float:
+def _margin(bc: BlockCurvature, lr: float | None, threshold: float, unstable: float) -> float:
     """Standard errors between the estimate and the nearest verdict threshold."""
     margins = [math.inf]
     if bc.headroom_err > 0 and math.isfinite(bc.headroom):
         margins.append(abs(bc.headroom - threshold) / bc.headroom_err)
     if lr is not None and bc.lambda_max is not None and bc.lambda_max_err > 0:
-        margins.append(abs(lr * bc.lambda_max - 2.0) / (lr * bc.lambda_max_err))
+        margins.append(abs(lr * bc.lambda_max - unstable) / (lr * bc.lambda_max_err))
     return min(margins)
 
 

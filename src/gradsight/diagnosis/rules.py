@@ -11,7 +11,9 @@ it:
 3. ``converged`` when the loss does not depend on the module at all (not called, or its
    output unused by the loss, so its gradient is exactly zero): nothing for it to win,
    and the reason says so in case it should be trained;
-4. ``exploding`` at the step used (lr·λmax > 2): training will leave even an optimum;
+4. ``exploding`` at the step used (lr·λmax > ``unstable``, 4: past the range, above 2,
+   where training steadies itself; between 2 and 4 a note): training will leave even an
+   optimum;
    and where SGD's step overshoots by first order (lr·‖g‖² above ``overshoot`` times a
    nonnegative loss: past Polyak's step, which curvature misses at saturated outputs);
 5. ``converged`` when the model is solved (loss ≤ ``solved``× the constant
@@ -92,6 +94,11 @@ class Thresholds:
         learnable: a held-out Levenberg-Marquardt step realizing at least this fraction
             of the loss means the model can still learn from what the signal reaches.
         min_chain: the fewest consecutive growing layers that make "exploding".
+        unstable: SGD's lr·λmax above this: the step is unstable for the layer's block
+            (exploding). Above 2 gradient descent already oscillates along the block's
+            sharpest direction, but up to about 4 training typically stabilizes itself
+            by lowering that curvature (the catapult phase, Lewkowycz et al. 2020; the
+            edge of stability, Cohen et al. 2021): a note, not a status.
         overshoot: SGD's step lr·‖g‖² over the loss above this (a nonnegative loss):
             by first order the step would take the loss this many times below zero, past
             even Polyak's step L/‖g‖², so it overshoots whatever the curvature says.
@@ -108,6 +115,7 @@ class Thresholds:
     time_vanishing: float = 1e-3
     learnable: float = 0.01
     min_chain: int = 3
+    unstable: float = 4.0
     overshoot: float = 2.0
 
 
@@ -268,23 +276,32 @@ def frozen(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     return Verdict("frozen", f"frozen (requires_grad=False): not trained, not judged{sens}.")
 
 
+def _lr_lambda(layer: LayerFacts, model: ModelFacts) -> float | None:
+    """SGD's lr·λmax for the layer's block (None for other optimizers, or unmeasured)."""
+    if model.optimizer not in (None, "sgd") or model.lr is None or layer.lambda_max is None:
+        return None
+    return model.lr * layer.lambda_max
+
+
 def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """A gradient step of the size used is unstable for this layer: step·λmax > 2.
+    """A gradient step of the size used is unstable for this layer: lr·λmax above
+    ``th.unstable`` (4: past the range where training stabilizes itself, see
+    :class:`Thresholds`).
 
     Judged for SGD only: an adaptive optimizer's stability depends on its
     preconditioner, not on the step along the gradient.
     """
-    if model.optimizer not in (None, "sgd") or model.lr is None or layer.lambda_max is None:
+    product = _lr_lambda(layer, model)
+    if product is None or product <= model.th.unstable:
         return None
-    product = model.lr * layer.lambda_max
-    if product <= 2:
-        return None
+    assert layer.lambda_max is not None and model.lr is not None
     of = "the Hessian's" if layer.hessian else "the Gauss-Newton matrix's"
     return Verdict(
         "exploding",
-        f"lr·λmax = {model.lr:g}·{layer.lambda_max:.2e} = {product:.1f} > 2 (λmax {of}): a "
-        "gradient step of this size is unstable for this layer's block (the largest stable "
-        f"step is {2 / layer.lambda_max:.1e}).",
+        f"lr·λmax = {model.lr:g}·{layer.lambda_max:.2e} = {product:.1f} > "
+        f"{model.th.unstable:g} (λmax {of}): a gradient step of this size is unstable for "
+        f"this layer's block, past the range where training steadies itself (the largest "
+        f"stable step is {2 / layer.lambda_max:.1e}).",
         remedies("unstable_step", model.traits),
     )
 
@@ -601,6 +618,14 @@ def apply_rules(
 
 def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
     notes = []
+    product = _lr_lambda(layer, model)
+    if product is not None and 2 < product <= model.th.unstable and status != "exploding":
+        notes.append(
+            f"At the edge of stability: lr·λmax = {product:.1f} is above 2, so gradient "
+            "descent oscillates along this block's sharpest direction (expect an early bump "
+            f"in the loss); below {model.th.unstable:g} training typically steadies itself by "
+            "lowering that curvature (the catapult phase)."
+        )
     overshoot = _overshoot(model)
     if overshoot is not None and status != "exploding":
         notes.append(

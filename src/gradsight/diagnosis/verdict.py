@@ -388,10 +388,16 @@ def _summary(
             "loss on held-out data."
         )
         sgd = model.optimizer in (None, "sgd")
-        if sgd and model.lr is not None and model.lr * whole.lambda_max > 2:
+        product = None if not sgd or model.lr is None else model.lr * whole.lambda_max
+        if product is not None and product > 2:
+            where = (
+                "past the range where training steadies itself"
+                if product > model.th.unstable
+                else "at the edge of stability: expect an early bump in the loss"
+            )
             lines.append(
                 f"lr {model.lr:g} exceeds the largest stable step 2/λmax = "
-                f"{2 / whole.lambda_max:.2e}."
+                f"{2 / whole.lambda_max:.2e} (lr·λmax = {product:.1f}, {where})."
             )
     ratios = [layer.step_ratio for layer in layers if layer.step_ratio]
     if len(ratios) >= 2 and min(ratios) > 0 and max(ratios) / min(ratios) >= 100:
