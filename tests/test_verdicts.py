@@ -169,6 +169,21 @@ def test_measured_attenuation_matches_mean_field(sigma_w2: float, chi1: float) -
         assert value == pytest.approx(theory.chi1, rel=0.05)
 
 
+def _sgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps: int):  # type: ignore[no-untyped-def]
+    """Ground truth outside gradsight: a copy of ``model`` after ``steps`` SGD steps on
+    ``(x, y)``, and the loss before each step."""
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ce(trained(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return trained, losses
+
+
 class _ZeroInitResidual(nn.Module):
     """x ← x + W₂ relu(W₁ x) with W₂ = 0 at init (Fixup, SkipInit, ControlNet's zero
     convolutions, torchvision's ``zero_init_residual``)."""
@@ -206,14 +221,9 @@ def test_zero_initialized_residual_branches(train_branch_out: bool) -> None:
     d = gradsight.diagnose(model, (x, y), ce, lr=0.1)
     first = [d.layer(f"fc1.{i}") for i in range(3)]
     # Ground truth from training, outside gradsight.
-    trained = copy.deepcopy(model)
-    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
-    before = [m.weight.detach().clone() for m in trained.fc1]
-    for _ in range(20 if not train_branch_out else 1):
-        opt.zero_grad()
-        ce(trained(x), y).backward()
-        opt.step()
-    opt.zero_grad()
+    before = [m.weight.detach().clone() for m in model.fc1]
+    trained, _ = _sgd(model, x, y, 0.1, 20 if not train_branch_out else 1)
+    trained.zero_grad()
     ce(trained(x), y).backward()
     grads = [float(m.weight.grad.norm()) for m in trained.fc1]
     if train_branch_out:
@@ -258,12 +268,7 @@ def test_zeroed_normalization_weights_are_named_as_the_cause(zero_scale: bool) -
     x = torch.randn(64, 3, 8, 8, generator=gen)
     y = torch.randint(0, 4, (64,), generator=gen)
     d = gradsight.diagnose(model, (x, y), ce, lr=0.1)
-    trained = copy.deepcopy(model)
-    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
-    for _ in range(20):
-        opt.zero_grad()
-        ce(trained(x), y).backward()
-        opt.step()
+    trained, _ = _sgd(model, x, y, 0.1, 20)
     convs = [i for i, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
     moved = [
         not torch.equal(trained[i].weight, model[i].weight) for i in convs
@@ -318,15 +323,7 @@ def test_a_step_that_overshoots_where_curvature_is_blind_is_exploding(gain: floa
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
     d = gradsight.diagnose(model, (x, y), ce, lr=0.01)
-    trained = copy.deepcopy(model)
-    opt = torch.optim.SGD(trained.parameters(), lr=0.01)
-    losses = []
-    for _ in range(3):
-        opt.zero_grad()
-        loss = ce(trained(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    _, losses = _sgd(model, x, y, 0.01, 3)
     if gain > 1:
         assert not losses[2] < 1e3 * losses[0]  # diverged (or NaN)
         assert d.status == "exploding"
@@ -352,15 +349,7 @@ def test_a_step_at_the_edge_of_stability_is_not_exploding() -> None:
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(64, 3, 8, 8, generator=gen), torch.randint(0, 4, (64,), generator=gen)
     d = gradsight.diagnose(model, (x, y), ce, lr=0.1)
-    trained = copy.deepcopy(model)
-    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
-    losses = []
-    for _ in range(30):
-        opt.zero_grad()
-        loss = ce(trained(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    _, losses = _sgd(model, x, y, 0.1, 30)
     assert any(b > a for a, b in itertools.pairwise(losses))  # a bump
     assert losses[-1] < 0.1 * losses[0]  # and it converges
     head = d.layer("25")

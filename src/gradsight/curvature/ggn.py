@@ -180,17 +180,30 @@ def cross_entropy_settings(
     (``nn.CrossEntropyLoss`` or ``F.cross_entropy``) with mean or sum reduction and
     tensor targets; None otherwise, or for label smoothing when ``label_smoothing`` is
     False. Its Hessian with respect to the logits is the softmax Jacobian."""
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        if loss_fn.weight is not None or (loss_fn.label_smoothing and not label_smoothing):
+    if isinstance(loss_fn, nn.CrossEntropyLoss) and loss_fn.label_smoothing and not label_smoothing:
+        return None
+    return class_loss_settings(loss_fn, targets, nn.CrossEntropyLoss, F.cross_entropy)
+
+
+def class_loss_settings(
+    loss_fn: Any, targets: Any, module: type[nn.Module], function: Any
+) -> tuple[str, int] | None:
+    """``(reduction, ignore_index)`` of ``loss_fn`` when it is an unweighted instance of
+    ``module`` (``nn.CrossEntropyLoss``, ``nn.NLLLoss``) or is ``function`` itself (its
+    defaults: mean, -100), with mean or sum reduction and tensor targets; else None."""
+    reduction: Any
+    ignore_index: Any
+    if isinstance(loss_fn, module):
+        if getattr(loss_fn, "weight", None) is not None:
             return None
         reduction, ignore_index = loss_fn.reduction, loss_fn.ignore_index
-    elif loss_fn is F.cross_entropy:
+    elif loss_fn is function:
         reduction, ignore_index = "mean", -100
     else:
         return None
     if reduction not in ("mean", "sum") or not isinstance(targets, torch.Tensor):
         return None
-    return reduction, ignore_index
+    return str(reduction), int(ignore_index)
 
 
 def _cross_entropy_hessian(

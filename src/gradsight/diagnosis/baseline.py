@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradsight._outputs import FlatOutputs, output_keys
-from gradsight.curvature.ggn import cross_entropy_settings
+from gradsight.curvature.ggn import class_loss_settings, cross_entropy_settings
 
 __all__ = ["constant_baseline_loss"]
 
@@ -223,17 +223,7 @@ def _nll_settings(loss_fn: LossFn, targets: Any) -> tuple[str, int] | None:
     that replaces them must be one too: a constant c scores as ``log_softmax(c)``, which
     makes it cross-entropy in the constant. Left to the general fit, NLL of a free
     constant falls without bound (−c[y] as c[y] → ∞)."""
-    if isinstance(loss_fn, nn.NLLLoss):
-        if loss_fn.weight is not None:
-            return None
-        reduction, ignore_index = loss_fn.reduction, loss_fn.ignore_index
-    elif loss_fn is F.nll_loss:
-        reduction, ignore_index = "mean", -100
-    else:
-        return None
-    if reduction not in ("mean", "sum") or not isinstance(targets, torch.Tensor):
-        return None
-    return reduction, ignore_index
+    return class_loss_settings(loss_fn, targets, nn.NLLLoss, F.nll_loss)
 
 
 def _squared_error_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn) -> float | None:
