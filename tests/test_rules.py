@@ -433,3 +433,19 @@ def test_between_two_and_four_the_step_is_at_the_edge_of_stability(
     got, reason, _ = _verdict(layer, _model(lr=0.1))
     assert got == status
     assert ("edge of stability" in reason) is noted
+
+
+def test_a_tied_weight_counts_once_in_the_step_s_first_order_effect() -> None:
+    """lr·‖g‖² sums each parameter once: a weight tied between an embedding and the
+    output layer is listed by both modules but is one parameter of the step."""
+    sig = [_signal("emb"), _signal("head")]
+    evidence = [
+        LayerEvidence("emb", "Embedding", sig[0], {"weight": 3.0}, {"weight": 1.0}),
+        LayerEvidence(
+            "head", "Linear", sig[1], {"weight": 3.0}, {"weight": 1.0}, shared=frozenset({"weight"})
+        ),
+    ]
+    # Once, lr·‖g‖² is 0.1·9 = 1.8 times the loss 0.5 (below 2); twice, it would be 3.6.
+    layers, _, _ = judge(evidence, loss=0.5, baseline_loss=1.0, lr=0.1)
+    assert all(layer.status != "exploding" for layer in layers)
+    assert not any("overshoots" in layer.reason for layer in layers)

@@ -298,6 +298,7 @@ def _evidence(
     grad_norm = dict(zip(map(id, flat), values[: len(flat)], strict=True))
     param_norm = dict(zip(map(id, flat), values[len(flat) :], strict=True))
     out: dict[str, LayerEvidence] = {}
+    seen: set[int] = set()  # a tied parameter is listed by each of its modules
     for (name, module), params in zip(owners, trainable, strict=True):
         out[name] = LayerEvidence(
             name=name,
@@ -305,7 +306,9 @@ def _evidence(
             signal=signals.get(name),
             grad_norms={pname: grad_norm[id(p)] for pname, p in params},
             param_norms={pname: param_norm[id(p)] for pname, p in params},
+            shared=frozenset(pname for pname, p in params if id(p) in seen),
         )
+        seen.update(id(p) for _, p in params)
     used_by: dict[str, list[str]] = {}
     for name in flow.unused:
         e = out[name]

@@ -49,7 +49,8 @@ class LayerEvidence:
     forward uses this module's parameters directly (its ``signal`` then is that
     module's); ``step`` is the step the layer gets when the optimizer's per-layer step
     is known (an adaptive optimizer's step along the gradient); ``time_input_norms``
-    holds a recurrent layer's ‖x_t‖ at each time step.
+    holds a recurrent layer's ‖x_t‖ at each time step; ``shared`` names its parameters
+    that an earlier module also lists (a tied weight), counted once in model totals.
     """
 
     name: str
@@ -60,6 +61,7 @@ class LayerEvidence:
     used_by: str | None = None
     step: float | None = None
     time_input_norms: tuple[float, ...] | None = None
+    shared: frozenset[str] = frozenset()  # its parameters an earlier module also lists
 
     @property
     def frozen(self) -> bool:
@@ -159,7 +161,9 @@ def judge(
         s_out=ran[-1].sensitivity if ran else 0.0,
         traits=traits,
         alpha_spread=math.log10(max(alphas) / min(alphas)) if len(alphas) >= 2 else 0.0,
-        grad_sq=math.fsum((e.grad_norm or 0.0) ** 2 for e in evidence),
+        grad_sq=math.fsum(  # each parameter once, tied ones included
+            g * g for e in evidence for k, g in e.grad_norms.items() if k not in e.shared
+        ),
         grad_layers=sum(1 for e in evidence if e.grad_norm),
         zero_norms=frozenset(
             e.name for e in ran_ev if "Norm" in e.module_type and e.param_norms.get("weight") == 0.0
