@@ -11,11 +11,11 @@ it:
 3. ``converged`` when the loss does not depend on the module at all (not called, or its
    output unused by the loss, so its gradient is exactly zero): nothing for it to win,
    and the reason says so in case it should be trained;
-4. ``exploding`` at the step used (lr·λmax > ``unstable``, 4: past the range, above 2,
-   where training steadies itself; between 2 and 4 a note): training will leave even an
-   optimum;
-   and where SGD's step overshoots by first order (lr·‖g‖² above ``overshoot`` times a
-   nonnegative loss: past Polyak's step, which curvature misses at saturated outputs);
+4. ``exploding`` at the step used, which would leave even an optimum: SGD's lr·λmax
+   above ``unstable`` (4; between 2 and 4 training oscillates but typically steadies
+   itself, which a note says), or a step that overshoots by first order (lr·‖g‖² above
+   ``overshoot`` times a nonnegative loss: past Polyak's step), which curvature misses
+   at saturated outputs;
 5. ``converged`` when the model is solved (loss ≤ ``solved``× the constant
    prediction's): with nothing left to win nothing is dead or vanishing;
 6. ``converged`` when the whole model has no headroom left;
