@@ -357,3 +357,48 @@ def test_a_step_at_the_edge_of_stability_is_not_exploding() -> None:
     assert all(layer.status != "exploding" for layer in d.layers)
     assert "edge of stability" in head.reason
     assert contradictions(d, has_norm=True) == []
+
+
+class _StackedLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 16, num_layers=3, batch_first=True)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(z)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("label_at", [0, -1])
+def test_a_stacked_lstm_whose_signal_cannot_reach_the_label_vanishes_through_time(
+    label_at: int,
+) -> None:
+    """A 3-layer LSTM over 150 steps, the (imbalanced) label written at one step. Sick
+    twin (the first step): ground truth, 60 Adam steps leave the loss at the constant
+    prediction's; the held-out step's gain only moves the output bias to the class
+    frequencies, which the constant knows too, so the LSTM is vanishing through time. Healthy twin (the last
+    step): Adam learns it, and nothing vanishes."""
+    torch.manual_seed(0)
+    model = _StackedLSTM()
+    gen = torch.Generator().manual_seed(0)
+    labels = (torch.rand(64, generator=gen) < 0.3).long()  # imbalanced: 30% ones
+    seq = torch.zeros(64, 150, 4)
+    seq[:, label_at, 0] = labels * 2.0 - 1.0
+    d = gradsight.diagnose(model, (seq, labels), ce, lr=0.5)
+    trained = copy.deepcopy(model)
+    opt = torch.optim.Adam(trained.parameters(), lr=0.01)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = ce(trained(seq), labels)
+        loss.backward()
+        opt.step()
+    final = float(ce(trained(seq), labels))
+    if label_at == 0:
+        assert d.baseline_loss is not None and final > 0.9 * d.baseline_loss
+        assert d.layer("lstm").status == "vanishing"
+        assert "through time" in d.layer("lstm").reason
+    else:
+        assert final < 0.1
+        assert all(layer.status != "vanishing" for layer in d.layers)
+    assert contradictions(d) == []

@@ -517,6 +517,18 @@ def _starved(layer: LayerFacts, th: Thresholds) -> bool:
     return layer.upstream_sens is None or layer.upstream_sens < th.vanishing
 
 
+def _learns_beyond_constant(model: ModelFacts) -> bool:
+    """Whether the held-out Levenberg-Marquardt step realizes at least ``th.learnable``
+    of the loss and takes it below the plateau (``1 − th.plateau`` of the best constant
+    prediction's): moving the output biases to the class frequencies also realizes a
+    decrease, but it learns nothing the constant does not know."""
+    if model.realized is None or model.realized < model.th.learnable:
+        return False
+    if model.baseline is None or not model.baseline > 0:
+        return True
+    return model.loss * (1.0 - model.realized) < (1.0 - model.th.plateau) * model.baseline
+
+
 def vanishing_through_time(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """A recurrent layer's signal does not reach the time steps where its inputs are,
     while the loss sits on its plateau and no step the signal reaches realizes a
@@ -524,8 +536,7 @@ def vanishing_through_time(layer: LayerFacts, model: ModelFacts) -> Verdict | No
     fade = _time_fade(layer, model.th)
     if fade is None or fade.reach >= model.th.time_vanishing:
         return None
-    can_learn = model.realized is not None and model.realized >= model.th.learnable
-    if not model.plateau or can_learn:
+    if not model.plateau or _learns_beyond_constant(model):
         return None
     where = (
         f"the input-weighted signal, where its inputs are, is {fade.reach:.1e} of the "
