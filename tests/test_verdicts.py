@@ -377,8 +377,8 @@ def test_a_stacked_lstm_whose_signal_cannot_reach_the_label_vanishes_through_tim
     """A 3-layer LSTM over 150 steps, the (imbalanced) label written at one step. Sick
     twin (the first step): ground truth, 60 Adam steps leave the loss at the constant
     prediction's; the held-out step's gain only moves the output bias to the class
-    frequencies, which the constant knows too, so the LSTM is vanishing through time. Healthy twin (the last
-    step): Adam learns it, and nothing vanishes."""
+    frequencies, which the constant knows too, so the LSTM is vanishing through time.
+    Healthy twin (the last step): Adam learns it, and nothing vanishes."""
     torch.manual_seed(0)
     model = _StackedLSTM()
     gen = torch.Generator().manual_seed(0)
