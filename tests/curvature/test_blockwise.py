@@ -637,3 +637,35 @@ def _gru_case():  # type: ignore[no-untyped-def]
     x = torch.randint(0, 5, (16, 3), generator=gen)
     batch = (x, torch.randint(0, 5, (16, 3), generator=gen))
     return model, batch, lambda o, t: ce(o.transpose(1, 2), t)
+
+
+class _LoRALinear(nn.Linear):
+    """A LoRA adapter as written for fine-tuning: frozen weight, trained A and B, B zero
+    at the start, so that its output equals the plain linear's (its forward check
+    passes), while its trained parameters are not a weight and a bias."""
+
+    def __init__(self, n_in: int, n_out: int, rank: int = 2) -> None:
+        super().__init__(n_in, n_out)
+        self.weight.requires_grad_(False)
+        self.bias.requires_grad_(False)
+        self.lora_a = nn.Parameter(torch.randn(rank, n_in) * 0.1)
+        self.lora_b = nn.Parameter(torch.zeros(n_out, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+def test_a_lora_layer_is_measured_exactly_not_read_as_a_linear() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), _LoRALinear(6, 6), nn.Tanh(), nn.Linear(6, 3))
+    model = model.double()
+    gen = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randn(32, 5, generator=gen, dtype=torch.float64),
+        torch.randint(0, 3, (32,), generator=gen),
+    )
+    eng = BlockwiseGGN(model, batch, ce)
+    assert "lora_a, lora_b" in eng.skipped["2"]
+    blocks, _ = layer_curvature(model, batch, ce, ["2"], budget=math.inf)
+    ref = _exact(model, batch, ce, "2")
+    assert blocks["2"].lambda_max == pytest.approx(ref["lam"], rel=2e-2)

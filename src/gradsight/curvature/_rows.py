@@ -190,6 +190,13 @@ def computes_as_its_kind(module: nn.Module, a: torch.Tensor, output: torch.Tenso
 
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why :func:`layer_rows` cannot take ``module`` whatever its calls, or None."""
+    extra = sorted(k for k, p in module._parameters.items() if p is not None)
+    extra = [k for k in extra if k not in ("weight", "bias")]
+    if extra:  # a LoRA linear's A and B: not the rows of a weight and a bias
+        return (
+            f"{type(module).__name__} has parameters of its own beyond a weight and a bias "
+            f"({', '.join(extra)})"
+        )
     if type(module).__name__ == "Conv1D" or known_kind(module) is not None:
         return None
     return f"{type(module).__name__} layers are not supported"
@@ -198,9 +205,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
 def supported(module: nn.Module) -> bool:
     """Whether :func:`layer_rows` knows this module type and its forward is the type's
     own (a subclass overriding it is checked on its calls, :func:`computes_as_its_kind`)."""
-    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 linear, weight transposed
-        return True
-    return known_kind(module) is not None and not overrides_forward(module)
+    if unsupported_reason(module) is not None:
+        return False
+    return type(module).__name__ == "Conv1D" or not overrides_forward(module)
 
 
 def layer_rows(
