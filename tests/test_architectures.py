@@ -175,3 +175,16 @@ def test_standard_architecture_at_init_raises_no_alarm(name: str) -> None:
         )
         == []
     )
+
+
+@pytest.mark.parametrize("name", ["convnext", "llama", "mobilenet-v2"])
+def test_verdicts_do_not_change_when_the_loss_is_rescaled(name: str) -> None:
+    """The same statuses at loss × 1e-6 and × 1e6 as at × 1, with the default time budget
+    (ConvNeXt's LayerScale layers, left to the budget, used to flip with the machine's
+    load and the scale)."""
+    model, batch, loss_fn = _build(name)
+    statuses = []
+    for scale in (1.0, 1e-6, 1e6):
+        d = gradsight.diagnose(model, batch, lambda o, t, s=scale: s * loss_fn(o, t))
+        statuses.append([layer.status for layer in d.layers])
+    assert statuses[0] == statuses[1] == statuses[2]
