@@ -281,3 +281,44 @@ def test_a_curvature_failure_of_any_kind_leaves_the_signal_verdicts(monkeypatch)
     assert [layer.name for layer in d.layers] == ["0", "2"]
     assert "Curvature was not measured (IndexError: tensors used as indices" in d.summary
     assert all(layer.lambda_max is None for layer in d.layers)
+
+
+@pytest.mark.parametrize("targets_given", [True, False])
+def test_a_transformers_model_s_own_loss_gets_its_baseline_and_curvature(
+    targets_given: bool,
+) -> None:
+    """``loss_fn = lambda out, y: out.loss`` (the model computes its loss from ``labels``
+    among its inputs, as transformers' users write it): the returned loss does not
+    depend on the outputs the baseline and curvature replace, so they came out empty.
+    The model's own loss function of its logits now stands in: the same baseline and
+    statuses as the explicit cross-entropy, and curvature for every layer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    model = BertForMaskedLM(config)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 32, (8, 10), generator=gen)
+    labels = ids.clone()
+    labels[:, ::3] = -100  # positions the loss ignores
+
+    def explicit(out, t):  # type: ignore[no-untyped-def]
+        return ce(out.logits.reshape(-1, 32), t.reshape(-1))
+
+    ref = gradsight.diagnose(model, ({"input_ids": ids}, labels), explicit)
+    inputs = {"input_ids": ids, "labels": labels}
+    batch = (inputs, labels if targets_given else None)
+    d = _unchanged(model, lambda: gradsight.diagnose(model, batch, lambda out, t: out.loss))
+    assert d.loss == pytest.approx(ref.loss, rel=1e-6)
+    assert d.baseline_loss is not None and ref.baseline_loss is not None
+    assert d.baseline_loss == pytest.approx(ref.baseline_loss, rel=1e-4)
+    assert [layer.status for layer in d.layers] == [layer.status for layer in ref.layers]
+    assert "Curvature was not measured" not in d.summary
+    assert d.headroom is not None

@@ -517,7 +517,7 @@ def _splittable(targets: Any, n: int) -> bool:
 
 def _take(targets: Any, start: int) -> Any:
     if isinstance(targets, torch.Tensor):
-        return targets[start::2]
+        return targets[start::2].contiguous()  # a loss may .view() its labels (transformers')
     if isinstance(targets, Mapping):
         return {k: _take(v, start) for k, v in targets.items()}
     return type(targets)(_take(v, start) for v in targets)

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradsight._batch import compute_loss, split_batch, trainable_parameters, unwrap_compiled
 from gradsight._collector import collector_paused
 from gradsight._errors import GradsightError
+from gradsight._model_loss import checked_model_loss
 from gradsight._norms import norms
 from gradsight._outputs import tensor_output
 from gradsight._precision import full_precision
@@ -135,7 +136,7 @@ def _diagnose(
             f"lr must be a positive number (the learning rate used in training), got {lr!r}. "
             "Pass e.g. lr=0.1, or leave it out."
         )
-    _, targets = split_batch(batch)
+    model_inputs, targets = split_batch(batch)
     params = [p for _, p in named]
     with preserved(model):
         # Finiteness is checked at every module only when the pass turns out non-finite
@@ -147,8 +148,13 @@ def _diagnose(
             grads = torch.autograd.grad(loss, wanted, allow_unused=True)[: len(params)]
         flow = probe.result()
         loss_value = float(loss.detach())
+        # The loss as a function of the outputs, for the baseline and curvature (which
+        # replace the outputs): the model's own where the loss function returns it.
+        of_outputs, of_targets = _of_outputs(model, model_inputs, targets, outputs, loss, loss_fn)
         baseline = (
-            constant_baseline_loss(outputs, targets, loss_fn) if math.isfinite(loss_value) else None
+            constant_baseline_loss(outputs, of_targets, of_outputs)
+            if math.isfinite(loss_value)
+            else None
         )
     grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
     evidence = _evidence(flow, grad_of, probe.owners)
@@ -171,12 +177,13 @@ def _diagnose(
             with sdpa_kernel(SDPBackend.MATH), full_precision():
                 names = [e.name for e in evidence if e.signal is not None and not e.frozen]
                 # A ModelOutput, a dict of heads or a tuple: curvature sees one tensor.
-                adapted = tensor_output(model, outputs, loss_fn)
-                cmodel, closs, prefix = (model, loss_fn, "") if adapted is None else adapted
+                adapted = tensor_output(model, outputs, of_outputs)
+                cmodel, closs, prefix = (model, of_outputs, "") if adapted is None else adapted
+                cbatch = batch if of_targets is targets else (model_inputs, of_targets)
                 th = thresholds or Thresholds()
                 blocks, whole = layer_curvature(
                     cmodel,
-                    batch,
+                    cbatch,
                     closs,
                     [prefix + n for n in names],
                     lr=lr,
@@ -186,10 +193,10 @@ def _diagnose(
                 )
                 blocks = {k.removeprefix(prefix): v for k, v in blocks.items()}
                 if lr is not None and kind in (None, "sgd"):
-                    # lr·λmax > 2 is judged on the Hessian where it can differ from G.
+                    # lr·λmax is judged on the Hessian where it can differ from G.
                     hessian = hessian_lambda_max(
                         cmodel,
-                        batch,
+                        cbatch,
                         closs,
                         {n: _trainable(model, n) for n in names},
                         blocks,
@@ -240,6 +247,32 @@ def _diagnose(
         realized_decrease=None if whole is None else whole.realized,
         lambda_max=None if whole is None else whole.lambda_max,
     )
+
+
+def _of_outputs(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    outputs: Any,
+    loss: torch.Tensor,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+) -> tuple[Callable[[Any, Any], torch.Tensor], Any]:
+    """``(loss_fn, targets)``, or, where the loss function returns the loss a Hugging
+    Face model computed itself from the ``labels`` among its inputs (``lambda out, y:
+    out.loss``), the model's own loss function of its logits and those labels: the same
+    loss, which depends on the outputs that the baseline and curvature replace (the
+    returned ``out.loss`` does not), and targets the baseline can split in halves."""
+    if not (isinstance(outputs, Mapping) and isinstance(inputs, Mapping)):
+        return loss_fn, targets
+    own_loss, labels = outputs.get("loss"), inputs.get("labels")
+    if not isinstance(own_loss, torch.Tensor) or own_loss.numel() != 1:
+        return loss_fn, targets
+    if not torch.equal(own_loss.detach().reshape(()), loss.detach()):
+        return loss_fn, targets  # the loss function computes a loss of its own
+    own = checked_model_loss(model, labels, outputs, loss)
+    if own is None:
+        return loss_fn, targets
+    return own, labels
 
 
 def _nonfinite_origin(

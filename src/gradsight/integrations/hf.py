@@ -43,7 +43,6 @@ Needs ``transformers`` (``pip install 'gradsight[hf]'``).
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Any
 
 import torch
 
+from gradsight._model_loss import checked_model_loss
 from gradsight.integrations import HF_AVAILABLE, _missing
 from gradsight.monitor import Monitor
 
@@ -173,7 +173,9 @@ class GradsightTrainerCallback(TrainerCallback):
             self._inputs = dict(kwargs)
             if not self._checked and isinstance(loss, torch.Tensor):
                 self._checked = True
-                self._loss_fn = _checked_loss_fn(module, kwargs, output, loss)
+                self._loss_fn = checked_model_loss(
+                    module, kwargs.get("labels"), output, loss, kwargs.get("num_items_in_batch")
+                )
         if isinstance(loss, torch.Tensor):
             self._losses.append(loss.detach().float().reshape(()))
             # With num_items_in_batch the model normalizes by the items of the whole
@@ -284,61 +286,6 @@ def _run_name(output_dir: Any) -> str:
     """The run's name: the output directory's name (``out`` for ``./out/``)."""
     path = Path(str(output_dir))
     return path.name or path.resolve().name or "gradsight"
-
-
-def _model_loss(model: torch.nn.Module) -> Callable[..., torch.Tensor] | None:
-    """``loss(logits, labels, num_items_in_batch=None)`` computed by the model's own
-    ``loss_function`` for the loss types with a logits-and-labels signature, else None."""
-    fn = getattr(model, "loss_function", None)
-    config = getattr(model, "config", None)
-    kind = getattr(model, "loss_type", None)
-    if fn is None or config is None or kind is None:
-        return None
-    if kind in ("ForCausalLM", "ForMaskedLM"):
-
-        def lm(logits: torch.Tensor, labels: torch.Tensor, num_items: Any = None) -> torch.Tensor:
-            return fn(logits, labels, vocab_size=config.vocab_size, num_items_in_batch=num_items)
-
-        return lm
-    if kind == "ForSequenceClassification":
-
-        def seq(logits: torch.Tensor, labels: torch.Tensor, num_items: Any = None) -> torch.Tensor:
-            return fn(labels=labels, pooled_logits=logits, config=config)
-
-        return seq
-    if kind == "ForTokenClassification":
-
-        def tok(logits: torch.Tensor, labels: torch.Tensor, num_items: Any = None) -> torch.Tensor:
-            return fn(logits, labels, config, num_items_in_batch=num_items)
-
-        return tok
-    return None
-
-
-def _checked_loss_fn(
-    model: torch.nn.Module, kwargs: dict[str, Any], output: Any, loss: torch.Tensor
-) -> Callable[[Any, Any], torch.Tensor] | None:
-    """``loss_fn(outputs, labels)`` from the model's loss function, if it reproduces the
-    loss the model returned on this micro-batch (relative 1e-4), else None."""
-    compute = _model_loss(model)
-    labels = kwargs.get("labels")
-    logits = output.get("logits") if isinstance(output, Mapping) else None
-    if compute is None or not isinstance(labels, torch.Tensor) or logits is None:
-        return None
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value = float(compute(logits.detach(), labels, kwargs.get("num_items_in_batch")))
-    except Exception:
-        return None
-    ref = float(loss.detach().float())
-    if not (math.isfinite(ref) and abs(value - ref) <= 1e-4 * max(abs(ref), 1e-12)):
-        return None
-
-    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return compute(logits, targets)
-
-    return loss_fn
 
 
 def _split(
