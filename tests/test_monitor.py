@@ -406,3 +406,40 @@ def test_curvature_tier_on_structured_outputs_and_a_failing_layer(
     lam = load_run(tmp_path / "r").series("lambda_max")
     assert set(lam) == {"trunk", "cls", "reg"}
     assert all(values[0] > 0 for _, values in lam.values())
+
+
+def test_curvature_tier_with_a_transformers_model_s_own_loss(tmp_path: Path) -> None:
+    """``loss_fn = lambda out, y: out.loss``: the tier uses the model's own loss function
+    of its logits (as diagnose does) instead of failing on a loss that does not depend
+    on the outputs it replaces."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=32,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    model = transformers.BertForMaskedLM(config)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 32, (8, 10), generator=gen)
+    inputs = {"input_ids": ids, "labels": ids}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def own(out, t):  # type: ignore[no-untyped-def]
+        return out.loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Monitor(model, logdir=tmp_path / "r", curvature_every=1, optimizer=opt) as mon:
+            for _ in range(2):
+                opt.zero_grad()
+                loss = model(**inputs).loss
+                loss.backward()
+                mon.step(loss, batch=(inputs, None), loss_fn=own)
+                opt.step()
+    assert not [str(w.message) for w in caught if "curvature" in str(w.message)]
+    lam = load_run(tmp_path / "r").series("lambda_max")
+    assert len(lam) >= 10 and all(values[0] > 0 for _, values in lam.values())

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["checked_model_loss", "model_loss"]
+__all__ = ["checked_model_loss", "loss_of_outputs", "model_loss"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -75,3 +75,29 @@ def checked_model_loss(
         return compute(logits, targets if isinstance(targets, torch.Tensor) else labels)
 
     return loss_fn
+
+
+def loss_of_outputs(
+    model: torch.nn.Module,
+    inputs: Any,
+    targets: Any,
+    outputs: Any,
+    loss: torch.Tensor,
+    loss_fn: LossFn,
+) -> tuple[LossFn, Any]:
+    """``(loss_fn, targets)``, or, where the loss function returns the loss a Hugging
+    Face model computed itself from the ``labels`` among its inputs (``lambda out, y:
+    out.loss``), the model's own loss function of its logits and those labels: the same
+    loss, which depends on the outputs that the baseline and curvature replace (the
+    returned ``out.loss`` does not), and targets the baseline can split in halves."""
+    if not (isinstance(outputs, Mapping) and isinstance(inputs, Mapping)):
+        return loss_fn, targets
+    own_loss, labels = outputs.get("loss"), inputs.get("labels")
+    if not isinstance(own_loss, torch.Tensor) or own_loss.numel() != 1:
+        return loss_fn, targets
+    if not torch.equal(own_loss.detach().reshape(()), loss.detach()):
+        return loss_fn, targets  # the loss function computes a loss of its own
+    own = checked_model_loss(model, labels, outputs, loss)
+    if own is None:
+        return loss_fn, targets
+    return own, labels

@@ -13,7 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from gradsight._batch import compute_loss, split_batch, trainable_parameters, unwrap_compiled
 from gradsight._collector import collector_paused
 from gradsight._errors import GradsightError
-from gradsight._model_loss import checked_model_loss
+from gradsight._model_loss import loss_of_outputs
 from gradsight._norms import norms
 from gradsight._outputs import tensor_output
 from gradsight._precision import full_precision
@@ -150,7 +150,9 @@ def _diagnose(
         loss_value = float(loss.detach())
         # The loss as a function of the outputs, for the baseline and curvature (which
         # replace the outputs): the model's own where the loss function returns it.
-        of_outputs, of_targets = _of_outputs(model, model_inputs, targets, outputs, loss, loss_fn)
+        of_outputs, of_targets = loss_of_outputs(
+            model, model_inputs, targets, outputs, loss, loss_fn
+        )
         baseline = (
             constant_baseline_loss(outputs, of_targets, of_outputs)
             if math.isfinite(loss_value)
@@ -247,32 +249,6 @@ def _diagnose(
         realized_decrease=None if whole is None else whole.realized,
         lambda_max=None if whole is None else whole.lambda_max,
     )
-
-
-def _of_outputs(
-    model: nn.Module,
-    inputs: Any,
-    targets: Any,
-    outputs: Any,
-    loss: torch.Tensor,
-    loss_fn: Callable[[Any, Any], torch.Tensor],
-) -> tuple[Callable[[Any, Any], torch.Tensor], Any]:
-    """``(loss_fn, targets)``, or, where the loss function returns the loss a Hugging
-    Face model computed itself from the ``labels`` among its inputs (``lambda out, y:
-    out.loss``), the model's own loss function of its logits and those labels: the same
-    loss, which depends on the outputs that the baseline and curvature replace (the
-    returned ``out.loss`` does not), and targets the baseline can split in halves."""
-    if not (isinstance(outputs, Mapping) and isinstance(inputs, Mapping)):
-        return loss_fn, targets
-    own_loss, labels = outputs.get("loss"), inputs.get("labels")
-    if not isinstance(own_loss, torch.Tensor) or own_loss.numel() != 1:
-        return loss_fn, targets
-    if not torch.equal(own_loss.detach().reshape(()), loss.detach()):
-        return loss_fn, targets  # the loss function computes a loss of its own
-    own = checked_model_loss(model, labels, outputs, loss)
-    if own is None:
-        return loss_fn, targets
-    return own, labels
 
 
 def _nonfinite_origin(

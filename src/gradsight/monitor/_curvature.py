@@ -86,7 +86,7 @@ class CurvatureTier:
         from gradsight._errors import GradsightError
         from gradsight.curvature.blockwise import BlockwiseGGN
 
-        model, loss_fn, prefix = self._tensor_model(batch, loss_fn)
+        model, loss_fn, prefix, batch = self._tensor_model(batch, loss_fn)
         engine = None
         if self.blockwise:
             modules = {prefix + name: model.get_submodule(prefix + name) for name in self.layers}
@@ -127,19 +127,27 @@ class CurvatureTier:
 
     def _tensor_model(
         self, batch: Any, loss_fn: Callable[[Any, Any], torch.Tensor]
-    ) -> tuple[nn.Module, Callable[[Any, Any], torch.Tensor], str]:
-        """The model and loss as the curvature engine needs them: returning one tensor.
-        A Hugging Face ``ModelOutput``, a dict of heads or a tuple is flattened as
-        :func:`gradsight.diagnose` does (:func:`~gradsight._outputs.tensor_output`),
-        after one forward pass without gradients that leaves the model as it was."""
+    ) -> tuple[nn.Module, Callable[[Any, Any], torch.Tensor], str, Any]:
+        """The model, loss and batch as the curvature engine needs them: returning one
+        tensor, the loss a function of it. A Hugging Face ``ModelOutput``, a dict of heads
+        or a tuple is flattened, and a model's own returned loss (``out.loss``) replaced by
+        its loss function of its logits, as :func:`gradsight.diagnose` does, after one
+        forward pass without gradients that leaves the model as it was."""
         from gradsight._batch import call_model, split_batch
+        from gradsight._model_loss import loss_of_outputs
         from gradsight._outputs import tensor_output
         from gradsight._state import preserved
 
+        inputs, targets = split_batch(batch)
         with torch.no_grad(), preserved(self.model):
-            outputs = call_model(self.model, split_batch(batch)[0])
+            outputs = call_model(self.model, inputs)
+            loss = loss_fn(outputs, targets)
+        loss_fn, labels = loss_of_outputs(self.model, inputs, targets, outputs, loss, loss_fn)
+        if labels is not targets:
+            batch = (inputs, labels)
         adapted = tensor_output(self.model, outputs, loss_fn)
-        return (self.model, loss_fn, "") if adapted is None else adapted
+        model, flat_loss, prefix = (self.model, loss_fn, "") if adapted is None else adapted
+        return model, flat_loss, prefix, batch
 
     def _exact(
         self,
