@@ -322,3 +322,29 @@ def test_a_transformers_model_s_own_loss_gets_its_baseline_and_curvature(
     assert [layer.status for layer in d.layers] == [layer.status for layer in ref.layers]
     assert "Curvature was not measured" not in d.summary
     assert d.headroom is not None
+
+
+def test_an_embedding_with_max_norm_is_left_as_it_was() -> None:
+    """``nn.Embedding(max_norm=...)`` renormalizes the rows it looks up, in place, at
+    every forward: the diagnosis's passes (signal and curvature) put them back."""
+
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 6, max_norm=0.5)
+            self.head = nn.Linear(6, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.emb(ids).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag()
+    gen = torch.Generator().manual_seed(0)
+    batch = (
+        torch.randint(0, 10, (32, 4), generator=gen),
+        torch.randint(0, 3, (32,), generator=gen),
+    )
+    rows = model.emb.weight.detach().norm(dim=1)
+    assert bool((rows > 0.5).any())  # the forward would renormalize some
+    d = _unchanged(model, lambda: gradsight.diagnose(model, batch, ce))
+    assert d.layer("emb").lambda_max is not None

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["preserved", "swapped_parameters"]
+__all__ = ["preserved", "renormed_weights_kept", "swapped_parameters"]
 
 
 @contextmanager
@@ -64,3 +64,32 @@ def swapped_parameters(
     finally:
         for module, key, param in saved:
             module._parameters[key] = param
+
+
+@contextmanager
+def renormed_weights_kept(model: nn.Module) -> Iterator[None]:
+    """Put back, on exit, the weights that ``model``'s forward rewrites in place: those of
+    ``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm`` (each lookup renormalizes
+    the rows it reads). A diagnosis's passes must leave them as they were: training
+    renormalizes them in its own forward, after its own updates.
+
+    Example:
+        >>> emb = nn.Embedding(4, 3, max_norm=0.1)
+        >>> before = emb.weight.detach().clone()
+        >>> with renormed_weights_kept(emb):
+        ...     _ = emb(torch.tensor([0, 1]))
+        >>> torch.equal(emb.weight, before)
+        True
+    """
+    kept = [
+        (m.weight, m.weight.detach().clone())
+        for m in model.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for live, saved in kept:
+                if not torch.equal(live, saved):
+                    live.copy_(saved)

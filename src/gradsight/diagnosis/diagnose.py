@@ -17,7 +17,7 @@ from gradsight._model_loss import loss_of_outputs
 from gradsight._norms import norms
 from gradsight._outputs import tensor_output
 from gradsight._precision import full_precision
-from gradsight._state import preserved
+from gradsight._state import preserved, renormed_weights_kept
 from gradsight.diagnosis._sharded import gathered
 from gradsight.diagnosis.advice import traits_of
 from gradsight.diagnosis.baseline import constant_baseline_loss
@@ -109,7 +109,7 @@ def diagnose(
         >>> d.status, d.layer("0").status
         ('vanishing', 'vanishing')
     """
-    with collector_paused():
+    with collector_paused(), renormed_weights_kept(model):
         return _diagnose(model, batch, loss_fn, lr, curvature, budget, optimizer, thresholds)
 
 

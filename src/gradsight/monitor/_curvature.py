@@ -76,8 +76,10 @@ class CurvatureTier:
     ) -> list[tuple[str, str, float]]:
         # The math attention kernel has the double backward that curvature products
         # need (the fused CPU/flash kernels do not); results agree to rounding.
+        from gradsight._state import renormed_weights_kept
+
         self.failed = {}
-        with sdpa_kernel(SDPBackend.MATH), full_precision():
+        with sdpa_kernel(SDPBackend.MATH), full_precision(), renormed_weights_kept(self.model):
             return self._measure(batch, loss_fn, lr)
 
     def _measure(
