@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -142,10 +143,12 @@ def _diagnose(
         # Finiteness is checked at every module only when the pass turns out non-finite
         # (a second pass, below): on a finite pass those checks cost a hook per module.
         with SignalProbe(model) as probe, _TimeInputs(model) as inputs:
+            started = time.perf_counter()
             outputs, loss = compute_loss(model, batch, loss_fn)
             probe.end_forward()
             wanted = params + probe.extra_inputs
             grads = torch.autograd.grad(loss, wanted, allow_unused=True)[: len(params)]
+            pass_seconds = time.perf_counter() - started  # with the probe's hooks: an upper bound
         flow = probe.result()
         loss_value = float(loss.detach())
         # The loss as a function of the outputs, for the baseline and curvature (which
@@ -192,6 +195,7 @@ def _diagnose(
                     budget=budget,
                     threshold=th.headroom,
                     unstable=th.unstable,
+                    pass_seconds=pass_seconds,
                 )
                 blocks = {k.removeprefix(prefix): v for k, v in blocks.items()}
                 if lr is not None and kind in (None, "sgd"):

@@ -214,6 +214,7 @@ def layer_curvature(
     threshold: float = 1e-4,
     unstable: float = 4.0,
     damping: float = DAMPING,
+    pass_seconds: float | None = None,
 ) -> tuple[dict[str, BlockCurvature], ModelHeadroom | None]:
     """Per-layer curvature of ``layers`` and the whole model's headroom, at one go.
 
@@ -238,6 +239,10 @@ def layer_curvature(
         draws: Monte Carlo draws of the output-Hessian factor when it is not exact.
         threshold: the headroom threshold of the verdicts.
         unstable: the ``lr·λmax`` threshold of the verdicts.
+        pass_seconds: the time of one forward and backward pass, if the caller has
+            timed one: the budget's unit is then the smaller of it and a quarter of the
+            blockwise pass (whose first call in a process also pays one-time setup,
+            which would leave a fresh process's first diagnosis without refinements).
 
     Returns:
         ``({layer: BlockCurvature}, ModelHeadroom)``; layers neither covered nor
@@ -256,6 +261,8 @@ def layer_curvature(
     except GradsightError:  # no factor for this loss: exact blocks within the budget
         engine = None
     unit = max(time.perf_counter() - start, 1e-6) / 4  # the pass is about four passes' work
+    if pass_seconds is not None and pass_seconds > 0:
+        unit = min(unit, pass_seconds)
     for name in layers:
         if engine is None or name not in engine.blocks:
             # First in line: without curvature its verdict rests on signal flow alone (an
