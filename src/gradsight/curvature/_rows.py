@@ -241,6 +241,17 @@ def layer_rows(
         # once only while they fit, else patches in chunks below.
         if work >= GROUPED_WORK and rows * module.weight.numel() <= CHUNK:
             return _ConvRows(module, params, inputs, deltas)
+    a, d = _as_linear(module, inputs, deltas)
+    transposed = type(module).__name__ == "Conv1D"
+    return _LinearRows(params, a, d, transposed=transposed)
+
+
+def _as_linear(
+    module: Any, inputs: Sequence[torch.Tensor], deltas: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every call's input as ``(n, T, d_in)`` rows and ``δ`` as ``(m, n, T, d_out)``
+    (a convolution's patches and output locations as positions), the calls' positions
+    concatenated."""
     a_list, d_list = [], []
     for a, d in zip(inputs, deltas, strict=True):
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -252,8 +263,7 @@ def layer_rows(
         d_list.append(d)
     a = torch.cat(a_list, dim=1) if len(a_list) > 1 else a_list[0]
     d = torch.cat(d_list, dim=2) if len(d_list) > 1 else d_list[0]
-    transposed = type(module).__name__ == "Conv1D"
-    return _LinearRows(params, a, d, transposed=transposed)
+    return a, d
 
 
 class _GroupedRows(LayerRows):
@@ -270,15 +280,9 @@ class _GroupedRows(LayerRows):
         deltas: Sequence[torch.Tensor],
     ) -> None:
         G = module.groups
-        self.has_bias = len(params) > 1
         self.out_per_group = module.out_channels // G
-        a_list, d_list = [], []
-        for a, d in zip(inputs, deltas, strict=True):
-            a2, d2 = _conv_as_linear(module, a, d)  # (n, L, C_in·K), (m, n, L, C_out)
-            a_list.append(a2.unflatten(-1, (G, -1)))  # a group's channels are contiguous
-            d_list.append(d2.unflatten(-1, (G, -1)))
-        a = torch.cat(a_list, dim=1) if len(a_list) > 1 else a_list[0]
-        d = torch.cat(d_list, dim=2) if len(d_list) > 1 else d_list[0]
+        a, d = _as_linear(module, inputs, deltas)  # (n, L, C_in·K), (m, n, L, C_out)
+        a, d = a.unflatten(-1, (G, -1)), d.unflatten(-1, (G, -1))  # a group's are contiguous
         self.groups = [
             _LinearRows(
                 [p[g * self.out_per_group : (g + 1) * self.out_per_group] for p in params],

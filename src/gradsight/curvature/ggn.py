@@ -233,9 +233,9 @@ def _cross_entropy_hessian(
     return apply
 
 
-def mse_scale(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> float | None:
-    """The constant Hessian ∂²L/∂z² = scale·I of a mean squared error loss (``nn.MSELoss``
-    or ``F.mse_loss`` on same-shaped targets, mean or sum reduction); None otherwise."""
+def mse_reduction(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> str | None:
+    """``"mean"`` or ``"sum"``: the reduction of a mean squared error loss
+    (``nn.MSELoss`` or ``F.mse_loss``) on targets of the outputs' shape; None otherwise."""
     if isinstance(loss_fn, nn.MSELoss):
         reduction = loss_fn.reduction
     elif loss_fn is F.mse_loss:
@@ -247,6 +247,15 @@ def mse_scale(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> float | None
         or not isinstance(targets, torch.Tensor)
         or targets.shape != outputs.shape
     ):
+        return None
+    return str(reduction)
+
+
+def mse_scale(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> float | None:
+    """The constant Hessian ∂²L/∂z² = scale·I of a mean squared error loss (see
+    :func:`mse_reduction`); None otherwise."""
+    reduction = mse_reduction(loss_fn, outputs, targets)
+    if reduction is None:
         return None
     return 2.0 / outputs.numel() if reduction == "mean" else 2.0
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradsight._outputs import FlatOutputs, output_keys
-from gradsight.curvature.ggn import class_loss_settings, cross_entropy_settings
+from gradsight.curvature.ggn import class_loss_settings, cross_entropy_settings, mse_reduction
 
 __all__ = ["constant_baseline_loss"]
 
@@ -234,19 +234,8 @@ def _squared_error_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
 
     On rows r of one feature, Σ_r (c − y_r)² = m c² − 2c Σy + Σy² (m rows): every
     candidate constant is scored from the three sums of the half it is scored on."""
-    if isinstance(loss_fn, nn.MSELoss):
-        reduction = loss_fn.reduction
-    elif loss_fn is F.mse_loss:
-        reduction = "mean"
-    else:
-        return None
-    if (
-        reduction not in ("mean", "sum")
-        or not isinstance(targets, torch.Tensor)
-        or not targets.is_floating_point()
-        or targets.shape != outputs.shape
-        or outputs.ndim < 1
-    ):
+    reduction = mse_reduction(loss_fn, outputs, targets)
+    if reduction is None or not targets.is_floating_point() or outputs.ndim < 1:
         return None
     dims = _feature_dims(outputs)
     reduce = [d for d in range(outputs.ndim) if d not in dims]
