@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from gradsight._errors import GradsightError
+from gradsight._walk import ModelWalk
 
 __all__ = [
     "call_model",
@@ -122,20 +123,20 @@ def compute_loss(
     return outputs, loss.reshape(())
 
 
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """``model``'s parameters that require grad, by qualified name (shared ones once).
+def trainable_parameters(
+    model: nn.Module, walk: ModelWalk | None = None
+) -> list[tuple[str, nn.Parameter]]:
+    """``model``'s parameters that require grad, by qualified name (shared ones once);
+    ``walk``: the model's, if already made.
 
     Raises:
-        GradsightError: if there are none.
+        GradsightError: if ``model`` is not an ``nn.Module``, or it has no trainable
+            parameters.
     """
-    if not isinstance(model, nn.Module):
-        raise GradsightError(
-            f"model must be a torch.nn.Module, got {type(model).__name__}. "
-            "Wrap a plain function in an nn.Module whose parameters are nn.Parameter."
-        )
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    everything = (walk or ModelWalk(model)).named_parameters
+    named = [(n, p) for n, p in everything if p.requires_grad]
     if not named:
-        total = sum(1 for _ in model.parameters())
+        total = len(everything)
         raise GradsightError(
             f"the model has no trainable parameters ({total} parameters, none with "
             "requires_grad=True). gradsight diagnoses how gradients reach parameters: "

@@ -8,11 +8,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from gradsight._walk import ModelWalk
+
 __all__ = ["preserved", "renormed_weights_kept", "swapped_parameters"]
 
 
 @contextmanager
-def preserved(model: nn.Module, *, seed: int | None = 0) -> Iterator[None]:
+def preserved(
+    model: nn.Module, *, seed: int | None = 0, walk: ModelWalk | None = None
+) -> Iterator[None]:
     """Restore ``model``'s buffers and the global RNG state on exit.
 
     Inside the block a forward pass in training mode may update BatchNorm running
@@ -22,9 +26,13 @@ def preserved(model: nn.Module, *, seed: int | None = 0) -> Iterator[None]:
 
     Parameters and their ``.grad`` are not copied: callers must not modify them (they
     take gradients with ``torch.autograd.grad``, which leaves ``.grad`` alone).
+    ``walk``: the model's, if already made.
     """
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    walk = walk or ModelWalk(model)
+    buffers = [(b, b.detach().clone()) for b in walk.buffers]
+    devices = sorted(
+        {p.device.index or 0 for _, p in walk.named_parameters if p.device.type == "cuda"}
+    )
     try:
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
@@ -67,11 +75,12 @@ def swapped_parameters(
 
 
 @contextmanager
-def renormed_weights_kept(model: nn.Module) -> Iterator[None]:
+def renormed_weights_kept(model: nn.Module, walk: ModelWalk | None = None) -> Iterator[None]:
     """Put back, on exit, the weights that ``model``'s forward rewrites in place: those of
     ``nn.Embedding``/``nn.EmbeddingBag`` with ``max_norm`` (each lookup renormalizes
     the rows it reads). A diagnosis's passes must leave them as they were: training
-    renormalizes them in its own forward, after its own updates.
+    renormalizes them in its own forward, after its own updates. ``walk``: the model's,
+    if already made.
 
     Example:
         >>> emb = nn.Embedding(4, 3, max_norm=0.1)
@@ -83,7 +92,7 @@ def renormed_weights_kept(model: nn.Module) -> Iterator[None]:
     """
     kept = [
         (m.weight, m.weight.detach().clone())
-        for m in model.modules()
+        for m in (walk or ModelWalk(model)).modules
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
     try:

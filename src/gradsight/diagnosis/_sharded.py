@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gradsight._walk import ModelWalk
+
 __all__ = ["gathered", "is_sharded"]
 
 # Module attributes FSDP2 adds (its state is keyed by these, and by the module itself).
@@ -56,14 +58,16 @@ def gathered(model: nn.Module) -> nn.Module:
         return _copy(model, {})
 
 
-def is_sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module, walk: ModelWalk | None = None) -> bool:
     """Whether ``model``'s parameters are sharded across ranks (FSDP2 makes them
-    ``DTensor``s, each rank holding a shard)."""
+    ``DTensor``s, each rank holding a shard); ``walk``: the model's, if already made."""
     if not torch.distributed.is_available() or "torch.distributed.tensor" not in sys.modules:
         # No DTensor exists before its module is imported (importing it takes seconds).
         return False
     from torch.distributed.tensor import DTensor
 
+    if walk is not None:
+        return any(isinstance(p, DTensor) for _, p in walk.named_parameters)
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 

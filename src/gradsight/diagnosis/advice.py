@@ -72,11 +72,15 @@ class ModelTraits:
 
 
 def traits_of(
-    model: nn.Module, activations: Sequence[str], optimizer: str | None = None
+    model: nn.Module,
+    activations: Sequence[str],
+    optimizer: str | None = None,
+    modules: Sequence[nn.Module] | None = None,
 ) -> ModelTraits:
-    """The :class:`ModelTraits` of ``model`` (activations as the probe recognised them)."""
+    """The :class:`ModelTraits` of ``model`` (activations as the probe recognised them;
+    ``modules``: ``model.modules()``, if already listed)."""
     has_norm = has_residual = gated = False
-    for cls in {type(module) for module in model.modules()}:
+    for cls in {type(module) for module in (model.modules() if modules is None else modules)}:
         norm, residual, gate = _class_traits(cls)
         has_norm, has_residual, gated = has_norm or norm, has_residual or residual, gated or gate
     return ModelTraits(frozenset(activations), has_norm, has_residual, gated, optimizer)

@@ -238,42 +238,41 @@ def _squared_error_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
     if reduction is None or not targets.is_floating_point() or outputs.ndim < 1:
         return None
     dims = _feature_dims(outputs)
-    reduce = [d for d in range(outputs.ndim) if d not in dims]
+    n, total = outputs.shape[0], outputs.numel()
     with torch.no_grad():
-        y, out = targets.detach().double(), outputs.double()
+        # Per sample and feature: Σ output, Σy, Σy², in one copy to the host.
+        y, out = targets.detach().double(), outputs.detach().double()
+        per = torch.stack([out, y, y.square()])
+        shared = [d + 1 for d in range(1, outputs.ndim) if d not in dims]
+        host = (per.sum(dim=shared) if shared else per).reshape(3, n, -1).cpu().numpy()
+    features = host.shape[2]
 
-        def sums(rows: slice) -> torch.Tensor:
-            """Per feature (flattened): the model's mean output, Σy, Σy²."""
-            y_r, o_r = y[rows], out[rows]
-            return torch.stack(
-                [o_r.mean(dim=reduce), y_r.sum(dim=reduce), y_r.square().sum(dim=reduce)]
-            ).reshape(3, -1)
+    def scores(consts: np.ndarray, stats: np.ndarray, entries: int) -> np.ndarray:
+        """The loss of each row of ``consts`` on the rows ``stats`` (Σ output, Σy, Σy²)
+        sums."""
+        m = entries / features  # rows per feature
+        summed = (m * consts**2 - 2 * consts * stats[1] + stats[2]).sum(axis=1)
+        return summed / entries if reduction == "mean" else summed
 
-        def scores(consts: torch.Tensor, stats: torch.Tensor, entries: int) -> torch.Tensor:
-            """The loss of each row of ``consts`` on the rows ``stats`` sums."""
-            m = entries / stats.shape[1]  # rows per feature
-            summed = (m * consts.square() - 2 * consts * stats[1] + stats[2]).sum(dim=1)
-            return summed / entries if reduction == "mean" else summed
-
-        n, total = outputs.shape[0], outputs.numel()
-        whole = sums(slice(None))
-        features = whole.shape[1]
-        at_start, in_sample = scores(
-            torch.stack([whole[0], whole[1] * features / total]), whole, total
-        ).tolist()
-        if total // features >= _IN_SAMPLE_ROWS * features or n < 4:
-            return min(at_start, in_sample)
-        halves = slice(0, None, 2), slice(1, None, 2)
-        (a, b) = map(sums, halves)
-        n_a, n_b = len(range(n)[halves[0]]), len(range(n)[halves[1]])
-        e_a, e_b = total // n * n_a, total // n * n_b
-        pairs = _shrunk(a[0], a[1] * features / e_a, b[0], b[1] * features / e_b, _EXACT_PATH)
-        on_b = scores(torch.stack([c for c, _ in pairs]), b, e_b)
-        on_a = scores(torch.stack([c for _, c in pairs]), a, e_a)
-        if reduction == "mean":
-            held_out = (on_b * (n_b / n) + on_a * (n_a / n)).tolist()
-        else:
-            held_out = (on_b + on_a).tolist()
+    whole = host.sum(axis=1)
+    at_start, in_sample = scores(
+        np.stack([whole[0], whole[1]]) * (features / total), whole, total
+    ).tolist()
+    if total // features >= _IN_SAMPLE_ROWS * features or n < 4:
+        return min(at_start, in_sample)
+    # Each half's constants (the model's mean output, the target mean) scored on the other.
+    a, b = host[:, 0::2].sum(axis=1), host[:, 1::2].sum(axis=1)
+    n_a, n_b = (n + 1) // 2, n // 2
+    e_a, e_b = total // n * n_a, total // n * n_b
+    start_a, fit_a = a[:2] * (features / e_a)
+    start_b, fit_b = b[:2] * (features / e_b)
+    pairs = _shrunk(start_a, fit_a, start_b, fit_b, _EXACT_PATH)
+    on_b = scores(np.stack([c for c, _ in pairs]), b, e_b)
+    on_a = scores(np.stack([c for _, c in pairs]), a, e_a)
+    if reduction == "mean":
+        held_out = (on_b * (n_b / n) + on_a * (n_a / n)).tolist()
+    else:
+        held_out = (on_b + on_a).tolist()
     return min(at_start, *held_out)
 
 
@@ -456,11 +455,15 @@ def _baseline(
         fit = _fit(start, outputs, targets, loss_fn, dims, max_iter, candidate)
         return _bounded(min(at_start, fit.loss), at_start)
     (out_a, y_a), (out_b, y_b) = halves
+    in_a = _rows_of_a(outputs)
     with torch.no_grad():
-        combine = _combiner(loss_fn, at_start, start, halves)
         start_a, start_b = _mean_constant(out_a, dims), _mean_constant(out_b, dims)
-    fit_a = _fit(start_a, out_a, y_a, loss_fn, dims, max_iter, candidate)
-    fit_b = _fit(start_b, out_b, y_b, loss_fn, dims, max_iter, candidate)
+    both = _exact_halves(outputs, targets, loss_fn, halves, in_a, candidate, start_a.shape)
+    if both is None:
+        fit_a = _fit(start_a, out_a, y_a, loss_fn, dims, max_iter, candidate)
+        fit_b = _fit(start_b, out_b, y_b, loss_fn, dims, max_iter, candidate)
+    else:
+        fit_a, fit_b = both
     # How far to move from each half's mean output towards its fit, chosen on held-out
     # loss; a closed form solved exactly needs no strong shrinkage.
     path = _PATH if fit_a.exact is None or fit_b.exact is None else _EXACT_PATH
@@ -475,12 +478,47 @@ def _baseline(
         pairs.append((counted[0].smoothed(_HELD_OUT_COUNT), counted[1].smoothed(_HELD_OUT_COUNT)))
     best = at_start
     with torch.no_grad():
+        # Each half scored with the other half's constant, in one call on the whole batch:
+        # the loss weighs the rows as it weighs the batch's.
         for c_a, c_b in pairs:
-            held_out = combine(
-                float(loss_fn(c_a.expand_as(out_b), y_b)), float(loss_fn(c_b.expand_as(out_a), y_a))
-            )
-            best = min(best, held_out)
+            held_out = torch.where(in_a, c_b, c_a).expand_as(outputs)
+            best = min(best, float(loss_fn(held_out, targets)))
     return _bounded(best, at_start)
+
+
+def _rows_of_a(outputs: torch.Tensor) -> torch.Tensor:
+    """``[batch, 1, ...]``: True on the samples of half A (the even ones)."""
+    even = torch.arange(outputs.shape[0], device=outputs.device) % 2 == 0
+    return even.view(-1, *[1] * (outputs.ndim - 1))
+
+
+def _exact_halves(
+    outputs: torch.Tensor,
+    targets: Any,
+    loss_fn: LossFn,
+    halves: tuple[tuple[torch.Tensor, Any], tuple[torch.Tensor, Any]],
+    in_a: torch.Tensor,
+    candidate: Candidate,
+    shape: torch.Size,
+) -> tuple[_Fitted, _Fitted] | None:
+    """Both halves' closed forms, where each is the minimum on its half: checked at once,
+    with one call of the loss on the whole batch (each half's rows holding its own
+    constant) and one gradient, as :func:`_fit` checks one. None where they are not
+    (:func:`_fit` then fits each half on its own)."""
+    (out_a, y_a), (out_b, y_b) = halves
+    found = candidate(out_a, y_a), candidate(out_b, y_b)
+    if any(f is None or f.const.shape != shape for f in found):
+        return None
+    exact_a, exact_b = found
+    assert exact_a is not None and exact_b is not None
+    c_a, c_b = (f.const.detach().clone().requires_grad_(True) for f in (exact_a, exact_b))
+    with torch.enable_grad():
+        value = loss_fn(torch.where(in_a, c_a, c_b).expand_as(outputs), targets)
+        g_a, g_b = torch.autograd.grad(value, [c_a, c_b])
+    loss = float(value.detach())
+    if not (_stationary(loss, g_a) and _stationary(loss, g_b)):
+        return None
+    return _Fitted(exact_a.const, loss, exact_a), _Fitted(exact_b.const, loss, exact_b)
 
 
 def _halves(
@@ -512,30 +550,21 @@ def _take(targets: Any, start: int) -> Any:
     return type(targets)(_take(v, start) for v in targets)
 
 
-def _combiner(
-    loss_fn: LossFn,
-    whole: float,
-    start: torch.Tensor,
-    halves: tuple[tuple[torch.Tensor, Any], tuple[torch.Tensor, Any]],
-) -> Callable[[float, float], float]:
-    """How two halves' losses make a whole batch's: summed (``reduction="sum"``) or
-    averaged by size (``"mean"``), whichever reproduces the whole batch's loss ``whole``
-    at the constant ``start``."""
-    (out_a, y_a), (out_b, y_b) = halves
-    la = float(loss_fn(start.expand_as(out_a), y_a))
-    lb = float(loss_fn(start.expand_as(out_b), y_b))
-    n = out_a.shape[0] + out_b.shape[0]
-    wa, wb = out_a.shape[0] / n, out_b.shape[0] / n
-    if abs(whole - (la + lb)) < abs(whole - (wa * la + wb * lb)):
-        return lambda a, b: a + b
-    # The loss on half A is scored with the constant fitted on B and the other way round.
-    return lambda on_b, on_a: wb * on_b + wa * on_a
+def _stationary(value: float, g: torch.Tensor) -> bool:
+    """Whether the loss ``value`` is at a minimum of the constant: every entry of its
+    gradient ``g`` within :data:`_TOLERANCE_GRAD` of it (relative, so that c·loss is
+    solved as loss is)."""
+    return (
+        math.isfinite(value)
+        and bool(torch.isfinite(g).all())
+        and float(g.abs().max()) <= _TOLERANCE_GRAD * abs(value)
+    )
 
 
 @dataclass
 class _Fitted:
-    """A fitted constant, its loss, and the closed-form start it is (None: fitted by
-    L-BFGS)."""
+    """A fitted constant, its loss (both halves' at once, for closed forms checked together
+    by :func:`_exact_halves`), and the closed-form start it is (None: fitted by L-BFGS)."""
 
     const: torch.Tensor
     loss: float
@@ -567,13 +596,6 @@ def _fit(
             (g,) = torch.autograd.grad(value, const)
         return float(value.detach()), g
 
-    def stationary(value: float, g: torch.Tensor) -> bool:
-        return (
-            math.isfinite(value)
-            and bool(torch.isfinite(g).all())
-            and float(g.abs().max()) <= _TOLERANCE_GRAD * abs(value)
-        )
-
     found = candidate(outputs, targets)
     tried = [] if found is None else [found, _binary_alternative(found, targets)]
     best, best_value, g = start, math.inf, None
@@ -581,7 +603,7 @@ def _fit(
         if s is None or s.const.shape != start.shape:
             continue
         value, s_g = gradient(s.const)
-        if stationary(value, s_g):
+        if _stationary(value, s_g):
             return _Fitted(s.const, value, s)
         if value < best_value:
             best, best_value, g = s.const, value, s_g
@@ -595,7 +617,7 @@ def _fit(
         ce = _cross_entropy_from_gradients(best, g, other, g_other, dims[0], rows)
         if ce is not None:
             ce_value, ce_g = gradient(ce.const)
-            if stationary(ce_value, ce_g):
+            if _stationary(ce_value, ce_g):
                 return _Fitted(ce.const, ce_value, ce)
             if math.isfinite(ce_value) and ce_value < best_value:
                 best, best_value = ce.const, ce_value

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,7 +19,8 @@ from gradsight._norms import norms
 from gradsight._outputs import tensor_output
 from gradsight._precision import full_precision
 from gradsight._state import preserved, renormed_weights_kept
-from gradsight.diagnosis._sharded import gathered
+from gradsight._walk import ModelWalk
+from gradsight.diagnosis._sharded import gathered, is_sharded
 from gradsight.diagnosis.advice import traits_of
 from gradsight.diagnosis.baseline import constant_baseline_loss
 from gradsight.diagnosis.headroom import (
@@ -110,12 +111,18 @@ def diagnose(
         >>> d.status, d.layer("0").status
         ('vanishing', 'vanishing')
     """
-    with collector_paused(), renormed_weights_kept(model):
-        return _diagnose(model, batch, loss_fn, lr, curvature, budget, optimizer, thresholds)
+    model = unwrap_compiled(model)
+    walk = ModelWalk(model)
+    if is_sharded(model, walk):
+        model = gathered(model)  # FSDP2: a plain copy with the full parameters (every rank)
+        walk = ModelWalk(model)
+    with collector_paused(), renormed_weights_kept(model, walk):
+        return _diagnose(model, walk, batch, loss_fn, lr, curvature, budget, optimizer, thresholds)
 
 
 def _diagnose(
     model: nn.Module,
+    walk: ModelWalk,
     batch: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     lr: float | None,
@@ -124,9 +131,7 @@ def _diagnose(
     optimizer: torch.optim.Optimizer | None,
     thresholds: Thresholds | None,
 ) -> Diagnosis:
-    model = unwrap_compiled(model)
-    model = gathered(model)  # FSDP2: a plain copy with the full parameters (every rank)
-    named = trainable_parameters(model)
+    named = trainable_parameters(model, walk)
     kind = optimizer_kind(optimizer)
     if optimizer is not None and lr is None:
         lr = optimizer_lr(optimizer)
@@ -139,15 +144,19 @@ def _diagnose(
         )
     model_inputs, targets = split_batch(batch)
     params = [p for _, p in named]
-    with preserved(model):
+    with preserved(model, walk=walk):
         # Finiteness is checked at every module only when the pass turns out non-finite
         # (a second pass, below): on a finite pass those checks cost a hook per module.
-        with SignalProbe(model) as probe, _TimeInputs(model) as inputs:
+        probe = SignalProbe(model, named_modules=walk.named_modules, gradient_edges=True)
+        with probe, _TimeInputs(walk.named_modules) as inputs:
             started = time.perf_counter()
             outputs, loss = compute_loss(model, batch, loss_fn)
             probe.end_forward()
-            wanted = params + probe.extra_inputs
-            grads = torch.autograd.grad(loss, wanted, allow_unused=True)[: len(params)]
+            # Tensors and autograd edges alike (the typing of grad has one or the other).
+            wanted: list[Any] = [*params, *probe.extra_inputs, *probe.gradient_edges]
+            grads = torch.autograd.grad(loss, wanted, allow_unused=True)
+            probe.take_gradients(grads[len(params) + len(probe.extra_inputs) :])
+            grads = grads[: len(params)]
             pass_seconds = time.perf_counter() - started  # with the probe's hooks: an upper bound
         flow = probe.result()
         loss_value = float(loss.detach())
@@ -229,11 +238,12 @@ def _diagnose(
             model,
             [m.activation.name for m in flow.modules if m.activation is not None],
             kind,
+            walk.modules,
         ),
     )
     origin = None
     if not finite:
-        origin = _nonfinite_origin(model, batch, loss_fn, params)
+        origin = _nonfinite_origin(model, walk, batch, loss_fn, params)
         summary = (
             f"The loss or a gradient is NaN/Inf (loss {loss_value}); it starts at module "
             f"{origin!r}.\n" + summary
@@ -257,6 +267,7 @@ def _diagnose(
 
 def _nonfinite_origin(
     model: nn.Module,
+    walk: ModelWalk,
     batch: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     params: list[nn.Parameter],
@@ -264,8 +275,10 @@ def _nonfinite_origin(
     """The first module whose output (or, if the forward pass is finite, backward signal)
     is NaN/Inf: the same pass again (same RNG seed, so the same dropout masks), with a
     finiteness check at every module."""
-    probe = SignalProbe(model, check_finite=True, stop_at_nonfinite=True)
-    with preserved(model), probe:
+    probe = SignalProbe(
+        model, check_finite=True, stop_at_nonfinite=True, named_modules=walk.named_modules
+    )
+    with preserved(model, walk=walk), probe:
         try:
             _, loss = compute_loss(model, batch, loss_fn)
         except NonfiniteOutput as found:  # the forward pass stops where it turns NaN/Inf
@@ -343,15 +356,15 @@ class _TimeInputs:
     pre-hooks; reductions only), so that the verdict can tell whether the signal through
     time fades before the steps where the inputs are."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, named_modules: Sequence[tuple[str, nn.Module]]) -> None:
+        self.named_modules = named_modules
         self.norms: dict[str, tuple[float, ...]] = {}
         self._sq: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
     def __enter__(self) -> _TimeInputs:
         seen: set[int] = set()
-        for name, module in self.model.named_modules():
+        for name, module in self.named_modules:
             if isinstance(module, nn.RNNBase) and id(module) not in seen:
                 seen.add(id(module))
                 self._handles.append(module.register_forward_pre_hook(self._hook(name)))

@@ -54,7 +54,7 @@ class ActivationAccumulator:
         s = self.states
         if s is None or s.count == 0:
             return None
-        sat, dead, mean, rms = self._metrics or s.metrics()[0].double().tolist()
+        sat, dead, mean, rms = self._metrics or s.host_metrics()[0]
         return ActivationStats(
             name=self.spec.name,
             saturation=sat,
@@ -133,10 +133,10 @@ class ModuleAccumulator:
 
 def _grouped_states(
     items: Sequence[tuple[ModuleActivation | ActivationSpec, int, torch.Tensor]],
-) -> list[tuple[list[int], ActivationStates, torch.Tensor]]:
+) -> list[tuple[list[int], ActivationStates]]:
     """Activation statistics of ``(activation, unit dim, tensor)`` items, one kernel call
     per group of the same activation, unit dimension, shape, dtype and device: per group
-    ``(indices into items, the stacked states, their [n, 4] metrics)``, on the device."""
+    ``(indices into items, the stacked states)``, on the device."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (act, unit_dim, t) in enumerate(items):
         key = (act, unit_dim % max(t.ndim, 1), t.shape, t.dtype, t.device)
@@ -146,8 +146,7 @@ def _grouped_states(
         for (act, unit_dim, _, _, _), members in groups.items():
             tensors = [items[i][2] for i in members]
             x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
-            states = activation_states(act, unit_dim, x)
-            out.append((members, states, states.metrics()))
+            out.append((members, activation_states(act, unit_dim, x)))
     return out
 
 
@@ -160,7 +159,8 @@ def reduce_pending(accs: list[ModuleAccumulator]) -> None:
     """
     pending = [(acc, acc.pending) for acc in accs if acc.pending is not None]
     items = [(act, acc.unit_dim, t) for acc, (act, t) in pending]
-    for members, states, metrics in _grouped_states(items):
+    for members, states in _grouped_states(items):
+        metrics = states.metrics()
         for i, st, row in zip(members, states.unbind(), metrics.unbind(), strict=True):
             acc, (act, _) = pending[i]
             acc.reduced.append((act.spec, st, tuple(row.unbind())))
@@ -177,8 +177,8 @@ def reduce_kept(
     live = [i for i, (_, _, z, version) in enumerate(kept) if z.numel() and z._version == version]
     items = [(kept[i][1], kept[i][0].unit_dim, kept[i][2]) for i in live]
     out: dict[int, tuple[ActivationStates, list[float]]] = {}
-    for members, states, metrics in _grouped_states(items):
-        rows = metrics.double().tolist()  # one copy to the host per group
+    for members, states in _grouped_states(items):
+        rows = states.host_metrics()  # one copy to the host per group
         for j, st, row in zip(members, states.unbind(), rows, strict=True):
             out[live[j]] = (st, row)
     return out

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 
 from gradsight._errors import GradsightError
@@ -122,21 +124,24 @@ class ActivationStates:
 
     def metrics(self) -> torch.Tensor:
         """``[n, 4]``: saturation, dead fraction, mean |φ'|, RMS φ' (see
-        :data:`ACTIVATION_METRICS`)."""
-        n = float(self.count)
-        dtype = self.dsum.dtype
-        return torch.stack(
-            [
-                self.flat / n,
-                1.0 - self.alive.to(dtype).mean(dim=1),
-                self.dsum / n,
-                (self.dsq / n).sqrt(),
-            ],
-            dim=1,
-        )
+        :data:`ACTIVATION_METRICS`), on the device."""
+        alive = self.alive.to(self.dsum.dtype).mean(dim=1)
+        return torch.stack(_fractions(self.count, self.flat, self.dsum, self.dsq, alive), dim=1)
+
+    def host_metrics(self) -> list[list[float]]:
+        """:meth:`metrics` as Python floats (in float64), from one copy to the host."""
+        parts: tuple[torch.Tensor, ...] = (self.flat, self.dsum, self.dsq, self.alive)
+        if any(t.device.type != "cpu" for t in parts):
+            parts = tuple(t.cpu() for t in parts)  # (a few numbers each)
+        flat, dsum, dsq = (t.numpy().tolist() for t in parts[:3])
+        mask = parts[3].numpy()
+        alive = (np.count_nonzero(mask, axis=1) / max(mask.shape[1], 1)).tolist()
+        return [_fractions(self.count, *row) for row in zip(flat, dsum, dsq, alive, strict=True)]
 
     def unbind(self) -> list[ActivationStates]:
         """One :class:`ActivationStates` per tensor (``n = 1`` each)."""
+        if self.flat.shape[0] == 1:
+            return [self]
         return [
             ActivationStates(self.count, f, s, q, a)
             for f, s, q, a in zip(
@@ -159,6 +164,21 @@ class ActivationStates:
             self.dsq + other.dsq.to(self.dsq),
             alive,
         )
+
+
+A = TypeVar("A", torch.Tensor, np.ndarray, float)
+
+
+def _fractions(count: int, flat: A, dsum: A, dsq: A, alive: A) -> list[A]:
+    """The four metrics from the sufficient statistics (``alive``: the mean of the unit
+    mask), on tensors or numbers alike."""
+    n = float(count)
+    return [flat / n, 1.0 - alive, dsum / n, (dsq / n) ** 0.5]
+
+
+#: At most this many entries on the CPU are reduced with NumPy, whose per-call cost
+#: on small arrays is a fraction of torch's (beyond it both are bandwidth-bound).
+_HOST_ENTRIES = 1 << 16
 
 
 def activation_states(
@@ -195,6 +215,8 @@ def activation_states(
     if not (act.nonnegative or act.spec.nonnegative):
         d = d.abs_()
     threshold = FLAT_FRACTION * act.spec.max_derivative
+    if d.device.type == "cpu" and len(shape) and d.numel() <= _HOST_ENTRIES:
+        return _host_states(d, unit_dim, threshold)
     if len(shape) == 0:  # one entry per tensor
         flat = d <= threshold
         return ActivationStates(1, flat.to(d.dtype), d, d * d, ~flat.reshape(n, 1))
@@ -214,3 +236,24 @@ def activation_states(
     steep = d.sub_(threshold).clamp_(min=0)
     flat = count - steep.sign_().sum(dim=1)
     return ActivationStates(count, flat, dsum, dsq, alive)
+
+
+def _host_states(d: torch.Tensor, unit_dim: int, threshold: float) -> ActivationStates:
+    """:func:`activation_states`' reductions of the derivatives ``d`` (``[n, *shape]``, at
+    least one dimension per tensor) in NumPy: the same statistics, in ``d``'s dtype."""
+    a = d.detach().numpy()
+    n = a.shape[0]
+    others = tuple(i + 1 for i in range(a.ndim - 1) if i != unit_dim)
+    alive = (a.max(axis=others) if others else a) > threshold
+    rows = a.reshape(n, -1)
+    count = rows.shape[1]
+    dsum = rows.sum(axis=1)
+    dsq = np.einsum("ij,ij->i", rows, rows)
+    flat = (count - np.count_nonzero(rows > threshold, axis=1)).astype(a.dtype)
+    return ActivationStates(
+        count,
+        torch.from_numpy(flat),
+        torch.from_numpy(dsum),
+        torch.from_numpy(dsq),
+        torch.from_numpy(alive),
+    )

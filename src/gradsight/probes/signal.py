@@ -38,11 +38,12 @@ output, so it receives ∂L/∂z even after ``ReLU(inplace=True)`` overwrote z.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils.hooks import RemovableHandle
 
@@ -83,8 +84,11 @@ __all__ = [
 ]
 
 
-def parameter_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Modules that own parameters directly (``recurse=False``), as named_modules() names.
+def parameter_owners(
+    model: nn.Module, named_modules: Sequence[tuple[str, nn.Module]] | None = None
+) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters directly (``recurse=False``), as named_modules() names
+    (``named_modules``: ``model.named_modules()``, if already listed).
 
     A module reached under several names is listed once, under its first name.
     """
@@ -92,7 +96,7 @@ def parameter_owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
     # non-None entries of its _parameters (what parameters(recurse=False) iterates).
     return [
         (name, module)
-        for name, module in model.named_modules()
+        for name, module in (model.named_modules() if named_modules is None else named_modules)
         if any(p is not None for p in module._parameters.values())
     ]
 
@@ -236,6 +240,15 @@ class SignalProbe(LeanHooks):
             entries per call for the statistics; beyond it, tensors with dimensions
             other than samples and units (conv feature maps) are subsampled on an
             evenly strided grid of those dimensions (None: no cap).
+        named_modules: ``model.named_modules()``, where the caller has listed them
+            already (the model's structure must not change before the probe enters).
+        gradient_edges: For a caller that runs the backward pass itself with
+            ``torch.autograd.grad``: the backward signals at parameter-owning modules
+            are taken as gradients at their autograd edges (:attr:`gradient_edges`),
+            which the caller asks for along with its own inputs and hands to
+            :meth:`take_gradients`, instead of by tensor hooks (a Python call each in
+            the backward pass). Up to the probe's budget of entries kept per pass;
+            beyond it, and with ``check_finite``, tensor hooks as without it.
 
     Example:
         >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -262,6 +275,8 @@ class SignalProbe(LeanHooks):
         output_norms: bool = True,
         activation_samples: int | None = None,
         activation_entries: int | None = None,
+        named_modules: Sequence[tuple[str, nn.Module]] | None = None,
+        gradient_edges: bool = False,
     ) -> None:
         if activations not in (True, False, "functions", "modules"):
             raise GradsightError(
@@ -279,6 +294,7 @@ class SignalProbe(LeanHooks):
         self.output_norms = output_norms
         self.activation_samples = activation_samples
         self.activation_entries = activation_entries
+        self._named_modules = named_modules
         self._accs: dict[int, ModuleAccumulator] = {}
         self._order: list[ModuleAccumulator] = []
         self._handles: list[RemovableHandle] = []
@@ -286,6 +302,11 @@ class SignalProbe(LeanHooks):
         #: Leaves the probe made (inputs of recurrent layers) whose gradients it reads:
         #: pass them to torch.autograd.grad along with the parameters.
         self.extra_inputs: list[torch.Tensor] = []
+        #: With ``gradient_edges``: the autograd edges of the signals the probe reads, in
+        #: the order :meth:`take_gradients` expects their gradients.
+        self.gradient_edges: list[GradientEdge] = []
+        self._use_edges = gradient_edges and not check_finite
+        self._edge_norms: list[list[torch.Tensor]] = []  # where each edge's gradient goes
         self._mode: _ActivationWatcher | None = None
         self._pending_owner: ModuleAccumulator | None = None
         self._active = False
@@ -316,12 +337,14 @@ class SignalProbe(LeanHooks):
             self._active = bool(on)
 
     def __enter__(self) -> SignalProbe:
-        self.owners = parameter_owners(self.model)
+        self.owners = parameter_owners(self.model, self._named_modules)
         owners = {id(m) for _, m in self.owners}
         guard = self._guard.wrap
         try:
             for name, module in (
-                self.owners if not self.check_finite else self.model.named_modules()
+                self.owners
+                if not self.check_finite
+                else self._named_modules or self.model.named_modules()
             ):
                 owns = id(module) in owners
                 acc = ModuleAccumulator(name, module, owns)
@@ -344,7 +367,7 @@ class SignalProbe(LeanHooks):
                     hook = guard(SIGNALS, self._lean_post_hook(acc))
                     self._handles.append(module.register_forward_hook(hook))
             if self.activations == "modules":
-                for module in self.model.modules():
+                for _, module in self._named_modules or self.model.named_modules():
                     act = module_activation(module)
                     if act is not None and id(module) not in self._accs:
                         self._handles.append(
@@ -377,6 +400,8 @@ class SignalProbe(LeanHooks):
             h.remove()
         self._handles.clear()
         self._tensor_handles.clear()
+        self.gradient_edges = []  # they hold the graph: a caller that did not take them
+        self._edge_norms.clear()
         self._pending_owner = None
         for acc in self._accs.values():
             # They refer to the probe: no reference cycle is left.
@@ -412,7 +437,7 @@ class SignalProbe(LeanHooks):
                 if not differentiable(x):
                     return None
                 view = x.view_as(x)
-                self._tensor_handles.append(view.register_hook(in_hook))
+                self._on_gradient(view, acc.in_norms, in_hook)
                 return (view,), kwargs
             views: dict[int, torch.Tensor] = {}
 
@@ -421,7 +446,7 @@ class SignalProbe(LeanHooks):
                     return t
                 if id(t) not in views:
                     view = t.view_as(t)
-                    self._tensor_handles.append(view.register_hook(in_hook))
+                    self._on_gradient(view, acc.in_norms, in_hook)
                     views[id(t)] = view
                 return views[id(t)]
 
@@ -481,7 +506,7 @@ class SignalProbe(LeanHooks):
                         raise NonfiniteOutput(acc.name)  # not an Exception: past the guard
                 if differentiable(t):
                     assert acc.out_hook is not None
-                    self._tensor_handles.append(t.register_hook(acc.out_hook))
+                    self._on_gradient(t, acc.out_norms, acc.out_hook)
             if acc.owns_params:
                 self._pending_owner = acc
                 if self._mode is not None:
@@ -505,6 +530,39 @@ class SignalProbe(LeanHooks):
         self._pending_owner = None
         if self._mode is not None:
             self._mode.unwatch()
+
+    def _on_gradient(
+        self, t: torch.Tensor, norms: list[torch.Tensor], hook: Callable[[torch.Tensor], None]
+    ) -> None:
+        """Have ∂L/∂t recorded into ``norms`` (a parameter owner's; the hook's own list
+        otherwise): at its autograd edge, for the caller's gradient call, where the probe
+        takes gradient edges and the budget of kept entries allows; by ``hook`` otherwise."""
+        if (
+            self._use_edges
+            and t.ndim > 0  # kept gradients are told from norms (0-d) by their shape
+            and t.numel() + self._kept_entries <= _KEPT_ENTRIES
+        ):
+            self._kept_entries += t.numel()
+            self.gradient_edges.append(get_gradient_edge(t))
+            self._edge_norms.append(norms)
+            return
+        self._tensor_handles.append(t.register_hook(hook))
+
+    def take_gradients(self, grads: Sequence[torch.Tensor | None]) -> None:
+        """With ``gradient_edges``: the gradients ``torch.autograd.grad`` returned for
+        :attr:`gradient_edges` (in that order; None where the loss does not reach one)."""
+        if len(grads) != len(self._edge_norms):
+            raise GradsightError(
+                f"take_gradients expects one gradient per gradient edge "
+                f"({len(self._edge_norms)}), got {len(grads)}: pass the gradients "
+                "torch.autograd.grad returned for probe.gradient_edges, in their order."
+            )
+        if self._active:
+            for norms, grad in zip(self._edge_norms, grads, strict=True):
+                if grad is not None:
+                    norms.append(grad.detach())
+        self._edge_norms.clear()
+        self.gradient_edges = []
 
     def _grad_hook(self, acc: ModuleAccumulator, where: str) -> Callable[[torch.Tensor], None]:
         def hook(grad: torch.Tensor) -> None:
