@@ -318,3 +318,32 @@ def test_curvature_under_autocast_is_measured_in_full_precision() -> None:
     for a, b in zip(mixed.layers, plain.layers, strict=True):
         assert a.lambda_max is not None and b.lambda_max is not None
         assert a.lambda_max == pytest.approx(b.lambda_max, rel=0.05)
+
+
+def test_error_for_a_model_that_is_not_a_module() -> None:
+    """A plain function is told apart before anything walks it (it used to end in an
+    AttributeError from the first walk of the module tree)."""
+    with pytest.raises(GradsightError, match=r"torch.nn.Module, got function.*nn.Parameter"):
+        diagnose(lambda x: x, (torch.randn(4, 3), torch.randn(4, 3)), nn.functional.mse_loss)
+
+
+def test_one_walk_lists_what_torch_lists() -> None:
+    """The walk a diagnosis shares lists the modules, parameters and buffers torch's own
+    iterators list: a module under two names once, a tied weight once under its first
+    name, an empty parameter slot left out, non-persistent buffers included."""
+    from gradsight._walk import ModelWalk
+
+    shared = nn.Linear(4, 4)
+    head = nn.Linear(4, 4, bias=False)
+    head.weight = shared.weight  # tied
+    model = nn.Sequential(shared, nn.BatchNorm1d(4), shared, head, nn.Linear(4, 2, bias=False))
+    model[1].register_buffer("scratch", torch.zeros(3), persistent=False)
+    walk = ModelWalk(model)
+    assert [(n, id(m)) for n, m in walk.named_modules] == [
+        (n, id(m)) for n, m in model.named_modules()
+    ]
+    assert [(n, id(p)) for n, p in walk.named_parameters] == [
+        (n, id(p)) for n, p in model.named_parameters()
+    ]
+    assert [id(b) for b in walk.buffers] == [id(b) for b in model.buffers()]
+    assert len(walk.buffers) == 4  # running mean, var, batch count, scratch

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from gradsight import GradsightError
 from gradsight.probes import FLAT_FRACTION, SignalProbe, parameter_owners
 
 
@@ -550,3 +551,98 @@ def test_relu_statistics_from_sums_equal_the_general_kernel(unit_dim: int) -> No
     torch.testing.assert_close(fast.metrics(), general.metrics())
     # Dead fraction of the first tensor: unit 2 of 6 along dim 1; no sample is all off.
     assert float(fast.metrics()[0, 1]) == pytest.approx(1 / 6 if unit_dim == 1 else 0.0)
+
+
+@pytest.mark.parametrize("unit_dim", [1, 2, 0])
+def test_small_tensors_reduced_on_the_host_equal_the_torch_kernel(
+    unit_dim: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small CPU tensors are reduced in NumPy (its per-call cost is a fraction of
+    torch's); the statistics equal the torch kernel's for every activation kind: dead and
+    saturated units, NaN entries, signed derivatives (ELU's, leaky ReLU's negative slope)."""
+    from gradsight.probes import _kernel
+    from gradsight.probes.activations import GELU, RELU, SIGMOID, TANH, _elu, _leaky
+
+    gen = torch.Generator().manual_seed(1)
+    z = 3 * torch.randn(2, 30, 6, 4, generator=gen)
+    z[0, :, 2] = -50.0  # flat for every rectifier and saturating function
+    z[1, 3, 1, 1] = float("nan")
+    for spec in (SIGMOID, TANH, RELU, GELU, _elu(0.5), _leaky(-0.2)):
+        host = _kernel.activation_states(spec, unit_dim, z.clone())
+        with monkeypatch.context() as patch:
+            patch.setattr(_kernel, "_HOST_ENTRIES", 0)
+            device = _kernel.activation_states(spec, unit_dim, z.clone())
+        assert host.count == device.count, spec.name
+        assert torch.equal(host.flat, device.flat), spec.name
+        assert torch.equal(host.alive, device.alive), spec.name
+        torch.testing.assert_close(host.dsum, device.dsum, equal_nan=True)
+        torch.testing.assert_close(host.dsq, device.dsq, equal_nan=True)
+        torch.testing.assert_close(host.metrics(), device.metrics(), equal_nan=True)
+        rows = host.host_metrics()
+        torch.testing.assert_close(
+            torch.tensor(rows), device.metrics().double(), equal_nan=True, check_dtype=False
+        )
+        if spec is RELU and unit_dim == 1:
+            assert rows[0][1] == pytest.approx(1 / 6)  # the flat unit is dead
+
+
+class _Branches(nn.Module):
+    """A skip connection, a module called twice, an in-place ReLU after a layer, a
+    two-input layer and an unused layer: every way a backward signal is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5)
+        self.bi = nn.Bilinear(5, 5, 3)
+        self.unused = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.relu(self.a(x), inplace=True)
+        h = h + self.b(h)
+        h = self.b(h)  # called twice
+        return self.bi(h, h * 2)
+
+
+@pytest.mark.parametrize("kept_entries", [1 << 20, 40])
+def test_gradient_edges_record_what_tensor_hooks_record(
+    kept_entries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A caller that runs the backward pass itself can have the backward signals taken at
+    their autograd edges (no Python call in the backward pass): the flow equals the one
+    tensor hooks record, also where the budget of kept entries runs out part-way (the
+    rest by hooks) and after an in-place activation."""
+    from gradsight.probes import signal
+
+    monkeypatch.setattr(signal, "_KEPT_ENTRIES", kept_entries)
+    torch.manual_seed(0)
+    model = _Branches()
+    x = torch.randn(8, 5)
+    flows = []
+    for edges in (False, True):
+        params = list(model.parameters())
+        with SignalProbe(model, gradient_edges=edges) as probe:
+            loss = model(x).pow(2).mean()
+            probe.end_forward()
+            assert bool(probe.gradient_edges) == edges
+            grads = torch.autograd.grad(loss, [*params, *probe.gradient_edges], allow_unused=True)
+            probe.take_gradients(grads[len(params) :])
+        flows.append(probe.result())
+    hooks, edges_flow = flows
+    assert [m.name for m in hooks.modules] == [m.name for m in edges_flow.modules]
+    assert hooks.unused == edges_flow.unused == ["unused"]
+    for h, e in zip(hooks.modules, edges_flow.modules, strict=True):
+        assert h.calls == e.calls
+        for field in ("signal_norm", "input_signal_norm", "output_norm"):
+            want = getattr(h, field)
+            assert want is not None or h.name == "a"  # the data needs no gradient
+            assert getattr(e, field) == (want if want is None else pytest.approx(want, rel=1e-6))
+    assert edges_flow["b"].calls == 2
+
+
+def test_take_gradients_says_what_it_expects() -> None:
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1))
+    with SignalProbe(model, gradient_edges=True) as probe:
+        model(torch.randn(4, 3)).sum()
+        with pytest.raises(GradsightError, match=r"one gradient per gradient edge \(3\), got 1"):
+            probe.take_gradients([None])
