@@ -347,3 +347,21 @@ def test_one_walk_lists_what_torch_lists() -> None:
     ]
     assert [id(b) for b in walk.buffers] == [id(b) for b in model.buffers()]
     assert len(walk.buffers) == 4  # running mean, var, batch count, scratch
+
+
+def test_a_layer_that_passes_nothing_back_is_named_as_where_the_signal_stops() -> None:
+    """A zeroed model (every parameter zero: nothing can open the path, the head's weight
+    gets no gradient from its zero input) stops the backward signal at the head: the
+    vanishing layers' reason named the activations' average derivative as the cause of a
+    ×0 attenuation (ALBERT with zeroed weights: "tanh derivatives average 1.00")."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    d = diagnose(model, (x, y), nn.functional.cross_entropy, curvature=False)
+    first = d.layer("0")
+    assert first.grad_norm == 0.0
+    assert "layer 4 passes nothing back" in first.reason
+    assert "derivatives average" not in first.reason

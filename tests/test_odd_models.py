@@ -348,3 +348,172 @@ def test_an_embedding_with_max_norm_is_left_as_it_was() -> None:
     assert bool((rows > 0.5).any())  # the forward would renormalize some
     d = _unchanged(model, lambda: gradsight.diagnose(model, batch, ce))
     assert d.layer("emb").lambda_max is not None
+
+
+def _tiny_vit(zero: bool) -> nn.Module:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=4,
+    )
+    model = ViTForImageClassification(config)
+    if zero:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+    return model
+
+
+def _tiny_bart() -> nn.Module:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(
+        vocab_size=24,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=16,
+    )
+    return BartForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize(
+    ("kind", "scale"), [("vit-zero", 1.0), ("vit-zero", 1e-6), ("vit", 1e6), ("bart", 1.0)]
+)
+def test_a_scaled_model_loss_of_any_head_is_recomputed_from_the_logits(
+    kind: str, scale: float
+) -> None:
+    """``loss_fn = lambda out, y: c * out.loss`` on heads whose loss type has no logits-
+    and-labels loss function registered (image classification) or that compute their
+    loss in their forward (BART's aligned cross-entropy): the baseline and curvature were
+    lost (one more call of the loss said "not used in the graph"), and a zero-initialized
+    ViT, which AdamW cannot move off ln 4, read "converged" on every layer. The loss is
+    now recomputed from the logits by the model's own loss (checked to reproduce it), so
+    the statuses are those of the explicit cross-entropy, and the baseline c times its."""
+    gen = torch.Generator().manual_seed(0)
+    if kind == "bart":
+        model = _tiny_bart()
+        labels = torch.randint(3, 24, (8, 6), generator=gen)
+        labels[:, -1] = -100
+        inputs = {
+            "input_ids": torch.randint(3, 24, (8, 7), generator=gen),
+            "decoder_input_ids": model.prepare_decoder_input_ids_from_labels(labels=labels),
+        }
+    else:
+        model = _tiny_vit(zero=kind == "vit-zero")
+        labels = torch.randint(0, 4, (16,), generator=gen)
+        inputs = {"pixel_values": torch.randn(16, 3, 8, 8, generator=gen)}
+
+    def explicit(out, t):  # type: ignore[no-untyped-def]
+        return ce(out.logits.reshape(-1, out.logits.shape[-1]), t.reshape(-1), ignore_index=-100)
+
+    ref = gradsight.diagnose(model, (inputs, labels), explicit)
+    d = _unchanged(
+        model,
+        lambda: gradsight.diagnose(
+            model, ({**inputs, "labels": labels}, labels), lambda out, t: scale * out.loss
+        ),
+    )
+    assert ref.baseline_loss is not None and d.baseline_loss is not None
+    assert d.baseline_loss == pytest.approx(scale * ref.baseline_loss, rel=1e-4)
+    assert [layer.status for layer in d.layers] == [layer.status for layer in ref.layers]
+    assert "Curvature was not measured" not in d.summary
+    if kind == "vit-zero":
+        assert ref.status in ("vanishing", "dead")  # AdamW: 1.3863 -> 1.3774 in 40 steps
+        assert "converged" not in {layer.status for layer in d.layers[:-1]}
+
+
+def test_a_zero_initialized_parameter_is_not_called_converged_without_curvature() -> None:
+    """A layer whose parameters are all exactly zero (DeiT's class token and position
+    embeddings, Swin's relative position bias) has no scale-free gradient: ‖g‖·‖p‖ is 0
+    whatever the gradient. It read "converged … sits at its optimum" while its gradient
+    was the model's largest; training it alone lowers the loss."""
+
+    class Tokens(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.position = nn.Parameter(torch.zeros(6, 8))  # zero-initialized
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.position
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Tokens(), nn.Flatten(), nn.Linear(48, 3))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 6, 8, generator=gen)
+    y = (x[:, 0, 0] > 0).long() + (x[:, 1, 1] > 0).long()
+    d = gradsight.diagnose(model, (x, y), ce, curvature=False)
+    tokens = d.layer("0")
+    assert tokens.status == "ok", tokens.reason
+    assert "exactly zero (zero-initialized)" in tokens.reason
+    # Ground truth: SGD on the position embedding alone lowers the loss.
+    train = copy.deepcopy(model)
+    opt = torch.optim.SGD(train[0].parameters(), lr=1.0)
+    first = float(ce(train(x), y))
+    for _ in range(20):
+        opt.zero_grad()
+        ce(train(x), y).backward()
+        opt.step()
+    assert float(ce(train(x), y)) < 0.98 * first
+
+
+def test_a_tied_module_that_is_never_called_is_judged_through_the_one_that_is() -> None:
+    """T5 ties ``shared`` to ``encoder.embed_tokens``, a module of its own that is the one
+    called. With an exactly zero gradient (a zeroed model), ``shared`` read "not called in
+    the forward pass: … Call it in forward() … or remove it": its weight is in the loss's
+    graph (a zero gradient, not none), so it is judged through the module holding it."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.shared = nn.Embedding(10, 4)
+            self.embed = nn.Embedding(10, 4)
+            self.embed.weight = self.shared.weight
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(ids).mean(dim=1))
+
+    model = Tied()
+    with torch.no_grad():
+        model.head.weight.zero_()  # nothing flows back to the embedding: exactly zero
+    ids = torch.randint(0, 10, (16, 5))
+    d = gradsight.diagnose(model, (ids, torch.randint(0, 3, (16,))), ce, curvature=False)
+    shared = d.layer("shared")
+    assert shared.grad_norm == 0.0
+    assert shared.used_by == "embed"
+    assert "not called" not in shared.reason
+
+
+def test_an_activation_after_a_weight_used_directly_is_not_the_pending_layer_s() -> None:
+    """Mamba computes ``softplus(F.linear(x, dt_proj.weight))`` right after calling
+    ``x_proj``: the softplus belongs to the weight used directly, not to ``x_proj``."""
+
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.x_proj = nn.Linear(4, 4)
+            self.dt_proj = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.x_proj(x)
+            return nn.functional.softplus(nn.functional.linear(h, self.dt_proj.weight) - 5.0)
+
+    from gradsight.probes import SignalProbe
+
+    model = Mixer()
+    with SignalProbe(model) as probe:
+        model(torch.randn(8, 4)).sum().backward()
+    assert probe.result()["x_proj"].activation is None

@@ -449,3 +449,41 @@ def test_a_tied_weight_counts_once_in_the_step_s_first_order_effect() -> None:
     layers, _, _ = judge(evidence, loss=0.5, baseline_loss=1.0, lr=0.1)
     assert all(layer.status != "exploding" for layer in layers)
     assert not any("overshoots" in layer.reason for layer in layers)
+
+
+def test_a_nonfinite_layer_gets_no_note_built_on_its_numbers() -> None:
+    """A NaN gradient's reason said "Partly dead: 100% … the other 0% pass the signal"
+    and "earlier layers get up to nan of it": notes quote numbers, which are NaN/Inf."""
+    layer = _layer(
+        grad_finite=False,
+        activation=_act("relu", dead=1.0),
+        rel_sens=math.nan,
+        upstream_sens=math.nan,
+    )
+    status, reason, _ = _verdict(layer, _model())
+    assert status == "nonfinite"
+    assert "Partly dead" not in reason and "Little of the signal" not in reason
+
+
+@pytest.mark.parametrize(
+    ("dead", "words"),
+    [(0.997, ("over 99%", "under 1%")), (1.0, ("All of the units after it",))],
+)
+def test_a_dead_share_near_one_is_never_written_as_a_whole_or_nothing(
+    dead: float, words: tuple[str, ...]
+) -> None:
+    """ "Partly dead: 100% … the other 0% pass the signal and learn" contradicted itself."""
+    layer = _layer(activation=_act("relu", dead=dead), grad_norm=5e-2, headroom=0.3)
+    status, reason, _ = _verdict(layer, _model())
+    assert status == "ok"
+    assert all(w in reason for w in words), reason
+    assert "100%" not in reason and " 0% " not in reason
+
+
+def test_a_zero_initialized_layer_is_not_converged_on_its_zero_scale_free_gradient() -> None:
+    """All its parameters exactly zero while it gets a gradient: ‖g‖·‖p‖ = 0 says nothing
+    (DeiT's class token and position embeddings read "converged … at its optimum")."""
+    status, reason, _ = _verdict(_layer(g_rel=None), _model(plateau=False))
+    assert status == "ok"
+    assert "exactly zero (zero-initialized)" in reason
+    assert _verdict(_layer(g_rel=1e-9), _model(plateau=False))[0] == "converged"

@@ -10,10 +10,20 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["checked_model_loss", "loss_of_outputs", "model_loss"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+
+#: transformers' loss types whose loss function takes ``(labels, pooled_logits, config)``.
+_CLASSIFICATION = (
+    "ForSequenceClassification",
+    "ForImageClassification",
+    "ForVideoClassification",
+    "ForAudioClassification",
+)
 
 
 def model_loss(model: torch.nn.Module) -> Callable[..., torch.Tensor] | None:
@@ -30,7 +40,7 @@ def model_loss(model: torch.nn.Module) -> Callable[..., torch.Tensor] | None:
             return fn(logits, labels, vocab_size=config.vocab_size, num_items_in_batch=num_items)
 
         return lm
-    if kind == "ForSequenceClassification":
+    if kind in _CLASSIFICATION:
 
         def seq(logits: torch.Tensor, labels: torch.Tensor, num_items: Any = None) -> torch.Tensor:
             return fn(labels=labels, pooled_logits=logits, config=config)
@@ -45,6 +55,25 @@ def model_loss(model: torch.nn.Module) -> Callable[..., torch.Tensor] | None:
     return None
 
 
+def _aligned_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, num_items: Any = None
+) -> torch.Tensor:
+    """Cross-entropy of every position's logits against the label at the same position
+    (ignoring -100), as encoder-decoder models (BART, T5) compute theirs in their forward
+    with ``nn.CrossEntropyLoss`` instead of a ``loss_function``."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def _loss_candidates(model: torch.nn.Module) -> list[Callable[..., torch.Tensor]]:
+    """The model's own loss function where its loss type has one, then plain cross-entropy
+    at aligned positions; :func:`checked_model_loss` keeps the first that reproduces the
+    model's loss."""
+    own = model_loss(model)
+    return ([] if own is None else [own]) + [_aligned_cross_entropy]
+
+
 def checked_model_loss(
     model: torch.nn.Module,
     labels: Any,
@@ -56,20 +85,25 @@ def checked_model_loss(
     logits and ``labels`` it reproduces ``loss`` (relative 1e-4), else None. ``outputs``
     is the model's output or its logits; ``targets`` are the labels where they are a
     tensor (a half of the batch, for the baseline's cross-fitting), else ``labels``."""
-    compute = model_loss(model)
     logits = output.get("logits") if isinstance(output, Mapping) else None
-    if compute is None or not isinstance(labels, torch.Tensor) or logits is None:
-        return None
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value = float(compute(logits.detach(), labels, num_items))
-    except Exception:
+    if not isinstance(labels, torch.Tensor) or not isinstance(logits, torch.Tensor):
         return None
     ref = float(loss.detach().float())
-    if not (math.isfinite(ref) and abs(value - ref) <= 1e-4 * max(abs(ref), 1e-12)):
+    if not math.isfinite(ref):
         return None
+    for compute in _loss_candidates(model):
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                value = float(compute(logits.detach(), labels, num_items))
+        except Exception:
+            continue
+        if abs(value - ref) <= 1e-4 * max(abs(ref), 1e-12):
+            return _of_logits(compute, labels)
+    return None
 
+
+def _of_logits(compute: Callable[..., torch.Tensor], labels: torch.Tensor) -> LossFn:
     def loss_fn(outputs: Any, targets: Any) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
         return compute(logits, targets if isinstance(targets, torch.Tensor) else labels)
@@ -85,19 +119,64 @@ def loss_of_outputs(
     loss: torch.Tensor,
     loss_fn: LossFn,
 ) -> tuple[LossFn, Any]:
-    """``(loss_fn, targets)``, or, where the loss function returns the loss a Hugging
-    Face model computed itself from the ``labels`` among its inputs (``lambda out, y:
-    out.loss``), the model's own loss function of its logits and those labels: the same
-    loss, which depends on the outputs that the baseline and curvature replace (the
-    returned ``out.loss`` does not), and targets the baseline can split in halves."""
+    """``(loss_fn, targets)``, or, where the loss function uses the loss a Hugging Face
+    model computed itself from the ``labels`` among its inputs (``lambda out, y:
+    out.loss``, ``0.5 * out.loss``, ``out.loss + aux``), the same loss function with that
+    ``out.loss`` recomputed from the logits it is given by the model's own loss function,
+    and targets the baseline can split in halves: the returned ``out.loss`` does not
+    depend on the outputs that the baseline and curvature replace, the recomputed one
+    does. The recomputation is checked to reproduce the loss (relative 1e-4)."""
     if not (isinstance(outputs, Mapping) and isinstance(inputs, Mapping)):
         return loss_fn, targets
     own_loss, labels = outputs.get("loss"), inputs.get("labels")
     if not isinstance(own_loss, torch.Tensor) or own_loss.numel() != 1:
         return loss_fn, targets
-    if not torch.equal(own_loss.detach().reshape(()), loss.detach()):
-        return loss_fn, targets  # the loss function computes a loss of its own
-    own = checked_model_loss(model, labels, outputs, loss)
+    if not isinstance(labels, torch.Tensor):
+        return loss_fn, targets
+    with torch.no_grad():
+        # Whether the loss function reads out.loss: its value moves when that does.
+        moved = loss_fn(_replaced(outputs, loss=own_loss.detach() + 1.0), targets)
+        if not isinstance(moved, torch.Tensor) or torch.equal(moved.detach(), loss.detach()):
+            return loss_fn, targets  # a loss of its own, from the outputs it is given
+    own = checked_model_loss(model, labels, outputs, own_loss)
     if own is None:
         return loss_fn, targets
-    return own, labels
+    # The targets the loss function is given: the labels themselves (split with them),
+    # other targets of the batch's size (split together with the labels), or others.
+    same = targets is labels or (
+        isinstance(targets, torch.Tensor)
+        and targets.shape == labels.shape
+        and bool(torch.equal(targets, labels))
+    )
+    paired = (
+        not same
+        and isinstance(targets, torch.Tensor)
+        and targets.ndim >= 1
+        and targets.shape[:1] == labels.shape[:1]
+    )
+
+    def of_outputs(new: Any, new_targets: Any) -> torch.Tensor:
+        if paired:
+            new_labels, y = new_targets
+        else:
+            new_labels = new_targets
+            y = new_targets if same else targets
+        logits = new["logits"] if isinstance(new, Mapping) else new
+        return loss_fn(_replaced(outputs, logits=logits, loss=own(logits, new_labels)), y)
+
+    of_targets = (labels, targets) if paired else labels
+    with torch.no_grad():
+        check = float(of_outputs(outputs, of_targets))
+    ref = float(loss.detach())
+    if not abs(check - ref) <= 1e-4 * max(abs(ref), 1e-12):
+        return loss_fn, targets
+    return of_outputs, of_targets
+
+
+def _replaced(outputs: Mapping[str, Any], **values: Any) -> Any:
+    """``outputs`` (a ``ModelOutput``, else a dict) with some entries replaced."""
+    merged = {**outputs, **values}
+    try:
+        return type(outputs)(**merged)
+    except TypeError:
+        return merged

@@ -130,8 +130,7 @@ def _cross_entropy(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputF
         # diag(p) − ppᵀ has rank C − 1 (its rows sum to zero): C − 1 columns suffice,
         # from its eigendecomposition (the dropped eigenvalue is the zero one along 1).
         H = w2 * (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2))
-        vals, vecs = torch.linalg.eigh(H)
-        return vecs[..., 1:] * vals[..., 1:].clamp_min(0).sqrt().unsqueeze(-2)
+        return _psd_root(H, skip=1)
 
     def sample(k: int, gen: torch.Generator) -> torch.Tensor:
         # s = p − e_y with y ~ p, built in the outputs' own layout and in place: the
@@ -217,14 +216,31 @@ def _autograd(loss_fn: Any, outputs: torch.Tensor, targets: Any) -> OutputFactor
 
         if not all(_close(hvp(p), apply(p), tol) for p in probes):
             continue
-        vals, vecs = torch.linalg.eigh(H)
-        L = vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)
+        L = _psd_root(H)
 
         def block(L: torch.Tensor = L) -> torch.Tensor:
             return L
 
         return OutputFactor(tuple(outputs.shape), block, cdim, None)
     return None
+
+
+def _psd_root(H: torch.Tensor, skip: int = 0) -> torch.Tensor:
+    """``L`` with ``L Lᵀ`` the positive part of each symmetric matrix in ``H``
+    (``(..., C, C)``), without the columns of its ``skip`` smallest eigenvalues, in
+    ``H``'s dtype. The eigendecomposition runs in float64, where it converges on the
+    nearly singular blocks of a saturated softmax that fail in float32 (weights ×100),
+    with a shift of 1e-12 of the largest entry where even that fails."""
+    H64 = H.double()
+    try:
+        vals, vecs = torch.linalg.eigh(H64)
+    except RuntimeError:  # torch.linalg.LinAlgError: it did not converge
+        shift = 1e-12 * float(H64.abs().max()) + 1e-300
+        eye = torch.eye(H.shape[-1], dtype=H64.dtype, device=H.device)
+        vals, vecs = torch.linalg.eigh(H64 + shift * eye)
+        vals = vals - shift
+    vals, vecs = vals[..., skip:], vecs[..., skip:]
+    return (vecs * vals.clamp_min(0).sqrt().unsqueeze(-2)).to(H.dtype)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float) -> bool:

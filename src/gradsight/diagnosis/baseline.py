@@ -173,21 +173,23 @@ def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
     reduction, ignore_index = settings
     classes, samples = outputs.shape[1], outputs.shape[0]
     with torch.no_grad():
-        valid = targets != ignore_index
-        labels = targets[valid]
-        if labels.numel() == 0 or bool(((labels < 0) | (labels >= classes)).any()):
-            return None  # the loss itself says what is wrong
-        # Per half of the batch (even and odd samples): class counts and logit sums, in
-        # one copy to the host; the rest is arithmetic on class vectors.
-        parity = torch.arange(samples, device=targets.device).remainder_(2)
-        parity = parity.view(-1, *[1] * (targets.ndim - 1)).expand_as(targets)
-        counts = torch.bincount((targets + classes * parity)[valid], minlength=2 * classes)
+        # Per sample: the logits summed over positions, and the labels; on the host, where
+        # the rest is counting and arithmetic on class vectors.
         per_sample = outputs.movedim(1, -1).reshape(samples, -1, classes)
-        sums = per_sample.sum(dim=1, dtype=torch.float64)
-        halves = torch.stack([sums[0::2].sum(dim=0), sums[1::2].sum(dim=0)])
-        host = torch.cat([counts.view(2, classes).double(), halves]).cpu().numpy()
-    n_a, n_b, sum_a, sum_b = host
-    positions = per_sample.shape[1]
+        sums = per_sample.sum(dim=1, dtype=torch.float64).cpu().numpy()
+        labels = targets.reshape(samples, -1).cpu().numpy()
+    valid = labels != ignore_index
+    if not valid.any() or bool(((labels < 0) | (labels >= classes))[valid].any()):
+        return None  # the loss itself says what is wrong
+    positions = labels.shape[1]
+
+    def counts(half: slice) -> np.ndarray:
+        return np.bincount(labels[half][valid[half]], minlength=classes).astype(np.float64)
+
+    # Half A is the even samples, half B the odd ones.
+    a, b = slice(0, None, 2), slice(1, None, 2)
+    n_a, n_b = counts(a), counts(b)
+    sum_a, sum_b = sums[a].sum(axis=0), sums[b].sum(axis=0)
     rows_a, rows_b = (samples + 1) // 2 * positions, samples // 2 * positions
     n = n_a + n_b
     scale = float(n.sum()) if reduction == "mean" else 1.0
@@ -198,22 +200,26 @@ def _cross_entropy_baseline(outputs: torch.Tensor, targets: Any, loss_fn: LossFn
         log_p = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
         return -(counts * log_p).sum(axis=-1)
 
-    def centered_log(counts: np.ndarray, extra: float) -> np.ndarray:
-        logits = np.log(counts + extra)
-        return logits - logits.mean()
+    def centered_log(counts: np.ndarray) -> np.ndarray:
+        logits = np.log(counts)
+        return logits - logits.mean(axis=-1, keepdims=True)
 
     at_start = float(summed((sum_a + sum_b) / (rows_a + rows_b), n)) / scale
     if (rows_a + rows_b) >= _IN_SAMPLE_ROWS * classes or samples < 4:
-        return min(at_start, float(summed(centered_log(n, _ABSENT_COUNT), n)) / scale)
+        return min(at_start, float(summed(centered_log(n + _ABSENT_COUNT), n)) / scale)
+    # Each half's constants: its mean output moved towards its log frequencies, and the
+    # frequencies with half a row more in every class; scored on the other half.
+    fit_a, fit_b, held_a, held_b = centered_log(
+        np.stack(
+            [n_a + _ABSENT_COUNT, n_b + _ABSENT_COUNT, n_a + _HELD_OUT_COUNT, n_b + _HELD_OUT_COUNT]
+        )
+    )
+    t = np.array(_EXACT_PATH)[:, None]
     start_a, start_b = sum_a / rows_a, sum_b / rows_b
-    fit_a, fit_b = centered_log(n_a, _ABSENT_COUNT), centered_log(n_b, _ABSENT_COUNT)
-    pairs = _shrunk(start_a, fit_a, start_b, fit_b, _EXACT_PATH)
-    pairs.append((centered_log(n_a, _HELD_OUT_COUNT), centered_log(n_b, _HELD_OUT_COUNT)))
-    # Each half's constants scored on the other half, all pairs at once.
-    on_b = summed(np.stack([a for a, _ in pairs]), n_b)
-    on_a = summed(np.stack([b for _, b in pairs]), n_a)
-    held_out = ((on_b + on_a) / scale).tolist()
-    return min(at_start, *held_out)
+    consts_a = np.vstack([start_a + t * (fit_a - start_a), held_a])
+    consts_b = np.vstack([start_b + t * (fit_b - start_b), held_b])
+    held_out = (summed(consts_a, n_b) + summed(consts_b, n_a)) / scale
+    return min(at_start, float(held_out.min()))
 
 
 def _nll_settings(loss_fn: LossFn, targets: Any) -> tuple[str, int] | None:

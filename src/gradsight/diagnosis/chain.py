@@ -78,7 +78,15 @@ def chain_cause(ran: Sequence[ModuleSignal], i: int) -> str:
         f"(×{f.total ** (1 / steps):.2f} per layer through {span}"
     )
     causes = []
-    if f.activations:
+    # A layer that passes exactly nothing back stops the signal, whatever else is on the
+    # way (its weight is zero, a zero-initialized or zeroed layer).
+    stops = [display_name(s.name) for s in later[1:] if s.weight_factor == 0]
+    if stops:
+        which = f"layer {stops[0]}" if len(stops) == 1 else f"layers {', '.join(stops)}"
+        causes.append(
+            f"{which} pass{'es' if len(stops) == 1 else ''} nothing back (‖∂L/∂input‖ = 0)"
+        )
+    elif f.activations:
         names = sorted({a.name for a in f.activations})
         mean_d = sum(a.mean_derivative for a in f.activations) / len(f.activations)
         max_d = max(a.max_derivative for a in f.activations)
@@ -90,7 +98,7 @@ def chain_cause(ran: Sequence[ModuleSignal], i: int) -> str:
         if dead >= 0.05:
             c += f", up to {dead:.0%} of units dead"
         causes.append(c)
-    if f.weight_factors:
+    if f.weight_factors and not stops:
         gm = math.exp(sum(math.log(w) for w in f.weight_factors) / len(f.weight_factors))
         causes.append(f"weights scale it ×{gm:.2f} per layer")
     text += (": " + "; ".join(causes) if causes else "") + ")"

@@ -207,6 +207,13 @@ def _diagnose(
                     pass_seconds=pass_seconds,
                 )
                 blocks = {k.removeprefix(prefix): v for k, v in blocks.items()}
+                if whole is None:
+                    skipped = (
+                        "\nThe whole model's headroom and λmax were not measured: the "
+                        "one-pass estimate covers no layer (it needs the loss's curvature in "
+                        "the model's outputs in a form it recognizes); the layers' values "
+                        "come from exact products within the time budget."
+                    )
                 if lr is not None and kind in (None, "sgd"):
                     # lr·λmax is judged on the Hessian where it can differ from G.
                     hessian = hessian_lambda_max(
@@ -303,11 +310,13 @@ def _evidence(
 ) -> list[LayerEvidence]:
     """Per-layer evidence in forward order.
 
-    A module that did not run but whose parameters got a gradient is used directly by
-    an enclosing module (``nn.MultiheadAttention`` computes ``out_proj`` with
-    ``F.linear(x, out_proj.weight, ...)``; a tied head; a parametrization): it is judged
-    from its own gradient and from the signal of the closest enclosing module that ran,
-    and listed right after it. Modules the loss does not reach at all come last.
+    A module that did not run but whose parameters are in the loss's graph (a gradient,
+    zero or not) is used directly by an enclosing module (``nn.MultiheadAttention``
+    computes ``out_proj`` with ``F.linear(x, out_proj.weight, ...)``; a tied head; a
+    parametrization) or through another module holding the same parameter (a tied
+    embedding): it is judged from its own gradient and from the signal of that module
+    (one that ran and holds its parameter, else the closest enclosing one that ran), and
+    listed right after it. Modules the loss does not reach at all come last.
     """
     signals = {m.name: m for m in flow.modules}
     trainable: list[list[tuple[str, torch.Tensor]]] = [
@@ -335,12 +344,27 @@ def _evidence(
             shared=frozenset(pname for pname, p in params if id(p) in seen),
         )
         seen.update(id(p) for _, p in params)
+    # Parameters the loss's graph reaches get a gradient tensor (zero or not); the others
+    # get None. A module whose parameters it reaches is used, called or not.
+    in_graph = {
+        name: any(grad_of[id(p)] is not None for _, p in params)
+        for (name, _), params in zip(owners, trainable, strict=True)
+    }
+    # A tied parameter of a module that ran (T5's `shared` embedding is called as
+    # encoder.embed_tokens, a module of its own holding the same weight).
+    ran_holder = {
+        id(p): name
+        for (name, _), params in zip(owners, trainable, strict=True)
+        if name in signals
+        for _, p in params
+    }
     used_by: dict[str, list[str]] = {}
-    for name in flow.unused:
-        e = out[name]
-        if not any(g > 0 for g in e.grad_norms.values()):
+    for name, params in zip((n for n, _ in owners), trainable, strict=True):
+        if name not in flow.unused or not in_graph[name]:
             continue
-        user = _enclosing(name, signals)
+        e = out[name]
+        tied = next((ran_holder[id(p)] for _, p in params if id(p) in ran_holder), None)
+        user = tied or _enclosing(name, signals)
         if user is not None:
             e.used_by, e.signal = user, signals[user]
             used_by.setdefault(user, []).append(name)

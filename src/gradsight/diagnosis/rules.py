@@ -144,7 +144,9 @@ class LayerFacts:
         position: Its place among the layers that ran (its user's, for ``used_by``).
         rel_sens: s_l / max_j s_j, the loss's sensitivity to its output relative to the
             largest (None without a signal).
-        g_rel: The scale-free gradient Σ‖g_p‖·‖p‖ (in quadrature) over the loss.
+        g_rel: The scale-free gradient Σ‖g_p‖·‖p‖ (in quadrature) over the loss; None
+            when every one of its trainable parameters is exactly zero while it gets a
+            gradient (zero-initialized: a relative change of zero says nothing).
         headroom: Share of the loss a Newton step on this layer alone would win, ≤ 1.
         lambda_max: Largest eigenvalue of its block's curvature: the Hessian's where it
             was measured (``hessian``), else the Gauss-Newton matrix's.
@@ -176,7 +178,7 @@ class LayerFacts:
     used_by: str | None = None
     position: int | None = None
     rel_sens: float | None = None
-    g_rel: float = 0.0
+    g_rel: float | None = 0.0
     headroom: float | None = None
     lambda_max: float | None = None
     hessian: bool = False
@@ -415,7 +417,7 @@ def dead(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     frac = layer.dead_fraction
     if frac < model.th.dead or layer.rel_sens is None or layer.rel_sens >= model.th.vanishing:
         return None
-    if layer.g_rel > model.th.converged:
+    if layer.g_rel is None or layer.g_rel > model.th.converged:
         return None  # its live units still learn: partly dead, said in the reason
     cause, advice = "", remedies("dead", model.traits)
     if layer.zero_scale is not None:
@@ -556,11 +558,10 @@ def vanishing_through_time(layer: LayerFacts, model: ModelFacts) -> Verdict | No
 
 def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """The signal reaches the layer, but its own step would win nothing."""
-    done = (
-        layer.headroom < model.th.headroom
-        if layer.headroom is not None
-        else layer.g_rel <= model.th.converged
-    )
+    if layer.headroom is not None:
+        done = layer.headroom < model.th.headroom
+    else:  # zero-initialized parameters (no scale-free gradient) have not started
+        done = layer.g_rel is not None and layer.g_rel <= model.th.converged
     if not done:
         return None
     if layer.last:
@@ -628,6 +629,8 @@ def apply_rules(
 
 
 def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
+    if status == "nonfinite":
+        return []  # its numbers are NaN/Inf: no sentence built on them holds
     notes = []
     product = _lr_lambda(layer, model)
     if product is not None and 2 < product <= model.th.unstable and status != "exploding":
@@ -654,10 +657,16 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
             "and the layers before it get no signal through it, until its first update."
         )
     frac = layer.dead_fraction
-    if status not in ("dead", "frozen", "converged") and frac >= model.th.partly_dead:
+    if status not in ("dead", "frozen", "converged") and frac >= 1:
         notes.append(
-            f"Partly dead: {frac:.0%} of the units after it ({layer.activation_name}) never "
-            f"activate on the batch; the other {1 - frac:.0%} pass the signal and learn."
+            f"All of the units after it ({layer.activation_name}) are flat on every sample of "
+            "the batch."
+        )
+    elif status not in ("dead", "frozen", "converged") and frac >= model.th.partly_dead:
+        notes.append(
+            f"Partly dead: {_share(frac)} of the units after it ({layer.activation_name}) "
+            f"never activate on the batch; the other {_share(1 - frac)} pass the signal and "
+            "learn."
         )
     if (
         status not in ("vanishing", "dead", "frozen")
@@ -686,6 +695,15 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
             )
         )
     return notes
+
+
+def _share(fraction: float) -> str:
+    """A fraction strictly between 0 and 1 as a percentage that is never 0% or 100%."""
+    if fraction < 0.005:
+        return "under 1%"
+    if fraction > 0.995:
+        return "over 99%"
+    return f"{fraction:.0%}"
 
 
 @dataclass(frozen=True)
@@ -741,6 +759,11 @@ def _headroom_note(layer: LayerFacts) -> str:
                 "the loss"
             )
         return f"a Newton step on this layer alone would win {layer.headroom:.1e} of the loss"
+    if layer.g_rel is None:
+        return (
+            "its parameters are exactly zero (zero-initialized), so a relative change of them "
+            "says nothing; its first update moves them off zero"
+        )
     return (
         f"a relative change of its weights moves the loss by at most {layer.g_rel:.1e}× its value"
     )

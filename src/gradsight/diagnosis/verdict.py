@@ -74,6 +74,16 @@ class LayerEvidence:
         return math.sqrt(math.fsum(g * g for g in self.grad_norms.values()))
 
     @property
+    def zero_with_gradient(self) -> bool:
+        """Every trainable parameter is exactly zero while the gradient is not: a
+        zero-initialized layer, for which the scale-free gradient says nothing."""
+        return (
+            not self.frozen
+            and all(self.param_norms[k] == 0 for k in self.grad_norms)
+            and any(g > 0 for g in self.grad_norms.values())
+        )
+
+    @property
     def relative_grad(self) -> float | None:
         if self.frozen:
             return None
@@ -141,7 +151,13 @@ def judge(
         )
     else:
         g_max = max((e.relative_grad or 0.0 for e in ran_ev), default=0.0)
-        has_headroom = plateau or scale == 0 or g_max > th.converged * scale
+        has_headroom = (
+            plateau
+            or scale == 0
+            or g_max > th.converged * scale
+            # A zero-initialized layer's first update is still to come.
+            or any(e.zero_with_gradient for e in ran_ev)
+        )
     alphas = [
         c.alpha_star for c in curvature.values() if c.alpha_star > 0 and math.isfinite(c.alpha_star)
     ]
@@ -256,6 +272,9 @@ def _measure(
             d.attenuation = ratio(sig.signal_norm, nxt.signal_norm)
             d.activation_factor = ratio(sig.signal_norm, nxt.input_signal_norm)
     grad_finite = all(math.isfinite(g) for g in e.grad_norms.values())
+    g_rel: float | None = (relative_grad or 0.0) / scale if scale > 0 else 0.0
+    if e.zero_with_gradient:
+        g_rel = None  # zero-initialized: no scale-free gradient
     has_signal = sig is not None and sig.signal_norm is not None
     facts = LayerFacts(
         name=e.name,
@@ -266,7 +285,7 @@ def _measure(
         used_by=e.used_by,
         position=pos if has_signal else None,
         rel_sens=_relative_sensitivity(sig, model.s_max) if has_signal else None,
-        g_rel=(relative_grad or 0.0) / scale if scale > 0 else 0.0,
+        g_rel=g_rel,
         headroom=d.headroom,
         lambda_max=d.lambda_max,
         step=step,
@@ -428,6 +447,7 @@ def _summary(
         lines.append(f"Why, for layer {display_name(vanishing[0].name)}: {vanishing[0].reason}")
         if vanishing[0].advice:
             lines.append(f"First remedy: {vanishing[0].advice[0]}")
-    if not any(s in by_status for s in ("vanishing", "exploding", "dead", "nonfinite")):
+    reached = any((layer.signal_norm or 0.0) > 0 for layer in layers)
+    if reached and not any(s in by_status for s in ("vanishing", "exploding", "dead", "nonfinite")):
         lines.append("No layer is starved of signal.")
     return "\n".join(lines)

@@ -142,13 +142,14 @@ class _ActivationWatcher(TorchFunctionMode):
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if (
-            self.probe._pending_owner is not None
-            and args
-            and isinstance(args[0], torch.Tensor)
-            and is_activation_function(func)
-        ):
-            self.record(func, args, kwargs)  # guarded: the call below happens regardless
+        if self.probe._pending_owner is not None and args:
+            if isinstance(args[0], torch.Tensor) and is_activation_function(func):
+                self.record(func, args, kwargs)  # guarded: the call below happens regardless
+            elif _weight_among(args, kwargs):
+                # Another layer computes here, from a weight used directly (Mamba's
+                # F.linear(x, dt_proj.weight)): an activation next follows it, not the
+                # pending one.
+                self.probe._pending_owner = None
         return func(*args, **(kwargs or {}))
 
     def watch(self) -> None:
@@ -177,6 +178,13 @@ class _ActivationWatcher(TorchFunctionMode):
         for mode in reversed(above):
             torch._C._push_on_torch_function_stack(mode)
         self.on = False
+
+
+def _weight_among(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
+    """Whether a call takes a parameter of two or more dimensions (a weight matrix or
+    kernel, which mixes units; an elementwise scale does not)."""
+    values = args if not kwargs else (*args, *kwargs.values())
+    return any(isinstance(v, nn.Parameter) and v.ndim >= 2 for v in values)
 
 
 def _record(
