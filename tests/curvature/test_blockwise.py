@@ -693,3 +693,32 @@ def test_a_slow_first_engine_pass_does_not_starve_the_refinements(
     assert starved["1"].lambda_max is None  # 90 passes of 0.125 s: past the 2 s floor
     timed, _ = layer_curvature(model, batch, loss, ["1"], pass_seconds=0.002)
     assert timed["1"].lambda_max is not None
+
+
+def test_output_hessian_blocks_are_factored_even_where_eigh_fails(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A saturated softmax (weights ×100) gives nearly singular output-Hessian blocks on
+    which float32 ``eigh`` fails to converge, and the whole curvature was dropped. The
+    blocks are factored in float64, with a tiny shift where even that fails: L Lᵀ is the
+    block's positive part either way."""
+    from gradsight.curvature import _factor
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 4, 4, generator=gen, dtype=torch.float64)
+    H = (a @ a.transpose(-1, -2)).float()
+    H[0] = 0.0  # a fully saturated position
+    L = _factor._psd_root(H)
+    assert L.dtype == torch.float32
+    torch.testing.assert_close(L @ L.transpose(-1, -2), H, atol=1e-4, rtol=1e-4)
+    real_eigh = torch.linalg.eigh
+    calls = []
+
+    def failing_once(m: torch.Tensor):  # type: ignore[no-untyped-def]
+        calls.append(m.dtype)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real_eigh(m)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_once)
+    L2 = _factor._psd_root(H)
+    assert calls == [torch.float64, torch.float64]
+    torch.testing.assert_close(L2 @ L2.transpose(-1, -2), H, atol=1e-4, rtol=1e-4)
