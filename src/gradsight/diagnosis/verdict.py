@@ -29,6 +29,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from gradsight._format import display_name
 from gradsight.diagnosis.advice import ModelTraits
@@ -67,13 +68,13 @@ class LayerEvidence:
     def frozen(self) -> bool:
         return not self.grad_norms
 
-    @property
+    @cached_property  # the norms are set once, when the evidence is made
     def grad_norm(self) -> float | None:
         if self.frozen:
             return None
         return math.sqrt(math.fsum(g * g for g in self.grad_norms.values()))
 
-    @property
+    @cached_property
     def zero_with_gradient(self) -> bool:
         """Every trainable parameter is exactly zero while the gradient is not: a
         zero-initialized layer, for which the scale-free gradient says nothing."""
@@ -83,7 +84,7 @@ class LayerEvidence:
             and any(g > 0 for g in self.grad_norms.values())
         )
 
-    @property
+    @cached_property
     def relative_grad(self) -> float | None:
         if self.frozen:
             return None

@@ -185,8 +185,11 @@ def reduce_kept(
 
 
 def combine(norms: list[torch.Tensor] | list[float]) -> float | None:
+    """The norm over all calls: the calls' norms in quadrature."""
     if not norms:
         return None
+    if len(norms) == 1:
+        return abs(float(norms[0]))
     vals = [float(n) for n in norms]
     return math.sqrt(math.fsum(v * v for v in vals))
 

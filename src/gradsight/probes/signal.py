@@ -184,7 +184,11 @@ def _weight_among(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
     """Whether a call takes a parameter of two or more dimensions (a weight matrix or
     kernel, which mixes units; an elementwise scale does not)."""
     values = args if not kwargs else (*args, *kwargs.values())
-    return any(isinstance(v, nn.Parameter) and v.ndim >= 2 for v in values)
+    # Leaves first: the Parameter check runs in Python, activations are never leaves.
+    return any(
+        isinstance(v, torch.Tensor) and v.is_leaf and v.ndim >= 2 and isinstance(v, nn.Parameter)
+        for v in values
+    )
 
 
 def _record(
@@ -358,9 +362,6 @@ class SignalProbe(LeanHooks):
                 acc = ModuleAccumulator(name, module, owns)
                 if self.activations == "modules":
                     acc.act_norm_hook = guard(ACTIVATIONS, self._norm_hook(acc.act_out_norms))
-                if self.input_signals:
-                    acc.in_hook = guard(SIGNALS, self._grad_hook(acc, "in"))
-                acc.out_hook = guard(SIGNALS, self._grad_hook(acc, "out"))
                 self._accs[id(module)] = acc
                 if self.input_signals or self.check_finite:
                     self._handles.append(
@@ -438,14 +439,12 @@ class SignalProbe(LeanHooks):
             # Route each differentiable input through its own view so that the tensor
             # hook sees the gradient through this module only (not, e.g., a skip path).
             # One view per distinct tensor keeps `query is key`-style checks intact.
-            in_hook = acc.in_hook
-            assert in_hook is not None
             if not kwargs and len(args) == 1 and isinstance(args[0], torch.Tensor):
                 x = args[0]  # the usual call, one tensor: no search through the arguments
                 if not differentiable(x):
                     return None
                 view = x.view_as(x)
-                self._on_gradient(view, acc.in_norms, in_hook)
+                self._on_gradient(view, acc, "in")
                 return (view,), kwargs
             views: dict[int, torch.Tensor] = {}
 
@@ -454,7 +453,7 @@ class SignalProbe(LeanHooks):
                     return t
                 if id(t) not in views:
                     view = t.view_as(t)
-                    self._on_gradient(view, acc.in_norms, in_hook)
+                    self._on_gradient(view, acc, "in")
                     views[id(t)] = view
                 return views[id(t)]
 
@@ -513,8 +512,7 @@ class SignalProbe(LeanHooks):
                     if self.stop_at_nonfinite:
                         raise NonfiniteOutput(acc.name)  # not an Exception: past the guard
                 if differentiable(t):
-                    assert acc.out_hook is not None
-                    self._on_gradient(t, acc.out_norms, acc.out_hook)
+                    self._on_gradient(t, acc, "out")
             if acc.owns_params:
                 self._pending_owner = acc
                 if self._mode is not None:
@@ -539,12 +537,11 @@ class SignalProbe(LeanHooks):
         if self._mode is not None:
             self._mode.unwatch()
 
-    def _on_gradient(
-        self, t: torch.Tensor, norms: list[torch.Tensor], hook: Callable[[torch.Tensor], None]
-    ) -> None:
-        """Have ∂L/∂t recorded into ``norms`` (a parameter owner's; the hook's own list
-        otherwise): at its autograd edge, for the caller's gradient call, where the probe
-        takes gradient edges and the budget of kept entries allows; by ``hook`` otherwise."""
+    def _on_gradient(self, t: torch.Tensor, acc: ModuleAccumulator, where: str) -> None:
+        """Have ∂L/∂t recorded for ``acc``, at its output (``where="out"``) or an input
+        (``"in"``): at its autograd edge, for the caller's gradient call, where the probe
+        takes gradient edges and the budget of kept entries allows; by a tensor hook
+        otherwise (made on first use: most passes take every gradient at its edge)."""
         if (
             self._use_edges
             and t.ndim > 0  # kept gradients are told from norms (0-d) by their shape
@@ -552,8 +549,15 @@ class SignalProbe(LeanHooks):
         ):
             self._kept_entries += t.numel()
             self.gradient_edges.append(get_gradient_edge(t))
-            self._edge_norms.append(norms)
+            self._edge_norms.append(acc.out_norms if where == "out" else acc.in_norms)
             return
+        hook = acc.out_hook if where == "out" else acc.in_hook
+        if hook is None:
+            hook = self._guard.wrap(SIGNALS, self._grad_hook(acc, where))
+            if where == "out":
+                acc.out_hook = hook
+            else:
+                acc.in_hook = hook
         self._tensor_handles.append(t.register_hook(hook))
 
     def take_gradients(self, grads: Sequence[torch.Tensor | None]) -> None:
