@@ -22,6 +22,7 @@ from gradsight.diagnosis.advice import ModelTraits, vanishing_advice
 from gradsight.diagnosis.headroom import BlockCurvature
 from gradsight.diagnosis.rules import LayerFacts, ModelFacts, apply_rules
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind
+from gradsight.diagnosis.trial import Carrier, Trial
 from gradsight.diagnosis.verdict import LayerEvidence, judge, worst_status
 from gradsight.probes import ActivationStats, ModuleSignal
 
@@ -209,11 +210,52 @@ def test_fading_through_time_while_the_model_still_learns_is_a_note() -> None:
     assert status == "ok" and "Through time the signal fades" in reason
 
 
-def test_unstable_step_only_for_sgd() -> None:
-    layer = _layer(lambda_max=50.0)
-    assert _verdict(layer, _model(lr=0.1))[0] == "exploding"
-    assert _verdict(layer, _model(lr=0.01))[0] != "exploding"
-    assert _verdict(layer, _model(lr=0.1, optimizer="adaptive"))[0] != "exploding"
+_BLEW_UP = Trial(lr=0.1, losses=(2.3, 2.1, 9.5), rise=1.2, at=2)
+_TRAINS = Trial(lr=0.1, losses=(2.3, 2.0, 1.9, 1.7), rise=1.2, at=None)
+
+
+def test_unstable_step_only_for_sgd_where_the_trial_blows_up_and_the_layer_carries_it() -> None:
+    """Exploding needs evidence that SGD at the lr blows up (the trial) and that this
+    layer carries it; lr·λmax alone (50 × 0.1 = 5) decides neither."""
+    carrier = Carrier(share=0.6)
+    layer = _layer(lambda_max=50.0, carrier=carrier)
+    status, reason, _ = _verdict(layer, _model(lr=0.1, trial=_BLEW_UP))
+    assert status == "exploding"
+    assert "raises the loss from 2.3 to 9.5 (×4.13, above ×1.2) by step 2" in reason
+    assert "it holds 60% of the whole model's sharpest direction" in reason
+    assert "lr·λmax (the Gauss-Newton matrix's) is 0.1·5.00e+01 = 5.0" in reason
+    assert _verdict(layer, _model(lr=0.1, trial=_BLEW_UP, optimizer="adaptive"))[0] != "exploding"
+    assert _verdict(layer, _model(lr=0.1, trial=_TRAINS))[0] != "exploding"
+    assert _verdict(_layer(lambda_max=50.0), _model(lr=0.1))[0] != "exploding"  # no trial
+
+
+@pytest.mark.parametrize(
+    ("lr_lambda", "trial", "carrier", "status", "note"),
+    [
+        (1.5, _TRAINS, None, "ok", None),
+        (3.0, _TRAINS, None, "ok", "At the edge of stability: lr·λmax = 3.0 is above 2"),
+        # A Falcon at lr 1: lr·λmax 5.9 (26 for the whole model), the loss 4.18 → 0.05.
+        (45.0, _TRAINS, None, "ok", "yet 3 full-batch SGD steps at lr 0.1 take the loss"),
+        (8.0, _BLEW_UP, None, "ok", "carried by other layers"),
+        (0.5, _BLEW_UP, Carrier(0.1, alone=34.0), "exploding", None),
+    ],
+)
+def test_a_sharp_block_explodes_only_where_sgd_blows_up_and_it_carries_it(
+    lr_lambda: float, trial: Trial, carrier: Carrier | None, status: str, note: str | None
+) -> None:
+    """Above lr·λmax = 2 gradient descent oscillates along the sharpest direction, but
+    training often steadies itself (the catapult phase): a note, with the trial's
+    numbers; exploding where the trial blows up and the layer carries it (one step on
+    it alone multiplies the loss by 34), whatever its own lr·λmax."""
+    layer = _layer(lambda_max=lr_lambda / 0.1, headroom=0.3, carrier=carrier)
+    got, reason, _ = _verdict(layer, _model(lr=0.1, trial=trial))
+    assert got == status
+    if note is None:
+        assert "edge of stability" not in reason and "carried by other" not in reason
+    else:
+        assert note in reason, reason
+    if status == "exploding":
+        assert "one SGD step on it alone raises the loss ×34" in reason
 
 
 def test_vanishing_reason_has_no_dangling_fragments() -> None:
@@ -418,21 +460,10 @@ def test_an_sgd_step_that_overshoots_by_first_order_is_exploding() -> None:
     ):
         status, reason, _ = _verdict(big, other)
         assert status != "exploding" and "overshoots" not in reason
-
-
-@pytest.mark.parametrize(
-    ("lr_lambda", "status", "noted"),
-    [(1.5, "ok", False), (3.0, "ok", True), (4.5, "exploding", False)],
-)
-def test_between_two_and_four_the_step_is_at_the_edge_of_stability(
-    lr_lambda: float, status: str, noted: bool
-) -> None:
-    """Above lr·λmax = 2 gradient descent oscillates along the sharpest direction, but up
-    to about 4 training steadies itself (the catapult phase): a note; past 4, exploding."""
-    layer = _layer(lambda_max=lr_lambda / 0.1, headroom=0.3)
-    got, reason, _ = _verdict(layer, _model(lr=0.1))
-    assert got == status
-    assert ("edge of stability" in reason) is noted
+    # Where the SGD trial ran and did not blow up, the first-order view is refuted.
+    trained = dataclasses.replace(model, trial=_TRAINS)
+    assert _verdict(big, trained)[0] != "exploding"
+    assert _verdict(big, dataclasses.replace(model, trial=_BLEW_UP))[0] == "exploding"
 
 
 def test_a_tied_weight_counts_once_in_the_step_s_first_order_effect() -> None:

@@ -75,15 +75,23 @@ def test_plateau_counts_as_headroom_where_one_step_does_not(diagnosed) -> None:
     assert d.status == "vanishing"
 
 
-def test_exploding_only_at_an_unstable_learning_rate() -> None:
+@pytest.mark.parametrize(("lr", "exploding"), [(1e-3, False), (0.1, False), (1.0, True)])
+def test_exploding_only_at_a_learning_rate_where_sgd_blows_up(lr: float, exploding: bool) -> None:
+    """The chaotic tanh net: at lr 0.1 layer 0's lr·λmax is 48, yet full-batch SGD takes
+    the loss 2.65 → 0.01 (the edge of stability: a note with the trial's numbers); at lr 1
+    it diverges (2.65 → 25), and the layers carrying it are exploding."""
     case = next(c for c in REFERENCE_CASES if c.key == "tanh-chaotic")
     built = case.build()
-    stable = gradsight.diagnose(built.model, built.batch, built.loss_fn, lr=1e-3)
-    assert "exploding" not in {la.status for la in stable.layers}
-    unstable = gradsight.diagnose(built.model, built.batch, built.loss_fn, lr=0.1)
-    first = unstable.layer("0")
-    assert first.lambda_max is not None and 0.1 * first.lambda_max > 2
-    assert "lr·λmax" in first.reason
+    d = gradsight.diagnose(built.model, built.batch, built.loss_fn, lr=lr)
+    first = d.layer("0")
+    assert (first.status == "exploding") is exploding, first.reason
+    if lr == 0.1:
+        assert first.lambda_max is not None and lr * first.lambda_max > 2
+        assert (
+            "At the edge of stability" in first.reason and "take the loss from 2.65" in first.reason
+        )
+    if exploding:
+        assert "full-batch SGD at lr 1 raises the loss" in first.reason
 
 
 # ----------------------------------------------------------------------------- invariances
@@ -327,9 +335,13 @@ def test_a_step_that_overshoots_where_curvature_is_blind_is_exploding(gain: floa
     if gain > 1:
         assert not losses[2] < 1e3 * losses[0]  # diverged (or NaN)
         assert d.status == "exploding"
-        flagged = [layer for layer in d.layers if layer.status == "exploding"]
-        assert flagged and all("Polyak's step" in layer.reason for layer in flagged)
-        assert all("overshoots" in layer.reason for layer in d.layers)  # the others in a note
+        assert "The step is unstable: full-batch SGD at lr 0.01" in d.summary  # the trial
+        assert any("Polyak's step" in layer.reason for layer in d.layers)
+        for layer in d.layers:
+            if layer.status == "exploding":  # by first order, or carrying the trial's blow-up
+                assert "Polyak's step" in layer.reason or "this layer carries it" in layer.reason
+            else:
+                assert "overshoots" in layer.reason  # the others in a note
     else:
         assert losses[2] < losses[0]
         assert all(layer.status != "exploding" for layer in d.layers)

@@ -31,6 +31,7 @@ from gradsight.diagnosis.headroom import (
 from gradsight.diagnosis.result import Diagnosis
 from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
+from gradsight.diagnosis.trial import Carrier, Trial, carriers, sgd_trial
 from gradsight.diagnosis.verdict import LayerEvidence, Thresholds, judge, worst_status
 from gradsight.probes.signal import NonfiniteOutput, SignalFlow, SignalProbe
 
@@ -183,6 +184,8 @@ def _diagnose(
     blocks: dict[str, BlockCurvature] = {}
     hessian: dict[str, float] = {}
     whole: ModelHeadroom | None = None
+    trial: Trial | None = None
+    carried: dict[str, Carrier] = {}
     skipped = ""
     if curvature and finite:
         try:
@@ -224,10 +227,20 @@ def _diagnose(
                         blocks,
                         lr,
                     )
+                    trial, carried, note = _sgd_stability(
+                        (model, batch, loss_fn, params),
+                        (cmodel, cbatch, closs, prefix),
+                        {n: _trainable(model, n) for n in names},
+                        blocks,
+                        hessian,
+                        lr,
+                        th,
+                    )
+                    skipped += note
         except Exception as exc:
             # Curvature is a refinement: without it the verdicts rest on signal flow (a
             # model it cannot handle costs the refinement, never the diagnosis).
-            blocks, whole, hessian = {}, None, {}
+            blocks, whole, hessian, trial, carried = {}, None, {}, None, {}
             skipped = (
                 f"\nCurvature was not measured ({type(exc).__name__}: {exc}); the verdicts "
                 "rest on signal flow alone."
@@ -247,6 +260,8 @@ def _diagnose(
             kind,
             walk.modules,
         ),
+        trial=trial,
+        carriers=carried,
     )
     origin = None
     if not finite:
@@ -295,6 +310,69 @@ def _nonfinite_origin(
             return probe.nonfinite_forward
         torch.autograd.grad(loss, params + probe.extra_inputs, allow_unused=True)
     return probe.result().nonfinite_backward
+
+
+def _sgd_stability(
+    plain: tuple[nn.Module, Any, Callable[[Any, Any], torch.Tensor], list[nn.Parameter]],
+    adapted: tuple[nn.Module, Any, Callable[[Any, Any], torch.Tensor], str],
+    blocks: Mapping[str, list[nn.Parameter]],
+    curvature: Mapping[str, BlockCurvature],
+    hessian: Mapping[str, float],
+    lr: float,
+    th: Thresholds,
+) -> tuple[Trial | None, dict[str, Carrier], str]:
+    """The SGD trial at ``lr`` (on the model as the user runs it: ``plain`` is the
+    model, batch, loss and trainable parameters) and, where it blows up, the layers that
+    carry the instability (on ``adapted``: the model returning one tensor, its batch and
+    loss, and the prefix of its layer names), with a sentence for the summary where they
+    could not be found."""
+    model, batch, loss_fn, params = plain
+    cmodel, cbatch, closs, prefix = adapted
+    try:
+        trial = sgd_trial(
+            model, batch, loss_fn, params, lr, steps=th.trial_steps, rise=th.trial_rise
+        )
+    except Exception as exc:
+        return (
+            None,
+            {},
+            (
+                f"\nThe SGD trial at lr {lr:g} could not run ({type(exc).__name__}: {exc}); "
+                "stability is judged by first order alone."
+            ),
+        )
+    if not trial.blew_up:
+        return trial, {}, ""
+    products = {}
+    for name in blocks:
+        lam = hessian.get(name)
+        if lam is None and name in curvature:
+            lam = curvature[name].lambda_max
+        if lam is not None:
+            products[prefix + name] = lr * lam
+    try:
+        found = carriers(
+            cmodel,
+            cbatch,
+            closs,
+            {prefix + name: params for name, params in blocks.items()},
+            products,
+            lr,
+            share=th.carrier_share,
+        )
+    except Exception as exc:
+        # The trial stands; the blocks sharpest at this lr stand in for the carriers.
+        top = max(products.values(), default=0.0)
+        found = {n: Carrier(math.nan) for n, v in products.items() if v == top and top > 0}
+        return (
+            trial,
+            {k.removeprefix(prefix): v for k, v in found.items()},
+            (
+                f"\nWhich layers carry the instability was not measured ({type(exc).__name__}: "
+                f"{exc}); the block with the largest lr·λmax is named."
+            ),
+        )
+    return trial, {k.removeprefix(prefix): v for k, v in found.items()}, ""
 
 
 def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:

@@ -11,11 +11,13 @@ it:
 3. ``converged`` when the loss does not depend on the module at all (not called, or its
    output unused by the loss, so its gradient is exactly zero): nothing for it to win,
    and the reason says so in case it should be trained;
-4. ``exploding`` at the step used, which would leave even an optimum: SGD's lr·λmax
-   above ``unstable`` (4; between 2 and 4 training oscillates but typically steadies
-   itself, which a note says), or a step that overshoots by first order (lr·‖g‖² above
-   ``overshoot`` times a nonnegative loss: past Polyak's step), which curvature misses
-   at saturated outputs;
+4. ``exploding`` at the step used, which would leave even an optimum: full-batch SGD at
+   the lr blows up within ``trial_steps`` steps (non-finite, or above ``trial_rise`` ×
+   the start; :mod:`gradsight.diagnosis.trial`), and the layer carries the instability
+   (a share of the whole model's top Hessian eigenvector, or one step on it alone raises
+   the loss); or, where no trial could run, a step that overshoots by first order
+   (lr·‖g‖² above ``overshoot`` times a nonnegative loss: past Polyak's step). lr·λmax
+   above 2 at the start decides neither way: a note says it;
 5. ``converged`` when the model is solved (loss ≤ ``solved``× the constant
    prediction's): with nothing left to win nothing is dead or vanishing;
 6. ``converged`` when the whole model has no headroom left;
@@ -60,6 +62,7 @@ from gradsight._format import display_name
 from gradsight.diagnosis.advice import ModelTraits, remedies, vanishing_advice
 from gradsight.diagnosis.chain import chain_cause
 from gradsight.diagnosis.result import Status
+from gradsight.diagnosis.trial import Carrier, Trial
 from gradsight.probes import ActivationStats, ModuleSignal
 
 __all__ = [
@@ -94,14 +97,20 @@ class Thresholds:
         learnable: a held-out Levenberg-Marquardt step realizing at least this fraction
             of the loss means the model can still learn from what the signal reaches.
         min_chain: the fewest consecutive growing layers that make "exploding".
-        unstable: SGD's lr·λmax above this: the step is unstable for the layer's block
-            (exploding). Above 2 gradient descent already oscillates along the block's
-            sharpest direction, but up to about 4 training typically stabilizes itself
-            by lowering that curvature (the catapult phase, Lewkowycz et al. 2020; the
-            edge of stability, Cohen et al. 2021): a note, not a status.
+        unstable: SGD's lr·λmax above this: gradient descent oscillates along the
+            block's sharpest direction (2, the quadratic's limit). Often training
+            steadies itself by lowering that curvature (the catapult phase, Lewkowycz
+            et al. 2020; the edge of stability, Cohen et al. 2021), so it is a note; the
+            SGD trial decides whether it blows up.
         overshoot: SGD's step lr·‖g‖² over the loss above this (a nonnegative loss):
             by first order the step would take the loss this many times below zero, past
-            even Polyak's step L/‖g‖², so it overshoots whatever the curvature says.
+            even Polyak's step L/‖g‖², so it overshoots whatever the curvature says
+            (judged where no SGD trial ran, or where the trial blew up).
+        trial_steps: full-batch SGD steps at the lr in the trial (with curvature).
+        trial_rise: the trial blows up when the loss goes non-finite or above this
+            times its start.
+        carrier_share: a layer holding at least this share of the whole model's top
+            Hessian eigenvector carries an instability that blows up the trial.
     """
 
     vanishing: float = 1e-3
@@ -115,8 +124,11 @@ class Thresholds:
     time_vanishing: float = 1e-3
     learnable: float = 0.01
     min_chain: int = 3
-    unstable: float = 4.0
+    unstable: float = 2.0
     overshoot: float = 2.0
+    trial_steps: int = 10
+    trial_rise: float = 1.2
+    carrier_share: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,8 @@ class LayerFacts:
         zero_scale: A normalization layer whose weight is exactly zero, the layer itself
             or the one right after it: it outputs its bias alone, the same on every
             sample (a loop that zeroes every 1-D parameter zeroes these weights too).
+        carrier: Where the SGD trial blew up: why this layer carries the instability
+            (None when it does not, or no trial ran).
     """
 
     name: str
@@ -191,6 +205,7 @@ class LayerFacts:
     zero_weight: bool = False
     blocked_by: tuple[str, float, str] | None = None
     zero_scale: str | None = None
+    carrier: Carrier | None = None
 
     @property
     def label(self) -> str:
@@ -228,6 +243,8 @@ class ModelFacts:
         zero_norms: Normalization layers whose weight is exactly zero (they output their
             bias alone and pass no signal back).
         grad_sq: ‖g‖² over every trained layer; ``grad_layers``: how many have a gradient.
+        trial: Full-batch SGD at ``lr`` from the current weights (SGD with curvature),
+            or None.
     """
 
     th: Thresholds
@@ -248,6 +265,7 @@ class ModelFacts:
     zero_norms: frozenset[str] = frozenset()
     grad_sq: float = 0.0
     grad_layers: int = 0
+    trial: Trial | None = None
 
     @property
     def scale(self) -> float:
@@ -286,24 +304,27 @@ def _lr_lambda(layer: LayerFacts, model: ModelFacts) -> float | None:
 
 
 def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """A gradient step of the size used is unstable for this layer: lr·λmax above
-    ``th.unstable`` (4: past the range where training stabilizes itself, see
-    :class:`Thresholds`).
-
-    Judged for SGD only: an adaptive optimizer's stability depends on its
-    preconditioner, not on the step along the gradient.
-    """
-    product = _lr_lambda(layer, model)
-    if product is None or product <= model.th.unstable:
+    """Full-batch SGD at the lr blows up (the trial: non-finite, or above ``trial_rise``
+    × the start within ``trial_steps`` steps), and this layer carries the instability
+    (see :func:`gradsight.diagnosis.trial.carriers`). SGD only: an adaptive optimizer's
+    stability depends on its preconditioner."""
+    trial = model.trial
+    if trial is None or not trial.blew_up or layer.carrier is None or model.lr is None:
         return None
-    assert layer.lambda_max is not None and model.lr is not None
+    if model.optimizer not in (None, "sgd"):
+        return None
+    product = _lr_lambda(layer, model)
     of = "the Hessian's" if layer.hessian else "the Gauss-Newton matrix's"
+    block = (
+        ""
+        if product is None or layer.lambda_max is None
+        else f" Its block's lr·λmax ({of}) is {model.lr:g}·{layer.lambda_max:.2e} = "
+        f"{product:.1f} (the largest stable step is {2 / layer.lambda_max:.1e})."
+    )
     return Verdict(
         "exploding",
-        f"lr·λmax = {model.lr:g}·{layer.lambda_max:.2e} = {product:.1f} > "
-        f"{model.th.unstable:g} (λmax {of}): a gradient step of this size is unstable for "
-        f"this layer's block, past the range where training steadies itself (the largest "
-        f"stable step is {2 / layer.lambda_max:.1e}).",
+        f"the step is unstable: {trial.describe()}, and this layer carries it: "
+        f"{layer.carrier.describe()}.{block}",
         remedies("unstable_step", model.traits),
     )
 
@@ -318,6 +339,8 @@ def overshooting_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     total = _overshoot(model)
     if total is None or not layer.grad_norm or model.lr is None:
         return None
+    if model.trial is not None and not model.trial.blew_up:
+        return None  # the trial's steps did not blow up: the first-order view is refuted
     mine = model.lr * layer.grad_norm**2 / model.loss
     if mine / total < 0.5 / max(model.grad_layers, 1):
         return None  # a small part of the step: not where it overshoots
@@ -633,14 +656,11 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
         return []  # its numbers are NaN/Inf: no sentence built on them holds
     notes = []
     product = _lr_lambda(layer, model)
-    if product is not None and 2 < product <= model.th.unstable and status != "exploding":
-        notes.append(
-            f"At the edge of stability: lr·λmax = {product:.1f} is above 2, so gradient "
-            "descent oscillates along this block's sharpest direction (expect an early bump "
-            f"in the loss); below {model.th.unstable:g} training typically steadies itself by "
-            "lowering that curvature (the catapult phase)."
-        )
+    if product is not None and product > model.th.unstable and status != "exploding":
+        notes.append(_edge_note(product, model))
     overshoot = _overshoot(model)
+    if model.trial is not None and not model.trial.blew_up:
+        overshoot = None  # the trial's steps did not blow up
     if overshoot is not None and status != "exploding":
         notes.append(
             f"The step as a whole overshoots: lr·‖g‖² is {overshoot:.3g} times the loss "
@@ -695,6 +715,27 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
             )
         )
     return notes
+
+
+def _edge_note(product: float, model: ModelFacts) -> str:
+    """lr·λmax above ``th.unstable`` (2) for a layer that is not exploding."""
+    trial = model.trial
+    oscillates = (
+        f"lr·λmax = {product:.1f} is above {model.th.unstable:g}, so gradient descent "
+        "oscillates along this block's sharpest direction"
+    )
+    if trial is not None and trial.blew_up:
+        return (
+            f"For this block {oscillates}, but the instability that blows up SGD here is "
+            "carried by other layers (see the exploding ones)."
+        )
+    if trial is not None:
+        return (
+            f"At the edge of stability: {oscillates}, yet {trial.describe()}: training "
+            "steadies itself by lowering that curvature (the catapult phase). A divergence "
+            "can still start later, as training raises the curvature: watch the loss."
+        )
+    return f"At the edge of stability: {oscillates} (expect an early bump in the loss)."
 
 
 def _share(fraction: float) -> str:

@@ -37,6 +37,7 @@ from gradsight.diagnosis.chain import ratio
 from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom
 from gradsight.diagnosis.result import STATUSES, LayerDiagnosis, Status
 from gradsight.diagnosis.rules import RULES, LayerFacts, ModelFacts, Rule, Thresholds, apply_rules
+from gradsight.diagnosis.trial import Carrier, Trial
 from gradsight.probes import ActivationStats, ModuleSignal
 
 __all__ = ["LayerEvidence", "Thresholds", "judge", "worst_status"]
@@ -114,6 +115,8 @@ def judge(
     thresholds: Thresholds | None = None,
     traits: ModelTraits | None = None,
     rules: Sequence[Rule] = RULES,
+    trial: Trial | None = None,
+    carriers: Mapping[str, Carrier] | None = None,
 ) -> tuple[list[LayerDiagnosis], bool, str]:
     """Turn per-layer evidence into verdicts.
 
@@ -131,6 +134,10 @@ def judge(
         traits: What the model already does, for the advice; its ``optimizer`` says
             which step a layer gets (``"adaptive"``: each layer's ``step``).
         rules: The rules, in order of precedence.
+        trial: Full-batch SGD at ``lr`` from the current weights, if it ran
+            (:func:`gradsight.diagnosis.trial.sgd_trial`).
+        carriers: Where the trial blew up, the layers that carry the instability and why
+            (:func:`gradsight.diagnosis.trial.carriers`).
 
     Returns:
         ``(layers, plateau, summary)``.
@@ -185,7 +192,9 @@ def judge(
         zero_norms=frozenset(
             e.name for e in ran_ev if "Norm" in e.module_type and e.param_norms.get("weight") == 0.0
         ),
+        trial=trial,
     )
+    carriers = carriers or {}
     global_step = lr
     if global_step is None and model is not None and model.lambda_max > 0:
         global_step = 2.0 / model.lambda_max
@@ -212,6 +221,8 @@ def judge(
             layer = dataclasses.replace(
                 layer, zero_weight=e.name in zero, blocked_by=blocked, zero_scale=scale_zero
             )
+        if e.name in carriers:
+            layer = dataclasses.replace(layer, carrier=carriers[e.name])
         if hessian and e.name in hessian:
             d.hessian_lambda_max = hessian[e.name]
             layer = dataclasses.replace(layer, lambda_max=hessian[e.name], hessian=True)
@@ -399,6 +410,10 @@ def _summary(
         )
     else:
         lines.append(f"Loss {loss:.3g} (best constant prediction: {base_text}).")
+    trial = model.trial
+    blew_up = trial is not None and trial.blew_up
+    if trial is not None and trial.blew_up:
+        lines.append(f"The step is unstable: {trial.describe()}.")
     if whole is not None:
         realized = "n/a" if whole.realized is None else f"{min(whole.realized, 1.0):.1%}"
         predicted = (
@@ -413,15 +428,16 @@ def _summary(
         )
         sgd = model.optimizer in (None, "sgd")
         product = None if not sgd or model.lr is None else model.lr * whole.lambda_max
-        if product is not None and product > 2:
-            where = (
-                "past the range where training steadies itself"
-                if product > model.th.unstable
-                else "at the edge of stability: expect an early bump in the loss"
+        if not blew_up and product is not None and product > model.th.unstable:
+            outcome = (
+                f"; yet {trial.describe()}: at the edge of stability, training steadies "
+                "itself (watch the loss: a divergence can start later)"
+                if trial is not None
+                else ": at the edge of stability, expect an early bump in the loss"
             )
             lines.append(
                 f"lr {model.lr:g} exceeds the largest stable step 2/λmax = "
-                f"{2 / whole.lambda_max:.2e} (lr·λmax = {product:.1f}, {where})."
+                f"{2 / whole.lambda_max:.2e} (lr·λmax = {product:.1f}){outcome}."
             )
     ratios = [layer.step_ratio for layer in layers if layer.step_ratio]
     if len(ratios) >= 2 and min(ratios) > 0 and max(ratios) / min(ratios) >= 100:

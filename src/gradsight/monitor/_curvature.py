@@ -28,8 +28,9 @@ class CurvatureTier:
     backward passes serve every layer):
 
     * ``lambda_max`` (and its standard error ``lambda_max_err``): the top eigenvalue of
-      G, and with a learning rate ``lr_lambda_max`` = lr·λmax (gradient descent on the
-      block is unstable above 2);
+      G, and with a learning rate ``lr_lambda_max`` = lr·λmax (above 2 gradient descent
+      oscillates along the block's sharpest direction; whether it blows up, a
+      diagnosis's SGD trial decides);
     * ``trace`` and ``trace_stderr``: the trace of G and its standard error;
     * ``alpha_star``: the curvature-optimal step α* = gᵀg / gᵀGg along the gradient,
       and ``step_ratio`` = α*/lr, the step the layer needs over the step it gets;

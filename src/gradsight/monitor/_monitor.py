@@ -74,8 +74,9 @@ class Monitor:
     ``loss_fn``): per layer, on the Gauss-Newton matrix G (the same engine as
     :func:`gradsight.diagnose`: one forward and a few backward passes serve every layer),
     the top eigenvalue (``lambda_max`` ± ``lambda_max_err``, and ``lr_lambda_max``: above
-    2 the step is unstable), the trace (± ``trace_stderr``), the curvature-optimal step
-    α* = gᵀg/gᵀGg over the learning rate (``step_ratio``) and ``headroom``
+    2 the step oscillates along the block's sharpest direction), the trace
+    (± ``trace_stderr``), the curvature-optimal step α* = gᵀg/gᵀGg over the learning rate
+    (``step_ratio``) and ``headroom``
     (± ``headroom_err``), the damped Gauss-Newton decrease along the gradient relative to
     the loss. Layers the engine does not cover (recurrent layers, say) get the same
     quantities from per-layer G-vector products.
