@@ -19,7 +19,7 @@ knows no metric by name.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -114,6 +114,7 @@ class ActivationStates:
         dsum: ``[n]`` Σ|φ'| (sum).
         dsq: ``[n]`` Σφ'² (sum).
         alive: ``[n, units]`` bool, the unit was not flat on some entry (logical or).
+        rows: :meth:`host_metrics`, where the reduction ran on the host and made them.
     """
 
     count: int
@@ -121,6 +122,7 @@ class ActivationStates:
     dsum: torch.Tensor
     dsq: torch.Tensor
     alive: torch.Tensor
+    rows: list[list[float]] | None = field(default=None, repr=False, compare=False)
 
     def metrics(self) -> torch.Tensor:
         """``[n, 4]``: saturation, dead fraction, mean |φ'|, RMS φ' (see
@@ -130,6 +132,8 @@ class ActivationStates:
 
     def host_metrics(self) -> list[list[float]]:
         """:meth:`metrics` as Python floats (in float64), from one copy to the host."""
+        if self.rows is not None:
+            return self.rows
         parts: tuple[torch.Tensor, ...] = (self.flat, self.dsum, self.dsq, self.alive)
         if any(t.device.type != "cpu" for t in parts):
             parts = tuple(t.cpu() for t in parts)  # (a few numbers each)
@@ -249,11 +253,15 @@ def _host_states(d: torch.Tensor, unit_dim: int, threshold: float) -> Activation
     count = rows.shape[1]
     dsum = rows.sum(axis=1)
     dsq = np.einsum("ij,ij->i", rows, rows)
-    flat = (count - np.count_nonzero(rows > threshold, axis=1)).astype(a.dtype)
+    steep = np.count_nonzero(rows > threshold, axis=1)
+    flat = (count - steep).astype(a.dtype)
+    live = np.count_nonzero(alive, axis=1) / max(alive.shape[1], 1)
+    metrics = zip(flat.tolist(), dsum.tolist(), dsq.tolist(), live.tolist(), strict=True)
     return ActivationStates(
         count,
         torch.from_numpy(flat),
         torch.from_numpy(dsum),
         torch.from_numpy(dsq),
         torch.from_numpy(alive),
+        rows=[_fractions(count, *m) for m in metrics],
     )
