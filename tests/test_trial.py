@@ -204,3 +204,15 @@ def test_a_wav2vec2_whose_blocks_all_look_stable_still_explodes() -> None:
     exploding = {layer.name for layer in d.layers if layer.status == "exploding"}
     assert exploding & {"classifier", "projector"}, exploding
     assert all((layer.lambda_max or 0.0) * 10 < 4 for layer in d.layers)
+
+
+def test_a_trial_on_a_negative_loss_says_how_much_it_rose_not_a_ratio() -> None:
+    """A loss below zero (a log-likelihood to maximize, written as its negative plus a
+    constant) rises by an amount, not by a factor: "×0.5, above ×1.2" would read
+    backwards."""
+    from gradsight.diagnosis.trial import Trial
+
+    trial = Trial(lr=1.0, losses=(-2.0, -1.5), rise=1.2, at=1)
+    text = trial.describe()
+    assert "from -2 to -1.5 (up by 0.5, more than 0.2× its size) by step 1" in text
+    assert "×" not in text.split("(")[1].split(",")[0]

@@ -79,9 +79,14 @@ class Trial:
                 f"full-batch SGD at lr {self.lr:g} turns the loss from {start:.3g} into "
                 f"{last} at step {self.at}"
             )
+        by = (
+            f"×{last / start:.3g}, above ×{self.rise:g}"
+            if start > 0
+            else f"up by {last - start:.3g}, more than {self.rise - 1:g}× its size"
+        )
         return (
             f"full-batch SGD at lr {self.lr:g} raises the loss from {start:.3g} to {last:.3g} "
-            f"(×{last / start:.3g}, above ×{self.rise:g}) by step {self.at}"
+            f"({by}) by step {self.at}"
         )
 
 
