@@ -216,3 +216,12 @@ def test_a_trial_on_a_negative_loss_says_how_much_it_rose_not_a_ratio() -> None:
     text = trial.describe()
     assert "from -2 to -1.5 (up by 0.5, more than 0.2× its size) by step 1" in text
     assert "×" not in text.split("(")[1].split(",")[0]
+
+
+def test_a_trial_that_neither_blows_up_nor_falls_does_not_claim_training_steadies() -> None:
+    from gradsight.diagnosis.trial import Trial
+
+    fell = Trial(lr=1.0, losses=(2.0, 1.9, 1.5), rise=1.2, at=None)
+    flat = Trial(lr=1.0, losses=(2.0, 2.1, 2.2), rise=1.2, at=None)
+    assert "steadies itself" in fell.outcome
+    assert "does not fall" in flat.outcome and "steadies" not in flat.outcome

@@ -731,9 +731,9 @@ def _edge_note(product: float, model: ModelFacts) -> str:
         )
     if trial is not None:
         return (
-            f"At the edge of stability: {oscillates}, yet {trial.describe()}: training "
-            "steadies itself by lowering that curvature (the catapult phase). A divergence "
-            "can still start later, as training raises the curvature: watch the loss."
+            f"At the edge of stability: {oscillates}, yet {trial.describe()}: "
+            f"{trial.outcome}. A divergence can still start later, as training raises the "
+            "curvature: watch the loss."
         )
     return f"At the edge of stability: {oscillates} (expect an early bump in the loss)."
 

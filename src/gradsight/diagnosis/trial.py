@@ -65,6 +65,14 @@ class Trial:
     def blew_up(self) -> bool:
         return self.at is not None
 
+    @property
+    def outcome(self) -> str:
+        """What a trial that did not blow up shows, in words: the loss fell, or it did
+        not blow up but did not fall either."""
+        if self.losses[-1] < self.losses[0]:
+            return "training steadies itself by lowering that curvature (the catapult phase)"
+        return "it does not blow up within those steps, though the loss does not fall either"
+
     def describe(self) -> str:
         """The trial in words, with its numbers."""
         start, last = self.losses[0], self.losses[-1]

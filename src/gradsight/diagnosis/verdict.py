@@ -430,8 +430,8 @@ def _summary(
         product = None if not sgd or model.lr is None else model.lr * whole.lambda_max
         if not blew_up and product is not None and product > model.th.unstable:
             outcome = (
-                f"; yet {trial.describe()}: at the edge of stability, training steadies "
-                "itself (watch the loss: a divergence can start later)"
+                f"; yet {trial.describe()}: at the edge of stability, {trial.outcome} "
+                "(watch the loss: a divergence can start later)"
                 if trial is not None
                 else ": at the edge of stability, expect an early bump in the loss"
             )
