@@ -25,7 +25,7 @@ def norm_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         groups.setdefault((t.dtype, t.device), []).append(i)
     with torch.no_grad():
         for members in groups.values():
-            values = torch._foreach_norm([tensors[i].detach() for i in members])
+            values = torch._foreach_norm([tensors[i] for i in members])  # no graph: no_grad
             for i, n in zip(members, values, strict=True):
                 out[i] = n
     return [n for n in out if n is not None]

@@ -407,7 +407,7 @@ def _evidence(
     ]  # frozen parameters are not in grad_of
     flat = [p for params in trainable for _, p in params]
     # Gradients' and parameters' norms in one pass and one copy to the host.
-    values = norms([grad_of[id(p)] for p in flat] + [p.detach() for p in flat])
+    values = norms([*(grad_of[id(p)] for p in flat), *flat])
     grad_norm = dict(zip(map(id, flat), values[: len(flat)], strict=True))
     param_norm = dict(zip(map(id, flat), values[len(flat) :], strict=True))
     out: dict[str, LayerEvidence] = {}

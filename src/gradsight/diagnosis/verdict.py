@@ -29,7 +29,6 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 
 from gradsight._format import display_name
 from gradsight.diagnosis.advice import ModelTraits
@@ -64,33 +63,30 @@ class LayerEvidence:
     step: float | None = None
     time_input_norms: tuple[float, ...] | None = None
     shared: frozenset[str] = frozenset()  # its parameters an earlier module also lists
+    frozen: bool = field(init=False)
+    grad_norm: float | None = field(init=False)  # over its trainable parameters
+    relative_grad: float | None = field(init=False)  # Σ‖g_p‖·‖p‖ in quadrature
+    zero_with_gradient: bool = field(init=False)
 
-    @property
-    def frozen(self) -> bool:
-        return not self.grad_norms
-
-    @cached_property  # the norms are set once, when the evidence is made
-    def grad_norm(self) -> float | None:
-        if self.frozen:
-            return None
-        return math.sqrt(math.fsum(g * g for g in self.grad_norms.values()))
-
-    @cached_property
-    def zero_with_gradient(self) -> bool:
-        """Every trainable parameter is exactly zero while the gradient is not: a
-        zero-initialized layer, for which the scale-free gradient says nothing."""
-        return (
+    def __post_init__(self) -> None:
+        # Read-only facts of the norms it was made with, computed once.
+        self.frozen = not self.grad_norms
+        self.grad_norm = (
+            None if self.frozen else math.sqrt(math.fsum(g * g for g in self.grad_norms.values()))
+        )
+        self.relative_grad = (
+            None
+            if self.frozen
+            else math.sqrt(
+                math.fsum((g * self.param_norms[k]) ** 2 for k, g in self.grad_norms.items())
+            )
+        )
+        #: Every trainable parameter is exactly zero while the gradient is not: a
+        #: zero-initialized layer, for which the scale-free gradient says nothing.
+        self.zero_with_gradient = (
             not self.frozen
             and all(self.param_norms[k] == 0 for k in self.grad_norms)
             and any(g > 0 for g in self.grad_norms.values())
-        )
-
-    @cached_property
-    def relative_grad(self) -> float | None:
-        if self.frozen:
-            return None
-        return math.sqrt(
-            math.fsum((g * self.param_norms[k]) ** 2 for k, g in self.grad_norms.items())
         )
 
 

@@ -572,7 +572,7 @@ class SignalProbe(LeanHooks):
         if self._active:
             for norms, grad in zip(self._edge_norms, grads, strict=True):
                 if grad is not None:
-                    norms.append(grad.detach())
+                    norms.append(grad)
         self._edge_norms.clear()
         self.gradient_edges = []
 
