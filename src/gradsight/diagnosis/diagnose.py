@@ -69,18 +69,21 @@ def diagnose(
         batch: ``(inputs, targets)``; ``model(inputs)`` (or ``model(*inputs)`` for a tuple,
             ``model(**inputs)`` for a dict) gives the outputs.
         loss_fn: ``loss_fn(outputs, targets)`` returns the scalar training loss.
-        lr: The learning rate used in training, if known. Step ratios and the
-            ``lr·λmax`` stability test use it; without it the step a layer gets is
-            the largest one stable for the whole model, 2/λmax. Taken from
-            ``optimizer`` when that is given.
+        lr: The learning rate used in training, if known. Step ratios use it; without
+            it the step a layer gets is the largest one stable for the whole model,
+            2/λmax. Taken from ``optimizer`` when that is given. With curvature and SGD
+            it is also tried: ten full-batch SGD steps at ``lr`` on a copy of the
+            parameters (ten more forward and backward passes) decide whether the step
+            blows up (:mod:`gradsight.diagnosis.trial`); where it does, a Lanczos run on
+            the whole model's Hessian names the layers that carry it.
         optimizer: The optimizer training the model, if any. For SGD its lr is the step
             each layer gets. For Adam, AdamW, RMSprop and Adagrad the step a layer gets
             is the one the optimizer would take along the layer's gradient, gᵀΔ/gᵀg with
             Δ its update (read from its state, not applied), so that step ratios compare
             the curvature-optimal step with the step actually taken, not with the raw
-            lr; the ``lr·λmax`` stability test is then skipped (an adaptive step's stability
-            depends on its preconditioner). For other optimizers (Muon, ...) step ratios
-            are left out. The optimizer is not changed.
+            lr; the SGD trial is then skipped (an adaptive step's stability depends on
+            its preconditioner). For other optimizers
+            (Muon, ...) step ratios are left out. The optimizer is not changed.
         curvature: Also measure curvature (Gauss-Newton λmax, curvature-optimal step and
             Newton-decrement headroom per layer, and the whole model's headroom, with
             standard errors). Every layer at once from one forward pass and a few
