@@ -225,3 +225,58 @@ def test_a_trial_that_neither_blows_up_nor_falls_does_not_claim_training_steadie
     flat = Trial(lr=1.0, losses=(2.0, 2.1, 2.2), rise=1.2, at=None)
     assert "steadies itself" in fell.outcome
     assert "does not fall" in flat.outcome and "steadies" not in flat.outcome
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_trial_steps_as_the_user_s_sgd_does_momentum_and_all(nesterov: bool) -> None:
+    """With the optimizer given, the trial is its SGD: momentum (continuing from the
+    buffers its state holds), Nesterov, weight decay, each group's own lr; the reference
+    is torch.optim.SGD stepping a copy of the model and of the optimizer's state."""
+    from gradsight.diagnosis.trial import sgd_settings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    opt = torch.optim.SGD(
+        [
+            {"params": model[0].parameters(), "lr": 0.3},
+            {"params": model[2].parameters(), "lr": 0.1, "weight_decay": 1e-2},
+        ],
+        momentum=0.9,
+        nesterov=nesterov,
+    )
+    for _ in range(3):  # momentum buffers in its state
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    params = list(model.parameters())
+    state = copy.deepcopy(opt.state_dict())
+    trial = sgd_trial(
+        model, (x, y), F.cross_entropy, params, 0.3, settings=sgd_settings(opt, params, 0.3)
+    )
+    assert opt.state_dict()["state"].keys() == state["state"].keys()
+    for key, value in state["state"].items():  # the optimizer's state is left as it was
+        assert torch.equal(
+            opt.state_dict()["state"][key]["momentum_buffer"], value["momentum_buffer"]
+        )
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.SGD(
+        [
+            {"params": twin[0].parameters(), "lr": 0.3},
+            {"params": twin[2].parameters(), "lr": 0.1, "weight_decay": 1e-2},
+        ],
+        momentum=0.9,
+        nesterov=nesterov,
+    )
+    twin_opt.load_state_dict(copy.deepcopy(state))
+    reference = []
+    for _ in range(len(trial.losses)):
+        twin_opt.zero_grad()
+        loss = F.cross_entropy(twin(x), y)
+        reference.append(float(loss))
+        loss.backward()
+        twin_opt.step()
+    assert trial.losses == pytest.approx(reference, rel=1e-5)
+    assert "SGD (momentum 0.9) steps at lr 0.3" in trial.describe()
+    plain = sgd_trial(model, (x, y), F.cross_entropy, params, 0.3)
+    assert plain.losses != pytest.approx(trial.losses, rel=1e-5)  # the settings matter

@@ -31,7 +31,14 @@ from gradsight.diagnosis.headroom import (
 from gradsight.diagnosis.result import Diagnosis
 from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
-from gradsight.diagnosis.trial import Carrier, Trial, carriers, sgd_trial
+from gradsight.diagnosis.trial import (
+    Carrier,
+    SGDSettings,
+    Trial,
+    carriers,
+    sgd_settings,
+    sgd_trial,
+)
 from gradsight.diagnosis.verdict import LayerEvidence, Thresholds, judge, worst_status
 from gradsight.probes.signal import NonfiniteOutput, SignalFlow, SignalProbe
 
@@ -231,7 +238,7 @@ def _diagnose(
                         lr,
                     )
                     trial, carried, note = _sgd_stability(
-                        (model, batch, loss_fn, params),
+                        (model, batch, loss_fn, params, sgd_settings(optimizer, params, lr)),
                         (cmodel, cbatch, closs, prefix),
                         {n: _trainable(model, n) for n in names},
                         blocks,
@@ -316,7 +323,9 @@ def _nonfinite_origin(
 
 
 def _sgd_stability(
-    plain: tuple[nn.Module, Any, Callable[[Any, Any], torch.Tensor], list[nn.Parameter]],
+    plain: tuple[
+        nn.Module, Any, Callable[[Any, Any], torch.Tensor], list[nn.Parameter], list[SGDSettings]
+    ],
     adapted: tuple[nn.Module, Any, Callable[[Any, Any], torch.Tensor], str],
     blocks: Mapping[str, list[nn.Parameter]],
     curvature: Mapping[str, BlockCurvature],
@@ -325,15 +334,22 @@ def _sgd_stability(
     th: Thresholds,
 ) -> tuple[Trial | None, dict[str, Carrier], str]:
     """The SGD trial at ``lr`` (on the model as the user runs it: ``plain`` is the
-    model, batch, loss and trainable parameters) and, where it blows up, the layers that
-    carry the instability (on ``adapted``: the model returning one tensor, its batch and
-    loss, and the prefix of its layer names), with a sentence for the summary where they
-    could not be found."""
-    model, batch, loss_fn, params = plain
+    model, batch, loss, trainable parameters and how the optimizer steps each) and, where
+    it blows up, the layers that carry the instability (on ``adapted``: the model
+    returning one tensor, its batch and loss, and the prefix of its layer names), with a
+    sentence for the summary where they could not be found."""
+    model, batch, loss_fn, params, settings = plain
     cmodel, cbatch, closs, prefix = adapted
     try:
         trial = sgd_trial(
-            model, batch, loss_fn, params, lr, steps=th.trial_steps, rise=th.trial_rise
+            model,
+            batch,
+            loss_fn,
+            params,
+            lr,
+            steps=th.trial_steps,
+            rise=th.trial_rise,
+            settings=settings,
         )
     except Exception as exc:
         return (

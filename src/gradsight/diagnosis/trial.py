@@ -39,7 +39,7 @@ from gradsight._state import preserved, swapped_parameters
 from gradsight.curvature import HessianOperator, lanczos
 from gradsight.curvature._blocks import resolve_params
 
-__all__ = ["Carrier", "Trial", "carriers", "sgd_trial"]
+__all__ = ["Carrier", "SGDSettings", "Trial", "carriers", "sgd_settings", "sgd_trial"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -49,17 +49,19 @@ class Trial:
     """Full-batch SGD from the current weights.
 
     Attributes:
-        lr: The step size.
+        lr: The step size (the first group's, where the optimizer has several).
         losses: The loss at the start and after each step taken.
         rise: The ratio to the start above which the loss has blown up.
         at: The first step after which the loss was non-finite or above ``rise`` × its
             start (the trial stops there), or None.
+        momentum: The optimizer's momentum (the largest of its groups'), 0 for plain SGD.
     """
 
     lr: float
     losses: tuple[float, ...]
     rise: float
     at: int | None
+    momentum: float = 0.0
 
     @property
     def blew_up(self) -> bool:
@@ -77,14 +79,15 @@ class Trial:
         """The trial in words, with its numbers."""
         start, last = self.losses[0], self.losses[-1]
         steps = len(self.losses) - 1
+        sgd = f"SGD (momentum {self.momentum:g})" if self.momentum else "SGD"
         if self.at is None:
             return (
-                f"{steps} full-batch SGD steps at lr {self.lr:g} take the loss from "
+                f"{steps} full-batch {sgd} steps at lr {self.lr:g} take the loss from "
                 f"{start:.3g} to {last:.3g}"
             )
         if not math.isfinite(last):
             return (
-                f"full-batch SGD at lr {self.lr:g} turns the loss from {start:.3g} into "
+                f"full-batch {sgd} at lr {self.lr:g} turns the loss from {start:.3g} into "
                 f"{last} at step {self.at}"
             )
         by = (
@@ -93,7 +96,7 @@ class Trial:
             else f"up by {last - start:.3g}, more than {self.rise - 1:g}× its size"
         )
         return (
-            f"full-batch SGD at lr {self.lr:g} raises the loss from {start:.3g} to {last:.3g} "
+            f"full-batch {sgd} at lr {self.lr:g} raises the loss from {start:.3g} to {last:.3g} "
             f"({by}) by step {self.at}"
         )
 
@@ -101,6 +104,51 @@ class Trial:
 def _past(value: float, start: float, rise: float) -> bool:
     """Non-finite, or above ``rise`` × the start (for a loss of either sign)."""
     return not math.isfinite(value) or value > start + (rise - 1.0) * abs(start)
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """How ``torch.optim.SGD`` steps one parameter (its group's settings, and the momentum
+    buffer its state holds, if any)."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    buffer: torch.Tensor | None = None
+
+
+def sgd_settings(
+    optimizer: torch.optim.Optimizer | None, params: Sequence[torch.Tensor], lr: float
+) -> list[SGDSettings]:
+    """Each parameter's settings as ``optimizer`` (a ``torch.optim.SGD``) steps it, its
+    momentum buffer copied; plain SGD at ``lr`` without one, or for a parameter it does
+    not hold."""
+    group_of: dict[int, dict[str, Any]] = {}
+    if isinstance(optimizer, torch.optim.SGD):
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                group_of[id(p)] = group
+    out = []
+    for p in params:
+        held = group_of.get(id(p))
+        if held is None or optimizer is None:
+            out.append(SGDSettings(lr))
+            continue
+        group = held
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+        out.append(
+            SGDSettings(
+                lr=float(group["lr"]),
+                momentum=float(group.get("momentum", 0.0)),
+                dampening=float(group.get("dampening", 0.0)),
+                nesterov=bool(group.get("nesterov", False)),
+                weight_decay=float(group.get("weight_decay", 0.0)),
+                buffer=None if buffer is None else buffer.detach().clone(),
+            )
+        )
+    return out
 
 
 def sgd_trial(
@@ -112,15 +160,22 @@ def sgd_trial(
     *,
     steps: int = 10,
     rise: float = 1.2,
+    settings: Sequence[SGDSettings] | None = None,
 ) -> Trial:
     """``steps`` full-batch SGD steps at ``lr`` on ``batch``, on a copy of ``params``.
+
+    ``settings``: each parameter's, as the user's ``torch.optim.SGD`` steps it (momentum,
+    Nesterov, weight decay, its group's lr, its momentum buffer; see
+    :func:`sgd_settings`); plain SGD at ``lr`` without them.
 
     The model is left as it was: its parameters are never written (each step's weights
     are swapped in and out), and its buffers and the global RNG are restored (the passes
     run on a forked RNG with a fixed seed, so dropout masks are reproducible). The trial
     stops at the first step whose loss is non-finite or above ``rise`` × the start.
     """
+    settings = list(settings) if settings is not None else [SGDSettings(lr) for _ in params]
     current = [p.detach().clone() for p in params]
+    buffers = [s.buffer for s in settings]
     losses: list[float] = []
     at = None
     with preserved(model), torch.enable_grad():
@@ -135,11 +190,21 @@ def sgd_trial(
                 if step == steps:
                     break
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            current = [
-                c.detach() if g is None else c.detach() - lr * g
-                for c, g in zip(leaves, grads, strict=True)
-            ]
-    return Trial(lr=lr, losses=tuple(losses), rise=rise, at=at)
+            current = []
+            for i, (leaf, g, s) in enumerate(zip(leaves, grads, settings, strict=True)):
+                p = leaf.detach()
+                if g is None:
+                    current.append(p)
+                    continue
+                d = g if not s.weight_decay else g + s.weight_decay * p
+                if s.momentum:  # as torch.optim.SGD: the buffer, then Nesterov's look-ahead
+                    buf = buffers[i]
+                    buf = d.clone() if buf is None else s.momentum * buf + (1 - s.dampening) * d
+                    buffers[i] = buf
+                    d = d + s.momentum * buf if s.nesterov else buf
+                current.append(p - s.lr * d)
+    momentum = max((s.momentum for s in settings), default=0.0)
+    return Trial(lr=lr, losses=tuple(losses), rise=rise, at=at, momentum=momentum)
 
 
 @dataclass(frozen=True)
