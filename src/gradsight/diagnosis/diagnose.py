@@ -456,8 +456,9 @@ def _evidence(
         for _, p in params
     }
     used_by: dict[str, list[str]] = {}
+    unused = set(flow.unused)
     for name, params in zip((n for n, _ in owners), trainable, strict=True):
-        if name not in flow.unused or not in_graph[name]:
+        if name not in unused or not in_graph[name]:
             continue
         e = out[name]
         tied = next((ran_holder[id(p)] for _, p in params if id(p) in ran_holder), None)

@@ -408,7 +408,8 @@ def _summary(
         lines.append(f"Loss {loss:.3g} (best constant prediction: {base_text}).")
     trial = model.trial
     blew_up = trial is not None and trial.blew_up
-    if trial is not None and trial.blew_up:
+    if blew_up:
+        assert trial is not None
         lines.append(f"The step is unstable: {trial.describe()}.")
     if whole is not None:
         realized = "n/a" if whole.realized is None else f"{min(whole.realized, 1.0):.1%}"
