@@ -83,18 +83,21 @@ def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_al
     adapted = tensor_output(model, model(built.batch[0]), built.loss_fn)
     assert adapted is not None
     wrapped, loss, prefix = adapted
-    found = carriers(
-        wrapped,
-        built.batch,
-        loss,
-        {prefix + n: ps for n, ps in blocks.items()},
-        {prefix + n: v for n, v in products.items()},
-        twin.lr,
-    )
-    names = {n.removeprefix(prefix) for n in found}
-    assert names == {"trunk.2", "heads.reg"}, found
-    shares = [c.share for c in found.values()]
-    assert all(0 <= s <= 1 for s in shares)
+    start = float(built.loss_fn(model(built.batch[0]), built.batch[1]))
+    for c in (1.0, 1e-6, 1e6):  # the same carriers and shares at every scale of the loss
+        found = carriers(
+            wrapped,
+            built.batch,
+            lambda out, t, c=c: c * loss(out, t),
+            {prefix + n: ps for n, ps in blocks.items()},
+            {prefix + n: v for n, v in products.items()},
+            twin.lr / c,
+            loss=c * start,
+        )
+        names = {n.removeprefix(prefix) for n in found}
+        assert names == {"trunk.2", "heads.reg"}, (c, found)
+        assert all(0 <= carrier.share <= 1 for carrier in found.values())
+        assert found[prefix + "trunk.2"].alone == pytest.approx(34, rel=0.05)
 
 
 def _tiny_falcon() -> tuple[nn.Module, tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -280,3 +283,80 @@ def test_the_trial_steps_as_the_user_s_sgd_does_momentum_and_all(nesterov: bool)
     assert "SGD (momentum 0.9) steps at lr 0.3" in trial.describe()
     plain = sgd_trial(model, (x, y), F.cross_entropy, params, 0.3)
     assert plain.losses != pytest.approx(trial.losses, rel=1e-5)  # the settings matter
+
+
+def test_the_sharpest_direction_of_a_large_model_by_power_iteration_is_the_dense_one() -> None:
+    """Beyond the memory Lanczos may take, the carriers' top eigenvector comes from power
+    iteration, shifted where the largest curvature in magnitude is negative. Against the
+    dense float64 Hessian of a small net (autograd.functional.hessian): the eigenvector
+    of its most positive eigenvalue, also where a negative one is larger in magnitude."""
+    from gradsight.curvature import HessianOperator
+    from gradsight.diagnosis.trial import _sharpest_direction
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 2, (32,))
+    params = list(model.parameters())
+    for sign in (1.0, -1.0):  # -1: the loss's negative, whose largest |λ| is negative
+
+        def loss_fn(out, t, sign=sign):  # type: ignore[no-untyped-def]
+            return sign * F.cross_entropy(out, t)
+
+        op = HessianOperator(model, (x, y), loss_fn)
+        dense = op.to_dense()
+        vals, vecs = torch.linalg.eigh(dense)
+        v = _sharpest_direction(op, max_matvecs=400)
+        assert abs(float(v @ vecs[:, -1])) > 0.99, (sign, vals[[0, -1]])
+    assert len(params) == 4
+
+
+def _tiny_deit() -> tuple[nn.Module, tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    from transformers import DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(0)
+    config = DeiTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=4,
+    )
+    gen = torch.Generator().manual_seed(1000)
+    y = torch.randint(0, 4, (32,), generator=gen)
+    x = 0.3 * torch.randn(32, 3, 16, 16, generator=gen)
+    for i in range(32):  # the bright quadrant is the class
+        r, c = divmod(int(y[i]), 2)
+        x[i, :, r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] += 1.0
+    return DeiTForImageClassification(config), ({"pixel_values": x}, y)
+
+
+def test_without_curvature_a_first_order_overshoot_is_checked_by_the_trial() -> None:
+    """transformers' DeiT at SGD lr 0.1: lr·‖g‖² is several times the loss, so by first
+    order the step overshoots (past Polyak's step), and curvature=False called layers
+    exploding; 40 SGD steps train it. Where the first-order test fires, the SGD trial
+    now runs (ten steps) and decides."""
+
+    def loss_fn(out, targets):  # type: ignore[no-untyped-def]
+        return F.cross_entropy(out.logits, targets)
+
+    model, batch = _tiny_deit()
+    grads = torch.autograd.grad(loss_fn(model(**batch[0]), batch[1]), list(model.parameters()))
+    first = float(loss_fn(model(**batch[0]), batch[1]))
+    assert 0.1 * sum(float(g.square().sum()) for g in grads) > 2 * first  # it overshoots
+    d = gradsight.diagnose(model, batch, loss_fn, lr=0.1, curvature=False)
+    assert d.status != "exploding", d.summary
+    assert "The step does not blow up: 10 full-batch SGD steps at lr 0.1" in d.summary
+    assert not any("overshoots" in layer.reason for layer in d.layers)
+    train = copy.deepcopy(model)  # the ground truth
+    opt = torch.optim.SGD(train.parameters(), lr=0.1)
+    for _ in range(40):
+        opt.zero_grad()
+        loss = loss_fn(train(**batch[0]), batch[1])
+        loss.backward()
+        opt.step()
+    assert float(loss) < first

@@ -320,8 +320,11 @@ def _deep_conv(gain: float) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
 
 
+@pytest.mark.parametrize("curvature", [True, False])
 @pytest.mark.parametrize("gain", [1.0, 2.0])
-def test_a_step_that_overshoots_where_curvature_is_blind_is_exploding(gain: float) -> None:
+def test_a_step_that_overshoots_where_curvature_is_blind_is_exploding(
+    gain: float, curvature: bool
+) -> None:
     """Sick twin: He init ×2 in a 12-layer plain ReLU net: activations grow ×4 per layer,
     the logits are huge, the softmax is saturated, so the Gauss-Newton curvature is ~0
     (no lr·λmax test can fire) while lr·‖g‖² is hundreds of times the loss. Ground truth:
@@ -330,7 +333,7 @@ def test_a_step_that_overshoots_where_curvature_is_blind_is_exploding(gain: floa
     model = _deep_conv(gain)
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 3, 8, 8, generator=gen), torch.randint(0, 4, (32,), generator=gen)
-    d = gradsight.diagnose(model, (x, y), ce, lr=0.01)
+    d = gradsight.diagnose(model, (x, y), ce, lr=0.01, curvature=curvature)
     _, losses = _sgd(model, x, y, 0.01, 3)
     if gain > 1:
         assert not losses[2] < 1e3 * losses[0]  # diverged (or NaN)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["display_name", "fmt", "jsonable", "pct"]
+__all__ = ["display_name", "fmt", "jsonable", "one_decimal", "pct"]
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -26,6 +26,17 @@ def fmt(value: float | None, digits: int = 3) -> str:
     if value == 0:
         return "0"
     return f"{value:.{digits - 1}e}" if not 1e-2 <= abs(value) < 1e4 else f"{value:.{digits}g}"
+
+
+def one_decimal(value: float) -> str:
+    """A quantity such as lr·λmax: one decimal below 10⁴, three significant digits beyond
+    (a Hessian of weights ×100 reaches 10¹⁸).
+
+    Example:
+        >>> one_decimal(5.88), one_decimal(7.57e18)
+        ('5.9', '7.57e+18')
+    """
+    return f"{value:.1f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 
 def pct(value: float | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,7 +115,7 @@ def lanczos(
         q_prev = basis[: j + 1]
         for _ in range(2):  # full reorthogonalization, twice is enough (Kahan–Parlett)
             w = w - q_prev.T @ (q_prev @ w)
-        beta = float(w.norm())
+        beta = _norm(w)
         theta, errors, vecs = _ritz(alphas, betas, beta, k, which)
         scale = max(max(abs(a) for a in alphas), max(betas, default=0.0), 1e-300)
         invariant = beta <= 1e2 * torch.finfo(dtype).eps * scale
@@ -129,7 +130,7 @@ def lanczos(
                 w = torch.randn(dim, generator=gen, dtype=dtype, device=device)
                 for _ in range(2):
                     w = w - q_prev.T @ (q_prev @ w)
-                beta_used, beta = float(w.norm()), 0.0
+                beta_used, beta = _norm(w), 0.0
                 basis[j + 1] = w / beta_used
             else:
                 basis[j + 1] = w / beta
@@ -137,6 +138,16 @@ def lanczos(
     m = len(alphas)
     ritz_vectors = basis[:m].T @ vecs.to(dtype)
     return LanczosResult(theta, ritz_vectors, errors, m, converged)
+
+
+def _norm(w: torch.Tensor) -> float:
+    """‖w‖ without overflow: its square is past float32's range from entries of 2·10¹⁹
+    (the Hessian of a loss of 1e6 on weights ×100), so it is taken of ``w`` scaled by
+    its largest entry."""
+    top = float(w.abs().max()) if w.numel() else 0.0
+    if not math.isfinite(top) or top == 0:
+        return top  # NaN/Inf stays so (the caller stops on it); a zero vector is 0
+    return top * float((w / top).norm())
 
 
 def _ritz(

@@ -81,8 +81,9 @@ def diagnose(
             2/λmax. Taken from ``optimizer`` when that is given. With curvature and SGD
             it is also tried: ten full-batch SGD steps at ``lr`` on a copy of the
             parameters (ten more forward and backward passes) decide whether the step
-            blows up (:mod:`gradsight.diagnosis.trial`); where it does, a Lanczos run on
-            the whole model's Hessian names the layers that carry it.
+            blows up (:mod:`gradsight.diagnosis.trial`); where it does, the top
+            eigenvector of the whole model's Hessian (at most 30 Hessian-vector
+            products) names the layers that carry it.
         optimizer: The optimizer training the model, if any. For SGD its lr is the step
             each layer gets. For Adam, AdamW, RMSprop and Adagrad the step a layer gets
             is the one the optimizer would take along the layer's gradient, gᵀΔ/gᵀg with
@@ -255,6 +256,20 @@ def _diagnose(
                 f"\nCurvature was not measured ({type(exc).__name__}: {exc}); the verdicts "
                 "rest on signal flow alone."
             )
+    if (
+        not curvature
+        and finite
+        and lr is not None
+        and kind in (None, "sgd")
+        and _overshoots(evidence, loss_value, baseline, lr, thresholds or Thresholds())
+    ):
+        # By first order the step overshoots; a claim this strong is checked by the SGD
+        # trial (the curvature that would tell otherwise is not measured here).
+        trial, skipped = _trial(
+            (model, batch, loss_fn, params, sgd_settings(optimizer, params, lr)),
+            lr,
+            thresholds or Thresholds(),
+        )
     layers, plateau, summary = judge(
         evidence,
         loss=loss_value,
@@ -322,6 +337,54 @@ def _nonfinite_origin(
     return probe.result().nonfinite_backward
 
 
+def _trial(
+    plain: tuple[
+        nn.Module, Any, Callable[[Any, Any], torch.Tensor], list[nn.Parameter], list[SGDSettings]
+    ],
+    lr: float,
+    th: Thresholds,
+) -> tuple[Trial | None, str]:
+    """The SGD trial at ``lr`` on the model as the user runs it (``plain``: the model,
+    batch, loss, trainable parameters and how the optimizer steps each), or None and a
+    sentence for the summary where it could not run."""
+    model, batch, loss_fn, params, settings = plain
+    try:
+        trial = sgd_trial(
+            model,
+            batch,
+            loss_fn,
+            params,
+            lr,
+            steps=th.trial_steps,
+            rise=th.trial_rise,
+            settings=settings,
+        )
+    except Exception as exc:
+        return None, (
+            f"\nThe SGD trial at lr {lr:g} could not run ({type(exc).__name__}: {exc}); "
+            "stability is judged by first order alone."
+        )
+    return trial, ""
+
+
+def _overshoots(
+    evidence: Sequence[LayerEvidence],
+    loss: float,
+    baseline: float | None,
+    lr: float,
+    th: Thresholds,
+) -> bool:
+    """Whether SGD's step overshoots by first order (see
+    :func:`gradsight.diagnosis.rules.overshooting_step`): lr·‖g‖² above ``th.overshoot``
+    times a loss that the baseline shows to be nonnegative, each parameter counted once."""
+    if not (loss > 0 and baseline is not None and baseline > 0):
+        return False
+    grad_sq = math.fsum(
+        g * g for e in evidence for k, g in e.grad_norms.items() if k not in e.shared
+    )
+    return lr * grad_sq / loss > th.overshoot
+
+
 def _sgd_stability(
     plain: tuple[
         nn.Module, Any, Callable[[Any, Any], torch.Tensor], list[nn.Parameter], list[SGDSettings]
@@ -338,30 +401,10 @@ def _sgd_stability(
     it blows up, the layers that carry the instability (on ``adapted``: the model
     returning one tensor, its batch and loss, and the prefix of its layer names), with a
     sentence for the summary where they could not be found."""
-    model, batch, loss_fn, params, settings = plain
     cmodel, cbatch, closs, prefix = adapted
-    try:
-        trial = sgd_trial(
-            model,
-            batch,
-            loss_fn,
-            params,
-            lr,
-            steps=th.trial_steps,
-            rise=th.trial_rise,
-            settings=settings,
-        )
-    except Exception as exc:
-        return (
-            None,
-            {},
-            (
-                f"\nThe SGD trial at lr {lr:g} could not run ({type(exc).__name__}: {exc}); "
-                "stability is judged by first order alone."
-            ),
-        )
-    if not trial.blew_up:
-        return trial, {}, ""
+    trial, note = _trial(plain, lr, th)
+    if trial is None or not trial.blew_up:
+        return trial, {}, note
     products = {}
     for name in blocks:
         lam = hessian.get(name)
@@ -377,7 +420,9 @@ def _sgd_stability(
             {prefix + name: params for name, params in blocks.items()},
             products,
             lr,
+            loss=trial.losses[0],
             share=th.carrier_share,
+            rise=th.trial_rise,
         )
     except Exception as exc:
         # The trial stands; the blocks sharpest at this lr stand in for the carriers.

@@ -58,7 +58,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gradsight._format import display_name
+from gradsight._format import display_name, one_decimal
 from gradsight.diagnosis.advice import ModelTraits, remedies, vanishing_advice
 from gradsight.diagnosis.chain import chain_cause
 from gradsight.diagnosis.result import Status
@@ -319,7 +319,7 @@ def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         ""
         if product is None or layer.lambda_max is None
         else f" Its block's lr·λmax ({of}) is {model.lr:g}·{layer.lambda_max:.2e} = "
-        f"{product:.1f} (the largest stable step is {2 / layer.lambda_max:.1e})."
+        f"{one_decimal(product)} (the largest stable step is {2 / layer.lambda_max:.1e})."
     )
     return Verdict(
         "exploding",
@@ -721,7 +721,7 @@ def _edge_note(product: float, model: ModelFacts) -> str:
     """lr·λmax above ``th.unstable`` (2) for a layer that is not exploding."""
     trial = model.trial
     oscillates = (
-        f"lr·λmax = {product:.1f} is above {model.th.unstable:g}, so gradient descent "
+        f"lr·λmax = {one_decimal(product)} is above {model.th.unstable:g}, so gradient descent "
         "oscillates along this block's sharpest direction"
     )
     if trial is not None and trial.blew_up:

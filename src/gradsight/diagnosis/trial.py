@@ -241,6 +241,11 @@ class Carrier:
         return " and ".join(parts) or "it holds the largest share of the sharpest direction"
 
 
+#: The most memory the Lanczos basis of :func:`carriers` may take (``max_matvecs``
+#: vectors of the model's size): 30 vectors of a 4-million-parameter model in float32.
+_BASIS_BYTES = 512 * 2**20
+
+
 def carriers(
     model: nn.Module,
     batch: Any,
@@ -249,41 +254,95 @@ def carriers(
     products: Mapping[str, float],
     lr: float,
     *,
+    loss: float,
     share: float = 0.2,
+    rise: float = 1.2,
     max_matvecs: int = 30,
 ) -> dict[str, Carrier]:
     """The layers that carry an instability, by name (see the module docstring): a share
     of the top Hessian eigenvector of at least ``share``, or ``products[name]`` (the
-    block's lr·λmax) above 2 and a loss that one SGD step on the block alone raises. At
-    least one: the largest share, when no layer passes either test.
+    block's lr·λmax) above 2 and one SGD step on the block alone raising the loss above
+    ``rise`` × ``loss`` (the loss at the start) or to NaN/Inf. At least one: the largest
+    share, when no layer passes either test.
 
-    Costs the Lanczos iteration for the whole model's top eigenvector (at most
-    ``max_matvecs`` Hessian-vector products) and one forward pass per block tried alone.
+    The eigenvector is found for the loss divided by its start (the same direction at
+    every scale of the loss, in float32's range), with at most ``max_matvecs``
+    Hessian-vector products: by Lanczos where its basis fits in :data:`_BASIS_BYTES`, by
+    power iteration (two vectors of memory, slower to converge) beyond. Each block tried
+    alone costs one forward pass.
     """
     unique: dict[int, torch.Tensor] = {}
     for params in blocks.values():
         for p in params:
             unique.setdefault(id(p), p)
-    op = HessianOperator(model, batch, loss_fn, params=list(unique.values()))
+    scale = abs(loss) if math.isfinite(loss) and loss != 0 else 1.0
+
+    def normalized(outputs: Any, targets: Any) -> torch.Tensor:
+        return loss_fn(outputs, targets) / scale
+
+    op = HessianOperator(model, batch, normalized, params=list(unique.values()))
     flat = [p for _, p in resolve_params(model, list(unique.values()))]  # the operator's order
-    vector = lanczos(op, 1, tol=1e-2, max_matvecs=max_matvecs).eigenvectors[:, 0]
+    dim, itemsize = op.shape[0], op.gradient.element_size()
+    if max_matvecs * dim * itemsize <= _BASIS_BYTES:
+        vector = lanczos(op, 1, tol=1e-2, max_matvecs=max_matvecs).eigenvectors[:, 0]
+    else:  # Lanczos keeps its whole basis: a large model gets power iteration's two vectors
+        vector = _sharpest_direction(op, max_matvecs)
     sizes = [p.numel() for p in flat]
     mass = {id(p): float(v.square().sum()) for p, v in zip(flat, vector.split(sizes), strict=True)}
-    grad = dict(zip(map(id, flat), op.gradient.split(sizes), strict=True))
+    grad = dict(zip(map(id, flat), (scale * op.gradient).split(sizes), strict=True))
     shares = {name: sum(mass[id(p)] for p in params) for name, params in blocks.items()}
     out = {name: Carrier(s) for name, s in shares.items() if s >= share}
-    start = op.loss
+    inputs, targets = split_batch(batch)
     for name, params in blocks.items():
         if name in out or products.get(name, 0.0) <= 2 or not params:
             continue
         moved = {id(p): p.detach() - lr * grad[id(p)].view_as(p) for p in params}
-        inputs, targets = split_batch(batch)
         with torch.no_grad(), preserved(model), swapped_parameters(model, moved):
             after = float(loss_fn(call_model(model, inputs), targets))
-        if not math.isfinite(after) or after > start:
-            ratio = after / start if start and math.isfinite(after) else math.inf
+        if _past(after, loss, rise):
+            ratio = after / loss if loss > 0 and math.isfinite(after) else math.inf
             out[name] = Carrier(shares[name], alone=ratio)
     if not out and shares:
         top = max(shares, key=lambda name: shares[name])
         out[top] = Carrier(shares[top])
     return out
+
+
+def _sharpest_direction(op: HessianOperator, max_matvecs: int) -> torch.Tensor:
+    """The unit eigenvector of the most positive curvature, by power iteration. Power
+    iteration finds the eigenvalue μ of largest magnitude; where μ is negative, it runs
+    again on H − μI, whose largest eigenvalue, λmax − μ, is also its largest in
+    magnitude. The products are shared between the two runs."""
+    gen = torch.Generator(device=op.gradient.device).manual_seed(0)
+    start = torch.randn(
+        op.shape[0], generator=gen, dtype=op.gradient.dtype, device=op.gradient.device
+    )
+    start = start / float(start.norm())
+    v, mu, used = _power(op, start, 0.0, max_matvecs)
+    if mu < 0 and used < max_matvecs:
+        v, _, _ = _power(op, start, -mu, max_matvecs - used)
+    return v
+
+
+def _power(
+    op: HessianOperator, v: torch.Tensor, shift: float, budget: int
+) -> tuple[torch.Tensor, float, int]:
+    """Power iteration on ``op + shift·I`` from ``v``: the unit vector, the Rayleigh
+    quotient of ``op`` itself, and the products used (it stops when the quotient moves by
+    less than 1e-4 of itself)."""
+    previous = math.nan
+    rayleigh = 0.0
+    for used in range(1, budget + 1):
+        w = op @ v
+        rayleigh = float(v @ w)
+        if shift:
+            w = w + shift * v
+        top = float(w.abs().max())
+        if not math.isfinite(top) or top == 0:
+            return v, rayleigh, used
+        w = w / top
+        v = w / float(w.norm())
+        if abs(rayleigh - previous) <= 1e-4 * abs(rayleigh):
+            return v, rayleigh, used
+        previous = rayleigh
+    return v, rayleigh, budget

@@ -30,7 +30,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gradsight._format import display_name
+from gradsight._format import display_name, one_decimal
 from gradsight.diagnosis.advice import ModelTraits
 from gradsight.diagnosis.chain import ratio
 from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom
@@ -434,8 +434,10 @@ def _summary(
             )
             lines.append(
                 f"lr {model.lr:g} exceeds the largest stable step 2/λmax = "
-                f"{2 / whole.lambda_max:.2e} (lr·λmax = {product:.1f}){outcome}."
+                f"{2 / whole.lambda_max:.2e} (lr·λmax = {one_decimal(product)}){outcome}."
             )
+    if trial is not None and not blew_up and whole is None:
+        lines.append(f"The step does not blow up: {trial.describe()}.")
     ratios = [layer.step_ratio for layer in layers if layer.step_ratio]
     if len(ratios) >= 2 and min(ratios) > 0 and max(ratios) / min(ratios) >= 100:
         lines.append(
