@@ -243,8 +243,11 @@ class ModelFacts:
         zero_norms: Normalization layers whose weight is exactly zero (they output their
             bias alone and pass no signal back).
         grad_sq: ‖g‖² over every trained layer; ``grad_layers``: how many have a gradient.
-        trial: Full-batch SGD at ``lr`` from the current weights (SGD with curvature),
-            or None.
+        trial: Full-batch SGD at ``lr`` from the current weights (SGD with curvature, or
+            where the step overshoots by first order), or None.
+        carriers_measured: Where the trial blew up, whether the layers carrying it were
+            measured (with curvature: the Hessian's sharpest direction, steps alone);
+            without, the first-order overshoot names them.
     """
 
     th: Thresholds
@@ -266,6 +269,7 @@ class ModelFacts:
     grad_sq: float = 0.0
     grad_layers: int = 0
     trial: Trial | None = None
+    carriers_measured: bool = False
 
     @property
     def scale(self) -> float:
@@ -341,6 +345,8 @@ def overshooting_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         return None
     if model.trial is not None and not model.trial.blew_up:
         return None  # the trial's steps did not blow up: the first-order view is refuted
+    if model.carriers_measured:
+        return None  # which layers carry the blow-up was measured: unstable_step names them
     mine = model.lr * layer.grad_norm**2 / model.loss
     if mine / total < 0.5 / max(model.grad_layers, 1):
         return None  # a small part of the step: not where it overshoots

@@ -189,6 +189,7 @@ def judge(
             e.name for e in ran_ev if "Norm" in e.module_type and e.param_norms.get("weight") == 0.0
         ),
         trial=trial,
+        carriers_measured=bool(carriers),
     )
     carriers = carriers or {}
     global_step = lr
