@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -33,7 +33,6 @@ from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
 from gradsight.diagnosis.trial import (
     Carrier,
-    SGDSettings,
     Trial,
     carriers,
     sgd_settings,
@@ -198,6 +197,9 @@ def _diagnose(
     trial: Trial | None = None
     carried: dict[str, Carrier] = {}
     skipped = ""
+    # The model as the user trains it, for the SGD trial: its first step is the
+    # gradient just taken (the same batch and RNG seed).
+    run = _Run(model, batch, loss_fn, params, (loss_value, grads), optimizer)
     if curvature and finite:
         try:
             # The math attention kernel has the double backward that curvature products
@@ -239,7 +241,7 @@ def _diagnose(
                         lr,
                     )
                     trial, carried, note = _sgd_stability(
-                        (model, batch, loss_fn, params, sgd_settings(optimizer, params, lr)),
+                        run,
                         (cmodel, cbatch, closs, prefix),
                         {n: _trainable(model, n) for n in names},
                         blocks,
@@ -263,13 +265,9 @@ def _diagnose(
         and kind in (None, "sgd")
         and _overshoots(evidence, loss_value, baseline, lr, thresholds or Thresholds())
     ):
-        # By first order the step overshoots; a claim this strong is checked by the SGD
-        # trial (the curvature that would tell otherwise is not measured here).
-        trial, skipped = _trial(
-            (model, batch, loss_fn, params, sgd_settings(optimizer, params, lr)),
-            lr,
-            thresholds or Thresholds(),
-        )
+        # By first order the step overshoots; a claim this strong is checked by taking
+        # the step (one forward pass: the curvature that would tell is not measured).
+        trial, skipped = _trial(run, lr, 1, thresholds or Thresholds())
     layers, plateau, summary = judge(
         evidence,
         loss=loss_value,
@@ -337,27 +335,32 @@ def _nonfinite_origin(
     return probe.result().nonfinite_backward
 
 
-def _trial(
-    plain: tuple[
-        nn.Module, Any, Callable[[Any, Any], torch.Tensor], list[nn.Parameter], list[SGDSettings]
-    ],
-    lr: float,
-    th: Thresholds,
-) -> tuple[Trial | None, str]:
-    """The SGD trial at ``lr`` on the model as the user runs it (``plain``: the model,
-    batch, loss, trainable parameters and how the optimizer steps each), or None and a
-    sentence for the summary where it could not run."""
-    model, batch, loss_fn, params, settings = plain
+class _Run(NamedTuple):
+    """The model as the user trains it: for the SGD trial."""
+
+    model: nn.Module
+    batch: Any
+    loss_fn: Callable[[Any, Any], torch.Tensor]
+    params: list[nn.Parameter]
+    start: tuple[float, Sequence[torch.Tensor | None]]  # the loss and gradients taken
+    optimizer: torch.optim.Optimizer | None
+
+
+def _trial(run: _Run, lr: float, steps: int, th: Thresholds) -> tuple[Trial | None, str]:
+    """``steps`` SGD steps at ``lr`` on the model as the user trains it (its optimizer's
+    settings where it is a ``torch.optim.SGD``), or None and a sentence for the summary
+    where they could not run."""
     try:
         trial = sgd_trial(
-            model,
-            batch,
-            loss_fn,
-            params,
+            run.model,
+            run.batch,
+            run.loss_fn,
+            run.params,
             lr,
-            steps=th.trial_steps,
+            steps=steps,
             rise=th.trial_rise,
-            settings=settings,
+            settings=sgd_settings(run.optimizer, run.params, lr),
+            start=run.start,
         )
     except Exception as exc:
         return None, (
@@ -386,9 +389,7 @@ def _overshoots(
 
 
 def _sgd_stability(
-    plain: tuple[
-        nn.Module, Any, Callable[[Any, Any], torch.Tensor], list[nn.Parameter], list[SGDSettings]
-    ],
+    run: _Run,
     adapted: tuple[nn.Module, Any, Callable[[Any, Any], torch.Tensor], str],
     blocks: Mapping[str, list[nn.Parameter]],
     curvature: Mapping[str, BlockCurvature],
@@ -396,13 +397,12 @@ def _sgd_stability(
     lr: float,
     th: Thresholds,
 ) -> tuple[Trial | None, dict[str, Carrier], str]:
-    """The SGD trial at ``lr`` (on the model as the user runs it: ``plain`` is the
-    model, batch, loss, trainable parameters and how the optimizer steps each) and, where
-    it blows up, the layers that carry the instability (on ``adapted``: the model
-    returning one tensor, its batch and loss, and the prefix of its layer names), with a
-    sentence for the summary where they could not be found."""
+    """The SGD trial at ``lr`` (``th.trial_steps`` steps on the model as the user
+    trains it) and, where it blows up, the layers that carry the instability (on
+    ``adapted``: the model returning one tensor, its batch and loss, and the prefix of
+    its layer names), with a sentence for the summary where they could not be found."""
     cmodel, cbatch, closs, prefix = adapted
-    trial, note = _trial(plain, lr, th)
+    trial, note = _trial(run, lr, th.trial_steps, th)
     if trial is None or not trial.blew_up:
         return trial, {}, note
     products = {}

@@ -81,8 +81,11 @@ class Trial:
         steps = len(self.losses) - 1
         sgd = f"SGD (momentum {self.momentum:g})" if self.momentum else "SGD"
         if self.at is None:
+            taken = (
+                f"{steps} full-batch {sgd} steps" if steps != 1 else f"one full-batch {sgd} step"
+            )
             return (
-                f"{steps} full-batch {sgd} steps at lr {self.lr:g} take the loss from "
+                f"{taken} at lr {self.lr:g} take{'s' if steps == 1 else ''} the loss from "
                 f"{start:.3g} to {last:.3g}"
             )
         if not math.isfinite(last):
@@ -161,12 +164,15 @@ def sgd_trial(
     steps: int = 10,
     rise: float = 1.2,
     settings: Sequence[SGDSettings] | None = None,
+    start: tuple[float, Sequence[torch.Tensor | None]] | None = None,
 ) -> Trial:
     """``steps`` full-batch SGD steps at ``lr`` on ``batch``, on a copy of ``params``.
 
     ``settings``: each parameter's, as the user's ``torch.optim.SGD`` steps it (momentum,
     Nesterov, weight decay, its group's lr, its momentum buffer; see
-    :func:`sgd_settings`); plain SGD at ``lr`` without them.
+    :func:`sgd_settings`); plain SGD at ``lr`` without them. ``start``: the loss and the
+    gradients of ``params`` at the current weights, where the caller has them (the same
+    batch, RNG seed 0): the first step then needs no pass of its own.
 
     The model is left as it was: its parameters are never written (each step's weights
     are swapped in and out), and its buffers and the global RNG are restored (the passes
@@ -174,22 +180,28 @@ def sgd_trial(
     stops at the first step whose loss is non-finite or above ``rise`` × the start.
     """
     settings = list(settings) if settings is not None else [SGDSettings(lr) for _ in params]
-    current = [p.detach().clone() for p in params]
+    current = [p.detach() for p in params]  # never written: each step makes new tensors
     buffers = [s.buffer for s in settings]
     losses: list[float] = []
     at = None
     with preserved(model), torch.enable_grad():
         for step in range(steps + 1):
-            leaves = [c.requires_grad_(True) for c in current]
-            with swapped_parameters(model, {id(p): c for p, c in zip(params, leaves, strict=True)}):
-                _, loss = compute_loss(model, batch, loss_fn)
-                losses.append(float(loss.detach()))
-                if step > 0 and _past(losses[-1], losses[0], rise):
-                    at = step
-                    break
-                if step == steps:
-                    break
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            if step == 0 and start is not None:
+                losses.append(float(start[0]))
+                grads: Sequence[torch.Tensor | None] = start[1]
+                leaves = current
+            else:
+                leaves = [c.detach().requires_grad_(True) for c in current]
+                swapped = {id(p): c for p, c in zip(params, leaves, strict=True)}
+                with swapped_parameters(model, swapped):
+                    _, loss = compute_loss(model, batch, loss_fn)
+                    losses.append(float(loss.detach()))
+                    if step > 0 and _past(losses[-1], losses[0], rise):
+                        at = step
+                        break
+                    if step == steps:
+                        break
+                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             current = []
             for i, (leaf, g, s) in enumerate(zip(leaves, grads, settings, strict=True)):
                 p = leaf.detach()
