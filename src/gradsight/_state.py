@@ -50,7 +50,7 @@ def preserved(
 
 @contextmanager
 def swapped_parameters(
-    model: nn.Module, replacements: Mapping[int, torch.Tensor]
+    model: nn.Module, replacements: Mapping[int, torch.Tensor], walk: ModelWalk | None = None
 ) -> Iterator[None]:
     """Let ``model`` see other tensors in place of some parameters, then put them back.
 
@@ -59,11 +59,13 @@ def swapped_parameters(
     parameter objects themselves are never written to (no in-place update, no version
     bump, so an autograd graph the caller holds stays valid), and each slot gets its
     original object back on exit. Unlike ``torch.func.functional_call``, this restores
-    models in which one module is reachable under two names.
+    models in which one module is reachable under two names. ``walk``: the model's, if
+    already made.
     """
     saved: list[tuple[nn.Module, str, torch.nn.Parameter]] = []
+    modules = model.modules() if walk is None else walk.modules
     try:
-        for module in model.modules():  # each module once, however many names it has
+        for module in modules:  # each module once, however many names it has
             for key, param in list(module._parameters.items()):
                 if param is not None and id(param) in replacements:
                     saved.append((module, key, param))

@@ -199,7 +199,7 @@ def _diagnose(
     skipped = ""
     # The model as the user trains it, for the SGD trial: its first step is the
     # gradient just taken (the same batch and RNG seed).
-    run = _Run(model, batch, loss_fn, params, (loss_value, grads), optimizer)
+    run = _Run(model, batch, loss_fn, params, (loss_value, grads), optimizer, walk)
     if curvature and finite:
         try:
             # The math attention kernel has the double backward that curvature products
@@ -344,6 +344,7 @@ class _Run(NamedTuple):
     params: list[nn.Parameter]
     start: tuple[float, Sequence[torch.Tensor | None]]  # the loss and gradients taken
     optimizer: torch.optim.Optimizer | None
+    walk: ModelWalk
 
 
 def _trial(run: _Run, lr: float, steps: int, th: Thresholds) -> tuple[Trial | None, str]:
@@ -361,6 +362,7 @@ def _trial(run: _Run, lr: float, steps: int, th: Thresholds) -> tuple[Trial | No
             rise=th.trial_rise,
             settings=sgd_settings(run.optimizer, run.params, lr),
             start=run.start,
+            walk=run.walk,
         )
     except Exception as exc:
         return None, (

@@ -36,6 +36,7 @@ from torch import nn
 
 from gradsight._batch import call_model, compute_loss, split_batch
 from gradsight._state import preserved, swapped_parameters
+from gradsight._walk import ModelWalk
 from gradsight.curvature import HessianOperator, lanczos
 from gradsight.curvature._blocks import resolve_params
 
@@ -165,6 +166,7 @@ def sgd_trial(
     rise: float = 1.2,
     settings: Sequence[SGDSettings] | None = None,
     start: tuple[float, Sequence[torch.Tensor | None]] | None = None,
+    walk: ModelWalk | None = None,
 ) -> Trial:
     """``steps`` full-batch SGD steps at ``lr`` on ``batch``, on a copy of ``params``.
 
@@ -172,7 +174,8 @@ def sgd_trial(
     Nesterov, weight decay, its group's lr, its momentum buffer; see
     :func:`sgd_settings`); plain SGD at ``lr`` without them. ``start``: the loss and the
     gradients of ``params`` at the current weights, where the caller has them (the same
-    batch, RNG seed 0): the first step then needs no pass of its own.
+    batch, RNG seed 0): the first step then needs no pass of its own. ``walk``: the
+    model's, if already made.
 
     The model is left as it was: its parameters are never written (each step's weights
     are swapped in and out), and its buffers and the global RNG are restored (the passes
@@ -180,33 +183,44 @@ def sgd_trial(
     stops at the first step whose loss is non-finite or above ``rise`` × the start.
     """
     settings = list(settings) if settings is not None else [SGDSettings(lr) for _ in params]
-    current = [p.detach() for p in params]  # never written: each step makes new tensors
+    walk = walk or ModelWalk(model)
     buffers = [s.buffer for s in settings]
+    plain = all(s.lr == lr and not s.momentum and not s.weight_decay for s in settings)
+    current = [p.detach() for p in params]  # never written: each step makes new tensors
     losses: list[float] = []
     at = None
-    with preserved(model), torch.enable_grad():
+    inputs, targets = split_batch(batch)
+    with preserved(model, walk=walk):
         for step in range(steps + 1):
+            last = step == steps
             if step == 0 and start is not None:
                 losses.append(float(start[0]))
                 grads: Sequence[torch.Tensor | None] = start[1]
-                leaves = current
             else:
-                leaves = [c.detach().requires_grad_(True) for c in current]
+                leaves = current if last else [c.requires_grad_(True) for c in current]
                 swapped = {id(p): c for p, c in zip(params, leaves, strict=True)}
-                with swapped_parameters(model, swapped):
-                    _, loss = compute_loss(model, batch, loss_fn)
-                    losses.append(float(loss.detach()))
-                    if step > 0 and _past(losses[-1], losses[0], rise):
-                        at = step
-                        break
-                    if step == steps:
-                        break
-                    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            current = []
-            for i, (leaf, g, s) in enumerate(zip(leaves, grads, settings, strict=True)):
-                p = leaf.detach()
+                with swapped_parameters(model, swapped, walk), torch.set_grad_enabled(not last):
+                    if last:  # the loss alone: no graph
+                        losses.append(float(loss_fn(call_model(model, inputs), targets)))
+                    else:
+                        _, loss = compute_loss(model, batch, loss_fn)
+                        losses.append(float(loss.detach()))
+                if step > 0 and _past(losses[-1], losses[0], rise):
+                    at = step
+                    break
+                if last:
+                    break
+                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+                current = [c.detach() for c in leaves]
+            if plain and all(g is not None for g in grads):
+                # Plain SGD, one lr: one fused update for every parameter.
+                update = [g for g in grads if g is not None]
+                current = list(torch._foreach_add(current, update, alpha=-lr))
+                continue
+            stepped = []
+            for i, (p, g, s) in enumerate(zip(current, grads, settings, strict=True)):
                 if g is None:
-                    current.append(p)
+                    stepped.append(p)
                     continue
                 d = g if not s.weight_decay else g + s.weight_decay * p
                 if s.momentum:  # as torch.optim.SGD: the buffer, then Nesterov's look-ahead
@@ -214,7 +228,8 @@ def sgd_trial(
                     buf = d.clone() if buf is None else s.momentum * buf + (1 - s.dampening) * d
                     buffers[i] = buf
                     d = d + s.momentum * buf if s.nesterov else buf
-                current.append(p - s.lr * d)
+                stepped.append(p - s.lr * d)
+            current = stepped
     momentum = max((s.momentum for s in settings), default=0.0)
     return Trial(lr=lr, losses=tuple(losses), rise=rise, at=at, momentum=momentum)
 
