@@ -149,7 +149,10 @@ def main() -> int:
         "The column *hooks alone* is the forward+backward pass with the signal probe's hooks "
         "as diagnose sets them (forward hooks, the activation watcher, gradients taken at "
         "autograd edges) and nothing else, over the plain pass: the instrumentation's share; "
-        "the rest of diagnose's cost is reducing the measurements and judging each layer.",
+        "the rest of diagnose's cost is reducing the measurements and judging each layer. "
+        "Where SGD's step overshoots by first order (lr·‖g‖² above twice the loss: the "
+        "residual and multi-head sick twins), diagnose takes that step to check the claim: "
+        "one forward pass more.",
         "",
         "| case | twin | parameters | forward+backward | hooks alone | "
         "diagnose(curvature=False) | ratio | goal |",
