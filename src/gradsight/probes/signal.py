@@ -352,6 +352,8 @@ class SignalProbe(LeanHooks):
         self.owners = parameter_owners(self.model, self._named_modules)
         owners = {id(m) for _, m in self.owners}
         guard = self._guard.wrap
+        pre = guard(SIGNALS, self._pre_hook())
+        post = guard(SIGNALS, self._post_hook())
         try:
             for name, module in (
                 self.owners
@@ -364,14 +366,9 @@ class SignalProbe(LeanHooks):
                     acc.act_norm_hook = guard(ACTIVATIONS, self._norm_hook(acc.act_out_norms))
                 self._accs[id(module)] = acc
                 if self.input_signals or self.check_finite:
-                    self._handles.append(
-                        module.register_forward_pre_hook(
-                            guard(SIGNALS, self._pre_hook(acc)), with_kwargs=True
-                        )
-                    )
+                    self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
                 if self.input_signals or self.check_finite or self.output_norms:
-                    hook = guard(SIGNALS, self._post_hook(acc))
-                    self._handles.append(module.register_forward_hook(hook))
+                    self._handles.append(module.register_forward_hook(post))
                 else:
                     hook = guard(SIGNALS, self._lean_post_hook(acc))
                     self._handles.append(module.register_forward_hook(hook))
@@ -417,14 +414,17 @@ class SignalProbe(LeanHooks):
             acc.act_norm_hook = acc.in_hook = acc.out_hook = None
 
     # -- hooks
-    def _pre_hook(
-        self, acc: ModuleAccumulator
-    ) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]:
+    def _pre_hook(self) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]:
+        """One forward pre-hook for every module (each finds its accumulator by the module
+        it is called with: no closure per module)."""
+        accs = self._accs
+
         def hook(
             module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
         ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
             if not self._active:
                 return None
+            acc = accs[id(module)]
             if acc.owns_params:
                 self._pending_owner = None  # a new layer starts: no activation is pending
                 if self._mode is not None:
@@ -486,10 +486,14 @@ class SignalProbe(LeanHooks):
         self._tensor_handles.append(seq.register_hook(self._guard.wrap(TIME, hook)))
         return seq
 
-    def _post_hook(self, acc: ModuleAccumulator) -> Callable[[nn.Module, Any, Any], None]:
+    def _post_hook(self) -> Callable[[nn.Module, Any, Any], None]:
+        """One forward hook for every module (see :meth:`_pre_hook`)."""
+        accs = self._accs
+
         def hook(module: nn.Module, args: Any, output: Any) -> None:
             if not self._active:
                 return
+            acc = accs[id(module)]
             if not self.input_signals and not self.check_finite:  # no pre-hook counted it
                 if acc.owns_params and acc.calls == 0:
                     self._order.append(acc)
