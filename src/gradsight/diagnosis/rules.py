@@ -15,9 +15,10 @@ it:
    the lr blows up within ``trial_steps`` steps (non-finite, or above ``trial_rise`` ×
    the start; :mod:`gradsight.diagnosis.trial`), and the layer carries the instability
    (a share of the whole model's top Hessian eigenvector, or one step on it alone raises
-   the loss); or, where no trial could run, a step that overshoots by first order
-   (lr·‖g‖² above ``overshoot`` times a nonnegative loss: past Polyak's step). lr·λmax
-   above 2 at the start decides neither way: a note says it;
+   the loss); or, without curvature, a step that overshoots by first order (lr·‖g‖²
+   above ``overshoot`` times a nonnegative loss: past Polyak's step) and, taken, raises
+   the loss, at the layers carrying most of lr·‖g‖². lr·λmax above 2 at the start
+   decides neither way: a note says it;
 5. ``converged`` when the model is solved (loss ≤ ``solved``× the constant
    prediction's): with nothing left to win nothing is dead or vanishing;
 6. ``converged`` when the whole model has no headroom left;
@@ -105,7 +106,7 @@ class Thresholds:
         overshoot: SGD's step lr·‖g‖² over the loss above this (a nonnegative loss):
             by first order the step would take the loss this many times below zero, past
             even Polyak's step L/‖g‖², so it overshoots whatever the curvature says
-            (judged where no SGD trial ran, or where the trial blew up).
+            (without curvature; the step is then taken to check it).
         trial_steps: full-batch SGD steps at the lr in the trial (with curvature).
         trial_rise: the trial blows up when the loss goes non-finite or above this
             times its start.
