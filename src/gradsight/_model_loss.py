@@ -133,11 +133,14 @@ def loss_of_outputs(
         return loss_fn, targets
     if not isinstance(labels, torch.Tensor):
         return loss_fn, targets
-    with torch.no_grad():
-        # Whether the loss function reads out.loss: its value moves when that does.
-        moved = loss_fn(_replaced(outputs, loss=own_loss.detach() + 1.0), targets)
-        if not isinstance(moved, torch.Tensor) or torch.equal(moved.detach(), loss.detach()):
-            return loss_fn, targets  # a loss of its own, from the outputs it is given
+    try:
+        with torch.no_grad():
+            # Whether the loss function reads out.loss: its value moves when that does.
+            moved = loss_fn(_replaced(outputs, loss=own_loss.detach() + 1.0), targets)
+    except Exception:  # a loss function that takes nothing but the model's own output
+        return loss_fn, targets
+    if not isinstance(moved, torch.Tensor) or torch.equal(moved.detach(), loss.detach()):
+        return loss_fn, targets  # a loss of its own, from the outputs it is given
     own = checked_model_loss(model, labels, outputs, own_loss)
     if own is None:
         return loss_fn, targets
@@ -165,8 +168,11 @@ def loss_of_outputs(
         return loss_fn(_replaced(outputs, logits=logits, loss=own(logits, new_labels)), y)
 
     of_targets = (labels, targets) if paired else labels
-    with torch.no_grad():
-        check = float(of_outputs(outputs, of_targets))
+    try:
+        with torch.no_grad():
+            check = float(of_outputs(outputs, of_targets))
+    except Exception:
+        return loss_fn, targets
     ref = float(loss.detach())
     if not abs(check - ref) <= 1e-4 * max(abs(ref), 1e-12):
         return loss_fn, targets
