@@ -363,3 +363,26 @@ def test_without_curvature_a_first_order_overshoot_is_checked_by_the_trial() -> 
         loss.backward()
         opt.step()
     assert float(loss) < first
+
+
+def test_the_trial_is_part_of_the_result_and_survives_json() -> None:
+    """The trial's losses and outcome are fields of the diagnosis (for a report or a
+    stored run), NaN included, and read back from JSON."""
+    import json
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    calm = gradsight.diagnose(model, (x, y), F.cross_entropy, lr=0.1)
+    assert calm.trial_blew_up is False and len(calm.trial_losses or []) == 11
+    assert (
+        gradsight.diagnose(model, (x, y), F.cross_entropy, lr=0.1, curvature=False).trial_losses
+        is None
+    )
+    wild = gradsight.diagnose(model, (x, y), F.cross_entropy, lr=1e4)
+    assert wild.trial_blew_up is True
+    wild.trial_losses = [*(wild.trial_losses or []), float("nan")]
+    back = gradsight.Diagnosis.from_dict(json.loads(wild.to_json()))
+    assert back.trial_blew_up is True
+    assert back.trial_losses is not None and math.isnan(back.trial_losses[-1])
+    assert back.trial_losses[:-1] == wild.trial_losses[:-1]

@@ -307,6 +307,8 @@ def _diagnose(
         headroom=None if whole is None else min(whole.headroom, 1.0),
         realized_decrease=None if whole is None else whole.realized,
         lambda_max=None if whole is None else whole.lambda_max,
+        trial_losses=None if trial is None else list(trial.losses),
+        trial_blew_up=None if trial is None else trial.blew_up,
     )
 
 

@@ -128,6 +128,10 @@ class Diagnosis:
             Levenberg-Marquardt Gauss-Newton step fitted on the other half removed.
         lambda_max: Largest Gauss-Newton eigenvalue of the whole model; 2/λmax is the
             largest stable gradient step.
+        trial_losses: Where the SGD trial ran (:mod:`gradsight.diagnosis.trial`): the
+            loss at the start and after each full-batch SGD step at ``lr``.
+        trial_blew_up: Whether the trial's loss went non-finite or above 1.2× its start
+            (the step is unstable); None where it did not run.
     """
 
     status: Status
@@ -141,6 +145,8 @@ class Diagnosis:
     headroom: float | None = None
     realized_decrease: float | None = None
     lambda_max: float | None = None
+    trial_losses: list[float] | None = None
+    trial_blew_up: bool | None = None
 
     def layer(self, name: str) -> LayerDiagnosis:
         """The layer with qualified module name ``name`` (as in ``named_modules()``).
@@ -178,6 +184,8 @@ class Diagnosis:
             "headroom": jsonable(self.headroom),
             "realized_decrease": jsonable(self.realized_decrease),
             "lambda_max": jsonable(self.lambda_max),
+            "trial_losses": jsonable(self.trial_losses),
+            "trial_blew_up": self.trial_blew_up,
             "summary": self.summary,
             "layers": [layer.to_dict() for layer in self.layers],
         }
@@ -251,4 +259,8 @@ class Diagnosis:
 
 def _known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)}
-    return {k: number(v) for k, v in data.items() if k in names}
+    return {
+        k: [number(x) for x in v] if isinstance(v, list) else number(v)
+        for k, v in data.items()
+        if k in names
+    }
