@@ -29,6 +29,7 @@ from gradsight.diagnosis.headroom import (
     layer_curvature,
 )
 from gradsight.diagnosis.result import Diagnosis
+from gradsight.diagnosis.rules import first_order_overshoot
 from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
 from gradsight.diagnosis.trial import (
@@ -38,7 +39,13 @@ from gradsight.diagnosis.trial import (
     sgd_settings,
     sgd_trial,
 )
-from gradsight.diagnosis.verdict import LayerEvidence, Thresholds, judge, worst_status
+from gradsight.diagnosis.verdict import (
+    LayerEvidence,
+    Thresholds,
+    judge,
+    step_grad_sq,
+    worst_status,
+)
 from gradsight.probes.signal import NonfiniteOutput, SignalFlow, SignalProbe
 
 __all__ = ["diagnose"]
@@ -263,7 +270,10 @@ def _diagnose(
         and finite
         and lr is not None
         and kind in (None, "sgd")
-        and _overshoots(evidence, loss_value, baseline, lr, thresholds or Thresholds())
+        and first_order_overshoot(
+            lr, step_grad_sq(evidence), loss_value, baseline, thresholds or Thresholds()
+        )
+        is not None
     ):
         # By first order the step overshoots; a claim this strong is checked by taking
         # the step (one forward pass: the curvature that would tell is not measured).
@@ -372,24 +382,6 @@ def _trial(run: _Run, lr: float, steps: int, th: Thresholds) -> tuple[Trial | No
             "stability is judged by first order alone."
         )
     return trial, ""
-
-
-def _overshoots(
-    evidence: Sequence[LayerEvidence],
-    loss: float,
-    baseline: float | None,
-    lr: float,
-    th: Thresholds,
-) -> bool:
-    """Whether SGD's step overshoots by first order (see
-    :func:`gradsight.diagnosis.rules.overshooting_step`): lr·‖g‖² above ``th.overshoot``
-    times a loss that the baseline shows to be nonnegative, each parameter counted once."""
-    if not (loss > 0 and baseline is not None and baseline > 0):
-        return False
-    grad_sq = math.fsum(
-        g * g for e in evidence for k, g in e.grad_norms.items() if k not in e.shared
-    )
-    return lr * grad_sq / loss > th.overshoot
 
 
 def _sgd_stability(

@@ -55,6 +55,7 @@ __all__ = [
     "ModelHeadroom",
     "block_curvature",
     "layer_curvature",
+    "loss_at",
     "model_headroom",
 ]
 
@@ -335,7 +336,7 @@ def _held_out(
         return None
     _, held_out = halves
     params = [p for b in engine.blocks.values() for p in b.params]
-    before = _loss_at(model, held_out, loss_fn, params, None)
+    before = loss_at(model, held_out, loss_fn, params, None)
     if not math.isfinite(before) or before == 0:
         return None
 
@@ -343,7 +344,7 @@ def _held_out(
         step = engine.held_out_step(rel * max(lam, torch.finfo(torch.float64).tiny))
         if step is None:
             return None
-        after = _loss_at(model, held_out, loss_fn, params, step)
+        after = loss_at(model, held_out, loss_fn, params, step)
         return (before - after) / abs(before) if math.isfinite(after) else -math.inf
 
     # The most damped (shortest) step first: when even it does not help, the longer
@@ -391,7 +392,7 @@ def _realized_decrease(
     op = curvature_operator(model, fit, loss_fn, None, kind="ggn")
     lam = float(lanczos(op, 1, tol=1e-1, max_matvecs=20).eigenvalues[0])
     params = op._params
-    before = _loss_at(model, held_out, loss_fn, params, None)
+    before = loss_at(model, held_out, loss_fn, params, None)
     if not math.isfinite(before) or before == 0:
         return None
     best = 0.0
@@ -405,14 +406,14 @@ def _realized_decrease(
         )
         if not math.isfinite(nd.decrement):
             continue
-        after = _loss_at(model, held_out, loss_fn, params, nd.step)
+        after = loss_at(model, held_out, loss_fn, params, nd.step)
         if math.isfinite(after) and after < before:
             best = (before - after) / abs(before)
             break  # the least damping that decreases the held-out loss
     return best
 
 
-def _loss_at(
+def loss_at(
     model: nn.Module,
     batch: Any,
     loss_fn: LossFn,

@@ -74,6 +74,7 @@ __all__ = [
     "Thresholds",
     "Verdict",
     "apply_rules",
+    "first_order_overshoot",
 ]
 
 
@@ -366,20 +367,22 @@ def overshooting_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     )
 
 
-def _overshoot(model: ModelFacts) -> float | None:
-    """lr·‖g‖² over the loss where it is above ``th.overshoot`` (SGD, a nonnegative loss
-    as the baseline shows), else None."""
-    if (
-        model.optimizer not in (None, "sgd")
-        or model.lr is None
-        or not model.loss > 0
-        or model.baseline is None
-        or not model.baseline > 0
-        or not model.grad_sq > 0
-    ):
+def first_order_overshoot(
+    lr: float, grad_sq: float, loss: float, baseline: float | None, th: Thresholds
+) -> float | None:
+    """lr·‖g‖² over the loss where it is above ``th.overshoot`` and the baseline shows a
+    nonnegative loss (``grad_sq``: ‖g‖², each parameter once), else None."""
+    if not loss > 0 or baseline is None or not baseline > 0 or not grad_sq > 0:
         return None
-    total = model.lr * model.grad_sq / model.loss
-    return total if math.isfinite(total) and total > model.th.overshoot else None
+    total = lr * grad_sq / loss
+    return total if math.isfinite(total) and total > th.overshoot else None
+
+
+def _overshoot(model: ModelFacts) -> float | None:
+    """:func:`first_order_overshoot` for SGD."""
+    if model.optimizer not in (None, "sgd") or model.lr is None:
+        return None
+    return first_order_overshoot(model.lr, model.grad_sq, model.loss, model.baseline, model.th)
 
 
 def solved(layer: LayerFacts, model: ModelFacts) -> Verdict | None:

@@ -39,6 +39,7 @@ from gradsight._state import preserved, swapped_parameters
 from gradsight._walk import ModelWalk
 from gradsight.curvature import HessianOperator, lanczos
 from gradsight.curvature._blocks import resolve_params
+from gradsight.diagnosis.headroom import loss_at
 
 __all__ = ["Carrier", "SGDSettings", "Trial", "carriers", "sgd_settings", "sgd_trial"]
 
@@ -319,13 +320,11 @@ def carriers(
     grad = dict(zip(map(id, flat), (scale * op.gradient).split(sizes), strict=True))
     shares = {name: sum(mass[id(p)] for p in params) for name, params in blocks.items()}
     out = {name: Carrier(s) for name, s in shares.items() if s >= share}
-    inputs, targets = split_batch(batch)
     for name, params in blocks.items():
         if name in out or products.get(name, 0.0) <= 2 or not params:
             continue
-        moved = {id(p): p.detach() - lr * grad[id(p)].view_as(p) for p in params}
-        with torch.no_grad(), preserved(model), swapped_parameters(model, moved):
-            after = float(loss_fn(call_model(model, inputs), targets))
+        step = {str(id(p)): -lr * grad[id(p)] for p in params}  # one SGD step, this block
+        after = loss_at(model, batch, loss_fn, params, step)
         if _past(after, loss, rise):
             ratio = after / loss if loss > 0 and math.isfinite(after) else math.inf
             out[name] = Carrier(shares[name], alone=ratio)

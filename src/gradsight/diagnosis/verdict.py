@@ -90,6 +90,11 @@ class LayerEvidence:
         )
 
 
+def step_grad_sq(evidence: Sequence[LayerEvidence]) -> float:
+    """‖g‖² of the whole step: each parameter once, a tied one included once."""
+    return math.fsum(g * g for e in evidence for k, g in e.grad_norms.items() if k not in e.shared)
+
+
 def worst_status(statuses: Sequence[str]) -> Status:
     """The most alarming judged status (``converged`` < ``ok`` < ...); ``frozen`` layers
     do not count. ``"frozen"`` only when every layer is frozen."""
@@ -181,9 +186,7 @@ def judge(
         s_out=ran[-1].sensitivity if ran else 0.0,
         traits=traits,
         alpha_spread=math.log10(max(alphas) / min(alphas)) if len(alphas) >= 2 else 0.0,
-        grad_sq=math.fsum(  # each parameter once, tied ones included
-            g * g for e in evidence for k, g in e.grad_norms.items() if k not in e.shared
-        ),
+        grad_sq=step_grad_sq(evidence),
         grad_layers=sum(1 for e in evidence if e.grad_norm),
         zero_norms=frozenset(
             e.name for e in ran_ev if "Norm" in e.module_type and e.param_norms.get("weight") == 0.0
