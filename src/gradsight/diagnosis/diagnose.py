@@ -238,19 +238,13 @@ def _diagnose(
                         "come from exact products within the time budget."
                     )
                 if lr is not None and kind in (None, "sgd"):
+                    own = {n: _trainable(model, n) for n in names}
                     # lr·λmax is judged on the Hessian where it can differ from G.
-                    hessian = hessian_lambda_max(
-                        cmodel,
-                        cbatch,
-                        closs,
-                        {n: _trainable(model, n) for n in names},
-                        blocks,
-                        lr,
-                    )
+                    hessian = hessian_lambda_max(cmodel, cbatch, closs, own, blocks, lr)
                     trial, carried, note = _sgd_stability(
                         run,
                         (cmodel, cbatch, closs, prefix),
-                        {n: _trainable(model, n) for n in names},
+                        own,
                         blocks,
                         hessian,
                         lr,
