@@ -584,6 +584,19 @@ def test_small_tensors_reduced_on_the_host_equal_the_torch_kernel(
         )
         if spec is RELU and unit_dim == 1:
             assert rows[0][1] == pytest.approx(1 / 6)  # the flat unit is dead
+    # A ReLU module's statistics, read off its output (the sign alone, on the host).
+    from gradsight.probes.activations import module_activation
+
+    act = module_activation(nn.ReLU())
+    assert act is not None
+    y = torch.relu(z)
+    host = _kernel.activation_states(act, unit_dim, y.clone())
+    with monkeypatch.context() as patch:
+        patch.setattr(_kernel, "_HOST_ENTRIES", 0)
+        device = _kernel.activation_states(act, unit_dim, y.clone())
+    assert torch.equal(host.flat, device.flat) and torch.equal(host.alive, device.alive)
+    torch.testing.assert_close(host.metrics(), device.metrics(), equal_nan=True)
+    assert host.metrics().equal(_kernel.activation_states(RELU, unit_dim, z.clone()).metrics())
 
 
 class _Branches(nn.Module):

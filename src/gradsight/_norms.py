@@ -12,6 +12,13 @@ import torch
 __all__ = ["norm_tensors", "norms"]
 
 
+def _one_group(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether every tensor has the first one's dtype and device (the usual case: one
+    foreach call for all, without grouping)."""
+    dtype, device = tensors[0].dtype, tensors[0].device
+    return all(t.dtype == dtype and t.device == device for t in tensors)
+
+
 def norm_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The 2-norm of each tensor, as 0-d tensors on its device (in its dtype).
 
@@ -19,13 +26,17 @@ def norm_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         >>> [float(n) for n in norm_tensors([torch.ones(4), torch.full((4,), 2.0), torch.ones(9)])]
         [2.0, 4.0, 3.0]
     """
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    groups: dict[tuple[object, ...], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.dtype, t.device), []).append(i)
-    with torch.no_grad():
+    if not tensors:
+        return []
+    with torch.no_grad():  # no graph: foreach_norm has no double backward to record
+        if _one_group(tensors):
+            return list(torch._foreach_norm(list(tensors)))
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.dtype, t.device), []).append(i)
         for members in groups.values():
-            values = torch._foreach_norm([tensors[i] for i in members])  # no graph: no_grad
+            values = torch._foreach_norm([tensors[i] for i in members])
             for i, n in zip(members, values, strict=True):
                 out[i] = n
     return [n for n in out if n is not None]
@@ -40,9 +51,14 @@ def norms(tensors: Sequence[torch.Tensor | None]) -> list[float]:
         [2.0, 0.0, 4.0]
     """
     present = [t for t in tensors if t is not None]
-    values = norm_tensors(present)
-    if values and len({(v.device, v.dtype) for v in values}) == 1:
-        floats = iter(torch.stack(values).tolist())
+    if not present:
+        return [0.0] * len(tensors)
+    if _one_group(present):
+        with torch.no_grad():
+            floats = torch.stack(torch._foreach_norm(present)).tolist()
     else:
-        floats = iter([float(v) for v in values])
-    return [0.0 if t is None else next(floats) for t in tensors]
+        floats = [float(v) for v in norm_tensors(present)]
+    if len(present) == len(tensors):
+        return floats
+    values = iter(floats)
+    return [0.0 if t is None else next(values) for t in tensors]

@@ -462,38 +462,42 @@ def _evidence(
     flat = [p for params in trainable for _, p in params]
     # Gradients' and parameters' norms in one pass and one copy to the host.
     values = norms([*(grad_of[id(p)] for p in flat), *flat])
-    grad_norm = dict(zip(map(id, flat), values[: len(flat)], strict=True))
-    param_norm = dict(zip(map(id, flat), values[len(flat) :], strict=True))
+    grad_values = iter(values[: len(flat)])
+    param_values = iter(values[len(flat) :])
     out: dict[str, LayerEvidence] = {}
     seen: set[int] = set()  # a tied parameter is listed by each of its modules
+    # Parameters the loss's graph reaches get a gradient tensor (zero or not); the others
+    # get None. A module whose parameters it reaches is used, called or not.
+    in_graph: dict[str, bool] = {}
+    # A tied parameter of a module that ran (T5's `shared` embedding is called as
+    # encoder.embed_tokens, a module of its own holding the same weight).
+    ran_holder: dict[int, str] = {}
     for (name, module), params in zip(owners, trainable, strict=True):
+        grad_norms, param_norms = {}, {}
+        for pname, _ in params:
+            grad_norms[pname] = next(grad_values)
+            param_norms[pname] = next(param_values)
+        ids = [id(p) for _, p in params]
         out[name] = LayerEvidence(
             name=name,
             module_type=type(module).__name__,
             signal=signals.get(name),
-            grad_norms={pname: grad_norm[id(p)] for pname, p in params},
-            param_norms={pname: param_norm[id(p)] for pname, p in params},
-            shared=frozenset(pname for pname, p in params if id(p) in seen),
+            grad_norms=grad_norms,
+            param_norms=param_norms,
+            shared=(
+                frozenset(pname for (pname, _), i in zip(params, ids, strict=True) if i in seen)
+                if not seen.isdisjoint(ids)
+                else frozenset()
+            ),
         )
-        seen.update(id(p) for _, p in params)
-    # Parameters the loss's graph reaches get a gradient tensor (zero or not); the others
-    # get None. A module whose parameters it reaches is used, called or not.
-    in_graph = {
-        name: any(grad_of[id(p)] is not None for _, p in params)
-        for (name, _), params in zip(owners, trainable, strict=True)
-    }
-    # A tied parameter of a module that ran (T5's `shared` embedding is called as
-    # encoder.embed_tokens, a module of its own holding the same weight).
-    ran_holder = {
-        id(p): name
-        for (name, _), params in zip(owners, trainable, strict=True)
-        if name in signals
-        for _, p in params
-    }
+        seen.update(ids)
+        in_graph[name] = any(grad_of[i] is not None for i in ids)
+        if name in signals:
+            ran_holder.update(dict.fromkeys(ids, name))
     used_by: dict[str, list[str]] = {}
     unused = set(flow.unused)
     for name, params in zip((n for n, _ in owners), trainable, strict=True):
-        if name not in unused or not in_graph[name]:
+        if not unused or name not in unused or not in_graph[name]:
             continue
         e = out[name]
         tied = next((ran_holder[id(p)] for _, p in params if id(p) in ran_holder), None)
@@ -501,6 +505,8 @@ def _evidence(
         if user is not None:
             e.used_by, e.signal = user, signals[user]
             used_by.setdefault(user, []).append(name)
+    if not used_by and not unused:
+        return [out[m.name] for m in flow.modules]
     order: list[str] = []
     for m in flow.modules:
         order += [m.name, *used_by.get(m.name, [])]

@@ -70,23 +70,19 @@ class LayerEvidence:
 
     def __post_init__(self) -> None:
         # Read-only facts of the norms it was made with, computed once.
-        self.frozen = not self.grad_norms
-        self.grad_norm = (
-            None if self.frozen else math.sqrt(math.fsum(g * g for g in self.grad_norms.values()))
-        )
-        self.relative_grad = (
-            None
-            if self.frozen
-            else math.sqrt(
-                math.fsum((g * self.param_norms[k]) ** 2 for k, g in self.grad_norms.items())
-            )
-        )
+        grads = self.grad_norms
+        self.frozen = not grads
+        if self.frozen:
+            self.grad_norm = self.relative_grad = None
+            self.zero_with_gradient = False
+            return
+        params = self.param_norms
+        self.grad_norm = math.sqrt(math.fsum([g * g for g in grads.values()]))
+        self.relative_grad = math.sqrt(math.fsum([(g * params[k]) ** 2 for k, g in grads.items()]))
         #: Every trainable parameter is exactly zero while the gradient is not: a
         #: zero-initialized layer, for which the scale-free gradient says nothing.
-        self.zero_with_gradient = (
-            not self.frozen
-            and all(self.param_norms[k] == 0 for k in self.grad_norms)
-            and any(g > 0 for g in self.grad_norms.values())
+        self.zero_with_gradient = all(params[k] == 0 for k in grads) and any(
+            g > 0 for g in grads.values()
         )
 
 

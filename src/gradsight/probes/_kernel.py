@@ -211,6 +211,10 @@ def activation_states(
         x, overwrite = x.float(), True
     shape = x.shape[1:]
     n = x.shape[0]
+    host = x.device.type == "cpu" and len(shape) > 0 and x.numel() <= _HOST_ENTRIES
+    if host and act.spec.binary:
+        # φ' = max·1[x > 0] on the input and on the output alike: the sign is all it takes.
+        return _host_states(x, unit_dim, 0.0, binary=act.spec.max_derivative)
     if overwrite and act.into is not None:
         d = act.into(x, x)  # elementwise, so in place is exact
     else:
@@ -219,7 +223,7 @@ def activation_states(
     if not (act.nonnegative or act.spec.nonnegative):
         d = d.abs_()
     threshold = FLAT_FRACTION * act.spec.max_derivative
-    if d.device.type == "cpu" and len(shape) and d.numel() <= _HOST_ENTRIES:
+    if host:
         return _host_states(d, unit_dim, threshold)
     if len(shape) == 0:  # one entry per tensor
         flat = d <= threshold
@@ -242,18 +246,34 @@ def activation_states(
     return ActivationStates(count, flat, dsum, dsq, alive)
 
 
-def _host_states(d: torch.Tensor, unit_dim: int, threshold: float) -> ActivationStates:
+def _host_states(
+    d: torch.Tensor, unit_dim: int, threshold: float, binary: float | None = None
+) -> ActivationStates:
     """:func:`activation_states`' reductions of the derivatives ``d`` (``[n, *shape]``, at
-    least one dimension per tensor) in NumPy: the same statistics, in ``d``'s dtype."""
+    least one dimension per tensor) in NumPy: the same statistics, in ``d``'s dtype. With
+    ``binary`` (a ReLU's largest derivative), ``d`` holds what φ' is read from and φ' is
+    ``binary`` where it is above ``threshold``, else 0."""
     a = d.detach().numpy()
     n = a.shape[0]
+    steep_mask = a > threshold  # NaN is not: flat, as the derivatives make it
+    rows_mask = steep_mask.reshape(n, -1)
+    count = rows_mask.shape[1]
+    steep = np.count_nonzero(rows_mask, axis=1)
+    # Alive: units steep on some entry read (the other dimensions than samples and units);
+    # as the torch kernel has it, a unit with a NaN derivative is not (its peak is NaN),
+    # while a ReLU's NaN input has derivative 0.
     others = tuple(i + 1 for i in range(a.ndim - 1) if i != unit_dim)
-    alive = (a.max(axis=others) if others else a) > threshold
-    rows = a.reshape(n, -1)
-    count = rows.shape[1]
-    dsum = rows.sum(axis=1)
-    dsq = np.einsum("ij,ij->i", rows, rows)
-    steep = np.count_nonzero(rows > threshold, axis=1)
+    if binary is not None:
+        alive = steep_mask.any(axis=others) if others else steep_mask
+    else:
+        alive = (a.max(axis=others) if others else a) > threshold
+    if binary is not None:
+        dsum = (steep * binary).astype(a.dtype)
+        dsq = (steep * binary * binary).astype(a.dtype)
+    else:
+        rows = a.reshape(n, -1)
+        dsum = rows.sum(axis=1)
+        dsq = np.einsum("ij,ij->i", rows, rows)
     flat = (count - steep).astype(a.dtype)
     live = np.count_nonzero(alive, axis=1) / max(alive.shape[1], 1)
     metrics = zip(flat.tolist(), dsum.tolist(), dsq.tolist(), live.tolist(), strict=True)

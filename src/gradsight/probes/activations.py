@@ -51,8 +51,9 @@ class ActivationSpec:
         rectifier: True for the ReLU family, whose flat side is exactly zero
             (units there are *inactive*; inactive on a whole batch means *dead*).
         nonnegative: φ' ≥ 0 everywhere (no ``abs`` needed to read its size).
-        binary: φ' takes only the values 0 and ``max_derivative`` (ReLU): its sum
-            alone gives the flat count and the sum of squares.
+        binary: φ' is ``max_derivative`` where the input is above 0, else 0 (ReLU; the
+            output is above 0 at the same entries): its sum alone gives the flat count
+            and the sum of squares, and the sign alone gives φ'.
     """
 
     name: str
