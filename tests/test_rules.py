@@ -285,6 +285,18 @@ def test_branch_that_gets_little_signal_while_earlier_layers_get_it_is_not_vanis
     assert _verdict(lost, _model())[0] == "vanishing"
 
 
+def test_converged_by_first_order_alone_says_curvature_was_not_measured() -> None:
+    """Without curvature a tiny scale-free gradient cannot tell an optimum from a flat
+    start (attention queries and keys at initialization): the reason says so, and only a
+    measured Newton decrement makes it "sits at its optimum"."""
+    first_order = _verdict(_layer(name="q", rel_sens=0.3, g_rel=1e-7, position=1), _model())
+    assert first_order[0] == "converged"
+    assert "curvature was not measured" in first_order[1] and "curvature=True" in first_order[1]
+    measured = _verdict(_layer(name="q", rel_sens=0.3, headroom=1e-7, position=1), _model())
+    assert measured[0] == "converged"
+    assert "sits at its optimum" in measured[1] and "not measured" not in measured[1]
+
+
 def test_vanishing_needs_headroom_of_its_own_when_measured() -> None:
     layer = _layer(rel_sens=1e-6, headroom=1e-7)
     assert _verdict(layer, _model())[0] == "converged"

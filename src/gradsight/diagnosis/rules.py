@@ -605,11 +605,16 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         reach = "no backward signal reaches it (exactly zero: the loss does not depend on it)"
     else:
         reach = f"the signal reaches it (sensitivity {layer.rel_sens:.1e} of the largest)"
-    return Verdict(
-        "converged",
-        f"{reach} but {_headroom_note(layer)}: a gradient that is small because the layer "
-        "sits at its optimum.",
-    )
+    if layer.headroom is not None:
+        why = "a gradient that is small because the layer sits at its optimum."
+    else:
+        # First order alone cannot tell an optimum from a flat start.
+        why = (
+            "by first order it sits at its optimum. Its curvature was not measured: a flat "
+            "start (attention's queries and keys at initialization) reads the same, and "
+            "diagnose with curvature=True tells them apart."
+        )
+    return Verdict("converged", f"{reach} but {_headroom_note(layer)}: {why}")
 
 
 def learning(layer: LayerFacts, model: ModelFacts) -> Verdict:

@@ -685,25 +685,36 @@ class SignalProbe(LeanHooks):
         self._kept_entries = 0
 
     def _norms_to_host(self) -> None:
-        """Every recorded norm as a Python float, in one copy to the host."""
+        """Every recorded norm as a Python float: the gradients kept whole normed in one
+        call, and every norm copied to the host at once (where they share a device and
+        dtype; else each on its own)."""
+        self._reduce_kept_activations()
+        self._kept_entries = 0
         lists = [
             norms
             for acc in self._order
             for norms in (acc.out_norms, acc.in_norms, acc.value_norms, acc.act_out_norms)
-            if norms and isinstance(norms[0], torch.Tensor)
+            if norms
         ]
+        # Python floats where a former result() took them already.
         tensors = [t for norms in lists for t in norms if isinstance(t, torch.Tensor)]
-        if not tensors or len({(t.device, t.dtype) for t in tensors}) != 1:
+        if not tensors:
             return
+        whole = [i for i, t in enumerate(tensors) if t.ndim > 0]
+        if whole:
+            for i, value in zip(whole, norm_tensors([tensors[i] for i in whole]), strict=True):
+                tensors[i] = value
         with torch.no_grad():
-            values = iter(torch.stack([t.reshape(()) if t.ndim else t for t in tensors]).tolist())
+            try:
+                values = iter(torch.stack(tensors).tolist())
+            except RuntimeError:  # norms on several devices
+                values = iter([float(t) for t in tensors])
         for norms in lists:
             norms[:] = [next(values) if isinstance(t, torch.Tensor) else t for t in norms]
 
     def result(self) -> SignalFlow:
         """Reduce what was recorded into a :class:`SignalFlow` (forward order)."""
         reduce_pending(self._order)
-        self._take_deferred_norms()
         self._norms_to_host()
         for acc in self._order:
             acc.fold_reduced()
