@@ -255,6 +255,8 @@ def _host_states(
     ``binary`` where it is above ``threshold``, else 0."""
     a = d.detach().numpy()
     n = a.shape[0]
+    if n == 1:
+        return _host_states_one(a[0], unit_dim, threshold, binary)
     steep_mask = a > threshold  # NaN is not: flat, as the derivatives make it
     rows_mask = steep_mask.reshape(n, -1)
     count = rows_mask.shape[1]
@@ -284,4 +286,33 @@ def _host_states(
         torch.from_numpy(dsq),
         torch.from_numpy(alive),
         rows=[_fractions(count, *m) for m in metrics],
+    )
+
+
+def _host_states_one(
+    a: np.ndarray, unit_dim: int, threshold: float, binary: float | None
+) -> ActivationStates:
+    """:func:`_host_states` of one tensor ``a`` (its own shape): whole-array reductions,
+    which NumPy runs several times faster than reductions along an axis of a small array."""
+    entries = a.reshape(-1)
+    steep_mask = entries > threshold
+    count = entries.size
+    steep = int(np.count_nonzero(steep_mask))
+    others = tuple(i for i in range(a.ndim) if i != unit_dim)
+    if binary is not None:
+        units = steep_mask.reshape(a.shape)
+        alive = units.any(axis=others) if others else units
+        dsum, dsq = steep * binary, steep * binary * binary
+    else:
+        alive = (a.max(axis=others) if others else a) > threshold
+        dsum, dsq = float(entries.sum()), float(np.dot(entries, entries))
+    live = np.count_nonzero(alive) / max(alive.size, 1)
+    dtype = torch.from_numpy(entries[:0]).dtype
+    return ActivationStates(
+        count,
+        torch.tensor([count - steep], dtype=dtype),
+        torch.tensor([dsum], dtype=dtype),
+        torch.tensor([dsq], dtype=dtype),
+        torch.from_numpy(alive.reshape(1, -1)),
+        rows=[_fractions(count, float(count - steep), dsum, dsq, live)],
     )
