@@ -64,6 +64,52 @@ def test_the_trial_is_sgd_on_a_copy_and_leaves_the_model_as_it_was(
         assert trial.at is None and len(trial.losses) == 11
 
 
+class _ScalarLinear(nn.Module):
+    """f(x) = u·v·x: the two-layer scalar linear network of the catapult (Lewkowycz et
+    al. 2020), whose SGD dynamics have a closed form."""
+
+    def __init__(self, u: float, v: float) -> None:
+        super().__init__()
+        self.u = nn.Linear(1, 1, bias=False, dtype=torch.float64)
+        self.v = nn.Linear(1, 1, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            self.u.weight.fill_(u)
+            self.v.weight.fill_(v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.v(self.u(x))
+
+
+def _half_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return 0.5 * F.mse_loss(out, target)
+
+
+def test_a_catapult_that_falls_back_is_not_a_blow_up() -> None:
+    """L = ½(uv)² from u = 3, v = 0.1 at lr 0.4: the Hessian's lr·λmax is 3.6 and the
+    loss rises ×160 by step 3, then the catapult lowers the curvature and the loss falls
+    to 1e-8 of its start by step 20 (the closed-form recursion u ← u − lr·r·v, v ← v −
+    lr·r·u, r = uv). Stopping at the first rise called it exploding; the trial judges
+    where SGD ends. A run that stays up is still a blow-up."""
+    x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    model = _ScalarLinear(3.0, 0.1)
+    u, v, reference = 3.0, 0.1, []
+    for _ in range(21):
+        r = u * v
+        reference.append(0.5 * r * r)
+        u, v = u - 0.4 * r * v, v - 0.4 * r * u
+    trial = sgd_trial(model, (x, y), _half_mse, list(model.parameters()), 0.4)
+    assert trial.losses == pytest.approx(reference, rel=1e-9)
+    assert max(trial.losses) > 100 * trial.losses[0] and trial.losses[-1] < 1e-6 * trial.losses[0]
+    assert not trial.blew_up
+    assert "after a spike to 7.22 at step 3" in trial.describe()
+    d = gradsight.diagnose(model, (x, y), _half_mse, lr=0.4)
+    assert d.status != "exploding" and d.trial_blew_up is False, d.summary
+    assert "after a spike to 7.22 at step 3" in d.summary
+    # At lr 1 the same net diverges, and the trial says so.
+    assert sgd_trial(model, (x, y), _half_mse, list(model.parameters()), 1.0).blew_up
+    assert gradsight.diagnose(model, (x, y), _half_mse, lr=1.0).status == "exploding"
+
+
 def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_alone() -> None:
     """Loss = CE + 1000·MSE at lr 0.1 (the zoo's sick multi-head): one SGD step on the
     regression head alone multiplies the loss by 174 and on trunk.2 by 34; trunk.0, at
@@ -148,7 +194,7 @@ def test_a_falcon_at_the_edge_of_stability_trains_and_past_it_explodes(
         assert "exploding" not in statuses.values()
         emb = d.layer("transformer.word_embeddings")
         assert "At the edge of stability" in emb.reason
-        assert "10 full-batch SGD steps at lr 1 take the loss from 4.1" in emb.reason
+        assert "20 full-batch SGD steps at lr 1 take the loss from 4.1" in emb.reason
     # The ground truth, by torch.optim.SGD.
     train = copy.deepcopy(model)
     opt = torch.optim.SGD(train.parameters(), lr=lr)
@@ -374,7 +420,7 @@ def test_the_trial_is_part_of_the_result_and_survives_json() -> None:
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
     x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
     calm = gradsight.diagnose(model, (x, y), F.cross_entropy, lr=0.1)
-    assert calm.trial_blew_up is False and len(calm.trial_losses or []) == 11
+    assert calm.trial_blew_up is False and len(calm.trial_losses or []) == 21
     assert (
         gradsight.diagnose(model, (x, y), F.cross_entropy, lr=0.1, curvature=False).trial_losses
         is None

@@ -85,8 +85,8 @@ def diagnose(
         lr: The learning rate used in training, if known. Step ratios use it; without
             it the step a layer gets is the largest one stable for the whole model,
             2/λmax. Taken from ``optimizer`` when that is given. With curvature and SGD
-            it is also tried: ten full-batch SGD steps at ``lr`` on a copy of the
-            parameters (ten more forward and backward passes) decide whether the step
+            it is also tried: twenty full-batch SGD steps at ``lr`` on a copy of the
+            parameters (twenty more forward and backward passes) decide whether the step
             blows up (:mod:`gradsight.diagnosis.trial`); where it does, the top
             eigenvector of the whole model's Hessian (at most 30 Hessian-vector
             products) names the layers that carry it.
@@ -366,6 +366,7 @@ def _trial(run: _Run, lr: float, steps: int, th: Thresholds) -> tuple[Trial | No
             lr,
             steps=steps,
             rise=th.trial_rise,
+            window=th.trial_window,
             settings=sgd_settings(run.optimizer, run.params, lr),
             start=run.start,
             walk=run.walk,
@@ -412,7 +413,7 @@ def _sgd_stability(
             lr,
             loss=trial.losses[0],
             share=th.carrier_share,
-            rise=th.trial_rise,
+            rise=th.carrier_rise,
         )
     except Exception as exc:
         # The trial stands; the blocks sharpest at this lr stand in for the carriers.

@@ -130,8 +130,9 @@ class Diagnosis:
             largest stable gradient step.
         trial_losses: Where the SGD trial ran (:mod:`gradsight.diagnosis.trial`): the
             loss at the start and after each full-batch SGD step at ``lr``.
-        trial_blew_up: Whether the trial's loss went non-finite or above 1.2× its start
-            (the step is unstable); None where it did not run.
+        trial_blew_up: Whether the trial's loss went non-finite, or ended above its
+            start (``Thresholds.trial_rise`` × it at each of its last steps): the step is
+            unstable; None where it did not run.
     """
 
     status: Status

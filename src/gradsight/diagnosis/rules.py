@@ -12,8 +12,9 @@ it:
    output unused by the loss, so its gradient is exactly zero): nothing for it to win,
    and the reason says so in case it should be trained;
 4. ``exploding`` at the step used, which would leave even an optimum: full-batch SGD at
-   the lr blows up within ``trial_steps`` steps (non-finite, or above ``trial_rise`` ×
-   the start; :mod:`gradsight.diagnosis.trial`), and the layer carries the instability
+   the lr blows up within ``trial_steps`` steps (non-finite, or still above
+   ``trial_rise`` × the start at each of its last ``trial_window`` steps: a spike that
+   falls back is not; :mod:`gradsight.diagnosis.trial`), and the layer carries the instability
    (a share of the whole model's top Hessian eigenvector, or one step on it alone raises
    the loss); or, without curvature, a step that overshoots by first order (lr·‖g‖²
    above ``overshoot`` times a nonnegative loss: past Polyak's step) and, taken, raises
@@ -109,10 +110,13 @@ class Thresholds:
             even Polyak's step L/‖g‖², so it overshoots whatever the curvature says
             (without curvature; the step is then taken to check it).
         trial_steps: full-batch SGD steps at the lr in the trial (with curvature).
-        trial_rise: the trial blows up when the loss goes non-finite or above this
-            times its start.
+        trial_rise: the trial blows up when the loss goes non-finite, or is above this
+            times its start at each of the trial's last ``trial_window`` steps.
+        trial_window: see ``trial_rise``.
         carrier_share: a layer holding at least this share of the whole model's top
             Hessian eigenvector carries an instability that blows up the trial.
+        carrier_rise: a layer whose block's lr·λmax is above 2 carries it when one SGD
+            step on the block alone raises the loss above this times its start.
     """
 
     vanishing: float = 1e-3
@@ -128,9 +132,11 @@ class Thresholds:
     min_chain: int = 3
     unstable: float = 2.0
     overshoot: float = 2.0
-    trial_steps: int = 10
-    trial_rise: float = 1.2
+    trial_steps: int = 20
+    trial_rise: float = 1.1
+    trial_window: int = 3
     carrier_share: float = 0.2
+    carrier_rise: float = 1.2
 
 
 @dataclass(frozen=True)
