@@ -143,16 +143,18 @@ def sgd_settings(
     """Each parameter's settings as ``optimizer`` (a ``torch.optim.SGD``) steps it, its
     momentum buffer copied; plain SGD at ``lr`` without one, or for a parameter it does
     not hold."""
+    plain = SGDSettings(lr)  # one, shared by every parameter the optimizer does not hold
+    if not isinstance(optimizer, torch.optim.SGD):
+        return [plain] * len(params)
     group_of: dict[int, dict[str, Any]] = {}
-    if isinstance(optimizer, torch.optim.SGD):
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                group_of[id(p)] = group
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            group_of[id(p)] = group
     out = []
     for p in params:
         held = group_of.get(id(p))
-        if held is None or optimizer is None:
-            out.append(SGDSettings(lr))
+        if held is None:
+            out.append(plain)
             continue
         group = held
         buffer = optimizer.state.get(p, {}).get("momentum_buffer")
@@ -201,7 +203,7 @@ def sgd_trial(
     trial of fewer steps): a spike that falls back by the end is training's own way of
     lowering the curvature (the catapult), not a blow-up.
     """
-    settings = list(settings) if settings is not None else [SGDSettings(lr) for _ in params]
+    settings = list(settings) if settings is not None else [SGDSettings(lr)] * len(params)
     walk = walk or ModelWalk(model)
     buffers = [s.buffer for s in settings]
     plain = all(s.lr == lr and not s.momentum and not s.weight_decay for s in settings)
