@@ -188,3 +188,62 @@ def test_verdicts_do_not_change_when_the_loss_is_rescaled(name: str) -> None:
         d = gradsight.diagnose(model, batch, lambda o, t, s=scale: s * loss_fn(o, t))
         statuses.append([layer.status for layer in d.layers])
     assert statuses[0] == statuses[1] == statuses[2]
+
+
+def test_a_steep_language_model_on_its_plateau_is_not_converged() -> None:
+    """GPT-NeoX with every weight matrix ×100: the loss is 6 times the unigram's, and
+    the Gauss-Newton decrement of the embedding and the first layer is 1e-4 of it because
+    the curvature is steep, while a relative change of their weights moves the loss by
+    50× its value. AdamW on the model lowers the loss (the ground truth below), so
+    nothing there sits at an optimum: no layer whose gradient is not small reads
+    "converged" (three did)."""
+    config = transformers.GPTNeoXConfig(
+        vocab_size=V,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        rotary_pct=0.5,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(100.0)
+    gen = torch.Generator().manual_seed(1000)
+    chain = [torch.randint(0, V, (16, 1), generator=gen)]
+    for _ in range(16):
+        chain.append((3 * chain[-1] + 1) % V)
+    tokens = torch.cat(chain, dim=1)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1))
+
+    d = gradsight.diagnose(model, ({"input_ids": inputs}, targets), loss_fn)
+    assert d.baseline_loss is not None and d.loss > 3 * d.baseline_loss
+    steep = [layer for layer in d.layers if layer.headroom is not None and layer.headroom < 1e-4]
+    assert steep  # the case this is about
+    wrong = [
+        layer.name
+        for layer in d.layers
+        if layer.status == "converged" and (layer.relative_grad or 0.0) > 1e-5 * d.loss
+    ]
+    assert not wrong, wrong
+    assert all(layer.status == "ok" and "not at its optimum" in layer.reason for layer in steep), [
+        (layer.name, layer.status) for layer in steep
+    ]
+    # The ground truth: AdamW lowers the loss.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = loss_fn(model(input_ids=inputs), targets)
+        losses.append(float(loss))
+        loss.backward()
+        opt.step()
+    assert losses[-1] < 0.9 * losses[0], losses

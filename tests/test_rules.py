@@ -292,13 +292,31 @@ def test_converged_by_first_order_alone_says_curvature_was_not_measured() -> Non
     first_order = _verdict(_layer(name="q", rel_sens=0.3, g_rel=1e-7, position=1), _model())
     assert first_order[0] == "converged"
     assert "curvature was not measured" in first_order[1] and "curvature=True" in first_order[1]
-    measured = _verdict(_layer(name="q", rel_sens=0.3, headroom=1e-7, position=1), _model())
+    measured = _verdict(
+        _layer(name="q", rel_sens=0.3, headroom=1e-7, g_rel=1e-7, position=1), _model()
+    )
     assert measured[0] == "converged"
     assert "sits at its optimum" in measured[1] and "not measured" not in measured[1]
 
 
+def test_a_steep_layer_on_a_plateau_is_not_converged() -> None:
+    """GPT-NeoX with its logits ×100: loss 27 against a constant prediction's 4.2, and
+    the embedding's Newton step would win 9e-5 of the loss because its curvature is
+    steep, while a relative change of its weights moves the loss by 50× its value
+    (AdamW on it lowers the loss 27 → 19). A gradient that is not small rules out an
+    optimum: it is learning, and the reason says why the decrement is small. Off the
+    plateau, or with a small gradient, the same decrement is converged."""
+    steep = _layer(name="emb", rel_sens=0.55, headroom=9e-5, g_rel=50.0, position=0)
+    status, reason, _ = _verdict(steep, _model(loss=27.2, baseline=4.16, plateau=True))
+    assert status == "ok" and "not at its optimum" in reason and "5.0e+01× its value" in reason
+    off = _model(loss=1.0, baseline=4.16, plateau=False)
+    assert _verdict(steep, off)[0] == "converged"
+    small = _layer(name="emb", rel_sens=0.55, headroom=9e-5, g_rel=1e-7, position=0)
+    assert _verdict(small, _model(loss=27.2, baseline=4.16, plateau=True))[0] == "converged"
+
+
 def test_vanishing_needs_headroom_of_its_own_when_measured() -> None:
-    layer = _layer(rel_sens=1e-6, headroom=1e-7)
+    layer = _layer(rel_sens=1e-6, headroom=1e-7, g_rel=1e-7)
     assert _verdict(layer, _model())[0] == "converged"
     assert _verdict(_layer(rel_sens=1e-6, headroom=0.2), _model())[0] == "vanishing"
 

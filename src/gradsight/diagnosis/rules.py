@@ -42,7 +42,10 @@ it:
 11. ``vanishing`` through time: a recurrent layer whose signal does not reach the time
     steps where its inputs are (input-weighted reach below ``time_vanishing``) while the
     loss sits on its plateau and no step the signal does reach helps;
-12. ``converged`` when the layer's own headroom is negligible;
+12. ``converged`` when the layer's own headroom is negligible, unless the loss is no
+    better than the best constant prediction while the layer's scale-free gradient is
+    not small (a steep curvature, not an optimum: a gradient that is not small rules one
+    out);
 13. ``ok``: learning.
 
 A layer whose output is exactly zero while a signal reaches it (a zero-initialized
@@ -521,7 +524,12 @@ def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     if not _starved(layer, model.th) or layer.position is None:
         return None
     gradient = layer.grad_norm is not None and layer.grad_norm > 0
-    if gradient and layer.headroom is not None and layer.headroom < model.th.headroom:
+    if (
+        gradient
+        and layer.headroom is not None
+        and layer.headroom < model.th.headroom
+        and not _steep(layer, model)
+    ):
         return None  # nothing to win for it: converged, not stuck (without any gradient
         # the Newton decrement is 0/0, which says nothing)
     assert layer.rel_sens is not None
@@ -596,9 +604,11 @@ def vanishing_through_time(layer: LayerFacts, model: ModelFacts) -> Verdict | No
 
 
 def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """The signal reaches the layer, but its own step would win nothing."""
+    """The signal reaches the layer, but its own step would win nothing. Not where the
+    loss is no better than a constant while the layer's scale-free gradient is not small:
+    there a tiny Newton decrement means a steep curvature, not an optimum."""
     if layer.headroom is not None:
-        done = layer.headroom < model.th.headroom
+        done = layer.headroom < model.th.headroom and not _steep(layer, model)
     else:  # zero-initialized parameters (no scale-free gradient) have not started
         done = layer.g_rel is not None and layer.g_rel <= model.th.converged
     if not done:
@@ -623,9 +633,33 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     return Verdict("converged", f"{reach} but {_headroom_note(layer)}: {why}")
 
 
+def _steep(layer: LayerFacts, model: ModelFacts) -> bool:
+    """A negligible Newton decrement while the loss is no better than the best constant
+    prediction and a relative change of the layer's weights still moves the loss by more
+    than ``th.converged`` of it: the curvature is steep (saturated outputs, a loss scaled
+    up), the quadratic model allows only a tiny step, and the layer is not at its
+    optimum (a gradient that is not small rules one out)."""
+    return (
+        model.plateau
+        and layer.headroom is not None
+        and layer.headroom < model.th.headroom
+        and layer.g_rel is not None
+        and layer.g_rel > model.th.converged
+    )
+
+
 def learning(layer: LayerFacts, model: ModelFacts) -> Verdict:
     """Learning: the default."""
-    parts = [f"learning: gradient {_e(layer.grad_norm)}", _headroom_note(layer)]
+    headroom = _headroom_note(layer)
+    if _steep(layer, model):
+        assert layer.g_rel is not None
+        headroom += (
+            ", yet it is not at its optimum: the loss is no better than the best constant "
+            f"prediction and a relative change of its weights moves it by up to "
+            f"{layer.g_rel:.1e}× its value (the curvature is steep, so the quadratic model "
+            "allows only a tiny step)"
+        )
+    parts = [f"learning: gradient {_e(layer.grad_norm)}", headroom]
     if layer.rel_sens is not None:
         parts.append(f"the signal reaching it is {layer.rel_sens:.1e} of the largest")
     if note := _step_note(layer, model):
