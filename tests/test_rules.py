@@ -315,6 +315,26 @@ def test_a_steep_layer_on_a_plateau_is_not_converged() -> None:
     assert _verdict(small, _model(loss=27.2, baseline=4.16, plateau=True))[0] == "converged"
 
 
+def test_a_zero_gradient_under_a_signal_says_the_input_is_zero_not_an_optimum() -> None:
+    """The head of an all-zero language model: the loss's signal reaches its output, yet
+    its gradient is exactly zero because its input is (the final LayerNorm's weight is
+    zero). It read "a gradient that is small because the layer sits at its optimum"."""
+    ran = [_signal("0"), _signal("head", output_norm=0.0)]
+    head = _layer(
+        name="head",
+        signal=ran[1],
+        position=1,
+        rel_sens=None,
+        g_rel=0.0,
+        grad_norm=0.0,
+        headroom=0.0,
+        last=True,
+    )
+    status, reason, _ = _verdict(head, _model(ran=ran))
+    assert status == "converged"
+    assert "its input carries nothing" in reason and "optimum" not in reason
+
+
 def test_vanishing_needs_headroom_of_its_own_when_measured() -> None:
     layer = _layer(rel_sens=1e-6, headroom=1e-7, g_rel=1e-7)
     assert _verdict(layer, _model())[0] == "converged"

@@ -613,6 +613,17 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         done = layer.g_rel is not None and layer.g_rel <= model.th.converged
     if not done:
         return None
+    signal = layer.signal.signal_norm if layer.signal is not None else None
+    if layer.grad_norm == 0 and signal and layer.used_by is None:
+        # A weight's gradient pairs the signal at the output with the input: with a
+        # signal there, an exactly zero gradient means an exactly zero input.
+        where = "the loss's own signal" if layer.last else "a backward signal"
+        return Verdict(
+            "converged",
+            f"{where} reaches its output, yet its gradient is exactly zero: its input "
+            "carries nothing (exactly zero), so the loss does not depend on its weights; "
+            "nothing for it to win until the layers before it pass something on.",
+        )
     if layer.last:
         reach = "the loss's own signal reaches it (the last layer)"
     elif layer.rel_sens is None:
