@@ -14,10 +14,11 @@ steps at the learning rate, on the batch, from the current weights, on a copy of
 parameters. The model is *exploding* when the loss goes non-finite, or when it is still
 above 1.1× its start at each of the last three steps: a spike that falls back (the
 catapult) is not. Against 114 runs (the 46 cases above, and 34 of them at two more
-seeds; truth from 50 steps) this makes no false alarm and 4 misses, divergences that
-start only after step 20 once training has raised the curvature. Stopping at the first
-step above 1.2× within ten steps made 1 false alarm (a run that spiked ×4·10¹² and fell
-back) and 9 misses; judging the end of ten steps, 10 misses.
+seeds; truth from 50 steps) this makes no false alarm and 4 misses on their recorded
+SGD trajectories (5 when diagnose reruns them, as chaotic runs part in float32),
+divergences that start only after step 20 once training has raised the curvature.
+Stopping at the first step above 1.2× within ten steps made 1 false alarm (a run that
+spiked ×4·10¹² and fell back) and 9 misses; judging the end of ten steps, 10 misses.
 
 Which layers carry the instability (:func:`carriers`) is not read off each block's own
 lr·λmax either. In a Falcon at lr 10, four MLP blocks have lr·λmax of 7–12, yet each
