@@ -19,6 +19,7 @@ knows no metric by name.
 from __future__ import annotations
 
 import enum
+import functools
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -206,7 +207,7 @@ def activation_states(
         tensor([0.5000, 0.5000])
     """
     if isinstance(act, ActivationSpec):
-        act = ModuleActivation(act, None)
+        act = _reading_input(act)
     if x.dtype in (torch.float16, torch.bfloat16):  # sums over many entries need float32
         x, overwrite = x.float(), True
     shape = x.shape[1:]
@@ -214,7 +215,10 @@ def activation_states(
     host = x.device.type == "cpu" and len(shape) > 0 and x.numel() <= _HOST_ENTRIES
     if host and act.spec.binary:
         # φ' = max·1[x > 0] on the input and on the output alike: the sign is all it takes.
-        return _host_states(x, unit_dim, 0.0, binary=act.spec.max_derivative)
+        return _host_states(x.detach().numpy(), unit_dim, 0.0, binary=act.spec.max_derivative)
+    threshold = FLAT_FRACTION * act.spec.max_derivative
+    if host and act.from_output is None and act.spec.host is not None:
+        return _host_states(act.spec.host(x.detach().numpy()), unit_dim, threshold)
     if overwrite and act.into is not None:
         d = act.into(x, x)  # elementwise, so in place is exact
     else:
@@ -222,9 +226,8 @@ def activation_states(
     # d is ours from here on: x itself only where overwrite allows it.
     if not (act.nonnegative or act.spec.nonnegative):
         d = d.abs_()
-    threshold = FLAT_FRACTION * act.spec.max_derivative
     if host:
-        return _host_states(d, unit_dim, threshold)
+        return _host_states(d.detach().numpy(), unit_dim, threshold)
     if len(shape) == 0:  # one entry per tensor
         flat = d <= threshold
         return ActivationStates(1, flat.to(d.dtype), d, d * d, ~flat.reshape(n, 1))
@@ -246,14 +249,20 @@ def activation_states(
     return ActivationStates(count, flat, dsum, dsq, alive)
 
 
+@functools.lru_cache(maxsize=32)
+def _reading_input(spec: ActivationSpec) -> ModuleActivation:
+    """The activation read off its input (made once per spec; bounded, as parametrized
+    activations make a spec per call)."""
+    return ModuleActivation(spec, None)
+
+
 def _host_states(
-    d: torch.Tensor, unit_dim: int, threshold: float, binary: float | None = None
+    a: np.ndarray, unit_dim: int, threshold: float, binary: float | None = None
 ) -> ActivationStates:
-    """:func:`activation_states`' reductions of the derivatives ``d`` (``[n, *shape]``, at
-    least one dimension per tensor) in NumPy: the same statistics, in ``d``'s dtype. With
-    ``binary`` (a ReLU's largest derivative), ``d`` holds what φ' is read from and φ' is
+    """:func:`activation_states`' reductions of the derivatives ``a`` (``[n, *shape]``, at
+    least one dimension per tensor) in NumPy: the same statistics, in ``a``'s dtype. With
+    ``binary`` (a ReLU's largest derivative), ``a`` holds what φ' is read from and φ' is
     ``binary`` where it is above ``threshold``, else 0."""
-    a = d.detach().numpy()
     n = a.shape[0]
     if n == 1:
         return _host_states_one(a[0], unit_dim, threshold, binary)
@@ -307,12 +316,12 @@ def _host_states_one(
         alive = (a.max(axis=others) if others else a) > threshold
         dsum, dsq = float(entries.sum()), float(np.dot(entries, entries))
     live = np.count_nonzero(alive) / max(alive.size, 1)
-    dtype = torch.from_numpy(entries[:0]).dtype
+    sums = torch.from_numpy(np.array([count - steep, dsum, dsq], dtype=a.dtype))
     return ActivationStates(
         count,
-        torch.tensor([count - steep], dtype=dtype),
-        torch.tensor([dsum], dtype=dtype),
-        torch.tensor([dsq], dtype=dtype),
+        sums[0:1],
+        sums[1:2],
+        sums[2:3],
         torch.from_numpy(alive.reshape(1, -1)),
         rows=[_fractions(count, float(count - steep), dsum, dsq, live)],
     )

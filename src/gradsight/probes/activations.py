@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,6 +55,8 @@ class ActivationSpec:
         binary: φ' is ``max_derivative`` where the input is above 0, else 0 (ReLU; the
             output is above 0 at the same entries): its sum alone gives the flat count
             and the sum of squares, and the sign alone gives φ'.
+        host: ``derivative`` in NumPy, where there is one: small CPU tensors are reduced
+            on the host, where NumPy's per-call cost is a fraction of torch's.
     """
 
     name: str
@@ -62,6 +65,7 @@ class ActivationSpec:
     rectifier: bool = False
     nonnegative: bool = False
     binary: bool = False
+    host: Callable[[np.ndarray], np.ndarray] | None = None
 
     def flat(self, z: torch.Tensor) -> torch.Tensor:
         """Boolean mask of the units where φ is flat at ``z``."""
@@ -94,8 +98,19 @@ def _silu_d(z: torch.Tensor) -> torch.Tensor:
     return s * (1 + z * (1 - s))
 
 
-SIGMOID = ActivationSpec("sigmoid", _sigmoid_d, 0.25, nonnegative=True)
-TANH = ActivationSpec("tanh", _tanh_d, 1.0, nonnegative=True)
+def _tanh_d_host(z: np.ndarray) -> np.ndarray:
+    t = np.tanh(z)
+    return 1.0 - t * t
+
+
+def _sigmoid_d_host(z: np.ndarray) -> np.ndarray:
+    # σ(1 − σ) = (1 − tanh²(z/2)) / 4, without exp's overflow for large |z|
+    t = np.tanh(0.5 * z)
+    return 0.25 * (1.0 - t * t)
+
+
+SIGMOID = ActivationSpec("sigmoid", _sigmoid_d, 0.25, nonnegative=True, host=_sigmoid_d_host)
+TANH = ActivationSpec("tanh", _tanh_d, 1.0, nonnegative=True, host=_tanh_d_host)
 RELU = ActivationSpec("relu", _relu_d, 1.0, rectifier=True, nonnegative=True, binary=True)
 GELU = ActivationSpec("gelu", _gelu_d, 1.1289)  # max of Φ(z)+zφ(z), at z = √2
 SILU = ActivationSpec("silu", _silu_d, 1.0998)  # max at z ≈ 2.40
