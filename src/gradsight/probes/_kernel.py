@@ -276,12 +276,10 @@ def _host_states(
     others = tuple(i + 1 for i in range(a.ndim - 1) if i != unit_dim)
     if binary is not None:
         alive = steep_mask.any(axis=others) if others else steep_mask
-    else:
-        alive = (a.max(axis=others) if others else a) > threshold
-    if binary is not None:
         dsum = (steep * binary).astype(a.dtype)
         dsq = (steep * binary * binary).astype(a.dtype)
     else:
+        alive = (a.max(axis=others) if others else a) > threshold
         rows = a.reshape(n, -1)
         dsum = rows.sum(axis=1)
         dsq = np.einsum("ij,ij->i", rows, rows)

@@ -686,8 +686,8 @@ class SignalProbe(LeanHooks):
 
     def _norms_to_host(self) -> None:
         """Every recorded norm as a Python float: the gradients kept whole normed in one
-        call, and every norm copied to the host at once (where they share a device and
-        dtype; else each on its own)."""
+        call, and every norm copied to the host at once (where they share a device; else
+        each on its own)."""
         self._reduce_kept_activations()
         self._kept_entries = 0
         lists = [
