@@ -110,6 +110,26 @@ def test_a_catapult_that_falls_back_is_not_a_blow_up() -> None:
     assert gradsight.diagnose(model, (x, y), _half_mse, lr=1.0).status == "exploding"
 
 
+def test_a_spike_that_ends_in_a_frozen_loss_is_a_collapse_not_a_recovery() -> None:
+    """A Mamba at lr 3 (transformers, from a config): the loss climbs to 75.8 by step 12,
+    its hidden states overflow to 1e35, the last RMSNorm outputs zero and the loss sits
+    at exactly the uniform prediction's, ln 64 = 4.1589, with a zero gradient, below its
+    start 4.53; 50 SGD steps end in NaN. That is a collapse. A catapult keeps moving
+    after it falls back, and a loss that stays put without a spike is not a blow-up."""
+    from gradsight.diagnosis.trial import Trial, _collapsed
+
+    mamba = (4.5321, 2.5531, 1.5692, 1.1138, 1.1759, 1.7108, 1.6181, 2.0895, 2.7256, 4.5409)
+    mamba += (8.4744, 27.1595, 75.8034) + (4.158883,) * 8
+    assert _collapsed(mamba, 1.1, 3)
+    catapult = (0.045, 0.302, 1.89, 7.22, 0.00208, 0.000905, 0.000393, 0.00017, 7.37e-05)
+    assert not _collapsed(catapult, 1.1, 3)
+    steady = (2.0, 1.5, 1.2) + (1.0,) * 6  # converged, never above the start
+    assert not _collapsed(steady, 1.1, 3)
+    text = Trial(lr=3.0, losses=mamba, rise=1.1, at=20).describe()
+    assert "up to 75.8 at step 12" in text and "freezes at 4.159" in text
+    assert "collapsed" in text
+
+
 def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_alone() -> None:
     """Loss = CE + 1000·MSE at lr 0.1 (the zoo's sick multi-head): one SGD step on the
     regression head alone multiplies the loss by 174 and on trunk.2 by 34; trunk.0, at

@@ -131,8 +131,9 @@ class Diagnosis:
         trial_losses: Where the SGD trial ran (:mod:`gradsight.diagnosis.trial`): the
             loss at the start and after each full-batch SGD step at ``lr``.
         trial_blew_up: Whether the trial's loss went non-finite, or ended above its
-            start (``Thresholds.trial_rise`` × it at each of its last steps): the step is
-            unstable; None where it did not run.
+            start (``Thresholds.trial_rise`` × it at each of its last steps), or rose
+            above that and then froze (a collapsed network): the step is unstable; None
+            where it did not run.
     """
 
     status: Status

@@ -12,11 +12,14 @@ least 8 errors. A Falcon trained at lr·λmax = 26 while a Wav2Vec2 diverged at 
 What separates them is the thing itself. :func:`sgd_trial` takes twenty full-batch SGD
 steps at the learning rate, on the batch, from the current weights, on a copy of the
 parameters. The model is *exploding* when the loss goes non-finite, or when it is still
-above 1.1× its start at each of the last three steps: a spike that falls back (the
-catapult) is not. Against 114 runs (the 46 cases above, and 34 of them at two more
-seeds; truth from 50 steps) this makes no false alarm and 4 misses on their recorded
-SGD trajectories (5 when diagnose reruns them, as chaotic runs part in float32),
-divergences that start only after step 20 once training has raised the curvature.
+above 1.1× its start at each of the last three steps, or when it rose above that and then
+froze (a Mamba at lr 3 overflows its hidden states to 1e35, its last RMSNorm outputs
+zero and the loss sits exactly at the uniform prediction's with a zero gradient): a
+spike that falls back and keeps training (the catapult) is not. Against 114 runs (the 46
+cases above, and 34 of them at two more seeds; truth from 50 steps) this makes no false
+alarm and 4 misses on their recorded SGD trajectories (5 when diagnose reruns them, as
+chaotic runs part in float32), divergences that start only after step 20 once training
+has raised the curvature.
 Stopping at the first step above 1.2× within ten steps made 1 false alarm (a run that
 spiked ×4·10¹² and fell back) and 9 misses; judging the end of ten steps, 10 misses.
 
@@ -60,7 +63,8 @@ class Trial:
         rise: The ratio to the start above which the loss has blown up.
         at: Where the loss blew up: the step after which it was non-finite (the trial
             stops there), or the last step when it was above ``rise`` × its start at
-            each of the trial's last steps; None where it did not blow up.
+            each of the trial's last steps, or froze there after rising above it (a
+            collapse); None where it did not blow up.
         momentum: The optimizer's momentum (the largest of its groups'), 0 for plain SGD.
     """
 
@@ -100,6 +104,14 @@ class Trial:
                 f"full-batch {sgd} at lr {self.lr:g} turns the loss from {start:.3g} into "
                 f"{last} at step {self.at}"
             )
+        if not _past(last, start, self.rise):  # it spiked, then froze
+            peak = max(range(1, len(self.losses)), key=lambda i: self.losses[i])
+            return (
+                f"full-batch {sgd} at lr {self.lr:g} drives the loss from {start:.3g} up to "
+                f"{self.losses[peak]:.3g} at step {peak}, after which it freezes at {last:.4g} "
+                f"by step {self.at}: the network collapsed (its activations overflowed or "
+                "saturated, so the gradient vanished), it did not recover"
+            )
         by = (
             f"×{last / start:.3g}, above ×{self.rise:g}"
             if start > 0
@@ -123,6 +135,29 @@ class Trial:
 def _past(value: float, start: float, rise: float) -> bool:
     """Non-finite, or above ``rise`` × the start (for a loss of either sign)."""
     return not math.isfinite(value) or value > start + (rise - 1.0) * abs(start)
+
+
+#: A loss that moves by less than this fraction of itself over a trial's last steps has
+#: frozen: after a spike, the network collapsed (activations overflowed or saturated,
+#: and the gradient vanished), which is not a recovery.
+_FROZEN = 1e-6
+
+
+def _ends_up(losses: Sequence[float], rise: float, window: int) -> bool:
+    """Above ``rise`` × the start at each of the last ``window`` steps (all of them, for
+    fewer steps)."""
+    tail = losses[max(1, len(losses) - window) :]
+    return bool(tail) and all(_past(v, losses[0], rise) for v in tail)
+
+
+def _collapsed(losses: Sequence[float], rise: float, window: int) -> bool:
+    """Above ``rise`` × the start at some step, and frozen over the last ``window`` steps
+    (moving by less than :data:`_FROZEN` of itself): a spike that ends in a network that
+    no longer moves, not one that came back down by training."""
+    if len(losses) < window + 2 or not any(_past(v, losses[0], rise) for v in losses[1:]):
+        return False
+    tail = losses[-(window + 1) :]
+    return max(tail) - min(tail) <= _FROZEN * max(abs(v) for v in tail)
 
 
 @dataclass(frozen=True)
@@ -201,8 +236,10 @@ def sgd_trial(
 
     The loss blows up when it goes non-finite (the trial stops there), or when it is
     above ``rise`` × the start at each of the last ``window`` steps (all of them, for a
-    trial of fewer steps): a spike that falls back by the end is training's own way of
-    lowering the curvature (the catapult), not a blow-up.
+    trial of fewer steps), or when it rose above that and then froze over the last
+    ``window`` steps (the network collapsed: overflowed or saturated activations, a
+    vanished gradient). A spike that falls back by the end and keeps moving is training's
+    own way of lowering the curvature (the catapult), not a blow-up.
     """
     settings = list(settings) if settings is not None else [SGDSettings(lr)] * len(params)
     walk = walk or ModelWalk(model)
@@ -231,8 +268,7 @@ def sgd_trial(
                     at = step
                     break
                 if last:
-                    tail = losses[max(1, len(losses) - window) :]
-                    if tail and all(_past(v, losses[0], rise) for v in tail):
+                    if _ends_up(losses, rise, window) or _collapsed(losses, rise, window):
                         at = step
                     break
                 grads = torch.autograd.grad(loss, leaves, allow_unused=True)
