@@ -258,6 +258,17 @@ def test_a_sharp_block_explodes_only_where_sgd_blows_up_and_it_carries_it(
         assert "one SGD step on it alone raises the loss ×34" in reason
 
 
+def test_a_carrier_whose_own_block_is_stable_says_so_with_its_product() -> None:
+    """A DistilBERT with weights ×100 at lr 3: the exploding carrier's own block has
+    lr·λmax = 3·9.25e-05 = 2.8e-4, which read "= 0.0 (the largest stable step is 2.2e+04)"
+    beside "exploding"."""
+    layer = _layer(lambda_max=9.25e-5, headroom=0.3, carrier=Carrier(0.6))
+    status, reason, _ = _verdict(layer, _model(lr=3.0, trial=_BLEW_UP))
+    assert status == "exploding"
+    assert "= 2.8e-04" in reason and "= 0.0" not in reason
+    assert "stable on its own, it blows up as part of the whole model's sharpest" in reason
+
+
 def test_vanishing_reason_has_no_dangling_fragments() -> None:
     ran = [_signal("0", output_norm=1e-6), _signal("1")]
     layer = _layer(name="0", signal=ran[0], position=0, rel_sens=1e-6)
@@ -332,7 +343,22 @@ def test_a_zero_gradient_under_a_signal_says_the_input_is_zero_not_an_optimum() 
     )
     status, reason, _ = _verdict(head, _model(ran=ran))
     assert status == "converged"
-    assert "its input carries nothing" in reason and "optimum" not in reason
+    assert "the input its weights act on carries nothing" in reason
+    assert "optimum" not in reason
+    # A tied weight the head uses directly: the same, through the module that uses it.
+    tied = _layer(
+        name="shared",
+        signal=ran[1],
+        position=1,
+        rel_sens=None,
+        g_rel=0.0,
+        grad_norm=0.0,
+        headroom=0.0,
+        used_by="head",
+    )
+    status, reason, _ = _verdict(tied, _model(ran=ran))
+    assert status == "converged" and "reaches head, which uses its weights" in reason
+    assert "optimum" not in reason
 
 
 def test_vanishing_needs_headroom_of_its_own_when_measured() -> None:

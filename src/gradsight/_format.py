@@ -29,13 +29,15 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 
 def one_decimal(value: float) -> str:
-    """A quantity such as lr·λmax: one decimal below 10⁴, three significant digits beyond
-    (a Hessian of weights ×100 reaches 10¹⁸).
+    """A quantity such as lr·λmax: one decimal from 0.1 to 10⁴, three significant digits
+    beyond (a Hessian of weights ×100 reaches 10¹⁸), two below (not "0.0").
 
     Example:
-        >>> one_decimal(5.88), one_decimal(7.57e18)
-        ('5.9', '7.57e+18')
+        >>> one_decimal(5.88), one_decimal(7.57e18), one_decimal(2.78e-4), one_decimal(0.0)
+        ('5.9', '7.57e+18', '2.8e-04', '0.0')
     """
+    if 0 < abs(value) < 0.1:
+        return f"{value:.1e}"
     return f"{value:.1f}" if abs(value) < 1e4 else f"{value:.3g}"
 
 

@@ -334,7 +334,12 @@ def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         ""
         if product is None or layer.lambda_max is None
         else f" Its block's lr·λmax ({of}) is {model.lr:g}·{layer.lambda_max:.2e} = "
-        f"{one_decimal(product)} (the largest stable step is {2 / layer.lambda_max:.1e})."
+        f"{one_decimal(product)} (the largest stable step is {2 / layer.lambda_max:.1e})"
+        + (
+            ": stable on its own, it blows up as part of the whole model's sharpest direction."
+            if product <= model.th.unstable
+            else "."
+        )
     )
     return Verdict(
         "exploding",
@@ -614,15 +619,22 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     if not done:
         return None
     signal = layer.signal.signal_norm if layer.signal is not None else None
-    if layer.grad_norm == 0 and signal and layer.used_by is None:
+    if layer.grad_norm == 0 and signal:
         # A weight's gradient pairs the signal at the output with the input: with a
         # signal there, an exactly zero gradient means an exactly zero input.
-        where = "the loss's own signal" if layer.last else "a backward signal"
+        if layer.used_by is not None:
+            where = (
+                f"a backward signal reaches {display_name(layer.used_by)}, which uses its weights"
+            )
+        elif layer.last:
+            where = "the loss's own signal reaches its output"
+        else:
+            where = "a backward signal reaches its output"
         return Verdict(
             "converged",
-            f"{where} reaches its output, yet its gradient is exactly zero: its input "
-            "carries nothing (exactly zero), so the loss does not depend on its weights; "
-            "nothing for it to win until the layers before it pass something on.",
+            f"{where}, yet its gradient is exactly zero: the input its weights act on "
+            "carries nothing (exactly zero), so the loss does not depend on them; nothing "
+            "for it to win until the layers before it pass something on.",
         )
     if layer.last:
         reach = "the loss's own signal reaches it (the last layer)"

@@ -412,7 +412,11 @@ def _summary(
         assert trial is not None
         lines.append(f"The step is unstable: {trial.describe()}.")
     if whole is not None:
-        realized = "n/a" if whole.realized is None else f"{min(whole.realized, 1.0):.1%}"
+        realized = (
+            "could not be measured on held-out data"
+            if whole.realized is None
+            else f"realized {min(whole.realized, 1.0):.1%} of the loss on held-out data"
+        )
         predicted = (
             "all of the loss (its quadratic model overshoots)"
             if whole.headroom >= 1
@@ -420,8 +424,7 @@ def _summary(
         )
         lines.append(
             f"Headroom: the damped quadratic model of the whole network predicts a decrease of "
-            f"{predicted}; a Levenberg-Marquardt Gauss-Newton step realized {realized} of the "
-            "loss on held-out data."
+            f"{predicted}; a Levenberg-Marquardt Gauss-Newton step {realized}."
         )
         sgd = model.optimizer in (None, "sgd")
         product = None if not sgd or model.lr is None else model.lr * whole.lambda_max
@@ -451,7 +454,10 @@ def _summary(
         ("vanishing", "vanishing: far from their optimum, but the signal does not reach them"),
         ("exploding", "exploding"),
         ("dead", "dead: they neither learn nor pass a signal"),
-        ("converged", "converged: small gradients that are meant to be small"),
+        (
+            "converged",
+            "converged: nothing left for them to win (small gradients that are meant to be small)",
+        ),
         ("frozen", "frozen (requires_grad=False): not judged"),
     ):
         names = by_status.get(status)
