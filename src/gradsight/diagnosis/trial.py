@@ -17,9 +17,8 @@ froze (a Mamba at lr 3 overflows its hidden states to 1e35, its last RMSNorm out
 zero and the loss sits exactly at the uniform prediction's with a zero gradient): a
 spike that falls back and keeps training (the catapult) is not. Against 114 runs (the 46
 cases above, and 34 of them at two more seeds; truth from 50 steps) this makes no false
-alarm and 4 misses on their recorded SGD trajectories (5 when diagnose reruns them, as
-chaotic runs part in float32), divergences that start only after step 20 once training
-has raised the curvature.
+alarm and 4 misses, on their recorded SGD trajectories and again when diagnose reruns
+them: divergences that start only after step 20, once training has raised the curvature.
 Stopping at the first step above 1.2× within ten steps made 1 false alarm (a run that
 spiked ×4·10¹² and fell back) and 9 misses; judging the end of ten steps, 10 misses.
 
