@@ -30,9 +30,7 @@ def preserved(
     """
     walk = walk or ModelWalk(model)
     buffers = [(b, b.detach().clone()) for b in walk.buffers]
-    devices = sorted(
-        {p.device.index or 0 for _, p in walk.named_parameters if p.device.type == "cuda"}
-    )
+    devices = sorted({p.device.index or 0 for _, p in walk.named_parameters if p.is_cuda})
     try:
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
