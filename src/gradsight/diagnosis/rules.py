@@ -13,8 +13,9 @@ it:
    and the reason says so in case it should be trained;
 4. ``exploding`` at the step used, which would leave even an optimum: full-batch SGD at
    the lr blows up within ``trial_steps`` steps (non-finite, or still above
-   ``trial_rise`` × the start at each of its last ``trial_window`` steps: a spike that
-   falls back is not; :mod:`gradsight.diagnosis.trial`), and the layer carries the instability
+   ``trial_rise`` × the start at each of its last ``trial_window`` steps, or frozen there
+   after rising above it: a spike that falls back and keeps training is not;
+   :mod:`gradsight.diagnosis.trial`), and the layer carries the instability
    (a share of the whole model's top Hessian eigenvector, or one step on it alone raises
    the loss); or, without curvature, a step that overshoots by first order (lr·‖g‖²
    above ``overshoot`` times a nonnegative loss: past Polyak's step) and, taken, raises
@@ -319,8 +320,8 @@ def _lr_lambda(layer: LayerFacts, model: ModelFacts) -> float | None:
 
 
 def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """Full-batch SGD at the lr blows up (the trial: non-finite, or above ``trial_rise``
-    × the start within ``trial_steps`` steps), and this layer carries the instability
+    """Full-batch SGD at the lr blows up (the trial of ``trial_steps`` steps: see
+    :func:`gradsight.diagnosis.trial.sgd_trial`), and this layer carries the instability
     (see :func:`gradsight.diagnosis.trial.carriers`). SGD only: an adaptive optimizer's
     stability depends on its preconditioner."""
     trial = model.trial
