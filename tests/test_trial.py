@@ -125,6 +125,8 @@ def test_a_spike_that_ends_in_a_frozen_loss_is_a_collapse_not_a_recovery() -> No
     assert not _collapsed(catapult, 1.1, 3)
     steady = (2.0, 1.5, 1.2) + (1.0,) * 6  # converged, never above the start
     assert not _collapsed(steady, 1.1, 3)
+    fitted = (0.3, 0.9, 2.5, 0.01) + (0.0,) * 5  # a spike, then every sample fitted
+    assert not _collapsed(fitted, 1.1, 3)
     text = Trial(lr=3.0, losses=mamba, rise=1.1, at=20).describe()
     assert "up to 75.8 at step 12" in text and "freezes at 4.159" in text
     assert "collapsed" in text

@@ -151,12 +151,16 @@ def _ends_up(losses: Sequence[float], rise: float, window: int) -> bool:
 
 def _collapsed(losses: Sequence[float], rise: float, window: int) -> bool:
     """Above ``rise`` × the start at some step, and frozen over the last ``window`` steps
-    (moving by less than :data:`_FROZEN` of itself): a spike that ends in a network that
-    no longer moves, not one that came back down by training."""
-    if len(losses) < window + 2 or not any(_past(v, losses[0], rise) for v in losses[1:]):
+    (moving by less than :data:`_FROZEN` of itself) at half its start or more: a spike
+    that ends in a network that no longer moves and has learned nothing, not one that
+    came back down by training. (A loss frozen far below its start, such as exactly 0
+    once every sample is fitted with saturated confidence, is a solved batch.)"""
+    start = losses[0]
+    if len(losses) < window + 2 or not any(_past(v, start, rise) for v in losses[1:]):
         return False
     tail = losses[-(window + 1) :]
-    return max(tail) - min(tail) <= _FROZEN * max(abs(v) for v in tail)
+    frozen = max(tail) - min(tail) <= _FROZEN * max(abs(v) for v in tail)
+    return frozen and tail[-1] >= start - 0.5 * abs(start)
 
 
 @dataclass(frozen=True)
