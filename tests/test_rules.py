@@ -359,6 +359,21 @@ def test_a_zero_gradient_under_a_signal_says_the_input_is_zero_not_an_optimum() 
     status, reason, _ = _verdict(tied, _model(ran=ran))
     assert status == "converged" and "reaches head, which uses its weights" in reason
     assert "optimum" not in reason
+    # A head with a bias: its weights see a zero input, its bias is at its optimum (the
+    # zoo's cnn-bn sick twin: dead channels before it, balanced labels, a zero bias).
+    biased = _layer(
+        name="head",
+        signal=ran[1],
+        position=1,
+        rel_sens=None,
+        g_rel=0.0,
+        grad_norm=0.0,
+        headroom=0.0,
+        last=True,
+        params=("weight", "bias"),
+    )
+    reason = _verdict(biased, _model(ran=ran))[1]
+    assert "so they cannot move the loss, and the rest of it (a bias) sits at its optimum" in reason
 
 
 def test_vanishing_needs_headroom_of_its_own_when_measured() -> None:

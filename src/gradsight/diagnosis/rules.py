@@ -194,6 +194,7 @@ class LayerFacts:
             sample (a loop that zeroes every 1-D parameter zeroes these weights too).
         carrier: Where the SGD trial blew up: why this layer carries the instability
             (None when it does not, or no trial ran).
+        params: The names of its trainable parameters (``("weight", "bias")``).
     """
 
     name: str
@@ -214,6 +215,7 @@ class LayerFacts:
     last: bool = False
     upstream_sens: float | None = None
     time_input_norms: tuple[float, ...] | None = None
+    params: tuple[str, ...] = ()
     zero_weight: bool = False
     blocked_by: tuple[str, float, str] | None = None
     zero_scale: str | None = None
@@ -631,10 +633,11 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
             where = "the loss's own signal reaches its output"
         else:
             where = "a backward signal reaches its output"
+        rest = ", and the rest of it (a bias) sits at its optimum" if len(layer.params) > 1 else ""
         return Verdict(
             "converged",
             f"{where}, yet its gradient is exactly zero: the input its weights act on "
-            "carries nothing (exactly zero), so the loss does not depend on them; nothing "
+            f"carries nothing (exactly zero), so they cannot move the loss{rest}; nothing "
             "for it to win until the layers before it pass something on.",
         )
     if layer.last:

@@ -302,6 +302,7 @@ def _measure(
         last=e.used_by is None and pos is not None and pos == len(model.ran) - 1,
         upstream_sens=_upstream(model, upstream, pos),
         time_input_norms=e.time_input_norms,
+        params=tuple(e.grad_norms),
     )
     return d, facts
 
