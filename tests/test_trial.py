@@ -130,6 +130,20 @@ def test_a_spike_that_ends_in_a_frozen_loss_is_a_collapse_not_a_recovery() -> No
     text = Trial(lr=3.0, losses=mamba, rise=1.1, at=20).describe()
     assert "up to 75.8 at step 12" in text and "freezes at 4.159" in text
     assert "collapsed" in text
+    # End to end: a ReLU net whose first step at lr 60 throws the hidden unit's weight
+    # far negative. The unit is dead from step 2, the output is zero and the loss sits at
+    # mean(y²) = 1.0, just above its start 0.989 (×1.011: within 1.1×) for good.
+    model = nn.Sequential(nn.Linear(1, 1, bias=False), nn.ReLU(), nn.Linear(1, 1, bias=False))
+    model = model.double()
+    with torch.no_grad():
+        model[0].weight.fill_(0.1)
+        model[2].weight.fill_(0.1)
+    x = torch.linspace(0.1, 1, 32, dtype=torch.float64)[:, None]
+    y = torch.ones(32, 1, dtype=torch.float64)
+    trial = sgd_trial(model, (x, y), F.mse_loss, list(model.parameters()), 60.0)
+    assert trial.blew_up and trial.losses[2:] == (1.0,) * 19, trial.losses
+    d = gradsight.diagnose(model, (x, y), F.mse_loss, lr=60.0)
+    assert d.status == "exploding" and "the network collapsed" in d.summary
 
 
 def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_alone() -> None:

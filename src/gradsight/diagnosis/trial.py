@@ -108,8 +108,8 @@ class Trial:
             return (
                 f"full-batch {sgd} at lr {self.lr:g} drives the loss from {start:.3g} up to "
                 f"{self.losses[peak]:.3g} at step {peak}, after which it freezes at {last:.4g} "
-                f"by step {self.at}: the network collapsed (its activations overflowed or "
-                "saturated, so the gradient vanished), it did not recover"
+                f"by step {self.at}: the network collapsed (its activations overflowed, "
+                "saturated or died, so the gradient vanished), it did not recover"
             )
         by = (
             f"×{last / start:.3g}, above ×{self.rise:g}"
@@ -137,8 +137,8 @@ def _past(value: float, start: float, rise: float) -> bool:
 
 
 #: A loss that moves by less than this fraction of itself over a trial's last steps has
-#: frozen: after a spike, the network collapsed (activations overflowed or saturated,
-#: and the gradient vanished), which is not a recovery.
+#: frozen: after a spike, the network collapsed (activations overflowed, saturated or
+#: died, and the gradient vanished), which is not a recovery.
 _FROZEN = 1e-6
 
 
