@@ -676,9 +676,11 @@ def test_a_slow_first_engine_pass_does_not_starve_the_refinements(
 ) -> None:
     """The first blockwise pass in a process pays one-time setup (~0.3 s measured), which
     made the budget's unit look large and left the first diagnosis without exact
-    refinements that later ones get. A pass timed warm, after the blockwise pass, is the
-    unit's floor (and the caller's timed pass, where given): the refinement runs. Where
-    a warm pass is itself slow, the budget still binds."""
+    refinements that later ones get; the caller's timed forward and backward pass is the
+    unit instead. That pass, a process's first, is itself cold (a T5's: 27 ms, then 9 ms
+    warm): where the cold unit leaves a refinement out that a unit up to 5 times smaller
+    would fit, one pass is timed again, warm, and the refinement runs. Where even that
+    could not fit one (a large model), nothing is timed again, and the budget binds."""
     import time
 
     import gradsight.diagnosis.headroom as headroom
@@ -690,13 +692,23 @@ def test_a_slow_first_engine_pass_does_not_starve_the_refinements(
 
     monkeypatch.setattr(headroom, "BlockwiseGGN", SlowFirst)
     model, batch, loss = _gru_case()
-    warm, _ = layer_curvature(model, batch, loss, ["1"])
-    assert warm["1"].lambda_max is not None
-    timed, _ = layer_curvature(model, batch, loss, ["1"], pass_seconds=0.002)
-    assert timed["1"].lambda_max is not None
-    monkeypatch.setattr(headroom, "_warm_pass_seconds", lambda *args: 0.125)
+    timed = []
+    real = headroom._warm_pass_seconds
+
+    def warm(*args):  # type: ignore[no-untyped-def]
+        timed.append(real(*args))
+        return timed[-1]
+
+    monkeypatch.setattr(headroom, "_warm_pass_seconds", warm)
     starved, _ = layer_curvature(model, batch, loss, ["1"])
-    assert starved["1"].lambda_max is None  # 90 passes of 0.125 s: past the 2 s floor
+    assert starved["1"].lambda_max is None and timed == []  # 90 × ≥ 0.125 s: past 5 × 2 s
+    quick, _ = layer_curvature(model, batch, loss, ["1"], pass_seconds=0.002)
+    assert quick["1"].lambda_max is not None and timed == []
+    cold, _ = layer_curvature(model, batch, loss, ["1"], pass_seconds=0.04)
+    assert cold["1"].lambda_max is not None and len(timed) == 1 and timed[0] < 0.04
+    monkeypatch.setattr(headroom, "_warm_pass_seconds", lambda *args: 0.05)
+    slow, _ = layer_curvature(model, batch, loss, ["1"], pass_seconds=0.04)
+    assert slow["1"].lambda_max is None  # warm too, 90 passes of 40 ms: past the 2 s floor
 
 
 def test_output_hessian_blocks_are_factored_even_where_eigh_fails(monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -67,6 +67,9 @@ DAMPING = 1e-3
 REFINE_PASSES = 90
 #: Refinement time always allowed (seconds), whatever the budget in passes.
 MIN_SECONDS = 2.0
+#: A pass timed cold (a process's first) takes at most about this many times a warm one:
+#: where even a unit this much smaller could not fit a refinement, none is timed again.
+COLD_FACTOR = 5.0
 #: Levenberg–Marquardt damping schedule for the held-out step (relative to λmax).
 LM_DAMPINGS = (1e-3, 1e-2, 1e-1, 1.0)
 
@@ -298,16 +301,19 @@ def layer_curvature(
             decrement_err=whole_est.decrement_err,
             coverage=len(engine.blocks) / max(len(layers), 1),
         )
-    if todo and budget > 0:
+    # A refinement costs ~45 GGN products of ~2 passes each; below MIN_SECONDS of
+    # refinement in all (small models) the ratio to a pass does not matter.
+    window = max(unit * budget, MIN_SECONDS if budget > 0 else 0.0)
+    if todo and window < REFINE_PASSES * unit <= COLD_FACTOR * window:
         # The first pass of a model in a process pays torch's one-time costs (the
         # autograd engine's start, the allocator, lazy kernels): timed cold, a pass would
         # leave a process's first diagnosis fewer refinements than the next ones (a T5
         # got exact curvature on 34 of its 50 layers, then on all 50). Everything is
-        # warm after the blockwise pass: one pass timed now is the unit's floor.
+        # warm after the blockwise pass: one pass timed now is the unit's floor, where
+        # the cold unit leaves a refinement out that a warm one could fit.
         unit = min(unit, _warm_pass_seconds(model, batch, loss_fn, modules))
-    # A refinement costs ~45 GGN products of ~2 passes each; below MIN_SECONDS of
-    # refinement in all (small models) the ratio to a pass does not matter.
-    deadline = time.perf_counter() + max(unit * budget, MIN_SECONDS if budget > 0 else 0.0)
+        window = max(unit * budget, MIN_SECONDS)
+    deadline = time.perf_counter() + window
     for _, name in sorted(todo):
         if time.perf_counter() + REFINE_PASSES * unit > deadline:
             break
