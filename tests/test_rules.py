@@ -331,47 +331,19 @@ def test_a_zero_gradient_under_a_signal_says_the_input_is_zero_not_an_optimum() 
     its gradient is exactly zero because its input is (the final LayerNorm's weight is
     zero). It read "a gradient that is small because the layer sits at its optimum"."""
     ran = [_signal("0"), _signal("head", output_norm=0.0)]
-    head = _layer(
-        name="head",
-        signal=ran[1],
-        position=1,
-        rel_sens=None,
-        g_rel=0.0,
-        grad_norm=0.0,
-        headroom=0.0,
-        last=True,
-    )
-    status, reason, _ = _verdict(head, _model(ran=ran))
+    # Under the head's signal, with an exactly zero gradient.
+    zero = dict(signal=ran[1], position=1, rel_sens=None, g_rel=0.0, grad_norm=0.0, headroom=0.0)
+    status, reason, _ = _verdict(_layer(name="head", last=True, **zero), _model(ran=ran))
     assert status == "converged"
     assert "the input its weights act on carries nothing" in reason
     assert "optimum" not in reason
     # A tied weight the head uses directly: the same, through the module that uses it.
-    tied = _layer(
-        name="shared",
-        signal=ran[1],
-        position=1,
-        rel_sens=None,
-        g_rel=0.0,
-        grad_norm=0.0,
-        headroom=0.0,
-        used_by="head",
-    )
-    status, reason, _ = _verdict(tied, _model(ran=ran))
+    status, reason, _ = _verdict(_layer(name="shared", used_by="head", **zero), _model(ran=ran))
     assert status == "converged" and "reaches head, which uses its weights" in reason
     assert "optimum" not in reason
     # A head with a bias: its weights see a zero input, its bias is at its optimum (the
     # zoo's cnn-bn sick twin: dead channels before it, balanced labels, a zero bias).
-    biased = _layer(
-        name="head",
-        signal=ran[1],
-        position=1,
-        rel_sens=None,
-        g_rel=0.0,
-        grad_norm=0.0,
-        headroom=0.0,
-        last=True,
-        params=("weight", "bias"),
-    )
+    biased = _layer(name="head", last=True, params=("weight", "bias"), **zero)
     reason = _verdict(biased, _model(ran=ran))[1]
     assert "so they cannot move the loss, and the rest of it (a bias) sits at its optimum" in reason
 

@@ -53,12 +53,9 @@ def norms(tensors: Sequence[torch.Tensor | None]) -> list[float]:
     present = [t for t in tensors if t is not None]
     if not present:
         return [0.0] * len(tensors)
-    if _one_group(present):
-        with torch.no_grad():
-            floats = torch.stack(torch._foreach_norm(present)).tolist()
-    else:
-        floats = [float(v) for v in norm_tensors(present)]
+    values = norm_tensors(present)
+    floats = torch.stack(values).tolist() if _one_group(present) else [float(v) for v in values]
     if len(present) == len(tensors):
         return floats
-    values = iter(floats)
-    return [0.0 if t is None else next(values) for t in tensors]
+    taken = iter(floats)
+    return [0.0 if t is None else next(taken) for t in tensors]

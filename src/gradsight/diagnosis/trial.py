@@ -104,7 +104,7 @@ class Trial:
                 f"{last} at step {self.at}"
             )
         if not _past(last, start, self.rise):  # it spiked, then froze
-            peak = max(range(1, len(self.losses)), key=lambda i: self.losses[i])
+            peak = self._peak()
             return (
                 f"full-batch {sgd} at lr {self.lr:g} drives the loss from {start:.3g} up to "
                 f"{self.losses[peak]:.3g} at step {peak}, after which it freezes at {last:.4g} "
@@ -121,12 +121,15 @@ class Trial:
             f"({by}) by step {self.at}"
         )
 
+    def _peak(self) -> int:
+        """The step after which the loss was highest (0 for a trial of no step)."""
+        return max(range(1, len(self.losses)), key=self.losses.__getitem__, default=0)
+
     def _spike(self) -> str:
         """Where a trial that did not blow up went above ``rise`` × its start on the way:
         its highest loss and the step, in words (empty where it did not)."""
-        start = self.losses[0]
-        peak = max(range(1, len(self.losses)), key=lambda i: self.losses[i], default=None)
-        if peak is None or not _past(self.losses[peak], start, self.rise):
+        peak = self._peak()
+        if peak == 0 or not _past(self.losses[peak], self.losses[0], self.rise):
             return ""
         return f", after a spike to {self.losses[peak]:.3g} at step {peak}"
 

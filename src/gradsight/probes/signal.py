@@ -676,7 +676,7 @@ class SignalProbe(LeanHooks):
             for acc in self._order
             for norms in (acc.out_norms, acc.in_norms)
             for i, t in enumerate(norms)
-            if t.ndim > 0
+            if isinstance(t, torch.Tensor) and t.ndim > 0  # floats: a former result()'s
         ]
         if kept:
             values = norm_tensors([norms[i] for norms, i in kept])
@@ -685,11 +685,9 @@ class SignalProbe(LeanHooks):
         self._kept_entries = 0
 
     def _norms_to_host(self) -> None:
-        """Every recorded norm as a Python float: the gradients kept whole normed in one
-        call, and every norm copied to the host at once (where they share a device; else
-        each on its own)."""
-        self._reduce_kept_activations()
-        self._kept_entries = 0
+        """Every recorded norm as a Python float, in one copy to the host (where they share
+        a device; else each on its own)."""
+        self._take_deferred_norms()
         lists = [
             norms
             for acc in self._order
@@ -700,10 +698,6 @@ class SignalProbe(LeanHooks):
         tensors = [t for norms in lists for t in norms if isinstance(t, torch.Tensor)]
         if not tensors:
             return
-        whole = [i for i, t in enumerate(tensors) if t.ndim > 0]
-        if whole:
-            for i, value in zip(whole, norm_tensors([tensors[i] for i in whole]), strict=True):
-                tensors[i] = value
         with torch.no_grad():
             try:
                 values = iter(torch.stack(tensors).tolist())
