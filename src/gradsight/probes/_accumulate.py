@@ -15,7 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from gradsight.probes._kernel import ActivationStates, Reduce, activation_states, declare
+from gradsight.probes._kernel import (
+    ActivationStates,
+    Reduce,
+    activation_states,
+    declare,
+    on_host,
+)
 from gradsight.probes._results import ActivationStats, ModuleSignal
 from gradsight.probes.activations import ActivationSpec, ModuleActivation
 
@@ -133,17 +139,22 @@ class ModuleAccumulator:
 
 def _grouped_states(
     items: Sequence[tuple[ModuleActivation | ActivationSpec, int, torch.Tensor]],
+    host_alone: bool = False,
 ) -> list[tuple[list[int], ActivationStates]]:
     """Activation statistics of ``(activation, unit dim, tensor)`` items, one kernel call
     per group of the same activation, unit dimension, shape, dtype and device: per group
-    ``(indices into items, the stacked states)``, on the device."""
+    ``(indices into items, the stacked states)``, on the device. With ``host_alone``, a
+    tensor reduced on the host goes alone (for statistics read on the host: NumPy's
+    whole-array reductions of one tensor beat its reductions along an axis of a stack,
+    and stacking costs a copy)."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, (act, unit_dim, t) in enumerate(items):
-        key = (act, unit_dim % max(t.ndim, 1), t.shape, t.dtype, t.device)
+        alone = i if host_alone and t.ndim and on_host(t) else None
+        key = (act, unit_dim % max(t.ndim, 1), t.shape, t.dtype, t.device, alone)
         groups.setdefault(key, []).append(i)
     out = []
     with torch.no_grad():
-        for (act, unit_dim, _, _, _), members in groups.items():
+        for (act, unit_dim, *_), members in groups.items():
             tensors = [items[i][2] for i in members]
             x = torch.stack(tensors) if len(tensors) > 1 else tensors[0].unsqueeze(0)
             out.append((members, activation_states(act, unit_dim, x)))
@@ -177,7 +188,7 @@ def reduce_kept(
     live = [i for i, (_, _, z, version) in enumerate(kept) if z.numel() and z._version == version]
     items = [(kept[i][1], kept[i][0].unit_dim, kept[i][2]) for i in live]
     out: dict[int, tuple[ActivationStates, list[float]]] = {}
-    for members, states in _grouped_states(items):
+    for members, states in _grouped_states(items, host_alone=True):
         rows = states.host_metrics()  # one copy to the host per group
         for j, st, row in zip(members, states.unbind(), rows, strict=True):
             out[live[j]] = (st, row)

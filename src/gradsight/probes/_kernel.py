@@ -35,6 +35,7 @@ __all__ = [
     "Reduce",
     "activation_states",
     "declare",
+    "on_host",
     "reduction",
 ]
 
@@ -186,6 +187,11 @@ def _fractions(count: int, flat: A, dsum: A, dsq: A, alive: A) -> list[A]:
 _HOST_ENTRIES = 1 << 16
 
 
+def on_host(x: torch.Tensor) -> bool:
+    """Whether :func:`activation_states` reduces ``x`` with NumPy (small, on the CPU)."""
+    return x.device.type == "cpu" and x.numel() <= _HOST_ENTRIES
+
+
 def activation_states(
     act: ModuleActivation | ActivationSpec, unit_dim: int, x: torch.Tensor, overwrite: bool = False
 ) -> ActivationStates:
@@ -212,7 +218,7 @@ def activation_states(
         x, overwrite = x.float(), True
     shape = x.shape[1:]
     n = x.shape[0]
-    host = x.device.type == "cpu" and len(shape) > 0 and x.numel() <= _HOST_ENTRIES
+    host = len(shape) > 0 and on_host(x)
     if host and act.spec.binary:
         # φ' = max·1[x > 0] on the input and on the output alike: the sign is all it takes.
         return _host_states(x.detach().numpy(), unit_dim, 0.0, binary=act.spec.max_derivative)
