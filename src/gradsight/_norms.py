@@ -1,4 +1,4 @@
-"""Norms of many tensors at once: one ``torch._foreach_norm`` call per device and dtype
+"""Norms of many tensors at once: one ``torch._foreach_norm`` call per dtype and device
 (one Python round trip for all of a model's gradients, outputs or parameters), and one
 copy to the host.
 """
@@ -13,10 +13,12 @@ __all__ = ["norm_tensors", "norms"]
 
 
 def _one_group(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether every tensor has the first one's dtype and device (the usual case: one
-    foreach call for all, without grouping)."""
-    dtype, device = tensors[0].dtype, tensors[0].device
-    return all(t.dtype == dtype and t.device == device for t in tensors)
+    """Whether every tensor has the first one's dtype (the usual case: one foreach call
+    for all, without grouping). Devices are not compared (a ``torch.device`` per tensor
+    costs more than the check is worth): ``torch._foreach_norm`` takes tensors on several
+    devices, one at a time."""
+    dtype = tensors[0].dtype
+    return all(t.dtype is dtype for t in tensors)
 
 
 def norm_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -44,7 +46,7 @@ def norm_tensors(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def norms(tensors: Sequence[torch.Tensor | None]) -> list[float]:
     """The 2-norm of each tensor as a float (0 for None), with one copy to the host where
-    the norms share a device and dtype.
+    the norms share a device.
 
     Example:
         >>> norms([torch.ones(4), None, torch.full((2, 2), 2.0)])
@@ -54,7 +56,10 @@ def norms(tensors: Sequence[torch.Tensor | None]) -> list[float]:
     if not present:
         return [0.0] * len(tensors)
     values = norm_tensors(present)
-    floats = torch.stack(values).tolist() if _one_group(present) else [float(v) for v in values]
+    try:
+        floats = torch.stack(values).tolist()  # one copy to the host
+    except RuntimeError:  # norms on several devices
+        floats = [float(v) for v in values]
     if len(present) == len(tensors):
         return floats
     taken = iter(floats)

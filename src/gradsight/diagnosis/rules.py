@@ -59,6 +59,7 @@ constant, nor when a ReLU network is reparametrized without changing its functio
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Callable, Sequence
@@ -289,6 +290,14 @@ class ModelFacts:
     def scale(self) -> float:
         return abs(self.loss)
 
+    @functools.cached_property
+    def overshoot(self) -> float | None:
+        """:func:`first_order_overshoot` for SGD (None for other optimizers, or without an
+        lr): one value for every layer, computed once."""
+        if self.optimizer not in (None, "sgd") or self.lr is None:
+            return None
+        return first_order_overshoot(self.lr, self.grad_sq, self.loss, self.baseline, self.th)
+
 
 Rule = Callable[[LayerFacts, ModelFacts], Verdict | None]
 
@@ -359,7 +368,7 @@ def overshooting_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     saturated outputs (a softmax at one-hot) make the Gauss-Newton curvature vanish while
     the gradient is large. Judged for SGD only, where the baseline shows a nonnegative
     loss, on the layers carrying at least half an equal share of lr·‖g‖²."""
-    total = _overshoot(model)
+    total = model.overshoot
     if total is None or not layer.grad_norm or model.lr is None:
         return None
     if model.trial is not None and not model.trial.blew_up:
@@ -393,13 +402,6 @@ def first_order_overshoot(
         return None
     total = lr * grad_sq / loss
     return total if math.isfinite(total) and total > th.overshoot else None
-
-
-def _overshoot(model: ModelFacts) -> float | None:
-    """:func:`first_order_overshoot` for SGD."""
-    if model.optimizer not in (None, "sgd") or model.lr is None:
-        return None
-    return first_order_overshoot(model.lr, model.grad_sq, model.loss, model.baseline, model.th)
 
 
 def solved(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
@@ -740,7 +742,7 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
     product = _lr_lambda(layer, model)
     if product is not None and product > model.th.unstable and status != "exploding":
         notes.append(_edge_note(product, model))
-    overshoot = _overshoot(model)
+    overshoot = model.overshoot
     if model.trial is not None and not model.trial.blew_up:
         overshoot = None  # the trial's steps did not blow up
     if overshoot is not None and status != "exploding":

@@ -77,8 +77,9 @@ class LayerEvidence:
             self.zero_with_gradient = False
             return
         params = self.param_norms
-        self.grad_norm = math.sqrt(math.fsum([g * g for g in grads.values()]))
-        self.relative_grad = math.sqrt(math.fsum([(g * params[k]) ** 2 for k, g in grads.items()]))
+        # math.hypot: the 2-norm of several numbers, accurate and without overflow.
+        self.grad_norm = math.hypot(*grads.values())
+        self.relative_grad = math.hypot(*[g * params[k] for k, g in grads.items()])
         #: Every trainable parameter is exactly zero while the gradient is not: a
         #: zero-initialized layer, for which the scale-free gradient says nothing.
         self.zero_with_gradient = all(params[k] == 0 for k in grads) and any(
