@@ -11,6 +11,7 @@ depthwise convolutions: exact block products instead).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -247,3 +248,77 @@ def test_a_steep_language_model_on_its_plateau_is_not_converged() -> None:
         loss.backward()
         opt.step()
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+def _llama_with_zero_norms(
+    which: str,
+) -> tuple[torch.nn.Module, Any, Callable[[Any, Any], torch.Tensor]]:
+    model, batch, loss_fn = _build("llama")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if "RMSNorm" in type(module).__name__ and (
+                which == "every" or "post_attention" in name
+            ):
+                module.weight.zero_()
+    return model, batch, loss_fn
+
+
+@pytest.mark.parametrize("curvature", [False, True])
+@pytest.mark.parametrize("which", ["mlp", "every"])
+def test_a_gated_mlp_behind_a_zero_norm_weight_is_dead(which: str, curvature: bool) -> None:
+    """Llama with its MLPs' RMSNorm weights zeroed, or every RMSNorm weight (a loop that
+    zeroes every 1-D parameter, meant for biases: Llama has none). A SwiGLU MLP fed
+    zero is zero in both factors of SiLU(gate)·up, so no signal passes back to gate, up,
+    down or the norm: ground truth, 50 SGD steps leave them exactly as they were while the
+    model learns around them. They are dead, held there by their norm; the attention
+    layers, whose zero norms get a gradient through the value path, are not (with every
+    norm zeroed they wait for the final norm's first update)."""
+    model, batch, loss_fn = _llama_with_zero_norms(which)
+    d = gradsight.diagnose(model, batch, loss_fn, lr=0.3, curvature=curvature)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.3)
+    losses = []
+    for _ in range(50):
+        opt.zero_grad()
+        loss = loss_fn(trained(**batch[0]), batch[1])
+        losses.append(float(loss))
+        loss.backward()
+        opt.step()
+    assert (
+        losses[-1] < losses[0] - 1e-3
+    )  # the model learns around them (slowly, with every norm zero)
+    moved = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    for i in range(2):
+        norm = f"model.layers.{i}.post_attention_layernorm"
+        mlp = [f"model.layers.{i}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+        assert not any(n.startswith((norm, *mlp)) for n in moved)  # never moved
+        assert (
+            d.layer(norm).status == "dead" and "its weight is exactly zero" in d.layer(norm).reason
+        )
+        for name in mlp:
+            layer = d.layer(name)
+            assert layer.status == "dead", (name, layer.status, layer.reason)
+            assert norm in layer.reason and "no optimizer step moves it" in layer.reason
+            assert "Initialize the normalization weight" in layer.advice[0]
+        v_proj = f"model.layers.{i}.self_attn.v_proj"
+        assert f"{v_proj}.weight" in moved and d.layer(v_proj).status == "ok"
+    assert d.status == "dead"
+    assert contradictions(d, has_norm=True, has_residual=True) == []
+
+
+def test_a_norm_that_scales_by_one_plus_its_weight_is_not_zero_at_zero() -> None:
+    """Gemma's RMSNorm multiplies by 1 + weight and starts at weight 0, scale 1: its norms
+    pass the signal (ground truth: output over input norm 0.88), so no reason may call
+    their weight a zero that blocks it, at initialization as after a loop that zeroes
+    every 1-D parameter (which leaves them as they are)."""
+    model, batch, loss_fn = _build("gemma")
+    norm = model.model.layers[0].input_layernorm
+    assert bool((norm.weight == 0).all())
+    x = torch.randn(4, 32)
+    assert float(norm(x).norm() / x.norm()) > 0.5
+    d = gradsight.diagnose(model, batch, loss_fn, lr=0.3, curvature=False)
+    claims = ("carries nothing", "weight is exactly zero", "is exactly zero; that layer")
+    zero_claims = [layer.name for layer in d.layers if any(c in layer.reason for c in claims)]
+    assert not zero_claims, zero_claims
+    assert d.status in ("ok", "converged")

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from gradsight.diagnosis import RULES, Thresholds
-from gradsight.diagnosis.advice import ModelTraits, vanishing_advice
-from gradsight.diagnosis.headroom import BlockCurvature
+from gradsight.diagnosis.advice import ModelTraits, remedies, vanishing_advice
+from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom
 from gradsight.diagnosis.rules import LayerFacts, ModelFacts, apply_rules
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind
 from gradsight.diagnosis.trial import Carrier, Trial
@@ -300,14 +300,36 @@ def test_converged_by_first_order_alone_says_curvature_was_not_measured() -> Non
     """Without curvature a tiny scale-free gradient cannot tell an optimum from a flat
     start (attention queries and keys at initialization): the reason says so, and only a
     measured Newton decrement makes it "sits at its optimum"."""
-    first_order = _verdict(_layer(name="q", rel_sens=0.3, g_rel=1e-7, position=1), _model())
+    learned = _model(loss=1.0, plateau=False)  # the model has learned something
+    first_order = _verdict(_layer(name="q", rel_sens=0.3, g_rel=1e-7, position=1), learned)
     assert first_order[0] == "converged"
     assert "curvature was not measured" in first_order[1] and "curvature=True" in first_order[1]
     measured = _verdict(
-        _layer(name="q", rel_sens=0.3, headroom=1e-7, g_rel=1e-7, position=1), _model()
+        _layer(name="q", rel_sens=0.3, headroom=1e-7, g_rel=1e-7, position=1), learned
     )
     assert measured[0] == "converged"
     assert "sits at its optimum" in measured[1] and "not measured" not in measured[1]
+
+
+def test_a_hidden_layer_on_a_plateau_is_not_converged_by_first_order_alone() -> None:
+    """BERT's queries and keys at initialization, without curvature: scale-free
+    gradients of 1e-7 of the loss while the model has learned nothing (loss at the
+    constant prediction's). Freezing them keeps the loss flat for 500 AdamW steps, where
+    training them halves it by step 300: not an optimum, a flat start. Without a
+    measured decrement a hidden layer on the plateau is ``ok`` with the reason why; the
+    last layer (its optimum given inputs that carry nothing is the constant prediction)
+    and a layer measured with curvature still read converged."""
+    q = _layer(name="q", rel_sens=0.3, g_rel=1e-7, position=1)
+    status, reason, _ = _verdict(q, _model())
+    assert status == "ok" and "learned nothing yet" in reason and "curvature=True" in reason
+    assert _verdict(dataclasses.replace(q, last=True), _model())[0] == "converged"
+    assert _verdict(dataclasses.replace(q, headroom=1e-7), _model())[0] == "converged"
+    # Little signal: the reason does not say the signal reaches it.
+    faint = _layer(name="q", rel_sens=1.6e-11, upstream_sens=1.0, g_rel=1e-9, position=1)
+    status, reason, _ = _verdict(faint, _model(loss=1.0, plateau=False))
+    assert (
+        status == "converged" and "little of the signal reaches it (sensitivity 1.6e-11" in reason
+    )
 
 
 def test_a_steep_layer_on_a_plateau_is_not_converged() -> None:
@@ -384,6 +406,40 @@ def test_no_normalization_advice_without_saturation() -> None:
     ran = [_signal(str(i), norm=0.1**i, activation=_act("sigmoid")) for i in range(4)][::-1]
     advice = vanishing_advice(ran, 0, ModelTraits(frozenset({"sigmoid"})), 0.0)
     assert advice and not any("normalization" in a for a in advice)
+
+
+def test_the_model_has_at_least_the_headroom_of_its_best_layer() -> None:
+    """GPT-2 with its weights ×100: the final LayerNorm's own Newton step wins 0.73 of the
+    loss (ground truth: scaling that layer alone by 0.01 takes the loss 27.8 → 4.2),
+    while the whole network's, damped relative to its sharpest curvature, predicts
+    0.0014. A step on one layer is a step of the model: the model's headroom is the
+    larger, the summary says which layer and why, and nothing is "converged" for want
+    of headroom."""
+    curv = {
+        "h": BlockCurvature(lambda_max=1e6, alpha_star=1e-6, decrement=1e-5, loss=27.8, matvecs=0),
+        "ln_f": BlockCurvature(
+            lambda_max=1.0, alpha_star=1.0, decrement=20.3, loss=27.8, matvecs=0
+        ),
+    }
+    whole = ModelHeadroom(lambda_max=1e6, decrement=0.039, loss=27.8, realized=0.0)
+    ev = [_evidence("h", 1e-3), _evidence("ln_f", 1.0)]
+    layers, _, summary = judge(ev, loss=27.8, baseline_loss=30.0, curvature=curv, model=whole)
+    assert "predicts a decrease of 0.0014× the loss" in summary
+    assert "A Newton step on ln_f alone predicts more, 0.73× the loss" in summary
+    assert [layer.status for layer in layers] == ["converged", "ok"]  # h: its own headroom
+    # Where the whole model's step wins the most, nothing is added.
+    whole_wins = dataclasses.replace(whole, decrement=25.0)
+    _, _, summary = judge(ev, loss=27.8, baseline_loss=30.0, curvature=curv, model=whole_wins)
+    assert "alone predicts more" not in summary
+
+
+def test_the_edge_of_chaos_is_advised_to_saturating_networks_only() -> None:
+    """An unstable step in a SiLU transformer at its standard init (the lr is the fault)
+    is not told to initialize at tanh's edge of chaos; a tanh network is."""
+    silu, tanh = ModelTraits(frozenset({"silu"})), ModelTraits(frozenset({"tanh"}))
+    assert not any("tanh" in a or "edge of chaos" in a for a in remedies("unstable_step", silu))
+    assert any("edge of chaos" in a for a in remedies("unstable_step", tanh))
+    assert remedies("unstable_step", silu)[0].startswith("Lower the learning rate")
 
 
 def _evidence(name: str, grad: float, **kw) -> LayerEvidence:  # type: ignore[no-untyped-def]
@@ -491,6 +547,43 @@ def test_a_layer_blocked_by_a_zero_initialized_one_is_ok_not_converged() -> None
     status, reason, _ = _verdict(dataclasses.replace(blocked, blocked_by=None), _model())
     assert status == "converged" and "no backward signal reaches it" in reason
     assert "the signal reaches it" not in reason
+
+
+def test_a_layer_held_at_zero_by_a_stuck_zero_weight_is_dead() -> None:
+    """Exactly zero gradient that stays zero over a few gradient steps, held by a
+    trainable weight of exactly zero that gets no gradient either (a gated MLP behind a
+    zero norm): dead, naming that weight, with the norm's fix first. Without such a
+    holder (a frozen zero layer after it: the loss does not depend on it whatever
+    training does) or where a lost signal starves it with nothing to open the path, the
+    verdict is the one-pass one; a "no signal yet" that the steps refuted is not given."""
+    gate = _layer(
+        name="mlp.gate",
+        signal=_signal("mlp.gate", norm=0.0, output_norm=0.0),
+        grad_norm=0.0,
+        rel_sens=0.0,
+        g_rel=0.0,
+        position=3,
+        upstream_sens=1.0,
+        stuck=True,
+        stuck_by="mlp_norm",
+    )
+    status, reason, advice = _verdict(gate, _model(zero_norms=frozenset({"mlp_norm"})))
+    assert status == "dead" and "mlp_norm before it is exactly zero" in reason
+    assert "no optimizer step moves it" in reason and "3 small gradient steps" in reason
+    assert advice[0].startswith("Initialize the normalization weight of mlp_norm to 1")
+    norm = dataclasses.replace(gate, name="mlp_norm", stuck_by="mlp_norm")
+    status, reason, _ = _verdict(norm, _model(zero_norms=frozenset({"mlp_norm"})))
+    assert status == "dead" and reason.startswith("its weight is exactly zero and so is its")
+    # A later zero-weight layer would open the path now, but the steps showed it stuck.
+    waiting = dataclasses.replace(gate, blocked_by=("model.norm", 0.02, "after"))
+    assert _verdict(waiting, _model())[0] == "dead"
+    # No stuck zero weight holds it: the one-pass verdicts.
+    assert _verdict(dataclasses.replace(gate, stuck_by=None), _model())[0] == "converged"
+    assert _verdict(dataclasses.replace(gate, stuck=False, stuck_by=None), _model())[0] == (
+        "converged"
+    )
+    starved = dataclasses.replace(gate, upstream_sens=0.0)
+    assert _verdict(starved, _model())[0] == "vanishing"
 
 
 def test_vanishing_is_not_excused_by_the_headroom_of_an_exactly_zero_gradient() -> None:

@@ -198,7 +198,8 @@ def _measured(remedy: str, depth: int) -> str:
 
 
 _REMEDIES: dict[str, tuple[tuple[str, str | None], ...]] = {
-    # (text, the trait that makes it moot: "leaky", "norm", "gated", or None)
+    # (text, the trait that makes it moot: "leaky", "norm", "gated", "unsaturated" (no
+    # saturating activation: the edge of chaos is a tanh/sigmoid network's), or None)
     "dead": (
         (
             "Lower the learning rate or warm it up: large steps push ReLU units into the "
@@ -218,13 +219,14 @@ _REMEDIES: dict[str, tuple[tuple[str, str | None], ...]] = {
         (
             "Initialize at a smaller weight scale (at the edge of chaos, e.g. σ_w² ≈ 1.76 for "
             "tanh with σ_b² = 0.05): large weights make the early layers' curvature large.",
-            None,
+            "unsaturated",
         ),
     ),
     "growing_signal": (
         (
-            "Initialize at a smaller weight scale (at the edge of chaos, e.g. σ_w² ≈ 1.76 for "
-            "tanh with σ_b² = 0.05) so that each layer passes the signal at about ×1.",
+            "Initialize at a smaller, variance-preserving weight scale (He for the ReLU "
+            "family, Xavier for tanh; at the edge of chaos, e.g. σ_w² ≈ 1.76 for tanh with "
+            "σ_b² = 0.05) so that each layer passes the signal at about ×1.",
             None,
         ),
         ("Add normalization layers to keep the backward signal from growing.", "norm"),
@@ -256,5 +258,6 @@ def remedies(kind: str, traits: ModelTraits) -> tuple[str, ...]:
         "leaky": traits.only_leaky,
         "norm": traits.has_norm,
         "gated": traits.gated_recurrent,
+        "unsaturated": not traits.saturating,
     }
     return tuple(text for text, trait in _REMEDIES[kind] if not (trait and moot[trait]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -26,12 +26,14 @@ from gradsight.diagnosis.baseline import constant_baseline_loss
 from gradsight.diagnosis.headroom import (
     BlockCurvature,
     ModelHeadroom,
+    best_headroom,
     layer_curvature,
 )
-from gradsight.diagnosis.result import Diagnosis
+from gradsight.diagnosis.result import Diagnosis, LayerDiagnosis
 from gradsight.diagnosis.rules import first_order_overshoot
 from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
+from gradsight.diagnosis.stuck import still_zero
 from gradsight.diagnosis.trial import (
     Carrier,
     Trial,
@@ -272,24 +274,36 @@ def _diagnose(
         # By first order the step overshoots; a claim this strong is checked by taking
         # the step (one forward pass: the curvature that would tell is not measured).
         trial, skipped = _trial(run, lr, 1, thresholds or Thresholds())
-    layers, plateau, summary = judge(
-        evidence,
-        loss=loss_value,
-        baseline_loss=baseline,
-        lr=None if lr is None else float(lr),
-        curvature=blocks,
-        model=whole,
-        hessian=hessian,
-        thresholds=thresholds,
-        traits=traits_of(
-            model,
-            [m.activation.name for m in flow.modules if m.activation is not None],
-            kind,
-            walk.modules,
-        ),
-        trial=trial,
-        carriers=carried,
+    traits = traits_of(
+        model,
+        [m.activation.name for m in flow.modules if m.activation is not None],
+        kind,
+        walk.modules,
     )
+
+    def verdicts(stuck: Collection[str] = ()) -> tuple[list[LayerDiagnosis], bool, str]:
+        return judge(
+            evidence,
+            loss=loss_value,
+            baseline_loss=baseline,
+            lr=None if lr is None else float(lr),
+            curvature=blocks,
+            model=whole,
+            hessian=hessian,
+            thresholds=thresholds,
+            traits=traits,
+            trial=trial,
+            carriers=carried,
+            stuck=stuck,
+        )
+
+    layers, plateau, summary = verdicts()
+    if finite:
+        # Verdicts that rest on an exactly zero gradient ("converged", or "ok" until a
+        # zero-weight layer's first update) hold only if the gradient leaves zero: tried.
+        stuck = _stuck(run, evidence, layers)
+        if stuck:
+            layers, plateau, summary = verdicts(stuck)
     origin = None
     if not finite:
         origin = _nonfinite_origin(model, walk, batch, loss_fn, params)
@@ -308,7 +322,7 @@ def _diagnose(
         lr=None if lr is None else float(lr),
         nonfinite_origin=origin,
         summary=summary,
-        headroom=None if whole is None else min(whole.headroom, 1.0),
+        headroom=None if whole is None else min(best_headroom(whole, blocks)[0], 1.0),
         realized_decrease=None if whole is None else whole.realized,
         lambda_max=None if whole is None else whole.lambda_max,
         trial_losses=None if trial is None else list(trial.losses),
@@ -428,6 +442,30 @@ def _sgd_stability(
             ),
         )
     return trial, {k.removeprefix(prefix): v for k, v in found.items()}, ""
+
+
+def _stuck(
+    run: _Run, evidence: Sequence[LayerEvidence], layers: Sequence[LayerDiagnosis]
+) -> set[str]:
+    """The layers whose verdict rests on an exactly zero gradient (``converged`` or
+    ``ok``, with a signal measured) and whose gradient stays zero over a few small
+    gradient steps on every layer (:func:`~gradsight.diagnosis.stuck.still_zero`); none
+    where the steps could not be taken."""
+    index = {id(p): i for i, p in enumerate(run.params)}
+    watched = {
+        e.name: [index[id(p)] for p in _trainable(run.model, e.name) if id(p) in index]
+        for e, layer in zip(evidence, layers, strict=True)
+        if layer.grad_norm == 0.0 and layer.status in ("converged", "ok") and e.signal is not None
+    }
+    watched = {name: indices for name, indices in watched.items() if indices}
+    if not watched:
+        return set()
+    try:
+        return still_zero(
+            run.model, run.batch, run.loss_fn, run.params, run.start[1], watched, walk=run.walk
+        )
+    except Exception:  # a model the steps cannot run on keeps the verdicts of one pass
+        return set()
 
 
 def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:

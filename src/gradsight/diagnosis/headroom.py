@@ -53,6 +53,7 @@ from gradsight.curvature.blockwise import take_rows as _take
 __all__ = [
     "BlockCurvature",
     "ModelHeadroom",
+    "best_headroom",
     "block_curvature",
     "layer_curvature",
     "loss_at",
@@ -148,6 +149,25 @@ class ModelHeadroom:
     def headroom_err(self) -> float:
         """Standard error of :attr:`headroom`."""
         return _fraction(self.decrement_err, self.loss)
+
+
+def best_headroom(
+    whole: ModelHeadroom, blocks: Mapping[str, BlockCurvature]
+) -> tuple[float, str | None]:
+    """How much of the loss a Newton step can win: the whole model's headroom, or a single
+    layer's where its own step wins more, with that layer's name (None for the whole).
+
+    A step on one layer is a step of the whole model, so the whole model can win at least
+    what its best layer wins alone. Its own decrement can come out smaller all the same:
+    its damping is relative to the largest curvature of the whole network, and where the
+    layers' curvatures span many decades (GPT-2 with its weights ×100: the final
+    LayerNorm's step alone wins 0.73 of the loss, the whole network's 0.0014) that damping
+    starves every direction but the sharpest."""
+    name, best = None, whole.headroom
+    for layer, bc in blocks.items():
+        if math.isfinite(bc.headroom) and bc.headroom > best:
+            name, best = layer, bc.headroom
+    return best, name
 
 
 def block_curvature(

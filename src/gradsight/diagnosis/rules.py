@@ -29,25 +29,29 @@ it:
    neither learns nor passes a signal. A partly dead layer that still learns keeps its
    status, and its reason says "partly dead";
 8. ``exploding`` when the backward signal grows at every later layer;
-9. ``ok`` when the gradient is exactly zero only because a later layer's weight is
-   exactly zero (no signal arrives) or an earlier one's (no input arrives), and that
-   layer gets a gradient (a zero-initialized residual branch: its first update opens
-   the path);
-10. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
+9. ``dead`` when the gradient is exactly zero and stays so over a few small gradient
+   steps on every layer (tried on a copy, :mod:`gradsight.diagnosis.stuck`): a saddle
+   no optimizer leaves, as a gated MLP behind a zero normalization weight makes one
+   (unless the signal starving it was lost later: ``vanishing``, below);
+10. ``ok`` when the gradient is exactly zero only because a later layer's weight is
+    exactly zero (no signal arrives) or an earlier one's (no input arrives), and that
+    layer gets a gradient (a zero-initialized residual branch: its first update opens
+    the path);
+11. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
     largest while the model has headroom, the layer's own headroom (when measured, and
     defined: not 0/0 at an exactly zero gradient) is not negligible, and the signal is
     lost on the way back: no earlier layer gets a strong signal either. Where earlier
     layers do (through a skip connection or a parallel path, e.g. attention queries and
     keys at initialization beside the value path), little of the signal enters this
     layer's branch; the reason says so, and the status follows the layer's own headroom;
-11. ``vanishing`` through time: a recurrent layer whose signal does not reach the time
+12. ``vanishing`` through time: a recurrent layer whose signal does not reach the time
     steps where its inputs are (input-weighted reach below ``time_vanishing``) while the
     loss sits on its plateau and no step the signal does reach helps;
-12. ``converged`` when the layer's own headroom is negligible, unless the loss is no
+13. ``converged`` when the layer's own headroom is negligible, unless the loss is no
     better than the best constant prediction while the layer's scale-free gradient is
     not small (a steep curvature, not an optimum: a gradient that is not small rules one
     out);
-13. ``ok``: learning.
+14. ``ok``: learning.
 
 A layer whose output is exactly zero while a signal reaches it (a zero-initialized
 layer) has no relative sensitivity (``‖∂L/∂z‖·‖z‖`` is 0 whatever the signal): it is
@@ -69,6 +73,7 @@ from gradsight._format import display_name, one_decimal
 from gradsight.diagnosis.advice import ModelTraits, remedies, vanishing_advice
 from gradsight.diagnosis.chain import chain_cause
 from gradsight.diagnosis.result import Status
+from gradsight.diagnosis.stuck import STEPS
 from gradsight.diagnosis.trial import Carrier, Trial
 from gradsight.probes import ActivationStats, ModuleSignal
 
@@ -196,6 +201,12 @@ class LayerFacts:
         carrier: Where the SGD trial blew up: why this layer carries the instability
             (None when it does not, or no trial ran).
         params: The names of its trainable parameters (``("weight", "bias")``).
+        stuck: Its gradient is exactly zero and stayed so over a few small gradient
+            steps on every layer (:func:`gradsight.diagnosis.stuck.still_zero`): no
+            optimizer step moves it. False where that was not tried or it moved.
+        stuck_by: For a stuck layer, the stuck layer whose weight is exactly zero that
+            holds it there: the layer itself, or the nearest earlier one (its output
+            stays zero); None where there is none.
     """
 
     name: str
@@ -221,6 +232,8 @@ class LayerFacts:
     blocked_by: tuple[str, float, str] | None = None
     zero_scale: str | None = None
     carrier: Carrier | None = None
+    stuck: bool = False
+    stuck_by: str | None = None
 
     @property
     def label(self) -> str:
@@ -509,13 +522,51 @@ def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     )
 
 
+def stuck_at_zero(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """Its gradient is exactly zero and stays so over a few small gradient steps on every
+    layer (tried on a copy), held there by a trainable weight of exactly zero that stays
+    without a gradient too (the layer's own, or an earlier layer's whose output stays
+    zero): a saddle no optimizer leaves, while the loss still has something to win. A
+    gated MLP behind a zero normalization weight is one: SiLU(gate)·up fed zero is zero
+    in both factors, so no signal passes back to gate, up or the norm. A layer that a
+    lost signal starves is ``vanishing`` instead (the cause is later), unless a
+    zero-weight layer's first update lets that signal through; one held at zero by a
+    frozen layer does not affect the loss whatever training does (``converged``)."""
+    holder = layer.stuck_by
+    if not layer.stuck or holder is None:
+        return None
+    if layer.blocked_by is None and _starved(layer, model.th):
+        return None
+    tried = f"over {STEPS} small gradient steps on every layer (tried on a copy)"
+    if holder == layer.name:
+        reason = (
+            f"its weight is exactly zero and so is its gradient, which stays so {tried}: its "
+            "output carries nothing of its input, no signal passes back through it, and no "
+            "optimizer step moves it."
+        )
+    else:
+        reason = (
+            f"its gradient is exactly zero and stays so {tried}: the weight of "
+            f"{display_name(holder)} before it is exactly zero and gets no gradient either, "
+            "so what that passes on stays zero; no optimizer step moves it, and it passes no "
+            "signal."
+        )
+    advice = (
+        _zero_norm_advice([holder])
+        if holder in model.zero_norms
+        else f"Initialize the weight of {display_name(holder)} as its layer type expects "
+        "instead of exactly zero.",
+    )
+    return Verdict("dead", reason, advice)
+
+
 def opened_by_first_update(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """Its gradient is exactly zero because a later layer's weight is exactly zero (no
     backward signal arrives), as zero-initialized residual branches make them (Fixup,
     SkipInit, torchvision's ``zero_init_residual``, ControlNet's zero convolutions), or an
     earlier one's is (its input is zero); that layer gets a gradient, so its first update
-    opens the path: ``ok``, not stuck."""
-    if layer.blocked_by is None:
+    opens the path: ``ok``, not stuck (unless a few gradient steps showed it stuck)."""
+    if layer.blocked_by is None or layer.stuck:
         return None
     blocker, grad, where = layer.blocked_by
     what = "no signal yet" if where == "after" else "no input yet"
@@ -624,6 +675,8 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     if not done:
         return None
     signal = layer.signal.signal_norm if layer.signal is not None else None
+    if _flat_start(layer, model):
+        return None  # not told from an optimum by first order: ok, and the reason says so
     if layer.grad_norm == 0 and signal:
         # A weight's gradient pairs the signal at the output with the input: with a
         # signal there, an exactly zero gradient means an exactly zero input.
@@ -648,6 +701,8 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         reach = "its gradient comes from the module that uses its parameters"
     elif layer.rel_sens == 0:
         reach = "no backward signal reaches it (exactly zero: the loss does not depend on it)"
+    elif layer.rel_sens < model.th.vanishing:
+        reach = f"little of the signal reaches it (sensitivity {layer.rel_sens:.1e} of the largest)"
     else:
         reach = f"the signal reaches it (sensitivity {layer.rel_sens:.1e} of the largest)"
     if layer.headroom is not None:
@@ -660,6 +715,25 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
             "diagnose with curvature=True tells them apart."
         )
     return Verdict("converged", f"{reach} but {_headroom_note(layer)}: {why}")
+
+
+def _flat_start(layer: LayerFacts, model: ModelFacts) -> bool:
+    """Without curvature, a small scale-free gradient (not exactly zero) on a layer
+    before the last while the model has learned nothing yet (its loss no better than the
+    best constant prediction's): first order cannot tell an optimum from a flat start
+    (attention's queries and keys at initialization: freezing BERT's keeps its loss flat
+    for hundreds of steps; weights ×0.01), and on a plateau an optimum of a hidden layer
+    is the less likely one. The last layer's is not: with inputs that carry nothing yet,
+    its best is the constant prediction."""
+    return (
+        layer.headroom is None
+        and model.plateau
+        and not layer.last
+        and layer.used_by is None
+        and bool(layer.grad_norm)
+        and layer.g_rel is not None
+        and layer.g_rel <= model.th.converged
+    )
 
 
 def _steep(layer: LayerFacts, model: ModelFacts) -> bool:
@@ -688,6 +762,13 @@ def learning(layer: LayerFacts, model: ModelFacts) -> Verdict:
             f"{layer.g_rel:.1e}× its value (the curvature is steep, so the quadratic model "
             "allows only a tiny step)"
         )
+    if _flat_start(layer, model):
+        headroom += (
+            ", which by first order alone would read as an optimum, but the model has learned "
+            "nothing yet (its loss is no better than the best constant prediction's): a flat "
+            "start (attention's queries and keys at initialization, small weights) reads the "
+            "same, and diagnose with curvature=True tells them apart"
+        )
     parts = [f"learning: gradient {_e(layer.grad_norm)}", headroom]
     if layer.rel_sens is not None:
         parts.append(f"the signal reaching it is {layer.rel_sens:.1e} of the largest")
@@ -707,6 +788,7 @@ RULES: tuple[Rule, ...] = (
     no_headroom,
     dead,
     growing_signal,
+    stuck_at_zero,
     opened_by_first_update,
     vanishing,
     vanishing_through_time,
@@ -816,8 +898,8 @@ def _edge_note(product: float, model: ModelFacts) -> str:
     if trial is not None:
         return (
             f"At the edge of stability: {oscillates}, yet {trial.describe()}: "
-            f"{trial.outcome}. A divergence can still start later, as training raises the "
-            "curvature: watch the loss."
+            f"{trial.outcome(model.baseline)}. A divergence can still start later, as "
+            "training raises the curvature: watch the loss."
         )
     return f"At the edge of stability: {oscillates} (expect an early bump in the loss)."
 

@@ -77,12 +77,19 @@ class Trial:
     def blew_up(self) -> bool:
         return self.at is not None
 
-    @property
-    def outcome(self) -> str:
+    def outcome(self, baseline: float | None = None) -> str:
         """What a trial that did not blow up shows, in words: the loss fell, or it did
-        not blow up but did not fall either."""
-        if self.losses[-1] < self.losses[0]:
+        not blow up but did not fall either, or fell to no better than the best constant
+        prediction's loss ``baseline`` (where known): a loss that wanders above what a
+        constant achieves has not steadied."""
+        last = self.losses[-1]
+        if last < self.losses[0] and (baseline is None or last < baseline):
             return "training steadies itself by lowering that curvature (the catapult phase)"
+        if last < self.losses[0]:
+            return (
+                "it does not blow up within those steps, though the loss ends no better than "
+                f"predicting a constant ({baseline:.3g})"
+            )
         return "it does not blow up within those steps, though the loss does not fall either"
 
     def describe(self) -> str:

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gradsight._format import display_name, one_decimal
 from gradsight.diagnosis.advice import ModelTraits
 from gradsight.diagnosis.chain import ratio
-from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom
+from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom, best_headroom
 from gradsight.diagnosis.result import STATUSES, LayerDiagnosis, Status
 from gradsight.diagnosis.rules import RULES, LayerFacts, ModelFacts, Rule, Thresholds, apply_rules
 from gradsight.diagnosis.trial import Carrier, Trial
@@ -115,6 +115,7 @@ def judge(
     rules: Sequence[Rule] = RULES,
     trial: Trial | None = None,
     carriers: Mapping[str, Carrier] | None = None,
+    stuck: Collection[str] = (),
 ) -> tuple[list[LayerDiagnosis], bool, str]:
     """Turn per-layer evidence into verdicts.
 
@@ -136,6 +137,8 @@ def judge(
             (:func:`gradsight.diagnosis.trial.sgd_trial`).
         carriers: Where the trial blew up, the layers that carry the instability and why
             (:func:`gradsight.diagnosis.trial.carriers`).
+        stuck: Layers whose exactly zero gradient stayed zero over a few small gradient
+            steps (:func:`gradsight.diagnosis.stuck.still_zero`).
 
     Returns:
         ``(layers, plateau, summary)``.
@@ -151,10 +154,10 @@ def judge(
     base_ok = baseline_loss is not None and baseline_loss > 0
     plateau = bool(base_ok and loss >= (1 - th.plateau) * baseline_loss)  # type: ignore[operator]
     solved = bool(base_ok and abs(loss) <= th.solved * baseline_loss)  # type: ignore[operator]
-    if model is not None:
-        has_headroom = (
-            plateau or model.headroom >= th.headroom or (model.realized or 0.0) >= th.headroom
-        )
+    # A single layer's step can win more than the whole model's damped one: the larger.
+    best = None if model is None else best_headroom(model, curvature)
+    if model is not None and best is not None:
+        has_headroom = plateau or best[0] >= th.headroom or (model.realized or 0.0) >= th.headroom
     else:
         g_max = max((e.relative_grad or 0.0 for e in ran_ev), default=0.0)
         has_headroom = (
@@ -174,7 +177,7 @@ def judge(
         plateau=plateau,
         solved=solved,
         has_headroom=has_headroom,
-        headroom=None if model is None else min(model.headroom, 1.0),
+        headroom=None if best is None else min(best[0], 1.0),
         realized=None if model is None else model.realized,
         lr=lr,
         optimizer=traits.optimizer,
@@ -186,7 +189,7 @@ def judge(
         grad_sq=step_grad_sq(evidence),
         grad_layers=sum(1 for e in evidence if e.grad_norm),
         zero_norms=frozenset(
-            e.name for e in ran_ev if "Norm" in e.module_type and e.param_norms.get("weight") == 0.0
+            e.name for e in ran_ev if "Norm" in e.module_type and _zero_scale_weight(e)
         ),
         trial=trial,
         carriers_measured=bool(carriers),
@@ -209,6 +212,10 @@ def judge(
         if e.name in zero
     ]
     flat_norms = [e.name in facts.zero_norms for e in ran_ev]  # by position
+    # Stuck layers whose weight is exactly zero, by position: what holds a stuck layer.
+    holders = [
+        (i, e.name) for i, e in enumerate(ran_ev) if e.name in stuck and _zero_scale_weight(e)
+    ]
     layers = []
     for e in evidence:
         d, layer = _measure(e, facts, curvature.get(e.name), position, upstream, global_step, scale)
@@ -218,6 +225,10 @@ def judge(
             layer = dataclasses.replace(
                 layer, zero_weight=e.name in zero, blocked_by=blocked, zero_scale=scale_zero
             )
+        if e.name in stuck:
+            pos = layer.position
+            holder = next((n for i, n in reversed(holders) if pos is not None and i <= pos), None)
+            layer = dataclasses.replace(layer, stuck=True, stuck_by=holder)
         if e.name in carriers:
             layer = dataclasses.replace(layer, carrier=carriers[e.name])
         if hessian and e.name in hessian:
@@ -226,7 +237,7 @@ def judge(
         verdict, _ = apply_rules(layer, facts, rules)
         d.status, d.reason, d.advice = verdict.status, verdict.reason, list(verdict.advice)
         layers.append(d)
-    return layers, plateau, _summary(layers, facts, model)
+    return layers, plateau, _summary(layers, facts, model, best)
 
 
 def _measure(
@@ -320,9 +331,25 @@ def _relative_sensitivity(sig: ModuleSignal | None, s_max: float) -> float | Non
 
 
 def _zero_weight(e: LayerEvidence) -> bool:
-    """Its trained weight is exactly zero while it gets a gradient."""
-    weight = e.param_norms.get("weight")
-    return weight == 0.0 and e.grad_norms.get("weight", 0.0) > 0
+    """Its trained weight is exactly zero, and scales its output by zero, while it gets a
+    gradient."""
+    return _zero_scale_weight(e) and e.grad_norms.get("weight", 0.0) > 0
+
+
+def _zero_scale_weight(e: LayerEvidence) -> bool:
+    """Its weight is exactly zero and scales its output by zero: the output is its bias
+    alone and no signal passes back through it. A weight that is zero without scaling by
+    zero (Gemma's RMSNorm multiplies by 1 + weight, zero at initialization) is told apart
+    by what was measured: a backward signal that passes through the module to its input,
+    or, where none arrives, an output that is not zero although the module has no bias."""
+    if e.param_norms.get("weight") != 0.0:
+        return False
+    sig = e.signal
+    if sig is None:
+        return True
+    if sig.signal_norm and sig.input_signal_norm:
+        return False
+    return not (not sig.signal_norm and sig.output_norm and "bias" not in e.param_norms)
 
 
 def _zero_scale(
@@ -373,6 +400,13 @@ def _activation_after(
     return nxt.activation if "Norm" in nxt.module_type else None
 
 
+def _share_of_loss(headroom: float) -> str:
+    """A predicted decrease as a share of the loss, in words."""
+    if headroom >= 1:
+        return "all of the loss (its quadratic model overshoots)"
+    return f"{headroom:.2g}× the loss"
+
+
 #: At most this many layer names in one sentence of the summary (the table has them all).
 _NAMES_IN_SUMMARY = 8
 
@@ -386,7 +420,10 @@ def _listed(names: Sequence[str]) -> str:
 
 
 def _summary(
-    layers: Sequence[LayerDiagnosis], model: ModelFacts, whole: ModelHeadroom | None
+    layers: Sequence[LayerDiagnosis],
+    model: ModelFacts,
+    whole: ModelHeadroom | None,
+    best: tuple[float, str | None] | None,
 ) -> str:
     lines = []
     loss, base = model.loss, model.baseline
@@ -419,20 +456,23 @@ def _summary(
             if whole.realized is None
             else f"realized {min(whole.realized, 1.0):.1%} of the loss on held-out data"
         )
-        predicted = (
-            "all of the loss (its quadratic model overshoots)"
-            if whole.headroom >= 1
-            else f"{whole.headroom:.2g}× the loss"
-        )
         lines.append(
             f"Headroom: the damped quadratic model of the whole network predicts a decrease of "
-            f"{predicted}; a Levenberg-Marquardt Gauss-Newton step {realized}."
+            f"{_share_of_loss(whole.headroom)}; a Levenberg-Marquardt Gauss-Newton step "
+            f"{realized}."
         )
+        if best is not None and best[1] is not None:
+            lines.append(
+                f"A Newton step on {display_name(best[1])} alone predicts more, "
+                f"{_share_of_loss(best[0])}: the whole network's step is damped relative to "
+                "its sharpest curvature, which holds back the flatter directions, so the model "
+                "has at least that much to win."
+            )
         sgd = model.optimizer in (None, "sgd")
         product = None if not sgd or model.lr is None else model.lr * whole.lambda_max
         if not blew_up and product is not None and product > model.th.unstable:
             outcome = (
-                f"; yet {trial.describe()}: at the edge of stability, {trial.outcome} "
+                f"; yet {trial.describe()}: at the edge of stability, {trial.outcome(base)} "
                 "(watch the loss: a divergence can start later)"
                 if trial is not None
                 else ": at the edge of stability, expect an early bump in the loss"
@@ -442,7 +482,17 @@ def _summary(
                 f"{2 / whole.lambda_max:.2e} (lr·λmax = {one_decimal(product)}){outcome}."
             )
     if trial is not None and not blew_up and whole is None:
-        lines.append(f"The step does not blow up: {trial.describe()}.")
+        # The one step that checks a first-order overshoot (curvature=False).
+        rose = trial.losses[-1] > trial.losses[0]
+        lines.append(
+            f"The step does not blow up: {trial.describe()}"
+            + (
+                ", a rise short of a blow-up; whether training steadies after it takes more "
+                "steps (diagnose with curvature=True runs twenty)."
+                if rose
+                else "."
+            )
+        )
     ratios = [layer.step_ratio for layer in layers if layer.step_ratio]
     if len(ratios) >= 2 and min(ratios) > 0 and max(ratios) / min(ratios) >= 100:
         lines.append(

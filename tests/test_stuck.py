@@ -1,0 +1,114 @@
+"""Whether an exactly zero gradient stays zero (``gradsight.diagnosis.stuck``), against
+the dynamics themselves: the same steps taken by hand."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from gradsight.diagnosis.stuck import _is_zero, still_zero
+
+LOSS = nn.functional.mse_loss
+
+
+def _chain() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """Three layers whose weights start at exactly zero, biases not: the last one's
+    weight gets a gradient at once, the middle one's after one step, the first one's
+    after two (a chain of k zero layers opens in k steps)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            model[i].weight.zero_()
+            model[i].bias.uniform_(0.5, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    return model, (torch.randn(16, 3, generator=gen), torch.randn(16, 2, generator=gen))
+
+
+def _zero_now(model: nn.Module, grads: tuple[torch.Tensor, ...]) -> dict[str, list[int]]:
+    names = [n for n, _ in model.named_parameters()]
+    return {n: [i] for i, n in enumerate(names) if not grads[i].any()}
+
+
+def test_a_chain_of_zero_layers_opens_one_layer_per_step() -> None:
+    model, (x, y) = _chain()
+    params = list(model.parameters())
+    grads = torch.autograd.grad(LOSS(model(x), y), params)
+    watched = _zero_now(model, grads)
+    assert sorted(watched) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert still_zero(model, (x, y), LOSS, params, grads, watched, steps=1) == {
+        "0.bias",
+        "0.weight",
+    }
+    assert still_zero(model, (x, y), LOSS, params, grads, watched, steps=2) == set()
+    # The ground truth, by hand: plain SGD on a copy; the first weight's gradient is
+    # exactly zero before each of the first two steps, and not after them.
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    first = []
+    for _ in range(3):
+        opt.zero_grad()
+        LOSS(trained(x), y).backward()
+        first.append(float(trained[0].weight.grad.abs().max()))
+        opt.step()
+    assert first[0] == 0.0 and first[1] == 0.0 and first[2] > 0.0
+
+
+def test_a_gated_block_fed_zero_stays_zero_while_the_rest_trains() -> None:
+    """SiLU(gate(h))·up(h) with h exactly zero: zero in both factors, so nothing passes
+    back to gate, up or what makes h; ground truth, 20 SGD steps move none of them."""
+
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm_w = nn.Parameter(torch.zeros(4))  # a zero normalization weight
+            self.gate, self.up = nn.Linear(4, 8, bias=False), nn.Linear(4, 8, bias=False)
+            self.down = nn.Linear(8, 4, bias=False)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x * self.norm_w
+            return self.head(x + self.down(nn.functional.silu(self.gate(h)) * self.up(h)))
+
+    torch.manual_seed(0)
+    model = Gated()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(LOSS(model(x), y), params)
+    watched = _zero_now(model, grads)
+    assert sorted(watched) == ["down.weight", "gate.weight", "norm_w", "up.weight"]
+    assert still_zero(model, (x, y), LOSS, params, grads, watched) == set(watched)
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        LOSS(trained(x), y).backward()
+        opt.step()
+    moved = {
+        n
+        for (n, p), q in zip(trained.named_parameters(), params, strict=True)
+        if not torch.equal(p, q)
+    }
+    assert moved == {"head.weight", "head.bias"}
+
+
+def test_the_model_and_the_rng_are_left_as_they_were() -> None:
+    model, (x, y) = _chain()
+    model.append(nn.Dropout(0.5))  # draws from the RNG in training mode
+    params = list(model.parameters())
+    grads = torch.autograd.grad(LOSS(model(x), y), params)
+    before = [p.detach().clone() for p in params]
+    rng = torch.get_rng_state()
+    still_zero(model, (x, y), LOSS, params, grads, _zero_now(model, grads))
+    assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    assert all(p.grad is None for p in params)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_only_an_exact_zero_is_zero() -> None:
+    assert _is_zero(None) and _is_zero(torch.zeros(3)) and _is_zero(-torch.zeros(3))
+    assert not _is_zero(torch.tensor([0.0, 1e-30]))
+    assert not _is_zero(torch.tensor([0.0, float("nan")]))  # NaN moved: not a zero that holds
