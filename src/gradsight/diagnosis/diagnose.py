@@ -47,6 +47,7 @@ from gradsight.diagnosis.verdict import (
     judge,
     step_grad_sq,
     worst_status,
+    zero_scale_weight,
 )
 from gradsight.probes.signal import NonfiniteOutput, SignalFlow, SignalProbe
 
@@ -448,18 +449,27 @@ def _stuck(
     run: _Run, evidence: Sequence[LayerEvidence], layers: Sequence[LayerDiagnosis]
 ) -> set[str]:
     """The layers whose verdict rests on an exactly zero gradient (``converged`` or
-    ``ok``, with a signal measured) and whose gradient stays zero over a few small
-    gradient steps on every layer (:func:`~gradsight.diagnosis.stuck.still_zero`); none
-    where the steps could not be taken."""
+    ``ok``, with a backward signal measured, zero or not) and whose gradient stays zero
+    over a few small gradient steps on every layer
+    (:func:`~gradsight.diagnosis.stuck.still_zero`). The steps are taken only where one
+    of them has a weight of exactly zero, which a stuck verdict needs to hold it; none
+    where they could not be taken."""
+    zero = [
+        e
+        for e, layer in zip(evidence, layers, strict=True)
+        if layer.grad_norm == 0.0
+        and layer.status in ("converged", "ok")
+        and e.signal is not None
+        and e.signal.signal_norm is not None
+    ]
+    if not any(zero_scale_weight(e) for e in zero):
+        return set()
     index = {id(p): i for i, p in enumerate(run.params)}
     watched = {
         e.name: [index[id(p)] for p in _trainable(run.model, e.name) if id(p) in index]
-        for e, layer in zip(evidence, layers, strict=True)
-        if layer.grad_norm == 0.0 and layer.status in ("converged", "ok") and e.signal is not None
+        for e in zero
     }
     watched = {name: indices for name, indices in watched.items() if indices}
-    if not watched:
-        return set()
     try:
         return still_zero(
             run.model, run.batch, run.loss_fn, run.params, run.start[1], watched, walk=run.walk

@@ -39,7 +39,7 @@ from gradsight.diagnosis.rules import RULES, LayerFacts, ModelFacts, Rule, Thres
 from gradsight.diagnosis.trial import Carrier, Trial
 from gradsight.probes import ActivationStats, ModuleSignal
 
-__all__ = ["LayerEvidence", "Thresholds", "judge", "worst_status"]
+__all__ = ["LayerEvidence", "Thresholds", "judge", "worst_status", "zero_scale_weight"]
 
 
 @dataclass
@@ -189,7 +189,7 @@ def judge(
         grad_sq=step_grad_sq(evidence),
         grad_layers=sum(1 for e in evidence if e.grad_norm),
         zero_norms=frozenset(
-            e.name for e in ran_ev if "Norm" in e.module_type and _zero_scale_weight(e)
+            e.name for e in ran_ev if "Norm" in e.module_type and zero_scale_weight(e)
         ),
         trial=trial,
         carriers_measured=bool(carriers),
@@ -214,7 +214,7 @@ def judge(
     flat_norms = [e.name in facts.zero_norms for e in ran_ev]  # by position
     # Stuck layers whose weight is exactly zero, by position: what holds a stuck layer.
     holders = [
-        (i, e.name) for i, e in enumerate(ran_ev) if e.name in stuck and _zero_scale_weight(e)
+        (i, e.name) for i, e in enumerate(ran_ev) if e.name in stuck and zero_scale_weight(e)
     ]
     layers = []
     for e in evidence:
@@ -333,10 +333,10 @@ def _relative_sensitivity(sig: ModuleSignal | None, s_max: float) -> float | Non
 def _zero_weight(e: LayerEvidence) -> bool:
     """Its trained weight is exactly zero, and scales its output by zero, while it gets a
     gradient."""
-    return _zero_scale_weight(e) and e.grad_norms.get("weight", 0.0) > 0
+    return zero_scale_weight(e) and e.grad_norms.get("weight", 0.0) > 0
 
 
-def _zero_scale_weight(e: LayerEvidence) -> bool:
+def zero_scale_weight(e: LayerEvidence) -> bool:
     """Its weight is exactly zero and scales its output by zero: the output is its bias
     alone and no signal passes back through it. A weight that is zero without scaling by
     zero (Gemma's RMSNorm multiplies by 1 + weight, zero at initialization) is told apart
