@@ -466,6 +466,11 @@ def test_plateau_sentence_agrees_with_its_numbers() -> None:
     assert "The loss 7.66 is no better than predicting a constant (7.62)" in summary
     _, _, summary = judge([_evidence("0", 0.1)], loss=2.25, baseline_loss=2.30)
     assert "no better than" not in summary and "within 2%" in summary
+    # A hair below the constant is not "within 0%" (seen mid-training on BERT).
+    _, _, summary = judge([_evidence("0", 0.1)], loss=4.150, baseline_loss=4.162)
+    assert "within 0.3% of the loss of predicting a constant" in summary
+    _, _, summary = judge([_evidence("0", 0.1)], loss=4.1619, baseline_loss=4.162)
+    assert "within 0.1% of" in summary
 
 
 def test_adaptive_step_ratio_compares_with_the_step_taken() -> None:

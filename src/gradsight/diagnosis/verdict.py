@@ -400,6 +400,14 @@ def _activation_after(
     return nxt.activation if "Norm" in nxt.module_type else None
 
 
+def _percent(fraction: float) -> str:
+    """A small positive fraction as a bound in percent that is never written 0% (for
+    "within ... of")."""
+    if fraction >= 0.01:
+        return f"{fraction:.0%}"
+    return f"{max(fraction, 0.001):.1%}"
+
+
 def _share_of_loss(headroom: float) -> str:
     """A predicted decrease as a share of the loss, in words."""
     if headroom >= 1:
@@ -432,7 +440,7 @@ def _summary(
         relation = (
             "no better than"
             if loss >= base
-            else f"within {(base - loss) / base:.0%} of the loss of"
+            else f"within {_percent((base - loss) / base)} of the loss of"
         )
         lines.append(
             f"The loss {loss:.3g} is {relation} predicting a constant ({base_text}): the "
