@@ -30,8 +30,9 @@ it:
    status, and its reason says "partly dead";
 8. ``exploding`` when the backward signal grows at every later layer;
 9. ``dead`` when the gradient is exactly zero and stays so over a few small gradient
-   steps on every layer (tried on a copy, :mod:`gradsight.diagnosis.stuck`): a saddle
-   no optimizer leaves, as a gated MLP behind a zero normalization weight makes one
+   steps on every layer (tried on a copy, :mod:`gradsight.diagnosis.stuck`), held there
+   by a trainable weight of exactly zero that gets no gradient either: a saddle no
+   optimizer leaves, as a gated MLP behind a zero normalization weight makes one
    (unless the signal starving it was lost later: ``vanishing``, below);
 10. ``ok`` when the gradient is exactly zero only because a later layer's weight is
     exactly zero (no signal arrives) or an earlier one's (no input arrives), and that

@@ -156,7 +156,8 @@ def judge(
     solved = bool(base_ok and abs(loss) <= th.solved * baseline_loss)  # type: ignore[operator]
     # A single layer's step can win more than the whole model's damped one: the larger.
     best = None if model is None else best_headroom(model, curvature)
-    if model is not None and best is not None:
+    if best is not None:
+        assert model is not None
         has_headroom = plateau or best[0] >= th.headroom or (model.realized or 0.0) >= th.headroom
     else:
         g_max = max((e.relative_grad or 0.0 for e in ran_ev), default=0.0)
@@ -347,9 +348,9 @@ def zero_scale_weight(e: LayerEvidence) -> bool:
     sig = e.signal
     if sig is None:
         return True
-    if sig.signal_norm and sig.input_signal_norm:
-        return False
-    return not (not sig.signal_norm and sig.output_norm and "bias" not in e.param_norms)
+    if sig.signal_norm:  # a signal arrives: none may pass back through it (unmeasured: none)
+        return not sig.input_signal_norm
+    return not (sig.output_norm and "bias" not in e.param_norms)
 
 
 def _zero_scale(
