@@ -431,6 +431,11 @@ def test_the_model_has_at_least_the_headroom_of_its_best_layer() -> None:
     whole_wins = dataclasses.replace(whole, decrement=25.0)
     _, _, summary = judge(ev, loss=27.8, baseline_loss=30.0, curvature=curv, model=whole_wins)
     assert "alone predicts more" not in summary
+    # Nor where the whole model's quadratic model already predicts all of the loss.
+    overshoots = dataclasses.replace(whole, decrement=40.0)
+    big = {**curv, "ln_f": dataclasses.replace(curv["ln_f"], decrement=400.0)}
+    _, _, summary = judge(ev, loss=27.8, baseline_loss=30.0, curvature=big, model=overshoots)
+    assert "all of the loss" in summary and "alone predicts more" not in summary
 
 
 def test_the_edge_of_chaos_is_advised_to_saturating_networks_only() -> None:

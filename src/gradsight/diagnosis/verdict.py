@@ -470,7 +470,7 @@ def _summary(
             f"{_share_of_loss(whole.headroom)}; a Levenberg-Marquardt Gauss-Newton step "
             f"{realized}."
         )
-        if best is not None and best[1] is not None:
+        if best is not None and best[1] is not None and whole.headroom < 1:
             lines.append(
                 f"A Newton step on {display_name(best[1])} alone predicts more, "
                 f"{_share_of_loss(best[0])}: the whole network's step is damped relative to "
