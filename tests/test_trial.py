@@ -182,6 +182,59 @@ def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_al
         assert found[prefix + "trunk.2"].alone == pytest.approx(34, rel=0.05)
 
 
+def test_a_carrier_is_a_candidate_whose_freezing_stops_the_blow_up() -> None:
+    """With the trial rerun with a layer frozen: the candidates (the two largest shares
+    of the top eigenvector, the two largest gradients) are tried in turn, and those
+    whose freezing stops the blow-up carry it, with that run as the evidence. Where none
+    does, the one-pass tests decide as before."""
+    case = next(c for c in CASES if c.key == "multi-head")
+    built = case.twins()["sick"].build(0)
+    model = built.model
+    blocks = {
+        name: [p for p in m.parameters(recurse=False) if p.requires_grad]
+        for name, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False))
+    }
+    products = {"trunk.0": 8.6, "trunk.2": 43.0, "heads.reg": 230.0, "heads.cls": 0.04}
+    from gradsight._outputs import tensor_output
+    from gradsight.diagnosis.trial import Trial
+
+    adapted = tensor_output(model, model(built.batch[0]), built.loss_fn)
+    assert adapted is not None
+    wrapped, loss, prefix = adapted
+    start = float(built.loss_fn(model(built.batch[0]), built.batch[1]))
+    tried: list[str] = []
+    calm = Trial(lr=0.1, losses=(start, 0.5 * start), rise=1.1, at=None)
+    blown = Trial(lr=0.1, losses=(start, float("nan")), rise=1.1, at=1)
+
+    def frozen(name: str) -> Trial:
+        tried.append(name.removeprefix(prefix))
+        return calm if name.endswith("heads.reg") else blown
+
+    def found(frozen_trial):  # type: ignore[no-untyped-def]
+        return carriers(
+            wrapped,
+            built.batch,
+            loss,
+            {prefix + n: ps for n, ps in blocks.items()},
+            {prefix + n: v for n, v in products.items()},
+            0.1,
+            loss=start,
+            frozen_trial=frozen_trial,
+        )
+
+    out = found(frozen)
+    assert {n.removeprefix(prefix) for n in out} == {"heads.reg"}
+    assert out[prefix + "heads.reg"].frozen is calm
+    assert "with it frozen the same step trains the rest" in out[prefix + "heads.reg"].describe()
+    assert 2 <= len(tried) <= 4 and len(set(tried)) == len(tried)  # candidates only, once each
+    assert "heads.cls" not in tried and "heads.aux" not in tried  # flat heads: no candidates
+    # No freezing stops it: the one-pass tests (trunk.2 and heads.reg blow up alone).
+    out = found(lambda name: blown)
+    assert {n.removeprefix(prefix) for n in out} == {"trunk.2", "heads.reg"}
+    assert all(c.frozen is None for c in out.values())
+
+
 def _tiny_falcon() -> tuple[nn.Module, tuple[dict[str, torch.Tensor], torch.Tensor]]:
     from transformers import FalconConfig, FalconForCausalLM
 

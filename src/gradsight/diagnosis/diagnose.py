@@ -418,6 +418,29 @@ def _sgd_stability(
             lam = curvature[name].lambda_max
         if lam is not None:
             products[prefix + name] = lr * lam
+    settings = sgd_settings(run.optimizer, run.params, lr)
+
+    def frozen_trial(prefixed: str) -> Trial | None:
+        """The trial again with this layer frozen (the rest stepped as before)."""
+        held = {id(p) for p in blocks[prefixed.removeprefix(prefix)]}
+        keep = [i for i, p in enumerate(run.params) if id(p) not in held]
+        try:
+            return sgd_trial(
+                run.model,
+                run.batch,
+                run.loss_fn,
+                [run.params[i] for i in keep],
+                lr,
+                steps=th.trial_steps,
+                rise=th.trial_rise,
+                window=th.trial_window,
+                settings=[settings[i] for i in keep],
+                start=(run.start[0], [run.start[1][i] for i in keep]),
+                walk=run.walk,
+            )
+        except Exception:  # the layer stays a candidate of the next test only
+            return None
+
     try:
         found = carriers(
             cmodel,
@@ -429,6 +452,7 @@ def _sgd_stability(
             loss=trial.losses[0],
             share=th.carrier_share,
             rise=th.carrier_rise,
+            frozen_trial=frozen_trial,
         )
     except Exception as exc:
         # The trial stands; the blocks sharpest at this lr stand in for the carriers.

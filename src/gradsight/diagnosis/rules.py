@@ -15,8 +15,9 @@ it:
    the lr blows up within ``trial_steps`` steps (non-finite, or still above
    ``trial_rise`` × the start at each of its last ``trial_window`` steps, or frozen there
    after rising above it: a spike that falls back and keeps training is not;
-   :mod:`gradsight.diagnosis.trial`), and the layer carries the instability
-   (a share of the whole model's top Hessian eigenvector, or one step on it alone raises
+   :mod:`gradsight.diagnosis.trial`), and the layer carries the instability (the
+   trial rerun with it frozen trains the rest; where no single frozen layer stops it, a
+   share of the whole model's top Hessian eigenvector, or one step on it alone raises
    the loss); or, without curvature, a step that overshoots by first order (lr·‖g‖²
    above ``overshoot`` times a nonnegative loss: past Polyak's step) and, taken, raises
    the loss, at the layers carrying most of lr·‖g‖². lr·λmax above 2 at the start
@@ -362,9 +363,11 @@ def unstable_step(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         else f" Its block's lr·λmax ({of}) is {model.lr:g}·{layer.lambda_max:.2e} = "
         f"{one_decimal(product)} (the largest stable step is {2 / layer.lambda_max:.1e})"
         + (
-            ": stable on its own, it blows up as part of the whole model's sharpest direction."
-            if product <= model.th.unstable
-            else "."
+            "."
+            if product > model.th.unstable
+            else ": stable on its own, it blows up through its interplay with the other layers."
+            if layer.carrier.frozen is not None
+            else ": stable on its own, it blows up as part of the whole model's sharpest direction."
         )
     )
     return Verdict(

@@ -316,12 +316,28 @@ class Carrier:
         share: Its share of the whole model's top Hessian eigenvector (‖v_block‖²).
         alone: The loss after one SGD step on its block alone over the loss before,
             where that was tried (its block's lr·λmax above 2).
+        frozen: The trial with this layer frozen, where freezing it stops the blow-up
+            (the rest trains): the layer the instability needs.
     """
 
     share: float
     alone: float | None = None
+    frozen: Trial | None = None
 
     def describe(self) -> str:
+        if self.frozen is not None:
+            start, last = self.frozen.losses[0], self.frozen.losses[-1]
+            steps = len(self.frozen.losses) - 1
+            same = "the same step trains" if steps == 1 else f"the same {steps} steps train"
+            return (
+                f"with it frozen {same} the rest, taking the loss from {start:.3g} to "
+                f"{last:.3g}"
+                + (
+                    f", and it holds {self.share:.0%} of the whole model's sharpest direction"
+                    if self.share >= 0.005
+                    else ""
+                )
+            )
         if math.isnan(self.share) and self.alone is None:
             return "its block is the sharpest at this lr (its share was not measured)"
         parts = []
@@ -359,12 +375,19 @@ def carriers(
     share: float = 0.2,
     rise: float = 1.2,
     max_matvecs: int = 30,
+    frozen_trial: Callable[[str], Trial | None] | None = None,
+    candidates: int = 2,
 ) -> dict[str, Carrier]:
-    """The layers that carry an instability, by name (see the module docstring): a share
-    of the top Hessian eigenvector of at least ``share``, or ``products[name]`` (the
-    block's lr·λmax) above 2 and one SGD step on the block alone raising the loss above
-    ``rise`` × ``loss`` (the loss at the start) or to NaN/Inf. At least one: the largest
-    share, when no layer passes either test.
+    """The layers that carry an instability, by name (see the module docstring).
+
+    With ``frozen_trial`` (the trial rerun with the named layer frozen, or None where it
+    could not run): the layers among the ``candidates`` largest by share of the top
+    Hessian eigenvector and the ``candidates`` largest by gradient norm whose freezing
+    stops the blow-up. Where none does, or without ``frozen_trial``: a share of the top
+    eigenvector of at least ``share``, or ``products[name]`` (the block's lr·λmax) above 2
+    and one SGD step on the block alone raising the loss above ``rise`` × ``loss`` (the
+    loss at the start) or to NaN/Inf; at least one: the largest share, when no layer
+    passes either test.
 
     The eigenvector is found for the loss divided by its start (the same direction at
     every scale of the loss, in float32's range), with at most ``max_matvecs``
@@ -392,6 +415,10 @@ def carriers(
     mass = {id(p): float(v.square().sum()) for p, v in zip(flat, vector.split(sizes), strict=True)}
     grad = dict(zip(map(id, flat), (scale * op.gradient).split(sizes), strict=True))
     shares = {name: sum(mass[id(p)] for p in params) for name, params in blocks.items()}
+    if frozen_trial is not None:
+        found = _frozen_carriers(blocks, shares, grad, frozen_trial, candidates)
+        if found:
+            return found
     out = {name: Carrier(s) for name, s in shares.items() if s >= share}
     for name, params in blocks.items():
         if name in out or products.get(name, 0.0) <= 2 or not params:
@@ -404,6 +431,31 @@ def carriers(
     if not out and shares:
         top = max(shares, key=lambda name: shares[name])
         out[top] = Carrier(shares[top])
+    return out
+
+
+def _frozen_carriers(
+    blocks: Mapping[str, Sequence[torch.Tensor]],
+    shares: Mapping[str, float],
+    grad: Mapping[int, torch.Tensor],
+    frozen_trial: Callable[[str], Trial | None],
+    candidates: int,
+) -> dict[str, Carrier]:
+    """The candidates whose freezing stops the blow-up: the ``candidates`` blocks
+    largest by share of the top eigenvector and the ``candidates`` largest by gradient
+    norm. A language model's output layer carries it while holding little of the
+    sharpest direction; its gradient is among the largest."""
+    norms = {
+        name: math.fsum(float(grad[id(p)].square().sum()) for p in params)
+        for name, params in blocks.items()
+    }
+    by_share = sorted(shares, key=lambda name: -shares[name])[:candidates]
+    by_grad = sorted(norms, key=lambda name: -norms[name])[:candidates]
+    out = {}
+    for name in dict.fromkeys([*by_share, *by_grad]):  # each once, in that order
+        trial = frozen_trial(name)
+        if trial is not None and not trial.blew_up:
+            out[name] = Carrier(shares[name], frozen=trial)
     return out
 
 
