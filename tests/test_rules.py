@@ -408,13 +408,14 @@ def test_no_normalization_advice_without_saturation() -> None:
     assert advice and not any("normalization" in a for a in advice)
 
 
-def test_the_model_has_at_least_the_headroom_of_its_best_layer() -> None:
-    """GPT-2 with its weights ×100: the final LayerNorm's own Newton step wins 0.73 of the
-    loss (ground truth: scaling that layer alone by 0.01 takes the loss 27.8 → 4.2),
+def test_a_layer_that_predicts_more_than_the_whole_model_is_explained() -> None:
+    """GPT-2 with its weights ×100: the final LayerNorm's own Newton step predicts 0.73 of
+    the loss (ground truth: scaling that layer alone by 0.01 takes the loss 27.8 → 4.2),
     while the whole network's, damped relative to its sharpest curvature, predicts
-    0.0014. A step on one layer is a step of the model: the model's headroom is the
-    larger, the summary says which layer and why, and nothing is "converged" for want
-    of headroom."""
+    0.0014. The summary does not leave the two side by side unexplained: it names the
+    layer and says why the whole model's is smaller; the model's headroom stays its own
+    (a layer's quadratic model can be as far off: an LSTM embedding's 0.47 moved the
+    loss by 1%)."""
     curv = {
         "h": BlockCurvature(lambda_max=1e6, alpha_star=1e-6, decrement=1e-5, loss=27.8, matvecs=0),
         "ln_f": BlockCurvature(
@@ -426,6 +427,7 @@ def test_the_model_has_at_least_the_headroom_of_its_best_layer() -> None:
     layers, _, summary = judge(ev, loss=27.8, baseline_loss=30.0, curvature=curv, model=whole)
     assert "predicts a decrease of 0.0014× the loss" in summary
     assert "A Newton step on ln_f alone predicts more, 0.73× the loss" in summary
+    assert "its damping is relative to its own curvature" in summary
     assert [layer.status for layer in layers] == ["converged", "ok"]  # h: its own headroom
     # Where the whole model's step wins the most, nothing is added.
     whole_wins = dataclasses.replace(whole, decrement=25.0)
@@ -436,6 +438,30 @@ def test_the_model_has_at_least_the_headroom_of_its_best_layer() -> None:
     big = {**curv, "ln_f": dataclasses.replace(curv["ln_f"], decrement=400.0)}
     _, _, summary = judge(ev, loss=27.8, baseline_loss=30.0, curvature=big, model=overshoots)
     assert "all of the loss" in summary and "alone predicts more" not in summary
+
+
+def test_a_stuck_layer_is_held_by_the_zero_weights_of_its_closest_enclosing_module() -> None:
+    """Qwen3 with every norm zeroed: a key projection is held at zero by its attention's
+    q/k norms (the one after it, which position alone misses), an MLP projection by its
+    block's post-attention norm, not by the attention's norms; a flat model's layer by
+    the nearest zero weight before it."""
+    from gradsight.diagnosis.verdict import _held_by
+
+    block = "model.layers.0."
+    holders = [
+        (1, block + "self_attn.q_norm"),
+        (3, block + "self_attn.k_norm"),
+        (7, block + "post_attention_layernorm"),
+        (12, "model.layers.1.post_attention_layernorm"),
+    ]
+    assert _held_by(block + "self_attn.k_proj", 2, holders) == (
+        block + "self_attn.q_norm",
+        block + "self_attn.k_norm",
+    )
+    assert _held_by(block + "mlp.gate_proj", 8, holders) == (block + "post_attention_layernorm",)
+    assert _held_by(block + "self_attn.k_norm", 3, holders) == (block + "self_attn.k_norm",)
+    flat = [(1, "1"), (5, "5")]
+    assert _held_by("3", 3, flat) == ("1",) and _held_by("0", 0, flat) == ()
 
 
 def test_the_edge_of_chaos_is_advised_to_saturating_networks_only() -> None:
@@ -476,6 +502,9 @@ def test_plateau_sentence_agrees_with_its_numbers() -> None:
     assert "within 0.3% of the loss of predicting a constant" in summary
     _, _, summary = judge([_evidence("0", 0.1)], loss=4.1619, baseline_loss=4.162)
     assert "within 0.1% of" in summary
+    # Far worse than the constant: said as a ratio (GPT-2 with its weights ×100).
+    _, _, summary = judge([_evidence("0", 0.1)], loss=27.8, baseline_loss=4.47)
+    assert "The loss 27.8 is 6.22× that of predicting a constant (4.47)" in summary
 
 
 def test_adaptive_step_ratio_compares_with_the_step_taken() -> None:
@@ -575,21 +604,21 @@ def test_a_layer_held_at_zero_by_a_stuck_zero_weight_is_dead() -> None:
         position=3,
         upstream_sens=1.0,
         stuck=True,
-        stuck_by="mlp_norm",
+        stuck_by=("mlp_norm",),
     )
     status, reason, advice = _verdict(gate, _model(zero_norms=frozenset({"mlp_norm"})))
-    assert status == "dead" and "mlp_norm before it is exactly zero" in reason
+    assert status == "dead" and "held there by the weight of mlp_norm, which is exactly" in reason
     assert "no optimizer step moves it" in reason and "3 small gradient steps" in reason
     assert advice[0].startswith("Initialize the normalization weight of mlp_norm to 1")
-    norm = dataclasses.replace(gate, name="mlp_norm", stuck_by="mlp_norm")
+    norm = dataclasses.replace(gate, name="mlp_norm", stuck_by=("mlp_norm",))
     status, reason, _ = _verdict(norm, _model(zero_norms=frozenset({"mlp_norm"})))
     assert status == "dead" and reason.startswith("its weight is exactly zero and so is its")
     # A later zero-weight layer would open the path now, but the steps showed it stuck.
     waiting = dataclasses.replace(gate, blocked_by=("model.norm", 0.02, "after"))
     assert _verdict(waiting, _model())[0] == "dead"
     # No stuck zero weight holds it: the one-pass verdicts.
-    assert _verdict(dataclasses.replace(gate, stuck_by=None), _model())[0] == "converged"
-    assert _verdict(dataclasses.replace(gate, stuck=False, stuck_by=None), _model())[0] == (
+    assert _verdict(dataclasses.replace(gate, stuck_by=()), _model())[0] == "converged"
+    assert _verdict(dataclasses.replace(gate, stuck=False, stuck_by=()), _model())[0] == (
         "converged"
     )
     starved = dataclasses.replace(gate, upstream_sens=0.0)

@@ -26,7 +26,6 @@ from gradsight.diagnosis.baseline import constant_baseline_loss
 from gradsight.diagnosis.headroom import (
     BlockCurvature,
     ModelHeadroom,
-    best_headroom,
     layer_curvature,
 )
 from gradsight.diagnosis.result import Diagnosis, LayerDiagnosis
@@ -323,7 +322,7 @@ def _diagnose(
         lr=None if lr is None else float(lr),
         nonfinite_origin=origin,
         summary=summary,
-        headroom=None if whole is None else min(best_headroom(whole, blocks)[0], 1.0),
+        headroom=None if whole is None else min(whole.headroom, 1.0),
         realized_decrease=None if whole is None else whole.realized,
         lambda_max=None if whole is None else whole.lambda_max,
         trial_losses=None if trial is None else list(trial.losses),

@@ -154,15 +154,17 @@ class ModelHeadroom:
 def best_headroom(
     whole: ModelHeadroom, blocks: Mapping[str, BlockCurvature]
 ) -> tuple[float, str | None]:
-    """How much of the loss a Newton step can win: the whole model's headroom, or a single
-    layer's where its own step wins more, with that layer's name (None for the whole).
+    """The largest headroom a damped Newton step predicts: the whole model's, or a single
+    layer's where its own step predicts more, with that layer's name (None for the whole).
 
-    A step on one layer is a step of the whole model, so the whole model can win at least
-    what its best layer wins alone. Its own decrement can come out smaller all the same:
-    its damping is relative to the largest curvature of the whole network, and where the
+    A layer's step can predict more than the whole model's: its damping is relative to
+    its own largest curvature, the whole model's to the largest of all, and where the
     layers' curvatures span many decades (GPT-2 with its weights ×100: the final
-    LayerNorm's step alone wins 0.73 of the loss, the whole network's 0.0014) that damping
-    starves every direction but the sharpest."""
+    LayerNorm's step alone predicts 0.73 of the loss, and scaling that layer alone takes
+    the loss 27.8 → 4.2; the whole network's predicts 0.0014) that damping holds every
+    direction but the sharpest back. Both are quadratic models, and either can be far
+    from what a step realizes (an LSTM whose embedding alone predicts 0.47 moves the loss
+    by 1% in 20 steps)."""
     name, best = None, whole.headroom
     for layer, bc in blocks.items():
         if math.isfinite(bc.headroom) and bc.headroom > best:

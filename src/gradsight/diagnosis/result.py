@@ -123,10 +123,8 @@ class Diagnosis:
         summary: Plain-language summary: which layers vanish, where and why.
         headroom: Loss a damped Newton step on the whole model would win, as a fraction
             of the loss, at most 1 (a quadratic model predicting more than the whole loss
-            overshoots; the summary says so), or a single layer's where its own step wins
-            more (the whole model's damping, relative to its sharpest curvature, can hold
-            the flatter directions back; the summary names the layer); None when
-            curvature was not computed.
+            overshoots; the summary says so; where a single layer's own step predicts more,
+            the summary says which and why); None when curvature was not computed.
         realized_decrease: Fraction of the held-out half of the batch's loss that a
             Levenberg-Marquardt Gauss-Newton step fitted on the other half removed.
         lambda_max: Largest Gauss-Newton eigenvalue of the whole model; 2/λmax is the

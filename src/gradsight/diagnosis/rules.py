@@ -206,9 +206,9 @@ class LayerFacts:
         stuck: Its gradient is exactly zero and stayed so over a few small gradient
             steps on every layer (:func:`gradsight.diagnosis.stuck.still_zero`): no
             optimizer step moves it. False where that was not tried or it moved.
-        stuck_by: For a stuck layer, the stuck layer whose weight is exactly zero that
-            holds it there: the layer itself, or the nearest earlier one (its output
-            stays zero); None where there is none.
+        stuck_by: For a stuck layer, the stuck layers whose weights are exactly zero that
+            hold it there: the layer itself, or those in its closest enclosing module
+            (a flat model: the nearest one before it); empty where there are none.
     """
 
     name: str
@@ -235,7 +235,7 @@ class LayerFacts:
     zero_scale: str | None = None
     carrier: Carrier | None = None
     stuck: bool = False
-    stuck_by: str | None = None
+    stuck_by: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -529,37 +529,41 @@ def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
 def stuck_at_zero(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """Its gradient is exactly zero and stays so over a few small gradient steps on every
     layer (tried on a copy), held there by a trainable weight of exactly zero that stays
-    without a gradient too (the layer's own, or an earlier layer's whose output stays
-    zero): a saddle no optimizer leaves, while the loss still has something to win. A
+    without a gradient too (the layer's own, or one in its closest enclosing module): a
+    saddle no optimizer leaves, while the loss still has something to win. A
     gated MLP behind a zero normalization weight is one: SiLU(gate)·up fed zero is zero
     in both factors, so no signal passes back to gate, up or the norm. A layer that a
     lost signal starves is ``vanishing`` instead (the cause is later), unless a
     zero-weight layer's first update lets that signal through; one held at zero by a
     frozen layer does not affect the loss whatever training does (``converged``)."""
-    holder = layer.stuck_by
-    if not layer.stuck or holder is None:
+    holders = layer.stuck_by
+    if not layer.stuck or not holders:
         return None
     if layer.blocked_by is None and _starved(layer, model.th):
         return None
     tried = f"over {STEPS} small gradient steps on every layer (tried on a copy)"
-    if holder == layer.name:
+    if holders == (layer.name,):
         reason = (
             f"its weight is exactly zero and so is its gradient, which stays so {tried}: its "
             "output carries nothing of its input, no signal passes back through it, and no "
             "optimizer step moves it."
         )
     else:
+        names = " and ".join(display_name(h) for h in holders)
+        weights = "weight of" if len(holders) == 1 else "weights of"
+        are = "is" if len(holders) == 1 else "are"
+        get = "gets" if len(holders) == 1 else "get"
         reason = (
-            f"its gradient is exactly zero and stays so {tried}: the weight of "
-            f"{display_name(holder)} before it is exactly zero and gets no gradient either, "
-            "so what that passes on stays zero; no optimizer step moves it, and it passes no "
-            "signal."
+            f"its gradient is exactly zero and stays so {tried}, held there by the {weights} "
+            f"{names}, which {are} exactly zero and {get} no gradient either: what passes "
+            "between them stays zero, so no optimizer step moves it, and it passes no signal."
         )
+    norms = [h for h in holders if h in model.zero_norms]
     advice = (
-        _zero_norm_advice([holder])
-        if holder in model.zero_norms
-        else f"Initialize the weight of {display_name(holder)} as its layer type expects "
-        "instead of exactly zero.",
+        _zero_norm_advice(norms)
+        if norms
+        else f"Initialize the weight of {display_name(holders[0])} as its layer type "
+        "expects instead of exactly zero.",
     )
     return Verdict("dead", reason, advice)
 

@@ -154,11 +154,10 @@ def judge(
     base_ok = baseline_loss is not None and baseline_loss > 0
     plateau = bool(base_ok and loss >= (1 - th.plateau) * baseline_loss)  # type: ignore[operator]
     solved = bool(base_ok and abs(loss) <= th.solved * baseline_loss)  # type: ignore[operator]
-    # A single layer's step can win more than the whole model's damped one: the larger.
-    best = None if model is None else best_headroom(model, curvature)
-    if best is not None:
-        assert model is not None
-        has_headroom = plateau or best[0] >= th.headroom or (model.realized or 0.0) >= th.headroom
+    if model is not None:
+        has_headroom = (
+            plateau or model.headroom >= th.headroom or (model.realized or 0.0) >= th.headroom
+        )
     else:
         g_max = max((e.relative_grad or 0.0 for e in ran_ev), default=0.0)
         has_headroom = (
@@ -178,7 +177,7 @@ def judge(
         plateau=plateau,
         solved=solved,
         has_headroom=has_headroom,
-        headroom=None if best is None else min(best[0], 1.0),
+        headroom=None if model is None else min(model.headroom, 1.0),
         realized=None if model is None else model.realized,
         lr=lr,
         optimizer=traits.optimizer,
@@ -227,9 +226,8 @@ def judge(
                 layer, zero_weight=e.name in zero, blocked_by=blocked, zero_scale=scale_zero
             )
         if e.name in stuck:
-            pos = layer.position
-            holder = next((n for i, n in reversed(holders) if pos is not None and i <= pos), None)
-            layer = dataclasses.replace(layer, stuck=True, stuck_by=holder)
+            held = _held_by(e.name, layer.position, holders)
+            layer = dataclasses.replace(layer, stuck=True, stuck_by=held)
         if e.name in carriers:
             layer = dataclasses.replace(layer, carrier=carriers[e.name])
         if hessian and e.name in hessian:
@@ -238,7 +236,7 @@ def judge(
         verdict, _ = apply_rules(layer, facts, rules)
         d.status, d.reason, d.advice = verdict.status, verdict.reason, list(verdict.advice)
         layers.append(d)
-    return layers, plateau, _summary(layers, facts, model, best)
+    return layers, plateau, _summary(layers, facts, model, curvature)
 
 
 def _measure(
@@ -329,6 +327,38 @@ def _relative_sensitivity(sig: ModuleSignal | None, s_max: float) -> float | Non
     if s == 0 and sig.output_norm == 0 and (sig.signal_norm or 0.0) > 0:
         return None
     return s / s_max if s_max > 0 else 0.0
+
+
+#: At most this many layers named as holding a stuck layer at zero.
+_HOLDERS = 3
+
+
+def _held_by(name: str, pos: int | None, holders: Sequence[tuple[int, str]]) -> tuple[str, ...]:
+    """The stuck zero-weight layers (``(position, name)``) that hold the stuck layer
+    ``name`` at zero: itself; else those in its closest enclosing module (the longest
+    shared prefix of their qualified names: a Llama MLP's gate with its block's
+    post-attention norm, a Qwen3 key projection with its attention's q/k norms), which
+    position alone gets wrong (the norm after a projection); in a flat model, the nearest
+    one before it."""
+    if any(h == name for _, h in holders):
+        return (name,)
+    parts = name.split(".")
+    depth, found = 0, []
+    for _, h in holders:
+        shared = 0
+        for a, b in zip(parts, h.split("."), strict=False):
+            if a != b:
+                break
+            shared += 1
+        if shared > depth:
+            depth, found = shared, [h]
+        elif shared == depth and shared > 0:
+            found.append(h)
+    if found:  # of those, the ones nested least deep: a sibling before a sibling's child
+        rest = min(h.count(".") for h in found)
+        return tuple([h for h in found if h.count(".") == rest][:_HOLDERS])
+    earlier = [h for i, h in holders if pos is not None and i <= pos]
+    return (earlier[-1],) if earlier else ()
 
 
 def _zero_weight(e: LayerEvidence) -> bool:
@@ -432,17 +462,18 @@ def _summary(
     layers: Sequence[LayerDiagnosis],
     model: ModelFacts,
     whole: ModelHeadroom | None,
-    best: tuple[float, str | None] | None,
+    curvature: Mapping[str, BlockCurvature],
 ) -> str:
     lines = []
     loss, base = model.loss, model.baseline
     base_text = f"{base:.3g}" if base is not None else "unknown"
     if model.plateau and base is not None:
-        relation = (
-            "no better than"
-            if loss >= base
-            else f"within {_percent((base - loss) / base)} of the loss of"
-        )
+        if loss >= 1.5 * base:
+            relation = f"{loss / base:.3g}× that of"
+        elif loss >= base:
+            relation = "no better than"
+        else:
+            relation = f"within {_percent((base - loss) / base)} of the loss of"
         lines.append(
             f"The loss {loss:.3g} is {relation} predicting a constant ({base_text}): the "
             "model has learned nothing from its inputs yet."
@@ -470,12 +501,13 @@ def _summary(
             f"{_share_of_loss(whole.headroom)}; a Levenberg-Marquardt Gauss-Newton step "
             f"{realized}."
         )
-        if best is not None and best[1] is not None and whole.headroom < 1:
+        best, name = best_headroom(whole, curvature)
+        if name is not None and whole.headroom < 1:
             lines.append(
-                f"A Newton step on {display_name(best[1])} alone predicts more, "
-                f"{_share_of_loss(best[0])}: the whole network's step is damped relative to "
-                "its sharpest curvature, which holds back the flatter directions, so the model "
-                "has at least that much to win."
+                f"A Newton step on {display_name(name)} alone predicts more, "
+                f"{_share_of_loss(best)}: its damping is relative to its own curvature, the "
+                "whole network's to the sharpest of all, which holds the flatter directions "
+                "back (both are quadratic models: the held-out step is the measured one)."
             )
         sgd = model.optimizer in (None, "sgd")
         product = None if not sgd or model.lr is None else model.lr * whole.lambda_max
