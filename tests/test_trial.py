@@ -207,9 +207,15 @@ def test_a_carrier_is_a_candidate_whose_freezing_stops_the_blow_up() -> None:
     calm = Trial(lr=0.1, losses=(start, 0.5 * start), rise=1.1, at=None)
     blown = Trial(lr=0.1, losses=(start, float("nan")), rise=1.1, at=1)
 
+    # Frozen, trunk.2 does not blow up either, but the loss ends above its start (a
+    # spike that fell back short of it): the rest does not train, so it does not count.
+    risen = Trial(lr=0.1, losses=(start, 100 * start, 1.05 * start), rise=1.1, at=None)
+
     def frozen(name: str) -> Trial:
         tried.append(name.removeprefix(prefix))
-        return calm if name.endswith("heads.reg") else blown
+        if name.endswith("heads.reg"):
+            return calm
+        return risen if name.endswith("trunk.2") else blown
 
     def found(frozen_trial):  # type: ignore[no-untyped-def]
         return carriers(
@@ -228,11 +234,23 @@ def test_a_carrier_is_a_candidate_whose_freezing_stops_the_blow_up() -> None:
     assert out[prefix + "heads.reg"].frozen is calm
     assert "with it frozen the same step trains the rest" in out[prefix + "heads.reg"].describe()
     assert 2 <= len(tried) <= 4 and len(set(tried)) == len(tried)  # candidates only, once each
+    assert "trunk.2" in tried
     assert "heads.cls" not in tried and "heads.aux" not in tried  # flat heads: no candidates
     # No freezing stops it: the one-pass tests (trunk.2 and heads.reg blow up alone).
     out = found(lambda name: blown)
     assert {n.removeprefix(prefix) for n in out} == {"trunk.2", "heads.reg"}
     assert all(c.frozen is None for c in out.values())
+
+
+def test_a_frozen_run_s_losses_are_written_so_that_they_differ() -> None:
+    """tanh-solved frozen: 5.8835e-08 → 5.8754e-08 is a fall, not "5.88e-08 to 5.88e-08"."""
+    from gradsight.diagnosis.trial import Carrier, Trial
+
+    fell = Trial(lr=1.0, losses=(5.8835e-08, 5.8754e-08), rise=1.1, at=None)
+    text = Carrier(0.0, frozen=fell).describe()
+    assert "from 5.883e-08 to 5.875e-08" in text
+    fell = Trial(lr=1.0, losses=(4.16, 2.5), rise=1.1, at=None)
+    assert "from 4.16 to 2.5" in Carrier(0.3, frozen=fell).describe()
 
 
 def _tiny_falcon() -> tuple[nn.Module, tuple[dict[str, torch.Tensor], torch.Tensor]]:

@@ -141,6 +141,16 @@ class Trial:
         return f", after a spike to {self.losses[peak]:.3g} at step {peak}"
 
 
+def _apart(a: float, b: float) -> str:
+    """``a to b`` with as many significant digits as it takes to tell them apart (3 to 6):
+    5.8835e-08 to 5.8754e-08 is not "5.88e-08 to 5.88e-08"."""
+    for digits in range(3, 7):
+        left, right = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if left != right:
+            break
+    return f"{left} to {right}"
+
+
 def _past(value: float, start: float, rise: float) -> bool:
     """Non-finite, or above ``rise`` × the start (for a loss of either sign)."""
     return not math.isfinite(value) or value > start + (rise - 1.0) * abs(start)
@@ -329,14 +339,10 @@ class Carrier:
             start, last = self.frozen.losses[0], self.frozen.losses[-1]
             steps = len(self.frozen.losses) - 1
             same = "the same step trains" if steps == 1 else f"the same {steps} steps train"
-            return (
-                f"with it frozen {same} the rest, taking the loss from {start:.3g} to "
-                f"{last:.3g}"
-                + (
-                    f", and it holds {self.share:.0%} of the whole model's sharpest direction"
-                    if self.share >= 0.005
-                    else ""
-                )
+            return f"with it frozen {same} the rest, taking the loss from {_apart(start, last)}" + (
+                f", and it holds {self.share:.0%} of the whole model's sharpest direction"
+                if self.share >= 0.005
+                else ""
             )
         if math.isnan(self.share) and self.alone is None:
             return "its block is the sharpest at this lr (its share was not measured)"
@@ -441,10 +447,11 @@ def _frozen_carriers(
     frozen_trial: Callable[[str], Trial | None],
     candidates: int,
 ) -> dict[str, Carrier]:
-    """The candidates whose freezing stops the blow-up: the ``candidates`` blocks
-    largest by share of the top eigenvector and the ``candidates`` largest by gradient
-    norm. A language model's output layer carries it while holding little of the
-    sharpest direction; its gradient is among the largest."""
+    """The candidates whose freezing stops the blow-up, so that the rest trains (the loss
+    ends below its start): the ``candidates`` blocks largest by share of the top
+    eigenvector and the ``candidates`` largest by gradient norm. A language model's
+    output layer carries it while holding little of the sharpest direction; its gradient
+    is among the largest."""
     norms = {
         name: math.fsum(float(grad[id(p)].square().sum()) for p in params)
         for name, params in blocks.items()
@@ -454,7 +461,8 @@ def _frozen_carriers(
     out = {}
     for name in dict.fromkeys([*by_share, *by_grad]):  # each once, in that order
         trial = frozen_trial(name)
-        if trial is not None and not trial.blew_up:
+        # The rest trains: no blow-up, and the loss ends below where it started.
+        if trial is not None and not trial.blew_up and trial.losses[-1] < trial.losses[0]:
             out[name] = Carrier(shares[name], frozen=trial)
     return out
 
