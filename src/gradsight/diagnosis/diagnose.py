@@ -89,9 +89,11 @@ def diagnose(
             2/λmax. Taken from ``optimizer`` when that is given. With curvature and SGD
             it is also tried: twenty full-batch SGD steps at ``lr`` on a copy of the
             parameters (twenty more forward and backward passes) decide whether the step
-            blows up (:mod:`gradsight.diagnosis.trial`); where it does, the top
-            eigenvector of the whole model's Hessian (at most 30 Hessian-vector
-            products) names the layers that carry it.
+            blows up (:mod:`gradsight.diagnosis.trial`); where it does, the trial is
+            rerun with one layer frozen, for up to four candidates (the largest shares
+            of the top eigenvector of the whole model's Hessian, at most 30
+            Hessian-vector products, and the largest gradients): the layers whose
+            freezing lets the rest train carry it.
         optimizer: The optimizer training the model, if any. For SGD its lr is the step
             each layer gets. For Adam, AdamW, RMSprop and Adagrad the step a layer gets
             is the one the optimizer would take along the layer's gradient, gᵀΔ/gᵀg with
