@@ -608,7 +608,7 @@ def test_a_layer_held_at_zero_by_a_stuck_zero_weight_is_dead() -> None:
     )
     status, reason, advice = _verdict(gate, _model(zero_norms=frozenset({"mlp_norm"})))
     assert status == "dead" and "held there by the weight of mlp_norm, which is exactly" in reason
-    assert "no optimizer step moves it" in reason and "3 small gradient steps" in reason
+    assert "no optimizer step moves it" in reason and "5 small gradient steps" in reason
     assert advice[0].startswith("Initialize the normalization weight of mlp_norm to 1")
     norm = dataclasses.replace(gate, name="mlp_norm", stuck_by=("mlp_norm",))
     status, reason, _ = _verdict(norm, _model(zero_norms=frozenset({"mlp_norm"})))

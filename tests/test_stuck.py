@@ -38,11 +38,11 @@ def test_a_chain_of_zero_layers_opens_one_layer_per_step() -> None:
     grads = torch.autograd.grad(LOSS(model(x), y), params)
     watched = _zero_now(model, grads)
     assert sorted(watched) == ["0.bias", "0.weight", "2.bias", "2.weight"]
-    assert still_zero(model, (x, y), LOSS, params, grads, watched, steps=1) == {
+    assert still_zero(model, (x, y), LOSS, params, grads, watched, steps=1).layers == {
         "0.bias",
         "0.weight",
     }
-    assert still_zero(model, (x, y), LOSS, params, grads, watched, steps=2) == set()
+    assert still_zero(model, (x, y), LOSS, params, grads, watched, steps=2).layers == set()
     # The ground truth, by hand: plain SGD on a copy; the first weight's gradient is
     # exactly zero before each of the first two steps, and not after them.
     trained = copy.deepcopy(model)
@@ -80,7 +80,8 @@ def test_a_gated_block_fed_zero_stays_zero_while_the_rest_trains() -> None:
     grads = torch.autograd.grad(LOSS(model(x), y), params)
     watched = _zero_now(model, grads)
     assert sorted(watched) == ["down.weight", "gate.weight", "norm_w", "up.weight"]
-    assert still_zero(model, (x, y), LOSS, params, grads, watched) == set(watched)
+    found = still_zero(model, (x, y), LOSS, params, grads, watched, zero_weights={"norm_w"})
+    assert found.layers == set(watched) and found.saddles == {"norm_w"}
     trained = copy.deepcopy(model)
     opt = torch.optim.SGD(trained.parameters(), lr=0.1)
     for _ in range(20):
@@ -112,3 +113,46 @@ def test_only_an_exact_zero_is_zero() -> None:
     assert _is_zero(None) and _is_zero(torch.zeros(3)) and _is_zero(-torch.zeros(3))
     assert not _is_zero(torch.tensor([0.0, 1e-30]))
     assert not _is_zero(torch.tensor([0.0, float("nan")]))  # NaN moved: not a zero that holds
+
+
+def test_a_saddle_is_a_zero_weight_that_moved_off_zero_gets_a_gradient() -> None:
+    """The zero norm in front of a gated block holds a saddle: moved off zero, it gets a
+    gradient. A zero-weight projection of an input that is zero on this batch (a
+    condition absent from it) does not: its input holds it, whatever its weight, and no
+    initialization changes that; nor does a head the loss weighs 0."""
+
+    class Conditioned(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm_w = nn.Parameter(torch.zeros(4))
+            self.gate, self.up = nn.Linear(4, 8, bias=False), nn.Linear(4, 8, bias=False)
+            self.down = nn.Linear(8, 4, bias=False)
+            self.cond = nn.Linear(3, 4, bias=False)
+            self.aux = nn.Linear(4, 2, bias=False)
+            for lin in (self.cond, self.aux):
+                nn.init.zeros_(lin.weight)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = x * self.norm_w
+            x = x + self.down(nn.functional.silu(self.gate(h)) * self.up(h)) + self.cond(c)
+            return self.head(x), self.aux(x)
+
+    def loss_fn(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return LOSS(out[0], y) + 0.0 * out[1].square().mean()
+
+    torch.manual_seed(0)
+    model = Conditioned()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
+    batch = ((x, torch.zeros(16, 3)), y)  # the condition is absent from this batch
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss_fn(model(*batch[0]), y), params)
+    names = [n for n, _ in model.named_parameters()]
+    watched = {n.removesuffix(".weight"): [i] for i, n in enumerate(names) if not grads[i].any()}
+    assert sorted(watched) == ["aux", "cond", "down", "gate", "norm_w", "up"]
+    zero_weights = {"norm_w", "cond", "aux"}
+    found = still_zero(model, batch, loss_fn, params, grads, watched, zero_weights=zero_weights)
+    assert found.layers == set(watched) and found.saddles == {"norm_w"}
+    # The model is left as it was.
+    assert not model.norm_w.any() and not model.cond.weight.any() and not model.aux.weight.any()

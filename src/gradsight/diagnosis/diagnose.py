@@ -283,7 +283,9 @@ def _diagnose(
         walk.modules,
     )
 
-    def verdicts(stuck: Collection[str] = ()) -> tuple[list[LayerDiagnosis], bool, str]:
+    def verdicts(
+        stuck: Collection[str] = (), saddles: Collection[str] = ()
+    ) -> tuple[list[LayerDiagnosis], bool, str]:
         return judge(
             evidence,
             loss=loss_value,
@@ -297,15 +299,16 @@ def _diagnose(
             trial=trial,
             carriers=carried,
             stuck=stuck,
+            saddles=saddles,
         )
 
     layers, plateau, summary = verdicts()
     if finite:
         # Verdicts that rest on an exactly zero gradient ("converged", or "ok" until a
         # zero-weight layer's first update) hold only if the gradient leaves zero: tried.
-        stuck = _stuck(run, evidence, layers)
+        stuck, held = _stuck(run, evidence, layers)
         if stuck:
-            layers, plateau, summary = verdicts(stuck)
+            layers, plateau, summary = verdicts(stuck, held)
     origin = None
     if not finite:
         origin = _nonfinite_origin(model, walk, batch, loss_fn, params)
@@ -472,13 +475,15 @@ def _sgd_stability(
 
 def _stuck(
     run: _Run, evidence: Sequence[LayerEvidence], layers: Sequence[LayerDiagnosis]
-) -> set[str]:
+) -> tuple[set[str], set[str]]:
     """The layers whose verdict rests on an exactly zero gradient (``converged`` or
     ``ok``, with a backward signal measured, zero or not) and whose gradient stays zero
     over a few small gradient steps on every layer
-    (:func:`~gradsight.diagnosis.stuck.still_zero`). The steps are taken only where one
-    of them has a weight of exactly zero, which a stuck verdict needs to hold it; none
-    where they could not be taken."""
+    (:func:`~gradsight.diagnosis.stuck.still_zero`), and those of them whose weight of
+    exactly zero holds a saddle (:func:`~gradsight.diagnosis.stuck.saddles`: moved off
+    zero, they get a gradient). The steps are taken only where one of them has a weight
+    of exactly zero, which a stuck verdict needs to hold it; none where they could not be
+    taken."""
     zero = [
         e
         for e, layer in zip(evidence, layers, strict=True)
@@ -488,7 +493,7 @@ def _stuck(
         and e.signal.signal_norm is not None
     ]
     if not any(zero_scale_weight(e) for e in zero):
-        return set()
+        return set(), set()
     index = {id(p): i for i, p in enumerate(run.params)}
     watched = {
         e.name: [index[id(p)] for p in _trainable(run.model, e.name) if id(p) in index]
@@ -496,11 +501,19 @@ def _stuck(
     }
     watched = {name: indices for name, indices in watched.items() if indices}
     try:
-        return still_zero(
-            run.model, run.batch, run.loss_fn, run.params, run.start[1], watched, walk=run.walk
+        found = still_zero(
+            run.model,
+            run.batch,
+            run.loss_fn,
+            run.params,
+            run.start[1],
+            watched,
+            zero_weights={e.name for e in zero if zero_scale_weight(e)},
+            walk=run.walk,
         )
     except Exception:  # a model the steps cannot run on keeps the verdicts of one pass
-        return set()
+        return set(), set()
+    return found.layers, found.saddles
 
 
 def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:

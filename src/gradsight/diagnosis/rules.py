@@ -32,9 +32,10 @@ it:
 8. ``exploding`` when the backward signal grows at every later layer;
 9. ``dead`` when the gradient is exactly zero and stays so over a few small gradient
    steps on every layer (tried on a copy, :mod:`gradsight.diagnosis.stuck`), held there
-   by a trainable weight of exactly zero that gets no gradient either: a saddle no
-   optimizer leaves, as a gated MLP behind a zero normalization weight makes one
-   (unless the signal starving it was lost later: ``vanishing``, below);
+   by a trainable weight of exactly zero that gets no gradient either but gets one once
+   moved off zero: a saddle no optimizer leaves, as a gated MLP behind a zero
+   normalization weight makes one (unless the signal starving it was lost later:
+   ``vanishing``, below);
 10. ``ok`` when the gradient is exactly zero only because a later layer's weight is
     exactly zero (no signal arrives) or an earlier one's (no input arrives), and that
     layer gets a gradient (a zero-initialized residual branch: its first update opens
@@ -206,8 +207,9 @@ class LayerFacts:
         stuck: Its gradient is exactly zero and stayed so over a few small gradient
             steps on every layer (:func:`gradsight.diagnosis.stuck.still_zero`): no
             optimizer step moves it. False where that was not tried or it moved.
-        stuck_by: For a stuck layer, the stuck layers whose weights are exactly zero that
-            hold it there: the layer itself, or those in its closest enclosing module
+        stuck_by: For a stuck layer, the stuck layers whose weights of exactly zero hold
+            a saddle there (moved off zero, they get a gradient): the layer itself, or
+            those in its closest enclosing module
             (a flat model: the nearest one before it); empty where there are none.
     """
 
@@ -529,13 +531,14 @@ def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
 def stuck_at_zero(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """Its gradient is exactly zero and stays so over a few small gradient steps on every
     layer (tried on a copy), held there by a trainable weight of exactly zero that stays
-    without a gradient too (the layer's own, or one in its closest enclosing module): a
-    saddle no optimizer leaves, while the loss still has something to win. A
-    gated MLP behind a zero normalization weight is one: SiLU(gate)·up fed zero is zero
-    in both factors, so no signal passes back to gate, up or the norm. A layer that a
-    lost signal starves is ``vanishing`` instead (the cause is later), unless a
-    zero-weight layer's first update lets that signal through; one held at zero by a
-    frozen layer does not affect the loss whatever training does (``converged``)."""
+    without a gradient too but gets one once moved off zero (the layer's own, or one in
+    its closest enclosing module): a saddle no optimizer leaves, while the loss still has
+    something to win. A gated MLP behind a zero normalization weight is one: SiLU(gate)·up
+    fed zero is zero in both factors, so no signal passes back to gate, up or the norm. A
+    layer that a lost signal starves is ``vanishing`` instead (the cause is later), unless
+    a zero-weight layer's first update lets that signal through; one held at zero by a
+    frozen layer, an input that is zero on the batch or a loss that weighs it 0 does not
+    affect the loss whatever its weights (``converged``)."""
     holders = layer.stuck_by
     if not layer.stuck or not holders:
         return None

@@ -13,12 +13,17 @@ stream, not on the branch). It is read off the thing itself: :func:`still_zero` 
 few small gradient steps on every parameter and watches whether those gradients leave
 zero. The update of any gradient-based optimizer (SGD, Adam, ...) is zero exactly where
 the gradient is, so the steps' size does not matter, only which entries move.
+
+A stuck weight of exactly zero is then moved off zero at random: where that gives it a
+gradient, its zero holds a saddle (the norm above). Where it does not, the zero is not
+what holds it: the loss does not depend on it (a head weighted 0 in the loss) or its
+input is zero (a condition absent from the batch), which no initialization changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,16 +32,27 @@ from gradsight._batch import compute_loss
 from gradsight._state import preserved, swapped_parameters
 from gradsight._walk import ModelWalk
 
-__all__ = ["STEPS", "still_zero"]
+__all__ = ["STEPS", "Stuck", "still_zero"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
 #: Gradient steps tried: a chain of k zero-initialized layers opens in k steps.
-STEPS = 3
+STEPS = 5
 #: Each step moves a parameter by this fraction of its norm (or by this much, where its
-#: norm is zero) along its gradient: small, so that the steps stay in the region the
-#: diagnosis describes; only which entries move matters.
+#: norm is zero) along its gradient, and a stuck zero weight is moved off zero by this
+#: much at random: small, so that the steps stay in the region the diagnosis describes;
+#: only which entries move matters.
 SIZE = 1e-2
+
+
+class Stuck(NamedTuple):
+    """What :func:`still_zero` found."""
+
+    #: The watched layers whose gradient stayed exactly zero.
+    layers: set[str]
+    #: Those of them, among the ones whose weight is exactly zero, that get a gradient
+    #: once that weight is moved off zero: their zero holds a saddle.
+    saddles: set[str]
 
 
 def still_zero(
@@ -47,11 +63,14 @@ def still_zero(
     grads: Sequence[torch.Tensor | None],
     watched: Mapping[str, Sequence[int]],
     *,
+    zero_weights: Collection[str] = (),
     steps: int = STEPS,
     walk: ModelWalk | None = None,
-) -> set[str]:
+) -> Stuck:
     """The names in ``watched`` whose parameters' gradients stay exactly zero over
-    ``steps`` small gradient steps on every parameter in ``params``.
+    ``steps`` small gradient steps on every parameter in ``params``, and those of them in
+    ``zero_weights`` (layers whose weight is exactly zero) that get a gradient when, after
+    the steps, their parameters are moved off zero at random (one more pass).
 
     ``grads``: the gradient of each of ``params`` at the current weights (None where the
     loss does not reach it); ``watched``: for each name, the indices into ``params`` of
@@ -74,30 +93,53 @@ def still_zero(
         >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
         >>> params = list(model.parameters())
         >>> grads = torch.autograd.grad(nn.functional.mse_loss(model(x), y), params)
-        >>> names = [n for n, _ in model.named_parameters()]
-        >>> zero = {n: [i] for i, n in enumerate(names) if not grads[i].any()}
-        >>> sorted(zero)  # only the last layer's bias gets a gradient
-        ['0.bias', '0.weight', '1.gate.weight', '1.up.weight', '2.weight']
-        >>> sorted(still_zero(model, (x, y), nn.functional.mse_loss, params, grads, zero))
-        ['0.bias', '0.weight', '1.gate.weight', '1.up.weight', '2.weight']
+        >>> zero = {"0": [0, 1], "1.gate": [2], "1.up": [3], "2": [4]}  # only 2.bias moves
+        >>> found = still_zero(model, (x, y), nn.functional.mse_loss, params, grads, zero,
+        ...                    zero_weights={"0"})
+        >>> sorted(found.layers), found.saddles  # layer 0's zero holds the others
+        (['0', '1.gate', '1.up', '2'], {'0'})
     """
     zero = set(watched)
     if not zero:
-        return zero
+        return Stuck(set(), set())
     current = [p.detach() for p in params]
     with preserved(model, walk=walk):
         for _ in range(steps):
             current = [_small_step(c, g) for c, g in zip(current, grads, strict=True)]
-            leaves = [c.requires_grad_(True) for c in current]
-            swapped = {id(p): c for p, c in zip(params, leaves, strict=True)}
-            with swapped_parameters(model, swapped, walk), torch.enable_grad():
-                _, loss = compute_loss(model, batch, loss_fn)
-                grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-            current = [c.detach() for c in leaves]
+            grads = _gradients(model, batch, loss_fn, params, current, walk)
             zero = {n for n in zero if all(_is_zero(grads[i]) for i in watched[n])}
             if not zero:
-                break
-    return zero
+                return Stuck(set(), set())
+        held = {n: watched[n] for n in zero if n in zero_weights}
+        if not held:
+            return Stuck(zero, set())
+        # The stuck zero weights moved off zero at random, all at once, from the weights
+        # the steps reached (where any layer that waited on another has opened).
+        moved = {i for indices in held.values() for i in indices}
+        gen = torch.Generator().manual_seed(0)
+        for i in sorted(moved):
+            noise = torch.randn(current[i].shape, generator=gen, dtype=current[i].dtype)
+            current[i] = current[i] + SIZE * noise.to(current[i].device)
+        grads = _gradients(model, batch, loss_fn, params, current, walk)
+    saddles = {n for n, indices in held.items() if not all(_is_zero(grads[i]) for i in indices)}
+    return Stuck(zero, saddles)
+
+
+def _gradients(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    params: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    walk: ModelWalk | None,
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradient of the loss with ``values`` in place of ``params`` (swapped in, never
+    written)."""
+    leaves = [v.detach().requires_grad_(True) for v in values]
+    swapped = {id(p): c for p, c in zip(params, leaves, strict=True)}
+    with swapped_parameters(model, swapped, walk), torch.enable_grad():
+        _, loss = compute_loss(model, batch, loss_fn)
+        return torch.autograd.grad(loss, leaves, allow_unused=True)
 
 
 def _small_step(p: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:

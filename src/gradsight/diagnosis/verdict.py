@@ -116,6 +116,7 @@ def judge(
     trial: Trial | None = None,
     carriers: Mapping[str, Carrier] | None = None,
     stuck: Collection[str] = (),
+    saddles: Collection[str] = (),
 ) -> tuple[list[LayerDiagnosis], bool, str]:
     """Turn per-layer evidence into verdicts.
 
@@ -139,6 +140,8 @@ def judge(
             (:func:`gradsight.diagnosis.trial.carriers`).
         stuck: Layers whose exactly zero gradient stayed zero over a few small gradient
             steps (:func:`gradsight.diagnosis.stuck.still_zero`).
+        saddles: Those of them whose weight of exactly zero holds a saddle: moved off
+            zero, they get a gradient (:func:`gradsight.diagnosis.stuck.saddles`).
 
     Returns:
         ``(layers, plateau, summary)``.
@@ -212,10 +215,8 @@ def judge(
         if e.name in zero
     ]
     flat_norms = [e.name in facts.zero_norms for e in ran_ev]  # by position
-    # Stuck layers whose weight is exactly zero, by position: what holds a stuck layer.
-    holders = [
-        (i, e.name) for i, e in enumerate(ran_ev) if e.name in stuck and zero_scale_weight(e)
-    ]
+    # Stuck layers whose zero weight holds a saddle, by position: what holds a stuck layer.
+    holders = [(i, e.name) for i, e in enumerate(ran_ev) if e.name in saddles]
     layers = []
     for e in evidence:
         d, layer = _measure(e, facts, curvature.get(e.name), position, upstream, global_step, scale)
