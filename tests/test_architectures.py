@@ -371,3 +371,47 @@ def test_the_layer_named_for_a_blow_up_is_the_one_whose_freezing_stops_it() -> N
     assert "model.embed_tokens" not in named
     assert _blows_up(_sgd_frozen(model, batch, _next_token, "model.embed_tokens", 5.0))
     assert contradictions(d, has_norm=True, has_residual=True) == []
+
+
+def test_zero_gates_held_as_parameters_open_at_the_first_update() -> None:
+    """Mllama's cross-attention layers (Llama 3.2 Vision) gate their attention and MLP
+    with tanh of parameters that start at exactly zero: at initialization no signal
+    reaches those branches, yet the gates get a gradient and their first update opens
+    them (ground truth: 5 SGD steps move every parameter). No layer reads converged or
+    vanishing for it; the branches' layers are ok, naming the gate that holds them."""
+    config = transformers.MllamaTextConfig(
+        **dict(_SMALL, num_hidden_layers=4, num_key_value_heads=1, rope_scaling=None),
+        cross_attention_layers=[1, 3],
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    model = transformers.MllamaForCausalLM(config)
+    model.train()
+    ids = _tokens()
+    gen = torch.Generator().manual_seed(2)
+    media = torch.randn(8, 5, 32, generator=gen)
+    targets = (ids + (media[:, 0, :1] > 0).long() * 5) % V  # the targets depend on the media
+    batch = ({"input_ids": ids, "cross_attention_states": media}, targets)
+
+    def loss_fn(out: Any, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1))
+
+    d = gradsight.diagnose(model, batch, loss_fn, lr=0.5, curvature=False)
+    wrong = {layer.name: layer.status for layer in d.layers if layer.status != "ok"}
+    assert not wrong, wrong
+    branch = d.layer("model.layers.1.cross_attn.q_proj")
+    assert branch.grad_norm == 0.0 and "the gate of model.layers.1 after it" in branch.reason
+    # Ground truth: every parameter moves within 5 SGD steps.
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.5)
+    for _ in range(5):
+        opt.zero_grad()
+        loss_fn(trained(**batch[0]), batch[1]).backward()
+        opt.step()
+    moved = {
+        n
+        for (n, p), q in zip(trained.named_parameters(), model.parameters(), strict=True)
+        if not torch.equal(p, q)
+    }
+    assert moved >= {n for n, _ in model.named_parameters() if "layers.1." in n}
+    assert contradictions(d, has_norm=True, has_residual=True) == []

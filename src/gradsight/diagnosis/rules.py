@@ -272,6 +272,8 @@ class ModelFacts:
         s_out: The last layer's sensitivity.
         traits: What the model already does (activations, normalization, residuals).
         alpha_spread: Decades spanned by the layers' curvature-optimal steps.
+        zero_gates: Layers whose trainable parameters are all exactly zero gates (ReZero's
+            α, Mllama's cross-attention gates) that get a gradient.
         zero_norms: Normalization layers whose weight is exactly zero (they output their
             bias alone and pass no signal back).
         grad_sq: ‖g‖² over every trained layer; ``grad_layers``: how many have a gradient.
@@ -298,6 +300,7 @@ class ModelFacts:
     traits: ModelTraits
     alpha_spread: float = 0.0
     zero_norms: frozenset[str] = frozenset()
+    zero_gates: frozenset[str] = frozenset()
     grad_sq: float = 0.0
     grad_layers: int = 0
     trial: Trial | None = None
@@ -581,9 +584,10 @@ def opened_by_first_update(layer: LayerFacts, model: ModelFacts) -> Verdict | No
         return None
     blocker, grad, where = layer.blocked_by
     what = "no signal yet" if where == "after" else "no input yet"
+    zero = "gate" if blocker in model.zero_gates else "weight"
     return Verdict(
         "ok",
-        f"{what}: its gradient is exactly zero because the weight of {display_name(blocker)} "
+        f"{what}: its gradient is exactly zero because the {zero} of {display_name(blocker)} "
         f"{where} it is exactly zero; that layer gets a gradient ({_e(grad)}), so its first "
         "update opens the path to this one.",
     )
@@ -852,6 +856,10 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
         notes.append(
             "Its weight is exactly zero (zero-initialized): its output carries nothing yet "
             "and the layers before it get no signal through it, until its first update."
+            if "weight" in layer.params or not layer.params
+            else f"Its gate ({', '.join(layer.params)}) is exactly zero (zero-initialized): "
+            "the branch it gates carries nothing yet and passes no signal back, until its "
+            "first update."
         )
     frac = layer.dead_fraction
     if status not in ("dead", "frozen", "converged") and frac >= 1:

@@ -194,6 +194,7 @@ def judge(
         zero_norms=frozenset(
             e.name for e in ran_ev if "Norm" in e.module_type and zero_scale_weight(e)
         ),
+        zero_gates=frozenset(e.name for e in ran_ev if _zero_gate(e)),
         trial=trial,
         carriers_measured=bool(carriers),
     )
@@ -364,8 +365,18 @@ def _held_by(name: str, pos: int | None, holders: Sequence[tuple[int, str]]) -> 
 
 def _zero_weight(e: LayerEvidence) -> bool:
     """Its trained weight is exactly zero, and scales its output by zero, while it gets a
-    gradient."""
-    return zero_scale_weight(e) and e.grad_norms.get("weight", 0.0) > 0
+    gradient; or it is a zero gate that gets one (:func:`_zero_gate`)."""
+    return (zero_scale_weight(e) and e.grad_norms.get("weight", 0.0) > 0) or _zero_gate(e)
+
+
+def _zero_gate(e: LayerEvidence) -> bool:
+    """A zero-initialized gate held as a parameter of its own (ReZero's α, the tanh gates
+    of Flamingo's and Mllama's cross-attention layers): every trainable parameter of the
+    module is exactly zero, none of them a weight or a bias, while it gets a gradient.
+    The branch it gates passes no signal back until its first update."""
+    return e.zero_with_gradient and not any(
+        k == "weight" or k.endswith("bias") for k in e.param_norms
+    )
 
 
 def zero_scale_weight(e: LayerEvidence) -> bool:
@@ -402,12 +413,18 @@ def _blocked_by(
 ) -> tuple[str, float, str] | None:
     """For a layer with an exactly zero gradient, the zero-weight layer that gets a
     gradient (see :func:`_zero_weight`) and explains it, with its gradient and where it
-    is: the nearest later one when no backward signal arrives (``"after"``), else the
-    nearest earlier one whose output is exactly zero, the layer's input (``"before"``)."""
+    is: when no backward signal arrives (``"after"``), the closest enclosing module whose
+    zero gate holds the branch back, else the nearest later one; else the nearest earlier
+    one whose output is exactly zero, the layer's input (``"before"``)."""
     sig, pos = e.signal, layer.position
     if pos is None or e.frozen or layer.grad_norm != 0.0 or sig is None:
         return None
     if sig.signal_norm == 0.0:
+        # A gate's module encloses the branch it gates (and may run before it).
+        gates = [(n, g) for _, n, g, _ in openers if n and e.name.startswith(n + ".")]
+        if gates:
+            name, grad = max(gates, key=lambda gate: len(gate[0]))
+            return name, grad, "after"
         return next(((n, g, "after") for i, n, g, _ in openers if i > pos), None)
     if sig.signal_norm:
         return next(((n, g, "before") for i, n, g, z in reversed(openers) if i < pos and z), None)
