@@ -400,7 +400,10 @@ def test_zero_gates_held_as_parameters_open_at_the_first_update() -> None:
     wrong = {layer.name: layer.status for layer in d.layers if layer.status != "ok"}
     assert not wrong, wrong
     branch = d.layer("model.layers.1.cross_attn.q_proj")
-    assert branch.grad_norm == 0.0 and "the gate of model.layers.1 after it" in branch.reason
+    assert (
+        branch.grad_norm == 0.0
+        and "the gate of model.layers.1, which gates it, is exactly zero" in branch.reason
+    )
     # Ground truth: every parameter moves within 5 SGD steps.
     trained = copy.deepcopy(model)
     opt = torch.optim.SGD(trained.parameters(), lr=0.5)

@@ -583,9 +583,10 @@ def test_a_layer_blocked_by_a_zero_initialized_one_is_ok_not_converged() -> None
     status, reason, _ = _verdict(fed, _model())
     assert status == "ok" and reason.startswith("no input yet") and "ln_f before it" in reason
     # Held by a zero gate (ReZero's α, Mllama's cross-attention gates): said as a gate.
-    gated = dataclasses.replace(blocked, blocked_by=("blocks.0", 0.3, "after"))
+    gated = dataclasses.replace(blocked, blocked_by=("blocks.0", 0.3, "gating"))
     status, reason, _ = _verdict(gated, _model(zero_gates=frozenset({"blocks.0"})))
-    assert status == "ok" and "the gate of blocks.0 after it is exactly zero" in reason
+    assert status == "ok" and reason.startswith("no signal yet")
+    assert "the gate of blocks.0, which gates it, is exactly zero" in reason
     gate = _layer(name="blocks.0", zero_weight=True, params=("alpha",))
     assert "Its gate (alpha) is exactly zero" in _verdict(gate, _model())[1]
     # The same facts with nothing to open the path: the loss does not depend on it.

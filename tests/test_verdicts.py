@@ -421,3 +421,57 @@ def test_a_stacked_lstm_whose_signal_cannot_reach_the_label_vanishes_through_tim
         assert final < 0.1
         assert all(layer.status != "vanishing" for layer in d.layers)
     assert contradictions(d) == []
+
+
+class _AdaLNZero(nn.Module):
+    """DiT's adaLN-Zero block: x + gate(c) · f(x), the gate a zero-initialized projection of
+    the conditioning, computed before the branch it scales."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modulation = nn.Linear(4, 16)
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+        self.f = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        gate = self.modulation(c)
+        return x + gate * self.f(x)
+
+
+class _DiTLike(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(_AdaLNZero() for _ in range(2))
+        self.head = nn.Linear(16, 3)  # not zero-initialized
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.head(h)
+
+
+def test_a_branch_gated_from_before_by_a_zero_projection_is_waiting_not_converged() -> None:
+    """The last adaLN-Zero block's branch gets no signal (its gate, computed before it,
+    is exactly zero), and no zero layer runs after it: it was "converged: the loss does
+    not depend on it". Ground truth: one SGD step gives it a gradient. It is ok, naming
+    the gate of its own block."""
+    torch.manual_seed(0)
+    model = _DiTLike()
+    gen = torch.Generator().manual_seed(0)
+    x, c = torch.randn(64, 8, generator=gen), torch.randn(64, 4, generator=gen)
+    y = x[:, :3].argmax(1)
+    d = gradsight.diagnose(model, ((x, c), y), ce, lr=0.1, curvature=False)
+    last = d.layer("blocks.1.f")
+    assert last.grad_norm == 0.0 and last.status == "ok", last.reason
+    assert "blocks.1.modulation, which gates it" in last.reason
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        ce(trained(x, c), y).backward()
+        opt.step()
+    assert float(trained.blocks[1].f.weight.grad.norm()) > 0  # it opened
+    assert contradictions(d) == []

@@ -196,8 +196,9 @@ class LayerFacts:
             a gradient: its output carries nothing yet, and its first update changes that.
         blocked_by: With an exactly zero gradient: the layer with ``zero_weight`` that
             explains it, its gradient norm, and ``"after"`` (no backward signal arrives:
-            it stops there) or ``"before"`` (its output, this layer's input, is exactly
-            zero); either way that layer's first update opens the path.
+            it stops there), ``"gating"`` (no backward signal arrives: a zero gate of its
+            block scales its output) or ``"before"`` (its output, this layer's input, is
+            exactly zero); either way that layer's first update opens the path.
         zero_scale: A normalization layer whose weight is exactly zero, the layer itself
             or the one right after it: it outputs its bias alone, the same on every
             sample (a loop that zeroes every 1-D parameter zeroes these weights too).
@@ -583,12 +584,13 @@ def opened_by_first_update(layer: LayerFacts, model: ModelFacts) -> Verdict | No
     if layer.blocked_by is None or layer.stuck:
         return None
     blocker, grad, where = layer.blocked_by
-    what = "no signal yet" if where == "after" else "no input yet"
+    what = "no input yet" if where == "before" else "no signal yet"
     zero = "gate" if blocker in model.zero_gates else "weight"
+    at = ", which gates it," if where == "gating" else f" {where} it"
     return Verdict(
         "ok",
-        f"{what}: its gradient is exactly zero because the {zero} of {display_name(blocker)} "
-        f"{where} it is exactly zero; that layer gets a gradient ({_e(grad)}), so its first "
+        f"{what}: its gradient is exactly zero because the {zero} of {display_name(blocker)}"
+        f"{at} is exactly zero; that layer gets a gradient ({_e(grad)}), so its first "
         "update opens the path to this one.",
     )
 

@@ -424,11 +424,33 @@ def _blocked_by(
         gates = [(n, g) for _, n, g, _ in openers if n and e.name.startswith(n + ".")]
         if gates:
             name, grad = max(gates, key=lambda gate: len(gate[0]))
-            return name, grad, "after"
-        return next(((n, g, "after") for i, n, g, _ in openers if i > pos), None)
+            return name, grad, "gating"
+        later = next(((n, g, "after") for i, n, g, _ in openers if i > pos), None)
+        if later is not None:
+            return later
+        # None later: a zero layer in the same block that gates it from before (DiT's
+        # adaLN-Zero modulation, computed before the attention whose output it scales).
+        near = _same_block(e.name, [(n, g) for _, n, g, _ in openers])
+        return None if near is None else (*near, "gating")
     if sig.signal_norm:
         return next(((n, g, "before") for i, n, g, z in reversed(openers) if i < pos and z), None)
     return None
+
+
+def _same_block(name: str, openers: Sequence[tuple[str, float]]) -> tuple[str, float] | None:
+    """The opener whose qualified name shares the longest prefix with ``name`` (at least
+    its first component), if any."""
+    parts = name.split(".")
+    best, depth = None, 0
+    for opener, grad in openers:
+        shared = 0
+        for a, b in zip(parts, opener.split("."), strict=False):
+            if a != b:
+                break
+            shared += 1
+        if shared > depth:
+            best, depth = (opener, grad), shared
+    return best
 
 
 def _upstream(model: ModelFacts, upstream: Sequence[float], pos: int | None) -> float | None:
