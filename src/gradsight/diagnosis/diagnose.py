@@ -480,7 +480,7 @@ def _stuck(
     ``ok``, with a backward signal measured, zero or not) and whose gradient stays zero
     over a few small gradient steps on every layer
     (:func:`~gradsight.diagnosis.stuck.still_zero`), and those of them whose weight of
-    exactly zero holds a saddle (:func:`~gradsight.diagnosis.stuck.saddles`: moved off
+    exactly zero holds a saddle (:attr:`~gradsight.diagnosis.stuck.Stuck.saddles`: moved off
     zero, they get a gradient). The steps are taken only where one of them has a weight
     of exactly zero, which a stuck verdict needs to hold it; none where they could not be
     taken."""

@@ -141,7 +141,7 @@ def judge(
         stuck: Layers whose exactly zero gradient stayed zero over a few small gradient
             steps (:func:`gradsight.diagnosis.stuck.still_zero`).
         saddles: Those of them whose weight of exactly zero holds a saddle: moved off
-            zero, they get a gradient (:func:`gradsight.diagnosis.stuck.saddles`).
+            zero, they get a gradient (:attr:`gradsight.diagnosis.stuck.Stuck.saddles`).
 
     Returns:
         ``(layers, plateau, summary)``.
@@ -344,14 +344,9 @@ def _held_by(name: str, pos: int | None, holders: Sequence[tuple[int, str]]) -> 
     one before it."""
     if any(h == name for _, h in holders):
         return (name,)
-    parts = name.split(".")
     depth, found = 0, []
     for _, h in holders:
-        shared = 0
-        for a, b in zip(parts, h.split("."), strict=False):
-            if a != b:
-                break
-            shared += 1
+        shared = _shared_depth(name, h)
         if shared > depth:
             depth, found = shared, [h]
         elif shared == depth and shared > 0:
@@ -440,17 +435,22 @@ def _blocked_by(
 def _same_block(name: str, openers: Sequence[tuple[str, float]]) -> tuple[str, float] | None:
     """The opener whose qualified name shares the longest prefix with ``name`` (at least
     its first component), if any."""
-    parts = name.split(".")
     best, depth = None, 0
     for opener, grad in openers:
-        shared = 0
-        for a, b in zip(parts, opener.split("."), strict=False):
-            if a != b:
-                break
-            shared += 1
+        shared = _shared_depth(name, opener)
         if shared > depth:
             best, depth = (opener, grad), shared
     return best
+
+
+def _shared_depth(a: str, b: str) -> int:
+    """How many leading components two qualified module names share."""
+    shared = 0
+    for x, y in zip(a.split("."), b.split("."), strict=False):
+        if x != y:
+            break
+        shared += 1
+    return shared
 
 
 def _upstream(model: ModelFacts, upstream: Sequence[float], pos: int | None) -> float | None:
