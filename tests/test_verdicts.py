@@ -475,3 +475,53 @@ def test_a_branch_gated_from_before_by_a_zero_projection_is_waiting_not_converge
         opt.step()
     assert float(trained.blocks[1].f.weight.grad.norm()) > 0  # it opened
     assert contradictions(d) == []
+
+
+class _ReZero(nn.Module):
+    """x ← x + α·f(x), α a zero-initialized parameter of the block (ReZero)."""
+
+    def __init__(self, zero_out: bool) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(()))
+        self.f = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+        if zero_out:  # the branch's output layer zero as well: the two zeros lock each other
+            nn.init.zeros_(self.f[2].weight)
+            nn.init.zeros_(self.f[2].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.alpha * self.f(x)
+
+
+@pytest.mark.parametrize("zero_out", [False, True])
+def test_a_zero_gate_opens_its_branch_unless_a_zero_behind_it_locks_it(zero_out: bool) -> None:
+    """ReZero: the gate α starts at zero and gets a gradient, so its first update opens the
+    branch (ground truth: 20 SGD steps move every parameter); the branch is ok, waiting for
+    the gate. With the branch's output layer zero too, neither α nor that layer ever gets
+    a gradient (moving one off zero would give the other one): 20 SGD steps leave the
+    branch as it was, and it is dead, held by those zeros."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), _ReZero(zero_out), _ReZero(zero_out), nn.Linear(16, 3))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=gen)
+    y = x[:, :3].argmax(1)
+    d = gradsight.diagnose(model, (x, y), ce, lr=0.1, curvature=False)
+    trained, _ = _sgd(model, x, y, 0.1, 20)
+    branch = ["1", "1.f.0", "1.f.2", "2", "2.f.0", "2.f.2"]
+    moved = {
+        n.rsplit(".", 1)[0]
+        if n.endswith(("weight", "bias"))
+        else n.replace("alpha", "").rstrip(".")
+        for (n, p), q in zip(trained.named_parameters(), model.parameters(), strict=True)
+        if not torch.equal(p, q)
+    }
+    statuses = {name: d.layer(name).status for name in branch}
+    if zero_out:
+        assert not moved & set(branch)  # never moved
+        assert set(statuses.values()) == {"dead"}, statuses
+        assert "the weight of 1.f.2" in d.layer("1.f.0").reason
+        assert d.layer("1").reason.startswith("its gate (alpha) is exactly zero")
+    else:
+        assert set(branch) <= moved
+        assert set(statuses.values()) == {"ok"}, statuses
+        assert "the gate of 1, which gates it, is exactly zero" in d.layer("1.f.0").reason
+    assert contradictions(d) == []

@@ -46,6 +46,7 @@ from gradsight.diagnosis.verdict import (
     judge,
     step_grad_sq,
     worst_status,
+    zero_gate,
     zero_scale_weight,
 )
 from gradsight.probes.signal import NonfiniteOutput, SignalFlow, SignalProbe
@@ -492,7 +493,7 @@ def _stuck(
         and e.signal is not None
         and e.signal.signal_norm is not None
     ]
-    if not any(zero_scale_weight(e) for e in zero):
+    if not any(zero_scale_weight(e) or zero_gate(e) for e in zero):
         return set(), set()
     index = {id(p): i for i, p in enumerate(run.params)}
     watched = {
@@ -508,7 +509,7 @@ def _stuck(
             run.params,
             run.start[1],
             watched,
-            zero_weights={e.name for e in zero if zero_scale_weight(e)},
+            zero_weights={e.name for e in zero if zero_scale_weight(e) or zero_gate(e)},
             walk=run.walk,
         )
     except Exception:  # a model the steps cannot run on keeps the verdicts of one pass

@@ -274,7 +274,7 @@ class ModelFacts:
         traits: What the model already does (activations, normalization, residuals).
         alpha_spread: Decades spanned by the layers' curvature-optimal steps.
         zero_gates: Layers whose trainable parameters are all exactly zero gates (ReZero's
-            α, Mllama's cross-attention gates) that get a gradient.
+            α, Mllama's cross-attention gates).
         zero_norms: Normalization layers whose weight is exactly zero (they output their
             bias alone and pass no signal back).
         grad_sq: ‖g‖² over every trained layer; ``grad_layers``: how many have a gradient.
@@ -549,29 +549,44 @@ def stuck_at_zero(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     if layer.blocked_by is None and _starved(layer, model.th):
         return None
     tried = f"over {STEPS} small gradient steps on every layer (tried on a copy)"
-    if holders == (layer.name,):
+    if holders == (layer.name,) and layer.name in model.zero_gates:
+        reason = (
+            f"its gate ({', '.join(layer.params)}) is exactly zero and so is its gradient, "
+            f"which stays so {tried}: the branch it gates carries nothing and passes no signal "
+            "back, and no optimizer step moves it."
+        )
+    elif holders == (layer.name,):
         reason = (
             f"its weight is exactly zero and so is its gradient, which stays so {tried}: its "
             "output carries nothing of its input, no signal passes back through it, and no "
             "optimizer step moves it."
         )
     else:
-        names = " and ".join(display_name(h) for h in holders)
-        weights = "weight of" if len(holders) == 1 else "weights of"
-        are = "is" if len(holders) == 1 else "are"
-        get = "gets" if len(holders) == 1 else "get"
+        names = " and ".join(
+            f"the {'gate' if h in model.zero_gates else 'weight'} of {display_name(h)}"
+            for h in holders
+        )
+        are, get = ("is", "gets") if len(holders) == 1 else ("are", "get")
         reason = (
-            f"its gradient is exactly zero and stays so {tried}, held there by the {weights} "
-            f"{names}, which {are} exactly zero and {get} no gradient either: what passes "
-            "between them stays zero, so no optimizer step moves it, and it passes no signal."
+            f"its gradient is exactly zero and stays so {tried}, held there by {names}, "
+            f"which {are} exactly zero and {get} no gradient either: what passes between "
+            "them stays zero, so no optimizer step moves it, and it passes no signal."
         )
     norms = [h for h in holders if h in model.zero_norms]
-    advice = (
-        _zero_norm_advice(norms)
-        if norms
-        else f"Initialize the weight of {display_name(holders[0])} as its layer type "
-        "expects instead of exactly zero.",
-    )
+    gates = [display_name(h) for h in holders if h in model.zero_gates]
+    if norms:
+        advice: tuple[str, ...] = (_zero_norm_advice(norms),)
+    elif gates:
+        advice = (
+            f"Start the layers that {', '.join(gates)} gate{'s' if len(gates) == 1 else ''} "
+            "off zero (a zero gate opens only where the branch behind it passes something "
+            "on), or the gate itself.",
+        )
+    else:
+        advice = (
+            f"Initialize the weight of {display_name(holders[0])} as its layer type "
+            "expects instead of exactly zero.",
+        )
     return Verdict("dead", reason, advice)
 
 

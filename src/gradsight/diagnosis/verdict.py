@@ -39,7 +39,14 @@ from gradsight.diagnosis.rules import RULES, LayerFacts, ModelFacts, Rule, Thres
 from gradsight.diagnosis.trial import Carrier, Trial
 from gradsight.probes import ActivationStats, ModuleSignal
 
-__all__ = ["LayerEvidence", "Thresholds", "judge", "worst_status", "zero_scale_weight"]
+__all__ = [
+    "LayerEvidence",
+    "Thresholds",
+    "judge",
+    "worst_status",
+    "zero_gate",
+    "zero_scale_weight",
+]
 
 
 @dataclass
@@ -194,7 +201,7 @@ def judge(
         zero_norms=frozenset(
             e.name for e in ran_ev if "Norm" in e.module_type and zero_scale_weight(e)
         ),
-        zero_gates=frozenset(e.name for e in ran_ev if _zero_gate(e)),
+        zero_gates=frozenset(e.name for e in ran_ev if zero_gate(e)),
         trial=trial,
         carriers_measured=bool(carriers),
     )
@@ -365,12 +372,20 @@ def _zero_weight(e: LayerEvidence) -> bool:
 
 
 def _zero_gate(e: LayerEvidence) -> bool:
+    """A zero gate (:func:`zero_gate`) that gets a gradient: the branch it gates passes no
+    signal back until its first update."""
+    return zero_gate(e) and any(g > 0 for g in e.grad_norms.values())
+
+
+def zero_gate(e: LayerEvidence) -> bool:
     """A zero-initialized gate held as a parameter of its own (ReZero's α, the tanh gates
     of Flamingo's and Mllama's cross-attention layers): every trainable parameter of the
-    module is exactly zero, none of them a weight or a bias, while it gets a gradient.
-    The branch it gates passes no signal back until its first update."""
-    return e.zero_with_gradient and not any(
-        k == "weight" or k.endswith("bias") for k in e.param_norms
+    module is exactly zero, none of them a weight or a bias."""
+    params = e.param_norms
+    return (
+        bool(params)
+        and all(v == 0 for v in params.values())
+        and not any(k == "weight" or k.endswith("bias") for k in params)
     )
 
 
