@@ -304,6 +304,7 @@ def test_a_gated_mlp_behind_a_zero_norm_weight_is_dead(which: str, curvature: bo
         v_proj = f"model.layers.{i}.self_attn.v_proj"
         assert f"{v_proj}.weight" in moved and d.layer(v_proj).status == "ok"
     assert d.status == "dead"
+    assert "can still learn around the dead ones" in d.summary  # the model's loss falls
     assert contradictions(d, has_norm=True, has_residual=True) == []
 
 

@@ -617,6 +617,12 @@ def _summary(
         lines.append(f"Why, for layer {display_name(vanishing[0].name)}: {vanishing[0].reason}")
         if vanishing[0].advice:
             lines.append(f"First remedy: {vanishing[0].advice[0]}")
+    dead, learning = by_status.get("dead", []), by_status.get("ok", [])
+    if dead and learning:
+        lines.append(
+            f"The other layers ({len(learning)} ok) can still learn around the dead ones: the "
+            "loss may fall, while the dead layers stay as they are."
+        )
     reached = any((layer.signal_norm or 0.0) > 0 for layer in layers)
     if reached and not any(s in by_status for s in ("vanishing", "exploding", "dead", "nonfinite")):
         lines.append("No layer is starved of signal.")
