@@ -250,6 +250,42 @@ def test_a_steep_language_model_on_its_plateau_is_not_converged() -> None:
     assert losses[-1] < 0.9 * losses[0], losses
 
 
+def _sgd(
+    model: torch.nn.Module,
+    batch: Any,
+    loss_fn: Any,
+    lr: float,
+    steps: int,
+    frozen: str | None = None,
+) -> tuple[torch.nn.Module, list[float]]:
+    """Ground truth outside gradsight: a copy of ``model`` after ``steps`` full-batch SGD
+    steps (``frozen``: a module left out), and the loss before each step, up to the first
+    non-finite one."""
+    trained = copy.deepcopy(model)
+    if frozen is not None:
+        trained.get_submodule(frozen).requires_grad_(False)
+    opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=lr)
+    losses: list[float] = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = loss_fn(trained(**batch[0]), batch[1])
+        losses.append(float(loss))
+        if not math.isfinite(losses[-1]):
+            break
+        loss.backward()
+        opt.step()
+    return trained, losses
+
+
+def _moved(model: torch.nn.Module, trained: torch.nn.Module) -> set[str]:
+    """The parameters ``trained`` changed, by name."""
+    return {
+        n
+        for (n, p), q in zip(trained.named_parameters(), model.parameters(), strict=True)
+        if not torch.equal(p, q)
+    }
+
+
 def _llama_with_zero_norms(
     which: str,
 ) -> tuple[torch.nn.Module, Any, Callable[[Any, Any], torch.Tensor]]:
@@ -275,20 +311,11 @@ def test_a_gated_mlp_behind_a_zero_norm_weight_is_dead(which: str, curvature: bo
     norm zeroed they wait for the final norm's first update)."""
     model, batch, loss_fn = _llama_with_zero_norms(which)
     d = gradsight.diagnose(model, batch, loss_fn, lr=0.3, curvature=curvature)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trained = copy.deepcopy(model)
-    opt = torch.optim.SGD(trained.parameters(), lr=0.3)
-    losses = []
-    for _ in range(50):
-        opt.zero_grad()
-        loss = loss_fn(trained(**batch[0]), batch[1])
-        losses.append(float(loss))
-        loss.backward()
-        opt.step()
+    trained, losses = _sgd(model, batch, loss_fn, 0.3, 50)
     assert (
         losses[-1] < losses[0] - 1e-3
     )  # the model learns around them (slowly, with every norm zero)
-    moved = {n for n, p in trained.named_parameters() if not torch.equal(p, before[n])}
+    moved = _moved(model, trained)
     for i in range(2):
         norm = f"model.layers.{i}.post_attention_layernorm"
         mlp = [f"model.layers.{i}.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
@@ -336,19 +363,7 @@ def _blows_up(losses: list[float]) -> bool:
 def _sgd_frozen(
     model: torch.nn.Module, batch: Any, loss_fn: Any, frozen: str, lr: float
 ) -> list[float]:
-    trained = copy.deepcopy(model)
-    trained.get_submodule(frozen).requires_grad_(False)
-    opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(50):
-        opt.zero_grad()
-        loss = loss_fn(trained(**batch[0]), batch[1])
-        losses.append(float(loss))
-        if not math.isfinite(losses[-1]):
-            break
-        loss.backward()
-        opt.step()
-    return losses
+    return _sgd(model, batch, loss_fn, lr, 50, frozen=frozen)[1]
 
 
 def test_the_layer_named_for_a_blow_up_is_the_one_whose_freezing_stops_it() -> None:
@@ -406,16 +421,6 @@ def test_zero_gates_held_as_parameters_open_at_the_first_update() -> None:
         and "the gate of model.layers.1, which gates it, is exactly zero" in branch.reason
     )
     # Ground truth: every parameter moves within 5 SGD steps.
-    trained = copy.deepcopy(model)
-    opt = torch.optim.SGD(trained.parameters(), lr=0.5)
-    for _ in range(5):
-        opt.zero_grad()
-        loss_fn(trained(**batch[0]), batch[1]).backward()
-        opt.step()
-    moved = {
-        n
-        for (n, p), q in zip(trained.named_parameters(), model.parameters(), strict=True)
-        if not torch.equal(p, q)
-    }
-    assert moved >= {n for n, _ in model.named_parameters() if "layers.1." in n}
+    trained, _ = _sgd(model, batch, loss_fn, 0.5, 5)
+    assert _moved(model, trained) >= {n for n, _ in model.named_parameters() if "layers.1." in n}
     assert contradictions(d, has_norm=True, has_residual=True) == []

@@ -146,13 +146,14 @@ def test_a_spike_that_ends_in_a_frozen_loss_is_a_collapse_not_a_recovery() -> No
     assert d.status == "exploding" and "the network collapsed" in d.summary
 
 
-def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_alone() -> None:
-    """Loss = CE + 1000·MSE at lr 0.1 (the zoo's sick multi-head): one SGD step on the
-    regression head alone multiplies the loss by 174 and on trunk.2 by 34; trunk.0, at
-    lr·λmax 8.6, lowers it ×0.006 in 100 steps alone. The cls and aux heads are flat."""
-    case = next(c for c in CASES if c.key == "multi-head")
-    twin = case.twins()["sick"]
-    built = twin.build(0)
+def _multi_head_instability():  # type: ignore[no-untyped-def]
+    """The zoo's sick multi-head twin as :func:`carriers` sees it: the built twin, the
+    model returning one tensor and its loss, their layer-name prefix, each module's
+    trainable parameters, the blocks' lr·λmax (measured at lr 0.1) and the loss at the
+    start."""
+    from gradsight._outputs import tensor_output
+
+    built = next(c for c in CASES if c.key == "multi-head").twins()["sick"].build(0)
     model = built.model
     blocks = {
         name: [p for p in m.parameters(recurse=False) if p.requires_grad]
@@ -160,12 +161,19 @@ def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_al
         if any(True for _ in m.parameters(recurse=False))
     }
     products = {"trunk.0": 8.6, "trunk.2": 43.0, "heads.reg": 230.0, "heads.cls": 0.04}
-    from gradsight._outputs import tensor_output
-
     adapted = tensor_output(model, model(built.batch[0]), built.loss_fn)
     assert adapted is not None
     wrapped, loss, prefix = adapted
     start = float(built.loss_fn(model(built.batch[0]), built.batch[1]))
+    return built, wrapped, loss, prefix, blocks, products, start
+
+
+def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_alone() -> None:
+    """Loss = CE + 1000·MSE at lr 0.1 (the zoo's sick multi-head): one SGD step on the
+    regression head alone multiplies the loss by 174 and on trunk.2 by 34; trunk.0, at
+    lr·λmax 8.6, lowers it ×0.006 in 100 steps alone. The cls and aux heads are flat."""
+    built, wrapped, loss, prefix, blocks, products, start = _multi_head_instability()
+    lr = next(c for c in CASES if c.key == "multi-head").twins()["sick"].lr
     for c in (1.0, 1e-6, 1e6):  # the same carriers and shares at every scale of the loss
         found = carriers(
             wrapped,
@@ -173,7 +181,7 @@ def test_the_carriers_of_the_multi_head_instability_are_the_ones_that_blow_up_al
             lambda out, t, c=c: c * loss(out, t),
             {prefix + n: ps for n, ps in blocks.items()},
             {prefix + n: v for n, v in products.items()},
-            twin.lr / c,
+            lr / c,
             loss=c * start,
         )
         names = {n.removeprefix(prefix) for n in found}
@@ -187,22 +195,9 @@ def test_a_carrier_is_a_candidate_whose_freezing_stops_the_blow_up() -> None:
     of the top eigenvector, the two largest gradients) are tried in turn, and those
     whose freezing stops the blow-up carry it, with that run as the evidence. Where none
     does, the one-pass tests decide as before."""
-    case = next(c for c in CASES if c.key == "multi-head")
-    built = case.twins()["sick"].build(0)
-    model = built.model
-    blocks = {
-        name: [p for p in m.parameters(recurse=False) if p.requires_grad]
-        for name, m in model.named_modules()
-        if any(True for _ in m.parameters(recurse=False))
-    }
-    products = {"trunk.0": 8.6, "trunk.2": 43.0, "heads.reg": 230.0, "heads.cls": 0.04}
-    from gradsight._outputs import tensor_output
     from gradsight.diagnosis.trial import Trial
 
-    adapted = tensor_output(model, model(built.batch[0]), built.loss_fn)
-    assert adapted is not None
-    wrapped, loss, prefix = adapted
-    start = float(built.loss_fn(model(built.batch[0]), built.batch[1]))
+    built, wrapped, loss, prefix, blocks, products, start = _multi_head_instability()
     tried: list[str] = []
     calm = Trial(lr=0.1, losses=(start, 0.5 * start), rise=1.1, at=None)
     blown = Trial(lr=0.1, losses=(start, float("nan")), rise=1.1, at=1)
