@@ -389,12 +389,18 @@ def test_the_layer_named_for_a_blow_up_is_the_one_whose_freezing_stops_it() -> N
     assert contradictions(d, has_norm=True, has_residual=True) == []
 
 
-def test_zero_gates_held_as_parameters_open_at_the_first_update() -> None:
+@pytest.mark.parametrize("frozen_gates", [False, True])
+def test_zero_gates_held_as_parameters_open_at_the_first_update(frozen_gates: bool) -> None:
     """Mllama's cross-attention layers (Llama 3.2 Vision) gate their attention and MLP
     with tanh of parameters that start at exactly zero: at initialization no signal
     reaches those branches, yet the gates get a gradient and their first update opens
     them (ground truth: 5 SGD steps move every parameter). No layer reads converged or
-    vanishing for it; the branches' layers are ok, naming the gate that holds them."""
+    vanishing for it; the branches' layers are ok, naming the gate that holds them.
+
+    Sick twin: the gates frozen at zero (``requires_grad=False``, as a fine-tuning
+    script that freezes every parameter it did not add could leave them). Ground truth:
+    20 SGD steps leave every layer of the gated branches exactly as it was. They are
+    dead, each naming the frozen gate of its branch, and the advice unfreezes it."""
     config = transformers.MllamaTextConfig(
         **dict(_SMALL, num_hidden_layers=4, num_key_value_heads=1, rope_scaling=None),
         cross_attention_layers=[1, 3],
@@ -403,6 +409,10 @@ def test_zero_gates_held_as_parameters_open_at_the_first_update() -> None:
     torch.manual_seed(0)
     model = transformers.MllamaForCausalLM(config)
     model.train()
+    gates = [p for n, p in model.named_parameters() if n.endswith("_gate")]
+    assert len(gates) == 4 and all(not p.any() for p in gates)
+    for p in gates:
+        p.requires_grad_(not frozen_gates)
     ids = _tokens()
     gen = torch.Generator().manual_seed(2)
     media = torch.randn(8, 5, 32, generator=gen)
@@ -413,14 +423,36 @@ def test_zero_gates_held_as_parameters_open_at_the_first_update() -> None:
         return F.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1))
 
     d = gradsight.diagnose(model, batch, loss_fn, lr=0.5, curvature=False)
-    wrong = {layer.name: layer.status for layer in d.layers if layer.status != "ok"}
-    assert not wrong, wrong
     branch = d.layer("model.layers.1.cross_attn.q_proj")
-    assert (
-        branch.grad_norm == 0.0
-        and "the gate of model.layers.1, which gates it, is exactly zero" in branch.reason
-    )
-    # Ground truth: every parameter moves within 5 SGD steps.
-    trained, _ = _sgd(model, batch, loss_fn, 0.5, 5)
-    assert _moved(model, trained) >= {n for n, _ in model.named_parameters() if "layers.1." in n}
+    # The cross-attention layers: every module inside them is behind their gates.
+    gated = {n.rpartition(".")[0] for n, _ in model.named_parameters() if "layers.1." in n}
+    gated |= {n.rpartition(".")[0] for n, _ in model.named_parameters() if "layers.3." in n}
+    if frozen_gates:
+        trained, _ = _sgd(model, batch, loss_fn, 0.5, 20)
+        moved = {n.rpartition(".")[0] for n in _moved(model, trained)}
+        assert not moved & gated and moved  # the rest of the model learns
+        wrong = {
+            layer.name: layer.status
+            for layer in d.layers
+            if (layer.status == "dead") != (layer.name in gated) and layer.status != "frozen"
+        }
+        assert d.status == "dead" and not wrong, wrong
+        # Each layer names the gate of its own branch (each gate moved alone on a copy).
+        for name, gate in (("cross_attn.q_proj", "attn"), ("mlp.down_proj", "mlp")):
+            layer = d.layer(f"model.layers.1.{name}")
+            held = f"model.layers.1.cross_attn_{gate}_gate"
+            assert f"held there by {held}, frozen (requires_grad=False)" in layer.reason
+            assert layer.advice[0].startswith(f"Unfreeze {held} ")
+    else:
+        wrong = {layer.name: layer.status for layer in d.layers if layer.status != "ok"}
+        assert not wrong, wrong
+        assert (
+            branch.grad_norm == 0.0
+            and "the gate of model.layers.1, which gates it, is exactly zero" in branch.reason
+        )
+        # Ground truth: every parameter moves within 5 SGD steps.
+        trained, _ = _sgd(model, batch, loss_fn, 0.5, 5)
+        assert _moved(model, trained) >= {
+            n for n, _ in model.named_parameters() if "layers.1." in n
+        }
     assert contradictions(d, has_norm=True, has_residual=True) == []

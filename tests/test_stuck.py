@@ -156,3 +156,64 @@ def test_a_saddle_is_a_zero_weight_that_moved_off_zero_gets_a_gradient() -> None
     assert found.layers == set(watched) and found.saddles == {"norm_w"}
     # The model is left as it was.
     assert not model.norm_w.any() and not model.cond.weight.any() and not model.aux.weight.any()
+
+
+class _Gated(nn.Module):
+    """x + α·f(x), with α a parameter of its own (ReZero), and a head; a second input
+    path ``side`` (a condition) that the batch may leave at exactly zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+        self.alpha = nn.Parameter(torch.zeros(1))
+        self.side = nn.Linear(2, 4)
+        self.side_scale = nn.Parameter(torch.zeros(1))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = x + self.alpha * self.f(x) + self.side(c)
+        return self.head(h + self.side_scale * h)
+
+
+def test_a_frozen_zero_gate_holds_its_branch_for_good() -> None:
+    """α frozen at zero (ReZero with its gate left out of training): the branch's layers
+    get no gradient at any step (ground truth: 20 SGD steps leave them as they were),
+    while the head learns. Moved off zero on the copy, α gives them one: ``frozen_by``
+    names α as what holds them. A frozen zero that holds nothing (``side_scale``, a
+    frozen zero that scales a path the head already gets) is not named, and a layer
+    whose input is zero on the batch (``side``, its condition absent) stays stuck but is
+    not held by any frozen zero."""
+    torch.manual_seed(0)
+    model = _Gated()
+    model.alpha.requires_grad_(False)
+    model.side_scale.requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    x, c = torch.randn(16, 4, generator=gen), torch.zeros(16, 2)
+    with torch.no_grad():
+        model.side.bias.zero_()
+    batch = ((x, c), torch.randn(16, 2, generator=gen))
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    grads = torch.autograd.grad(LOSS(model(x, c), batch[1]), params)
+    index = {n: i for i, (n, _) in enumerate(named)}
+    watched = {
+        "f.0": [index["f.0.weight"], index["f.0.bias"]],
+        "f.2": [index["f.2.weight"], index["f.2.bias"]],
+        "side": [index["side.weight"]],
+    }
+    assert all(not grads[i].any() for ids in watched.values() for i in ids)
+    frozen = {"alpha": [model.alpha], "side_scale": [model.side_scale]}
+    found = still_zero(model, batch, LOSS, params, grads, watched, frozen_zeros=frozen)
+    assert found.layers == {"f.0", "f.2", "side"}
+    assert found.frozen_by == {"f.0": ("alpha",), "f.2": ("alpha",)}
+    assert not model.alpha.any() and not model.side_scale.any()  # the model is untouched
+    # Ground truth: SGD on a copy leaves the branch exactly as it was; the head moves.
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD([p for p in trained.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(20):
+        opt.zero_grad()
+        LOSS(trained(x, c), batch[1]).backward()
+        opt.step()
+    assert torch.equal(trained.f[0].weight, model.f[0].weight)
+    assert torch.equal(trained.f[2].weight, model.f[2].weight)
+    assert not torch.equal(trained.head.weight, model.head.weight)

@@ -220,7 +220,8 @@ def test_zero_initialized_residual_branches(train_branch_out: bool) -> None:
     step gives them a gradient. They are ``ok`` with the reason, never converged or
     vanishing; the zero layers' sensitivity (0 at a zero output) is not quoted. Sick
     twin: the zero layers are frozen, so the first layers never get a gradient (20 SGD
-    steps leave them as they were): the loss does not depend on them, said as such."""
+    steps leave them as they were): dead, held by the frozen zero weight, which the
+    reason names and the advice unfreezes."""
     torch.manual_seed(0)
     model = _ZeroInitResidual(train_branch_out)
     gen = torch.Generator().manual_seed(0)
@@ -245,9 +246,11 @@ def test_zero_initialized_residual_branches(train_branch_out: bool) -> None:
     else:
         assert all(torch.equal(m.weight, b) for m, b in zip(trained.fc1, before, strict=True))
         assert all(g == 0 for g in grads)
-        assert all(layer.status == "converged" for layer in first)
-        assert all("no backward signal reaches it" in layer.reason for layer in first)
-    assert d.status in ("ok", "converged")
+        for i, layer in enumerate(first):
+            assert layer.status == "dead"
+            assert f"held there by fc2.{i}.weight, frozen (requires_grad=False)" in layer.reason
+            assert layer.advice[0].startswith(f"Unfreeze fc2.{i}.weight")
+    assert d.status == ("ok" if train_branch_out else "dead")
     assert contradictions(d) == []
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -32,7 +32,7 @@ from gradsight.diagnosis.result import Diagnosis, LayerDiagnosis
 from gradsight.diagnosis.rules import first_order_overshoot
 from gradsight.diagnosis.stability import hessian_lambda_max
 from gradsight.diagnosis.steps import adaptive_step, optimizer_kind, optimizer_lr
-from gradsight.diagnosis.stuck import still_zero
+from gradsight.diagnosis.stuck import Stuck, still_zero
 from gradsight.diagnosis.trial import (
     Carrier,
     Trial,
@@ -284,9 +284,7 @@ def _diagnose(
         walk.modules,
     )
 
-    def verdicts(
-        stuck: Collection[str] = (), saddles: Collection[str] = ()
-    ) -> tuple[list[LayerDiagnosis], bool, str]:
+    def verdicts(stuck: Stuck | None = None) -> tuple[list[LayerDiagnosis], bool, str]:
         return judge(
             evidence,
             loss=loss_value,
@@ -300,16 +298,15 @@ def _diagnose(
             trial=trial,
             carriers=carried,
             stuck=stuck,
-            saddles=saddles,
         )
 
     layers, plateau, summary = verdicts()
     if finite:
         # Verdicts that rest on an exactly zero gradient ("converged", or "ok" until a
         # zero-weight layer's first update) hold only if the gradient leaves zero: tried.
-        stuck, held = _stuck(run, evidence, layers)
-        if stuck:
-            layers, plateau, summary = verdicts(stuck, held)
+        found = _stuck(run, evidence, layers)
+        if found.layers:
+            layers, plateau, summary = verdicts(found)
     origin = None
     if not finite:
         origin = _nonfinite_origin(model, walk, batch, loss_fn, params)
@@ -474,27 +471,30 @@ def _sgd_stability(
     return trial, {k.removeprefix(prefix): v for k, v in found.items()}, ""
 
 
-def _stuck(
-    run: _Run, evidence: Sequence[LayerEvidence], layers: Sequence[LayerDiagnosis]
-) -> tuple[set[str], set[str]]:
-    """The layers whose verdict rests on an exactly zero gradient (``converged`` or
-    ``ok``, with a backward signal measured, zero or not) and whose gradient stays zero
-    over a few small gradient steps on every layer
-    (:func:`~gradsight.diagnosis.stuck.still_zero`), and those of them whose weight of
-    exactly zero holds a saddle (:attr:`~gradsight.diagnosis.stuck.Stuck.saddles`: moved off
-    zero, they get a gradient). The steps are taken only where one of them has a weight
-    of exactly zero, which a stuck verdict needs to hold it; none where they could not be
-    taken."""
+def _stuck(run: _Run, evidence: Sequence[LayerEvidence], layers: Sequence[LayerDiagnosis]) -> Stuck:
+    """The layers whose verdict rests on an exactly zero gradient (``converged``, ``ok``
+    or ``vanishing``, with a backward signal measured, zero or not) and whose gradient
+    stays zero over a few small gradient steps on every layer
+    (:func:`~gradsight.diagnosis.stuck.still_zero`), and among them those held by a weight
+    of exactly zero: one of their own whose zero holds a saddle
+    (:attr:`~gradsight.diagnosis.stuck.Stuck.saddles`: moved off zero, it gets a gradient),
+    or a frozen one (:attr:`~gradsight.diagnosis.stuck.Stuck.unfrozen`: moved off zero, it
+    gives them one). The steps are taken only where a weight of exactly zero, trainable
+    among them or frozen anywhere, could hold them; none where they could not be taken."""
+    none = Stuck(set(), set())
     zero = [
         e
         for e, layer in zip(evidence, layers, strict=True)
         if layer.grad_norm == 0.0
-        and layer.status in ("converged", "ok")
+        and layer.status in ("converged", "ok", "vanishing")
         and e.signal is not None
         and e.signal.signal_norm is not None
     ]
-    if not any(zero_scale_weight(e) or zero_gate(e) for e in zero):
-        return set(), set()
+    if not zero:
+        return none
+    frozen = _frozen_zeros(run.model, evidence)
+    if not frozen and not any(zero_scale_weight(e) or zero_gate(e) for e in zero):
+        return none
     index = {id(p): i for i, p in enumerate(run.params)}
     watched = {
         e.name: [index[id(p)] for p in _trainable(run.model, e.name) if id(p) in index]
@@ -502,7 +502,7 @@ def _stuck(
     }
     watched = {name: indices for name, indices in watched.items() if indices}
     try:
-        found = still_zero(
+        return still_zero(
             run.model,
             run.batch,
             run.loss_fn,
@@ -510,11 +510,30 @@ def _stuck(
             run.start[1],
             watched,
             zero_weights={e.name for e in zero if zero_scale_weight(e) or zero_gate(e)},
+            frozen_zeros=frozen,
             walk=run.walk,
         )
     except Exception:  # a model the steps cannot run on keeps the verdicts of one pass
-        return set(), set()
-    return found.layers, found.saddles
+        return none
+
+
+def _frozen_zeros(model: nn.Module, evidence: Sequence[LayerEvidence]) -> dict[str, list[Any]]:
+    """The frozen parameters (``requires_grad=False``) of the modules that ran that are
+    exactly zero, biases aside (a zero bias gates nothing): ReZero's α, a zero BatchNorm
+    weight, LoRA's B, by qualified name (``"blocks.0.alpha"``)."""
+    found: dict[str, list[Any]] = {}
+    for e in evidence:
+        if e.signal is None:
+            continue
+        module = model.get_submodule(e.name)
+        for k, p in module._parameters.items():
+            if p is not None and not p.requires_grad and not k.endswith("bias") and _all_zero(p):
+                found[f"{e.name}.{k}" if e.name else k] = [p]
+    return found
+
+
+def _all_zero(p: torch.Tensor) -> bool:
+    return bool(p.numel()) and not bool(p.detach().ne(0).any())
 
 
 def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:

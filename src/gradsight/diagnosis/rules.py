@@ -35,7 +35,8 @@ it:
    by a trainable weight of exactly zero that gets no gradient either but gets one once
    moved off zero: a saddle no optimizer leaves, as a gated MLP behind a zero
    normalization weight makes one (unless the signal starving it was lost later:
-   ``vanishing``, below);
+   ``vanishing``, below); or held there by a frozen parameter of exactly zero that,
+   moved off zero, gives it one (a ReZero gate or a LoRA B frozen at zero);
 10. ``ok`` when the gradient is exactly zero only because a later layer's weight is
     exactly zero (no signal arrives) or an earlier one's (no input arrives), and that
     layer gets a gradient (a zero-initialized residual branch: its first update opens
@@ -277,6 +278,8 @@ class ModelFacts:
             α, Mllama's cross-attention gates).
         zero_norms: Normalization layers whose weight is exactly zero (they output their
             bias alone and pass no signal back).
+        frozen_zeros: Frozen parameters (qualified names) that are exactly zero and,
+            moved off zero, give a stuck layer a gradient: they hold it for good.
         grad_sq: ‖g‖² over every trained layer; ``grad_layers``: how many have a gradient.
         trial: Full-batch SGD at ``lr`` from the current weights (SGD with curvature, or
             where the step overshoots by first order), or None.
@@ -302,6 +305,7 @@ class ModelFacts:
     alpha_spread: float = 0.0
     zero_norms: frozenset[str] = frozenset()
     zero_gates: frozenset[str] = frozenset()
+    frozen_zeros: frozenset[str] = frozenset()
     grad_sq: float = 0.0
     grad_layers: int = 0
     trial: Trial | None = None
@@ -534,18 +538,23 @@ def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
 
 def stuck_at_zero(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """Its gradient is exactly zero and stays so over a few small gradient steps on every
-    layer (tried on a copy), held there by a trainable weight of exactly zero that stays
-    without a gradient too but gets one once moved off zero (the layer's own, or one in
-    its closest enclosing module): a saddle no optimizer leaves, while the loss still has
-    something to win. A gated MLP behind a zero normalization weight is one: SiLU(gate)·up
-    fed zero is zero in both factors, so no signal passes back to gate, up or the norm. A
-    layer that a lost signal starves is ``vanishing`` instead (the cause is later), unless
-    a zero-weight layer's first update lets that signal through; one held at zero by a
-    frozen layer, an input that is zero on the batch or a loss that weighs it 0 does not
-    affect the loss whatever its weights (``converged``)."""
+    layer (tried on a copy), held there by a weight of exactly zero that gets no gradient
+    either but gives one once moved off zero: a trainable one that itself gets a gradient
+    once moved (the layer's own, or one in its closest enclosing module), a saddle no
+    optimizer leaves; or a frozen one (``requires_grad=False``: ReZero's α, DiT's adaLN
+    modulation, LoRA's B frozen at their zero initialization), which nothing moves. A
+    gated MLP behind a zero normalization weight is one: SiLU(gate)·up fed zero is zero in
+    both factors, so no signal passes back to gate, up or the norm. A layer that a lost
+    signal starves is ``vanishing`` instead (the cause is later), unless a zero-weight
+    layer's first update lets that signal through or a frozen zero holds it; one held at
+    zero by an input that is zero on the batch or a loss that weighs it 0 does not affect
+    the loss whatever its weights (``converged``)."""
     holders = layer.stuck_by
     if not layer.stuck or not holders:
         return None
+    frozen = [h for h in holders if h in model.frozen_zeros]
+    if frozen:
+        return _held_by_frozen(frozen)
     if layer.blocked_by is None and _starved(layer, model.th):
         return None
     tried = f"over {STEPS} small gradient steps on every layer (tried on a copy)"
@@ -588,6 +597,30 @@ def stuck_at_zero(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
             "expects instead of exactly zero.",
         )
     return Verdict("dead", reason, advice)
+
+
+def _held_by_frozen(frozen: Sequence[str]) -> Verdict:
+    """``dead``, held at zero by the frozen zero parameters ``frozen``."""
+    names = (
+        " and ".join(frozen[:3])
+        if len(frozen) <= 3
+        else (f"{', '.join(frozen[:3])} and {len(frozen) - 3} more")
+    )
+    it, gives, holds = (
+        ("it", "it gives", "it holds") if len(frozen) == 1 else ("them", "they give", "they hold")
+    )
+    return Verdict(
+        "dead",
+        f"its gradient is exactly zero and stays so over {STEPS} small gradient steps on "
+        f"every layer (tried on a copy), held there by {names}, frozen (requires_grad=False) "
+        f"at exactly zero: nothing passes through {it}, so this layer never gets a gradient "
+        f"and never learns; moved off zero (on the copy), {gives} this layer one.",
+        (
+            f"Unfreeze {names} (requires_grad=True): a zero-initialized gate or scale opens "
+            "at its first update only if it is trained. To keep it frozen, start it off zero "
+            f"(or freeze the layers {holds} too).",
+        ),
+    )
 
 
 def opened_by_first_update(layer: LayerFacts, model: ModelFacts) -> Verdict | None:

@@ -18,6 +18,12 @@ A stuck weight of exactly zero is then moved off zero at random: where that give
 gradient, its zero holds a saddle (the norm above). Where it does not, the zero is not
 what holds it: the loss does not depend on it (a head weighted 0 in the loss) or its
 input is zero (a condition absent from the batch), which no initialization changes.
+
+A weight of exactly zero that is *frozen* (``requires_grad=False``) holds what it gates
+for good: ReZero's α, DiT's adaLN-Zero modulation, a ResNet's last BatchNorm or LoRA's B
+frozen at their zero initialization leave their branch without a gradient at every step.
+Those are moved off zero too, on their own pass: a stuck layer that then gets a gradient
+is held by the frozen zero.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from gradsight._batch import compute_loss
 from gradsight._state import preserved, swapped_parameters
 from gradsight._walk import ModelWalk
 
-__all__ = ["STEPS", "Stuck", "still_zero"]
+__all__ = ["ALONE", "STEPS", "Stuck", "still_zero"]
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 
@@ -43,6 +49,9 @@ STEPS = 5
 #: much at random: small, so that the steps stay in the region the diagnosis describes;
 #: only which entries move matters.
 SIZE = 1e-2
+#: Up to this many frozen zero parameters are each moved alone (one pass each), to tell
+#: which of them holds which layer.
+ALONE = 8
 
 
 class Stuck(NamedTuple):
@@ -53,6 +62,11 @@ class Stuck(NamedTuple):
     #: Those of them, among the ones whose weight is exactly zero, that get a gradient
     #: once that weight is moved off zero: their zero holds a saddle.
     saddles: set[str]
+    #: Those of them that get a gradient once the frozen zero parameters are moved off
+    #: zero, with the parameters (qualified names) that hold them: each one that gives
+    #: them a gradient moved alone (all of them, where only moved together they do, or
+    #: where there are more than :data:`ALONE` to try).
+    frozen_by: Mapping[str, tuple[str, ...]] = {}
 
 
 def still_zero(
@@ -64,13 +78,18 @@ def still_zero(
     watched: Mapping[str, Sequence[int]],
     *,
     zero_weights: Collection[str] = (),
+    frozen_zeros: Mapping[str, Sequence[torch.Tensor]] | None = None,
     steps: int = STEPS,
     walk: ModelWalk | None = None,
 ) -> Stuck:
     """The names in ``watched`` whose parameters' gradients stay exactly zero over
     ``steps`` small gradient steps on every parameter in ``params``, and those of them in
     ``zero_weights`` (layers whose weight is exactly zero) that get a gradient when, after
-    the steps, their parameters are moved off zero at random (one more pass).
+    the steps, their parameters are moved off zero at random (one more pass), and those
+    that get a gradient only when the tensors of ``frozen_zeros`` (parameters that do not
+    require a gradient and are exactly zero, by name) are moved off zero too, with the
+    ones that hold them (one more pass, and one per frozen zero where there are several:
+    :attr:`Stuck.frozen_by`).
 
     ``grads``: the gradient of each of ``params`` at the current weights (None where the
     loss does not reach it); ``watched``: for each name, the indices into ``params`` of
@@ -110,19 +129,75 @@ def still_zero(
             zero = {n for n in zero if all(_is_zero(grads[i]) for i in watched[n])}
             if not zero:
                 return Stuck(set(), set())
-        held = {n: watched[n] for n in zero if n in zero_weights}
-        if not held:
-            return Stuck(zero, set())
+        gen = torch.Generator().manual_seed(0)
         # The stuck zero weights moved off zero at random, all at once, from the weights
         # the steps reached (where any layer that waited on another has opened).
+        held = {n: watched[n] for n in zero if n in zero_weights}
         moved = {i for indices in held.values() for i in indices}
-        gen = torch.Generator().manual_seed(0)
         for i in sorted(moved):
-            noise = torch.randn(current[i].shape, generator=gen, dtype=current[i].dtype)
-            current[i] = current[i] + SIZE * noise.to(current[i].device)
-        grads = _gradients(model, batch, loss_fn, params, current, walk)
-    saddles = {n for n, indices in held.items() if not all(_is_zero(grads[i]) for i in indices)}
-    return Stuck(zero, saddles)
+            current[i] = _off_zero(current[i], gen)
+        saddles: set[str] = set()
+        opened: set[str] = set()
+        if held:
+            grads = _gradients(model, batch, loss_fn, params, current, walk)
+            opened = {n for n in zero if not all(_is_zero(grads[i]) for i in watched[n])}
+            saddles = opened & set(held)
+        frozen_by = (
+            _frozen_holders(
+                model,
+                batch,
+                loss_fn,
+                params,
+                current,
+                walk,
+                gen,
+                frozen_zeros,
+                {n: watched[n] for n in zero - opened},
+            )
+            if frozen_zeros
+            else {}
+        )
+    return Stuck(zero, saddles, frozen_by)
+
+
+def _frozen_holders(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: LossFn,
+    params: Sequence[torch.Tensor],
+    current: Sequence[torch.Tensor],
+    walk: ModelWalk | None,
+    gen: torch.Generator,
+    frozen_zeros: Mapping[str, Sequence[torch.Tensor]],
+    watched: Mapping[str, Sequence[int]],
+) -> dict[str, tuple[str, ...]]:
+    """For each of the ``watched`` stuck layers that gets a gradient once the frozen zero
+    parameters are moved off zero (all at once; a frozen zero output convolution holds a
+    trainable zero one before it, which the steps already moved), the ones that hold it:
+    those that give it a gradient moved alone (up to :data:`ALONE` tried), else all."""
+    off = {name: [_off_zero(p.detach(), gen) for p in ps] for name, ps in frozen_zeros.items()}
+
+    def opens(names: Collection[str]) -> set[str]:
+        others = {id(p): v for n in names for p, v in zip(frozen_zeros[n], off[n], strict=True)}
+        grads = _gradients(model, batch, loss_fn, params, current, walk, others)
+        return {n for n, ids in watched.items() if not all(_is_zero(grads[i]) for i in ids)}
+
+    together = opens(list(frozen_zeros))
+    alone = (
+        {name: opens([name]) for name in frozen_zeros}
+        if together and 1 < len(frozen_zeros) <= ALONE
+        else {}
+    )
+    return {
+        n: tuple(name for name, found in alone.items() if n in found) or tuple(frozen_zeros)
+        for n in sorted(together)
+    }
+
+
+def _off_zero(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``t`` moved by :data:`SIZE` at random (a new tensor)."""
+    noise = torch.randn(t.shape, generator=gen, dtype=t.dtype)
+    return t + SIZE * noise.to(t.device)
 
 
 def _gradients(
@@ -132,11 +207,13 @@ def _gradients(
     params: Sequence[torch.Tensor],
     values: Sequence[torch.Tensor],
     walk: ModelWalk | None,
+    others: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """The gradient of the loss with ``values`` in place of ``params`` (swapped in, never
-    written)."""
+    """The gradient of the loss with ``values`` in place of ``params`` and ``others``
+    (``id(parameter)`` → tensor, no gradient taken) in place of other parameters (swapped
+    in, never written)."""
     leaves = [v.detach().requires_grad_(True) for v in values]
-    swapped = {id(p): c for p, c in zip(params, leaves, strict=True)}
+    swapped = {**(others or {}), **{id(p): c for p, c in zip(params, leaves, strict=True)}}
     with swapped_parameters(model, swapped, walk), torch.enable_grad():
         _, loss = compute_loss(model, batch, loss_fn)
         return torch.autograd.grad(loss, leaves, allow_unused=True)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gradsight._format import display_name, one_decimal
@@ -36,6 +36,7 @@ from gradsight.diagnosis.chain import ratio
 from gradsight.diagnosis.headroom import BlockCurvature, ModelHeadroom, best_headroom
 from gradsight.diagnosis.result import STATUSES, LayerDiagnosis, Status
 from gradsight.diagnosis.rules import RULES, LayerFacts, ModelFacts, Rule, Thresholds, apply_rules
+from gradsight.diagnosis.stuck import Stuck
 from gradsight.diagnosis.trial import Carrier, Trial
 from gradsight.probes import ActivationStats, ModuleSignal
 
@@ -122,8 +123,7 @@ def judge(
     rules: Sequence[Rule] = RULES,
     trial: Trial | None = None,
     carriers: Mapping[str, Carrier] | None = None,
-    stuck: Collection[str] = (),
-    saddles: Collection[str] = (),
+    stuck: Stuck | None = None,
 ) -> tuple[list[LayerDiagnosis], bool, str]:
     """Turn per-layer evidence into verdicts.
 
@@ -146,9 +146,7 @@ def judge(
         carriers: Where the trial blew up, the layers that carry the instability and why
             (:func:`gradsight.diagnosis.trial.carriers`).
         stuck: Layers whose exactly zero gradient stayed zero over a few small gradient
-            steps (:func:`gradsight.diagnosis.stuck.still_zero`).
-        saddles: Those of them whose weight of exactly zero holds a saddle: moved off
-            zero, they get a gradient (:attr:`gradsight.diagnosis.stuck.Stuck.saddles`).
+            steps, and what holds them (:func:`gradsight.diagnosis.stuck.still_zero`).
 
     Returns:
         ``(layers, plateau, summary)``.
@@ -202,6 +200,9 @@ def judge(
             e.name for e in ran_ev if "Norm" in e.module_type and zero_scale_weight(e)
         ),
         zero_gates=frozenset(e.name for e in ran_ev if zero_gate(e)),
+        frozen_zeros=frozenset(
+            h for holders in (stuck.frozen_by.values() if stuck else ()) for h in holders
+        ),
         trial=trial,
         carriers_measured=bool(carriers),
     )
@@ -224,7 +225,8 @@ def judge(
     ]
     flat_norms = [e.name in facts.zero_norms for e in ran_ev]  # by position
     # Stuck layers whose zero weight holds a saddle, by position: what holds a stuck layer.
-    holders = [(i, e.name) for i, e in enumerate(ran_ev) if e.name in saddles]
+    stuck = stuck or Stuck(set(), set())
+    holders = [(i, e.name) for i, e in enumerate(ran_ev) if e.name in stuck.saddles]
     layers = []
     for e in evidence:
         d, layer = _measure(e, facts, curvature.get(e.name), position, upstream, global_step, scale)
@@ -234,8 +236,8 @@ def judge(
             layer = dataclasses.replace(
                 layer, zero_weight=e.name in zero, blocked_by=blocked, zero_scale=scale_zero
             )
-        if e.name in stuck:
-            held = _held_by(e.name, layer.position, holders)
+        if e.name in stuck.layers:
+            held = stuck.frozen_by.get(e.name) or _held_by(e.name, layer.position, holders)
             layer = dataclasses.replace(layer, stuck=True, stuck_by=held)
         if e.name in carriers:
             layer = dataclasses.replace(layer, carrier=carriers[e.name])
