@@ -598,10 +598,12 @@ def test_a_layer_blocked_by_a_zero_initialized_one_is_ok_not_converged() -> None
 def test_a_layer_held_at_zero_by_a_stuck_zero_weight_is_dead() -> None:
     """Exactly zero gradient that stays zero over a few gradient steps, held by a
     trainable weight of exactly zero that gets no gradient either (a gated MLP behind a
-    zero norm): dead, naming that weight, with the norm's fix first. Without such a
-    holder (a frozen zero layer after it: the loss does not depend on it whatever
-    training does) or where a lost signal starves it with nothing to open the path, the
-    verdict is the one-pass one; a "no signal yet" that the steps refuted is not given."""
+    zero norm): dead, naming that weight, with the norm's fix first; held by a frozen
+    parameter of exactly zero (ReZero's α frozen at zero), dead even where no signal
+    reaches it, naming the parameter and unfreezing it first. Without such a holder (a
+    loss that weighs it 0: the loss does not depend on it whatever training does) or
+    where a lost signal starves it with nothing to open the path, the verdict is the
+    one-pass one; a "no signal yet" that the steps refuted is not given."""
     gate = _layer(
         name="mlp.gate",
         signal=_signal("mlp.gate", norm=0.0, output_norm=0.0),
@@ -630,6 +632,19 @@ def test_a_layer_held_at_zero_by_a_stuck_zero_weight_is_dead() -> None:
     )
     starved = dataclasses.replace(gate, upstream_sens=0.0)
     assert _verdict(starved, _model())[0] == "vanishing"
+    frozen = dataclasses.replace(starved, stuck_by=("blocks.0.alpha",))
+    status, reason, advice = _verdict(frozen, _model(frozen_zeros=frozenset({"blocks.0.alpha"})))
+    assert status == "dead" and "held there by blocks.0.alpha, frozen (requires_grad=False)" in (
+        reason
+    )
+    assert "nothing passes through it" in reason
+    assert advice[0].startswith("Unfreeze blocks.0.alpha (requires_grad=True)")
+    pair = ("blocks.0.attn_gate", "blocks.0.mlp_gate")
+    status, reason, advice = _verdict(
+        dataclasses.replace(frozen, stuck_by=pair), _model(frozen_zeros=frozenset(pair))
+    )
+    assert status == "dead" and "blocks.0.attn_gate and blocks.0.mlp_gate, frozen" in reason
+    assert "nothing passes through them" in reason and "the layers they hold" in advice[0]
 
 
 def test_vanishing_is_not_excused_by_the_headroom_of_an_exactly_zero_gradient() -> None:

@@ -760,6 +760,14 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
             f"carries nothing (exactly zero), so they cannot move the loss{rest}; nothing "
             "for it to win until the layers before it pass something on.",
         )
+    if layer.grad_norm == 0 and signal == 0:
+        where = "the loss weighs its output 0" if layer.last else "no backward signal reaches it"
+        return Verdict(
+            "converged",
+            f"{where} (exactly zero): the loss does not depend on it, so its gradient is "
+            "exactly zero and there is nothing for it to win (a loss term weighted 0 does "
+            "this; if it should be trained, look for what multiplies its output by zero).",
+        )
     if layer.last:
         reach = "the loss's own signal reaches it (the last layer)"
     elif layer.rel_sens is None:
