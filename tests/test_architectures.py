@@ -456,3 +456,41 @@ def test_zero_gates_held_as_parameters_open_at_the_first_update(frozen_gates: bo
             n for n, _ in model.named_parameters() if "layers.1." in n
         }
     assert contradictions(d, has_norm=True, has_residual=True) == []
+
+
+def test_a_mixture_of_experts_is_judged_with_its_router_loss() -> None:
+    """Mixtral trained the Hugging Face way: ``output_router_logits=True`` and the
+    model's own loss (``lambda out, y: out.loss``), which adds 0.02 × the router's
+    load-balancing loss to the cross-entropy of the logits. The baseline and curvature
+    replace the logits; the router's term, which does not depend on them, is carried as
+    a constant (it used to make both fail: no baseline, "Curvature was not measured", and
+    "ok" at an lr that blows up). Ground truth: 20 SGD steps at lr 10 blow up; the same
+    model without the router loss reads exploding too, with the same baseline up to that
+    constant."""
+    config = dict(_SMALL, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2)
+    ids = _tokens()
+    found = {}
+    for aux in (False, True):
+        torch.manual_seed(0)
+        model = transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(
+                **config, output_router_logits=aux, router_aux_loss_coef=0.02
+            )
+        )
+        model.train()
+        batch = ({"input_ids": ids, "labels": ids}, ids)
+
+        def own(out: Any, y: torch.Tensor) -> torch.Tensor:
+            return out.loss
+
+        d = gradsight.diagnose(model, batch, own, lr=10.0)
+        assert "not measured" not in d.summary, d.summary
+        assert d.status == "exploding" and d.trial_blew_up, d.summary
+        assert contradictions(d, has_norm=True, has_residual=True) == []
+        out = model(**batch[0])
+        found[aux] = (d.baseline_loss, 0.02 * float(out.aux_loss) if aux else 0.0)
+    losses = _sgd(model, batch, own, 10.0, 20)[1]
+    assert _blows_up(losses), losses
+    (base, _), (base_aux, added) = found[False], found[True]
+    assert base is not None and base_aux is not None and added > 0
+    assert base_aux == pytest.approx(base + added, rel=1e-5)

@@ -91,6 +91,7 @@ def checked_model_loss(
     ref = float(loss.detach().float())
     if not math.isfinite(ref):
         return None
+    added = _added_terms(model, output)
     for compute in _loss_candidates(model):
         try:
             with torch.no_grad(), warnings.catch_warnings():
@@ -98,15 +99,33 @@ def checked_model_loss(
                 value = float(compute(logits.detach(), labels, num_items))
         except Exception:
             continue
-        if abs(value - ref) <= 1e-4 * max(abs(ref), 1e-12):
-            return _of_logits(compute, labels)
+        for extra in (0.0, added) if added else (0.0,):
+            if abs(value + extra - ref) <= 1e-4 * max(abs(ref), 1e-12):
+                return _of_logits(compute, labels, extra)
     return None
 
 
-def _of_logits(compute: Callable[..., torch.Tensor], labels: torch.Tensor) -> LossFn:
+def _added_terms(model: torch.nn.Module, output: Any) -> float:
+    """What a mixture-of-experts model adds to its loss besides that of its logits: the
+    router's load-balancing loss times ``config.router_aux_loss_coef`` (Mixtral,
+    Qwen2-MoE, OLMoE with ``output_router_logits=True``), else 0. It depends on the router
+    logits, not on the logits the baseline and curvature replace: for them it is a
+    constant."""
+    aux = output.get("aux_loss") if isinstance(output, Mapping) else None
+    coef = getattr(getattr(model, "config", None), "router_aux_loss_coef", None)
+    if not isinstance(aux, torch.Tensor) or aux.numel() != 1 or not isinstance(coef, float | int):
+        return 0.0
+    value = float(coef) * float(aux.detach().float())
+    return value if math.isfinite(value) else 0.0
+
+
+def _of_logits(
+    compute: Callable[..., torch.Tensor], labels: torch.Tensor, extra: float = 0.0
+) -> LossFn:
     def loss_fn(outputs: Any, targets: Any) -> torch.Tensor:
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs
-        return compute(logits, targets if isinstance(targets, torch.Tensor) else labels)
+        value = compute(logits, targets if isinstance(targets, torch.Tensor) else labels)
+        return value + extra if extra else value
 
     return loss_fn
 
