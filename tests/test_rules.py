@@ -735,3 +735,28 @@ def test_a_zero_initialized_layer_is_not_converged_on_its_zero_scale_free_gradie
     assert status == "ok"
     assert "exactly zero (zero-initialized)" in reason
     assert _verdict(_layer(g_rel=1e-9), _model(plateau=False))[0] == "converged"
+
+
+def test_a_signal_that_dies_inside_the_layer_makes_it_dead() -> None:
+    """A router whose softmax is saturated: the signal reaches its output, yet its
+    gradient and the signal at its input are exactly zero. An exactly zero input gives
+    the same zero gradient but passes the signal back to that input: converged, as
+    before, with the input named. A solved model has nothing dead."""
+    router = _layer(
+        name="mlp.gate",
+        signal=_signal("mlp.gate", norm=7e-5, input_norm=0.0),
+        grad_norm=0.0,
+        g_rel=0.0,
+        rel_sens=1e-3,
+        position=1,
+    )
+    status, reason, advice = _verdict(router, _model())
+    assert status == "dead" and reason.startswith("a backward signal reaches its output (7.0e-05)")
+    assert "its gradient and the signal at its input are exactly zero" in reason
+    assert "load-balancing loss" in advice[0]
+    fed_zero = dataclasses.replace(router, signal=_signal("mlp.gate", norm=7e-5, input_norm=0.3))
+    status, reason, _ = _verdict(fed_zero, _model())
+    assert status == "converged" and "the input its weights act on carries nothing" in reason
+    unmeasured = dataclasses.replace(router, signal=_signal("mlp.gate", norm=7e-5, input_norm=None))
+    assert _verdict(unmeasured, _model())[0] == "converged"
+    assert _verdict(router, _model(solved=True))[0] == "converged"

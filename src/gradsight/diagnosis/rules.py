@@ -29,33 +29,36 @@ it:
    reaching the layer is crushed and its own gradient moves the loss by nothing: it
    neither learns nor passes a signal. A partly dead layer that still learns keeps its
    status, and its reason says "partly dead";
-8. ``exploding`` when the backward signal grows at every later layer;
-9. ``dead`` when the gradient is exactly zero and stays so over a few small gradient
-   steps on every layer (tried on a copy, :mod:`gradsight.diagnosis.stuck`), held there
-   by a trainable weight of exactly zero that gets no gradient either but gets one once
-   moved off zero: a saddle no optimizer leaves, as a gated MLP behind a zero
-   normalization weight makes one (unless the signal starving it was lost later:
-   ``vanishing``, below); or held there by a frozen parameter of exactly zero that,
-   moved off zero, gives it one (a ReZero gate or a LoRA B frozen at zero);
-10. ``ok`` when the gradient is exactly zero only because a later layer's weight is
+8. ``dead`` when a backward signal reaches the layer's output, yet its gradient and the
+   signal at its input are both exactly zero: the signal dies inside the module (a
+   mixture-of-experts router whose softmax is saturated, certain of its choice);
+9. ``exploding`` when the backward signal grows at every later layer;
+10. ``dead`` when the gradient is exactly zero and stays so over a few small gradient
+    steps on every layer (tried on a copy, :mod:`gradsight.diagnosis.stuck`), held there
+    by a trainable weight of exactly zero that gets no gradient either but gets one once
+    moved off zero: a saddle no optimizer leaves, as a gated MLP behind a zero
+    normalization weight makes one (unless the signal starving it was lost later:
+    ``vanishing``, below); or held there by a frozen parameter of exactly zero that,
+    moved off zero, gives it one (a ReZero gate or a LoRA B frozen at zero);
+11. ``ok`` when the gradient is exactly zero only because a later layer's weight is
     exactly zero (no signal arrives) or an earlier one's (no input arrives), and that
     layer gets a gradient (a zero-initialized residual branch: its first update opens
     the path);
-11. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
+12. ``vanishing`` when the loss's sensitivity to the layer is a tiny fraction of the
     largest while the model has headroom, the layer's own headroom (when measured, and
     defined: not 0/0 at an exactly zero gradient) is not negligible, and the signal is
     lost on the way back: no earlier layer gets a strong signal either. Where earlier
     layers do (through a skip connection or a parallel path, e.g. attention queries and
     keys at initialization beside the value path), little of the signal enters this
     layer's branch; the reason says so, and the status follows the layer's own headroom;
-12. ``vanishing`` through time: a recurrent layer whose signal does not reach the time
+13. ``vanishing`` through time: a recurrent layer whose signal does not reach the time
     steps where its inputs are (input-weighted reach below ``time_vanishing``) while the
     loss sits on its plateau and no step the signal does reach helps;
-13. ``converged`` when the layer's own headroom is negligible, unless the loss is no
+14. ``converged`` when the layer's own headroom is negligible, unless the loss is no
     better than the best constant prediction while the layer's scale-free gradient is
     not small (a steep curvature, not an optimum: a gradient that is not small rules one
     out);
-14. ``ok``: learning.
+15. ``ok``: learning.
 
 A layer whose output is exactly zero while a signal reaches it (a zero-initialized
 layer) has no relative sensitivity (``‖∂L/∂z‖·‖z‖`` is 0 whatever the signal): it is
@@ -520,6 +523,36 @@ def dead(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     )
 
 
+def blocked_inside(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
+    """A backward signal reaches its output, yet its gradient and the signal at its input
+    are both exactly zero: the signal dies inside the module, between its output and its
+    weights (a router whose softmax is saturated, so that its top-k choice is certain; a
+    hard choice that passes no gradient). An exactly zero input would not do this: a
+    weight whose input is zero still passes the signal back to that input. It neither
+    learns nor passes a signal: ``dead``."""
+    sig = layer.signal
+    if sig is None or layer.used_by is not None or layer.grad_norm != 0.0:
+        return None
+    if not sig.signal_norm or sig.input_signal_norm != 0.0:
+        return None
+    return Verdict(
+        "dead",
+        f"a backward signal reaches its output ({_e(sig.signal_norm)}), but none passes "
+        "through it: its gradient and the signal at its input are exactly zero, so the "
+        "signal dies inside it, between its output and its weights, as a saturated softmax "
+        "(a router certain of its choice) or a hard choice (top-k, argmax) makes it. It "
+        "neither learns nor passes a signal.",
+        (
+            "If it is a mixture-of-experts router: make its choice less certain (a smaller "
+            "initialization of the router weights or of the features it reads, a router "
+            "z-loss) and train it with the load-balancing loss (output_router_logits=True in "
+            "transformers), which reaches the router's logits directly.",
+            "Otherwise look in its forward for what passes no gradient between its weights and "
+            "its output (a detach, an argmax, a softmax or sigmoid at saturation).",
+        ),
+    )
+
+
 def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """The backward signal grows at every later layer, by ≥ ``th.exploding`` in all."""
     sig, i = layer.signal, layer.position
@@ -860,6 +893,7 @@ RULES: tuple[Rule, ...] = (
     solved,
     no_headroom,
     dead,
+    blocked_inside,
     growing_signal,
     stuck_at_zero,
     opened_by_first_update,
