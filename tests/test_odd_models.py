@@ -204,6 +204,38 @@ def test_nonfinite_origin_names_the_planted_fault(kind: str, where: int) -> None
     assert str(where) in d.summary
 
 
+class _ScanBlock(nn.Module):
+    """Submodules around code of its own that makes the NaN (as Mamba's mixer computes
+    its selective scan between in_proj and out_proj)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_proj, self.out_proj = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.in_proj(x)
+        return self.out_proj(torch.log(h - 10.0))  # NaN, made here: not in a submodule
+
+
+def test_nonfinite_origin_is_the_module_whose_own_code_makes_it() -> None:
+    """The first module with a NaN output (out_proj) got it in its input, made by the
+    code of the block around it: the origin is the block, and the summary says so (it
+    used to send the user to out_proj's weights). NaN in the batch itself is said as
+    such."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), _ScanBlock(), nn.Linear(4, 2))
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    d = _unchanged(model, lambda: gradsight.diagnose(model, batch, ce))
+    assert d.status == "nonfinite" and d.nonfinite_origin == "1"
+    assert "it starts at module '1', in its own code between its submodules" in d.summary
+    assert "the input it passes to '1.out_proj' already holds NaN/Inf" in d.summary
+    x = batch[0].clone()
+    x[0, 0] = float("nan")
+    d = _unchanged(model, lambda: gradsight.diagnose(model, (x, batch[1]), ce))
+    assert d.status == "nonfinite" and d.nonfinite_origin == "0"
+    assert "it is in the model's inputs already (the first module to get it is '0')" in d.summary
+
+
 def test_recurrent_layer_records_the_signal_through_time() -> None:
     torch.set_default_dtype(torch.float64)
     try:

@@ -309,11 +309,8 @@ def _diagnose(
             layers, plateau, summary = verdicts(found)
     origin = None
     if not finite:
-        origin = _nonfinite_origin(model, walk, batch, loss_fn, params)
-        summary = (
-            f"The loss or a gradient is NaN/Inf (loss {loss_value}); it starts at module "
-            f"{origin!r}.\n" + summary
-        )
+        origin, where = _nonfinite_origin(model, walk, batch, loss_fn, params)
+        summary = f"The loss or a gradient is NaN/Inf (loss {loss_value}); {where}.\n" + summary
     summary += skipped
     status = "nonfinite" if not finite else worst_status([layer.status for layer in layers])
     return Diagnosis(
@@ -339,23 +336,39 @@ def _nonfinite_origin(
     batch: Any,
     loss_fn: Callable[[Any, Any], torch.Tensor],
     params: list[nn.Parameter],
-) -> str | None:
-    """The first module whose output (or, if the forward pass is finite, backward signal)
-    is NaN/Inf: the same pass again (same RNG seed, so the same dropout masks), with a
-    finiteness check at every module."""
+) -> tuple[str | None, str]:
+    """The first module whose own computation makes the output NaN/Inf (or, if the
+    forward pass is finite, the backward signal), and the sentence that says where: the
+    same pass again (same RNG seed, so the same dropout masks), with a finiteness check
+    at every module."""
     probe = SignalProbe(
         model, check_finite=True, stop_at_nonfinite=True, named_modules=walk.named_modules
     )
+    found: NonfiniteOutput | None = None
     with preserved(model, walk=walk), probe:
         try:
             _, loss = compute_loss(model, batch, loss_fn)
-        except NonfiniteOutput as found:  # the forward pass stops where it turns NaN/Inf
-            return found.module
-        probe.end_forward()
-        if probe.nonfinite_forward is not None:  # found, but a model caught the signal
-            return probe.nonfinite_forward
-        torch.autograd.grad(loss, params + probe.extra_inputs, allow_unused=True)
-    return probe.result().nonfinite_backward
+        except NonfiniteOutput as stopped:  # the forward pass stops where it turns NaN/Inf
+            found = stopped
+        else:
+            probe.end_forward()
+            found = probe.nonfinite_found  # found, but a model caught the signal
+            if found is None:
+                torch.autograd.grad(loss, params + probe.extra_inputs, allow_unused=True)
+    if found is None:
+        origin = probe.result().nonfinite_backward
+        return origin, f"it starts at module {origin!r}"
+    if found.in_inputs:
+        return found.module, (
+            f"it is in the model's inputs already (the first module to get it is {found.module!r})"
+        )
+    if found.passed_to is not None:
+        return found.module, (
+            f"it starts at module {found.module!r}, in its own code between its submodules: the "
+            f"input it passes to {found.passed_to!r} already holds NaN/Inf, while every module "
+            "before it has a finite output"
+        )
+    return found.module, f"it starts at module {found.module!r}"
 
 
 class _Run(NamedTuple):

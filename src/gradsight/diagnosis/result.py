@@ -118,8 +118,10 @@ class Diagnosis:
         baseline_loss: The loss of the best constant prediction (None if unknown).
         plateau: True when the loss is no better than ``baseline_loss``.
         lr: The learning rate the verdicts assume (None: not given).
-        nonfinite_origin: The first module whose output (or, if the forward pass is
-            finite, backward signal) is NaN/Inf; else None.
+        nonfinite_origin: The first module whose own computation makes the output (or,
+            if the forward pass is finite, the backward signal) NaN/Inf: where the first
+            non-finite output's input is non-finite already, the module around it whose
+            code between its submodules made it; else None.
         summary: Plain-language summary: which layers vanish, where and why.
         headroom: Loss a damped Newton step on the whole model would win, as a fraction
             of the loss, at most 1 (a quadratic model predicting more than the whole loss

@@ -108,11 +108,26 @@ _KEPT_ENTRIES = 1 << 20
 
 class NonfiniteOutput(BaseException):
     """Raised from a forward hook by a probe with ``stop_at_nonfinite``: ``module`` is the
-    first module whose output is NaN/Inf; the rest of the forward pass does not run."""
+    first module whose own computation made a NaN/Inf; the rest of the forward pass does
+    not run. Where the first module with a NaN/Inf output got it in its input from the
+    code of the module around it (between that module's submodules: Mamba's selective
+    scan), ``module`` is that enclosing module and ``passed_to`` the submodule; where no
+    module made it (the model's inputs hold it), ``module`` is the first module that got
+    it and ``in_inputs`` is True."""
 
-    def __init__(self, module: str) -> None:
+    def __init__(self, module: str, passed_to: str | None = None, in_inputs: bool = False) -> None:
         super().__init__(module)
         self.module = module
+        self.passed_to = passed_to
+        self.in_inputs = in_inputs
+
+
+def _nonfinite_input(args: Any) -> bool:
+    """Whether a floating tensor among a module's inputs holds a NaN/Inf."""
+    return any(
+        (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t.detach()).all())
+        for t in tensors(args)
+    )
 
 
 class _ActivationWatcher(TorchFunctionMode):
@@ -330,6 +345,10 @@ class SignalProbe(LeanHooks):
             tuple[ModuleAccumulator, ActivationSpec, torch.Tensor, int]
         ] = []
         self._nonfinite_forward: str | None = None
+        self._nonfinite_found: NonfiniteOutput | None = None
+        # With check_finite: the modules whose forward is running, outermost first, and
+        # whether their inputs held a NaN/Inf.
+        self._running: list[tuple[str, bool]] = []
         self._first_bad_grad: tuple[str, str] | None = None  # (module name, "in"/"out")
         # collect_columns: activation tensors copied aside, reduced many steps at a time
         self._deferred = DeferredStatistics()
@@ -425,6 +444,8 @@ class SignalProbe(LeanHooks):
             if not self._active:
                 return None
             acc = accs[id(module)]
+            if self.check_finite:
+                self._running.append((acc.name, _nonfinite_input((args, kwargs))))
             if acc.owns_params:
                 self._pending_owner = None  # a new layer starts: no activation is pending
                 if self._mode is not None:
@@ -494,6 +515,8 @@ class SignalProbe(LeanHooks):
             if not self._active:
                 return
             acc = accs[id(module)]
+            if self.check_finite and self._running:
+                self._running.pop()
             if not self.input_signals and not self.check_finite:  # no pre-hook counted it
                 if acc.owns_params and acc.calls == 0:
                     self._order.append(acc)
@@ -512,9 +535,19 @@ class SignalProbe(LeanHooks):
                     and (t.is_floating_point() or t.is_complex())
                     and not bool(torch.isfinite(t.detach()).all())
                 ):
-                    self._nonfinite_forward = acc.name
+                    origin, passed_to, in_inputs = acc.name, None, False
+                    if _nonfinite_input(args):
+                        # Made by code between submodules: that of the innermost module
+                        # around it whose own input was finite; none: the model's inputs.
+                        makers = [name for name, bad in reversed(self._running) if not bad]
+                        if makers:
+                            origin, passed_to = makers[0], acc.name
+                        else:
+                            in_inputs = True
+                    self._nonfinite_forward = origin
+                    self._nonfinite_found = NonfiniteOutput(origin, passed_to, in_inputs)
                     if self.stop_at_nonfinite:
-                        raise NonfiniteOutput(acc.name)  # not an Exception: past the guard
+                        raise self._nonfinite_found  # not an Exception: past the guard
                 if differentiable(t):
                     self._on_gradient(t, acc, "out")
             if acc.owns_params:
@@ -530,8 +563,14 @@ class SignalProbe(LeanHooks):
 
     @property
     def nonfinite_forward(self) -> str | None:
-        """With ``check_finite``: the first module whose output was NaN/Inf so far."""
+        """With ``check_finite``: the first module whose own computation made a NaN/Inf so
+        far (see :class:`NonfiniteOutput`)."""
         return self._nonfinite_forward
+
+    @property
+    def nonfinite_found(self) -> NonfiniteOutput | None:
+        """With ``check_finite``: where the first NaN/Inf of the forward pass was made."""
+        return self._nonfinite_found
 
     def end_forward(self) -> None:
         """The forward pass and the loss are computed: stop watching torch functions
