@@ -328,11 +328,15 @@ class Carrier:
             where that was tried (its block's lr·λmax above 2).
         frozen: The trial with this layer frozen, where freezing it stops the blow-up
             (the rest trains): the layer the instability needs.
+        not_alone: Freezing it alone was tried and does not stop the blow-up (no layer
+            tried does): it is named by its share or its step alone, and others share
+            the instability.
     """
 
     share: float
     alone: float | None = None
     frozen: Trial | None = None
+    not_alone: bool = False
 
     def describe(self) -> str:
         if self.frozen is not None:
@@ -361,7 +365,13 @@ class Carrier:
                     else "makes the loss non-finite"
                 )
             )
-        return " and ".join(parts) or "it holds the largest share of the sharpest direction"
+        said = " and ".join(parts) or "it holds the largest share of the sharpest direction"
+        if self.not_alone:
+            said += (
+                "; yet freezing it alone does not stop the blow-up (tried on a copy, as on "
+                "the other likeliest layers): other layers share the instability"
+            )
+        return said
 
 
 #: The most memory the Lanczos basis of :func:`carriers` may take (``max_matvecs``
@@ -421,11 +431,12 @@ def carriers(
     mass = {id(p): float(v.square().sum()) for p, v in zip(flat, vector.split(sizes), strict=True)}
     grad = dict(zip(map(id, flat), (scale * op.gradient).split(sizes), strict=True))
     shares = {name: sum(mass[id(p)] for p in params) for name, params in blocks.items()}
+    tried: set[str] = set()
     if frozen_trial is not None:
-        found = _frozen_carriers(blocks, shares, grad, frozen_trial, candidates)
+        found, tried = _frozen_carriers(blocks, shares, grad, frozen_trial, candidates)
         if found:
             return found
-    out = {name: Carrier(s) for name, s in shares.items() if s >= share}
+    out = {name: Carrier(s, not_alone=name in tried) for name, s in shares.items() if s >= share}
     for name, params in blocks.items():
         if name in out or products.get(name, 0.0) <= 2 or not params:
             continue
@@ -433,10 +444,10 @@ def carriers(
         after = loss_at(model, batch, loss_fn, params, step)
         if _past(after, loss, rise):
             ratio = after / loss if loss > 0 and math.isfinite(after) else math.inf
-            out[name] = Carrier(shares[name], alone=ratio)
+            out[name] = Carrier(shares[name], alone=ratio, not_alone=name in tried)
     if not out and shares:
         top = max(shares, key=lambda name: shares[name])
-        out[top] = Carrier(shares[top])
+        out[top] = Carrier(shares[top], not_alone=top in tried)
     return out
 
 
@@ -446,25 +457,27 @@ def _frozen_carriers(
     grad: Mapping[int, torch.Tensor],
     frozen_trial: Callable[[str], Trial | None],
     candidates: int,
-) -> dict[str, Carrier]:
+) -> tuple[dict[str, Carrier], set[str]]:
     """The candidates whose freezing stops the blow-up, so that the rest trains (the loss
     ends below its start): the ``candidates`` blocks largest by share of the top
-    eigenvector and the ``candidates`` largest by gradient norm. A language model's
-    output layer carries it while holding little of the sharpest direction; its gradient
-    is among the largest."""
+    eigenvector and the ``candidates`` largest by gradient norm; and the candidates
+    whose frozen trial ran. A language model's output layer carries it while holding
+    little of the sharpest direction; its gradient is among the largest."""
     norms = {
         name: math.fsum(float(grad[id(p)].square().sum()) for p in params)
         for name, params in blocks.items()
     }
     by_share = sorted(shares, key=lambda name: -shares[name])[:candidates]
     by_grad = sorted(norms, key=lambda name: -norms[name])[:candidates]
-    out = {}
+    out, tried = {}, set()
     for name in dict.fromkeys([*by_share, *by_grad]):  # each once, in that order
         trial = frozen_trial(name)
+        if trial is not None:
+            tried.add(name)
         # The rest trains: no blow-up, and the loss ends below where it started.
         if trial is not None and not trial.blew_up and trial.losses[-1] < trial.losses[0]:
             out[name] = Carrier(shares[name], frozen=trial)
-    return out
+    return out, tried
 
 
 def _sharpest_direction(op: HessianOperator, max_matvecs: int) -> torch.Tensor:
