@@ -533,3 +533,43 @@ def test_a_collapsed_router_is_dead(collapsed: bool) -> None:
         else:
             assert name in moved and layer.status == "ok", layer.reason
     assert contradictions(d, has_norm=True, has_residual=True) == []
+
+
+def test_a_vision_transformer_s_blow_up_is_carried_by_its_classifier() -> None:
+    """Swin (transformers, from a config) at SGD lr 1 blows up. Ground truth: 30 SGD
+    steps end in NaN or far above the start, and of the layers gradsight names only
+    those whose freezing trains the rest; the classifier, which holds little of the
+    sharpest direction and is not among the largest gradients, is the one (the patch
+    projection and the downsampling used to be named: freezing them still blows up).
+    The output layer and the last normalization are always among the frozen trials."""
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        embed_dim=32,
+        depths=[2, 2],
+        num_heads=[2, 2],
+        window_size=2,
+        drop_path_rate=0.0,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=4,
+    )
+    model = transformers.SwinForImageClassification(config)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(32) % 4
+    x = 0.5 * torch.randn(32, 3, 16, 16, generator=gen)
+    for i in range(32):
+        r, c = divmod(int(y[i]), 2)
+        x[i, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 1.0
+    batch = ({"pixel_values": x}, y)
+    d = gradsight.diagnose(model, batch, _classes, lr=1.0)
+    named = [layer.name for layer in d.layers if layer.status == "exploding"]
+    assert d.status == "exploding" and "classifier" in named, d.summary
+    assert _blows_up(_sgd(model, batch, _classes, 1.0, 30)[1])
+    for name in named:
+        losses = _sgd(model, batch, _classes, 1.0, 30, frozen=name)[1]
+        assert not _blows_up(losses) and losses[-1] < losses[0], (name, losses)
+    assert contradictions(d, has_norm=True, has_residual=True) == []
