@@ -573,3 +573,75 @@ def test_a_vision_transformer_s_blow_up_is_carried_by_its_classifier() -> None:
         losses = _sgd(model, batch, _classes, 1.0, 30, frozen=name)[1]
         assert not _blows_up(losses) and losses[-1] < losses[0], (name, losses)
     assert contradictions(d, has_norm=True, has_residual=True) == []
+
+
+def _bart_seq2seq() -> tuple[torch.nn.Module, Any]:
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=V,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    model = transformers.BartForConditionalGeneration(config)
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randint(3, V, (16, 8), generator=gen)
+    y = (3 * src + 1) % V
+    start = torch.full((16, 1), 2)
+    return model, ({"input_ids": src, "decoder_input_ids": torch.cat([start, y[:, :-1]], 1)}, y)
+
+
+def _seq_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.logits.reshape(-1, V), y.reshape(-1))
+
+
+@pytest.mark.parametrize("zeroed", ["out_proj", "all"])
+def test_bart_with_its_cross_attention_zeroed(zeroed: str) -> None:
+    """BART (transformers, from a config) with its cross-attention zero-initialized.
+
+    Only the output projections zeroed (a healthy zero-init design): ground truth, 20
+    SGD steps move every parameter. The model is ok, and the token embedding, one tensor
+    listed as model.shared, encoder.embed_tokens, decoder.embed_tokens and lm_head, gets
+    one verdict: the encoder's copy, whose output gets no signal yet, used to read
+    "vanishing" beside the same tensor learning through the decoder.
+
+    Everything zeroed (q, k, v and the output projection): the zero value and output
+    weights lock each other (only the output bias learns), so the encoder never gets a
+    gradient: ground truth, 20 SGD steps leave every encoder parameter as it was. The
+    encoder's layers and the cross-attention's are dead (they read vanishing and
+    converged), held by the cross-attention's zero weights."""
+    model, batch = _bart_seq2seq()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("encoder_attn"):
+                for p in (module.out_proj if zeroed == "out_proj" else module).parameters():
+                    p.zero_()
+    d = gradsight.diagnose(model, batch, _seq_loss, lr=0.3)
+    trained, losses = _sgd(model, batch, _seq_loss, 0.3, 20)
+    moved = _moved(model, trained)
+    assert losses[-1] < 0.8 * losses[0]
+    tied = ("model.shared", "model.encoder.embed_tokens", "model.decoder.embed_tokens", "lm_head")
+    assert len({d.layer(name).status for name in tied}) == 1
+    encoder = [layer for layer in d.layers if layer.name.startswith("model.encoder.layers.")]
+    if zeroed == "out_proj":
+        assert moved == {n for n, _ in model.named_parameters()}
+        assert d.status == "ok", [(la.name, la.status) for la in d.layers if la.status != "ok"]
+    else:
+        assert not any(n.startswith("model.encoder.") for n in moved)
+        assert d.status == "dead" and all(layer.status == "dead" for layer in encoder)
+        cross = [la for la in d.layers if "encoder_attn." in la.name and "out_proj" not in la.name]
+        assert cross and all(layer.status == "dead" for layer in cross)
+    assert contradictions(d, has_norm=True, has_residual=True) == []

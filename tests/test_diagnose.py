@@ -350,10 +350,12 @@ def test_one_walk_lists_what_torch_lists() -> None:
 
 
 def test_a_layer_that_passes_nothing_back_is_named_as_where_the_signal_stops() -> None:
-    """A zeroed model (every parameter zero: nothing can open the path, the head's weight
-    gets no gradient from its zero input) stops the backward signal at the head: the
-    vanishing layers' reason named the activations' average derivative as the cause of a
-    ×0 attenuation (ALBERT with zeroed weights: "tanh derivatives average 1.00")."""
+    """A zeroed model (every parameter zero: the head's weight gets no gradient from its
+    zero input, and passes nothing back) used to read "vanishing" with the activations'
+    average derivative as the cause of a ×0 attenuation (ALBERT with zeroed weights:
+    "tanh derivatives average 1.00"). It is a saddle no optimizer leaves: ground truth,
+    20 SGD steps move only the head's bias. Its layers are dead, each held by a weight of
+    exactly zero that gets a gradient once moved off zero (on a copy)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
     with torch.no_grad():
@@ -362,6 +364,14 @@ def test_a_layer_that_passes_nothing_back_is_named_as_where_the_signal_stops() -
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     d = diagnose(model, (x, y), nn.functional.cross_entropy, curvature=False)
     first = d.layer("0")
-    assert first.grad_norm == 0.0
-    assert "layer 4 passes nothing back" in first.reason
+    assert first.grad_norm == 0.0 and first.status == "dead"
+    assert "its weight is exactly zero and so is its gradient" in first.reason
     assert "derivatives average" not in first.reason
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.5)
+    for _ in range(20):
+        opt.zero_grad()
+        nn.functional.cross_entropy(trained(x), y).backward()
+        opt.step()
+    moved = {n for n, p in trained.named_parameters() if p.any()}
+    assert moved == {"4.bias"}

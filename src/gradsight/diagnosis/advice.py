@@ -42,6 +42,10 @@ _RESIDUAL_NAMES = (
     "llamadecoderlayer",
 )
 _GATED = (nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell)
+# Libraries whose layer and block classes of that name are residual (transformers'
+# T5Block, BartEncoderLayer, ViTLayer, BloomBlock, MambaBlock; timm's Block).
+_RESIDUAL_LIBRARIES = ("transformers.", "timm.")
+_RESIDUAL_SUFFIXES = ("layer", "block")
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,10 @@ def _class_traits(cls: type[nn.Module]) -> tuple[bool, bool, bool]:
         name = cls.__name__.lower()
         known = _CLASS_TRAITS[cls] = (
             issubclass(cls, _NORMS) or name.endswith(("norm", "rmsnorm")),
-            any(n in name for n in _RESIDUAL_NAMES),
+            any(n in name for n in _RESIDUAL_NAMES)
+            or (
+                cls.__module__.startswith(_RESIDUAL_LIBRARIES) and name.endswith(_RESIDUAL_SUFFIXES)
+            ),
             issubclass(cls, _GATED),
         )
     return known

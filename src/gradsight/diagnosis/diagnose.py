@@ -506,9 +506,22 @@ def _stuck(run: _Run, evidence: Sequence[LayerEvidence], layers: Sequence[LayerD
     if not zero:
         return none
     frozen = _frozen_zeros(run.model, evidence)
-    if not frozen and not any(zero_scale_weight(e) or zero_gate(e) for e in zero):
-        return none
     index = {id(p): i for i, p in enumerate(run.params)}
+    # Layers outside them whose weight is exactly zero and gets no gradient, while another
+    # of their parameters does (a zero output projection whose bias learns).
+    watched_names = {e.name for e in zero}
+    movers = {
+        e.name: [index[id(weight)]]
+        for e in evidence
+        if e.name not in watched_names
+        and e.signal is not None
+        and e.param_norms.get("weight") == 0.0
+        and e.grad_norms.get("weight") == 0.0
+        and (weight := run.model.get_submodule(e.name)._parameters.get("weight")) is not None
+        and id(weight) in index
+    }
+    if not (frozen or movers or any(zero_scale_weight(e) or zero_gate(e) for e in zero)):
+        return none
     watched = {
         e.name: [index[id(p)] for p in _trainable(run.model, e.name) if id(p) in index]
         for e in zero
@@ -523,6 +536,7 @@ def _stuck(run: _Run, evidence: Sequence[LayerEvidence], layers: Sequence[LayerD
             run.start[1],
             watched,
             zero_weights={e.name for e in zero if zero_scale_weight(e) or zero_gate(e)},
+            movers=movers,
             frozen_zeros=frozen,
             walk=run.walk,
         )
@@ -614,6 +628,15 @@ def _evidence(
         in_graph[name] = any(grad_of[i] is not None for i in ids)
         if name in signals:
             ran_holder.update(dict.fromkeys(ids, name))
+    if seen and len(seen) < len(flat):  # some parameter is held by several modules
+        holders: dict[int, list[str]] = {}
+        for (name, _), params in zip(owners, trainable, strict=True):
+            for _, p in params:
+                holders.setdefault(id(p), []).append(name)
+        for (name, _), params in zip(owners, trainable, strict=True):
+            if params and all(len(holders[id(p)]) > 1 for _, p in params):
+                common = set.intersection(*(set(holders[id(p)]) for _, p in params))
+                out[name].tied = tuple(n for n in holders[id(params[0][1])] if n in common - {name})
     used_by: dict[str, list[str]] = {}
     unused = set(flow.unused)
     for name, params in zip((n for n, _ in owners), trainable, strict=True):

@@ -209,6 +209,7 @@ class LayerFacts:
         carrier: Where the SGD trial blew up: why this layer carries the instability
             (None when it does not, or no trial ran).
         params: The names of its trainable parameters (``("weight", "bias")``).
+        zero_params: Those of them that are exactly zero.
         stuck: Its gradient is exactly zero and stayed so over a few small gradient
             steps on every layer (:func:`gradsight.diagnosis.stuck.still_zero`): no
             optimizer step moves it. False where that was not tried or it moved.
@@ -216,6 +217,8 @@ class LayerFacts:
             a saddle there (moved off zero, they get a gradient): the layer itself, or
             those in its closest enclosing module
             (a flat model: the nearest one before it); empty where there are none.
+        unlocked: For a stuck layer, moving the stuck zero weights off zero (on a copy)
+            gives it a gradient: they hold it, whatever starves its signal now.
     """
 
     name: str
@@ -237,12 +240,14 @@ class LayerFacts:
     upstream_sens: float | None = None
     time_input_norms: tuple[float, ...] | None = None
     params: tuple[str, ...] = ()
+    zero_params: tuple[str, ...] = ()
     zero_weight: bool = False
     blocked_by: tuple[str, float, str] | None = None
     zero_scale: str | None = None
     carrier: Carrier | None = None
     stuck: bool = False
     stuck_by: tuple[str, ...] = ()
+    unlocked: bool = False
 
     @property
     def label(self) -> str:
@@ -535,6 +540,8 @@ def blocked_inside(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
         return None
     if not sig.signal_norm or sig.input_signal_norm != 0.0:
         return None
+    if any(not p.endswith("bias") for p in layer.zero_params):
+        return None  # a weight of exactly zero passes nothing back: not inside it
     return Verdict(
         "dead",
         f"a backward signal reaches its output ({_e(sig.signal_norm)}), but none passes "
@@ -588,7 +595,7 @@ def stuck_at_zero(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     frozen = [h for h in holders if h in model.frozen_zeros]
     if frozen:
         return _held_by_frozen(frozen)
-    if layer.blocked_by is None and _starved(layer, model.th):
+    if layer.blocked_by is None and _starved(layer, model.th) and not layer.unlocked:
         return None
     tried = f"over {STEPS} small gradient steps on every layer (tried on a copy)"
     if holders == (layer.name,) and layer.name in model.zero_gates:

@@ -60,13 +60,17 @@ class Stuck(NamedTuple):
     #: The watched layers whose gradient stayed exactly zero.
     layers: set[str]
     #: Those of them, among the ones whose weight is exactly zero, that get a gradient
-    #: once that weight is moved off zero: their zero holds a saddle.
+    #: once that weight is moved off zero: their zero holds a saddle (and of the
+    #: ``movers``, those whose weight does).
     saddles: set[str]
     #: Those of them that get a gradient once the frozen zero parameters are moved off
     #: zero, with the parameters (qualified names) that hold them: each one that gives
     #: them a gradient moved alone (all of them, where only moved together they do, or
     #: where there are more than :data:`ALONE` to try).
     frozen_by: Mapping[str, tuple[str, ...]] = {}
+    #: The stuck layers that get a gradient once the stuck zero weights are moved off
+    #: zero: those weights hold them.
+    opened: frozenset[str] = frozenset()
 
 
 def still_zero(
@@ -78,6 +82,7 @@ def still_zero(
     watched: Mapping[str, Sequence[int]],
     *,
     zero_weights: Collection[str] = (),
+    movers: Mapping[str, Sequence[int]] | None = None,
     frozen_zeros: Mapping[str, Sequence[torch.Tensor]] | None = None,
     steps: int = STEPS,
     walk: ModelWalk | None = None,
@@ -85,7 +90,10 @@ def still_zero(
     """The names in ``watched`` whose parameters' gradients stay exactly zero over
     ``steps`` small gradient steps on every parameter in ``params``, and those of them in
     ``zero_weights`` (layers whose weight is exactly zero) that get a gradient when, after
-    the steps, their parameters are moved off zero at random (one more pass), and those
+    the steps, their parameters are moved off zero at random (one more pass, with the
+    weights of ``movers``: other layers' weights that are exactly zero and get no
+    gradient, by the indices into ``params``, while they still get none: a zero output
+    projection whose bias learns locks a zero value projection before it), and those
     that get a gradient only when the tensors of ``frozen_zeros`` (parameters that do not
     require a gradient and are exactly zero, by name) are moved off zero too, with the
     ones that hold them (one more pass, and one per frozen zero where there are several:
@@ -122,17 +130,20 @@ def still_zero(
     if not zero:
         return Stuck(set(), set())
     current = [p.detach() for p in params]
+    movers = dict(movers or {})
     with preserved(model, walk=walk):
         for _ in range(steps):
             current = [_small_step(c, g) for c, g in zip(current, grads, strict=True)]
             grads = _gradients(model, batch, loss_fn, params, current, walk)
             zero = {n for n in zero if all(_is_zero(grads[i]) for i in watched[n])}
+            movers = {n: ids for n, ids in movers.items() if all(_is_zero(grads[i]) for i in ids)}
             if not zero:
                 return Stuck(set(), set())
         gen = torch.Generator().manual_seed(0)
         # The stuck zero weights moved off zero at random, all at once, from the weights
         # the steps reached (where any layer that waited on another has opened).
         held = {n: watched[n] for n in zero if n in zero_weights}
+        held.update({n: ids for n, ids in movers.items() if n not in held})
         moved = {i for indices in held.values() for i in indices}
         for i in sorted(moved):
             current[i] = _off_zero(current[i], gen)
@@ -141,7 +152,7 @@ def still_zero(
         if held:
             grads = _gradients(model, batch, loss_fn, params, current, walk)
             opened = {n for n in zero if not all(_is_zero(grads[i]) for i in watched[n])}
-            saddles = opened & set(held)
+            saddles = {n for n, ids in held.items() if not all(_is_zero(grads[i]) for i in ids)}
         frozen_by = (
             _frozen_holders(
                 model,
@@ -157,7 +168,7 @@ def still_zero(
             if frozen_zeros
             else {}
         )
-    return Stuck(zero, saddles, frozen_by)
+    return Stuck(zero, saddles, frozen_by, frozenset(opened))
 
 
 def _frozen_holders(

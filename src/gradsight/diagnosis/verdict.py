@@ -59,7 +59,9 @@ class LayerEvidence:
     module's); ``step`` is the step the layer gets when the optimizer's per-layer step
     is known (an adaptive optimizer's step along the gradient); ``time_input_norms``
     holds a recurrent layer's ‖x_t‖ at each time step; ``shared`` names its parameters
-    that an earlier module also lists (a tied weight), counted once in model totals.
+    that an earlier module also lists (a tied weight), counted once in model totals;
+    ``tied`` names the other modules that hold every one of its trainable parameters
+    (one embedding listed as ``shared``, ``encoder.embed_tokens`` and ``lm_head``).
     """
 
     name: str
@@ -71,6 +73,7 @@ class LayerEvidence:
     step: float | None = None
     time_input_norms: tuple[float, ...] | None = None
     shared: frozenset[str] = frozenset()  # its parameters an earlier module also lists
+    tied: tuple[str, ...] = ()  # other modules holding all of its trainable parameters
     frozen: bool = field(init=False)
     grad_norm: float | None = field(init=False)  # over its trainable parameters
     relative_grad: float | None = field(init=False)  # Σ‖g_p‖·‖p‖ in quadrature
@@ -238,7 +241,9 @@ def judge(
             )
         if e.name in stuck.layers:
             held = stuck.frozen_by.get(e.name) or _held_by(e.name, layer.position, holders)
-            layer = dataclasses.replace(layer, stuck=True, stuck_by=held)
+            layer = dataclasses.replace(
+                layer, stuck=True, stuck_by=held, unlocked=e.name in stuck.opened
+            )
         if e.name in carriers:
             layer = dataclasses.replace(layer, carrier=carriers[e.name])
         if hessian and e.name in hessian:
@@ -247,7 +252,43 @@ def judge(
         verdict, _ = apply_rules(layer, facts, rules)
         d.status, d.reason, d.advice = verdict.status, verdict.reason, list(verdict.advice)
         layers.append(d)
+    _judge_tied_once(evidence, layers)
     return layers, plateau, _summary(layers, facts, model, curvature)
+
+
+def _judge_tied_once(evidence: Sequence[LayerEvidence], layers: Sequence[LayerDiagnosis]) -> None:
+    """One tensor, one verdict: the modules that hold the same parameters (a tied
+    embedding listed as ``shared``, ``encoder.embed_tokens``, ``decoder.embed_tokens`` and
+    ``lm_head``) take the verdict of the one whose output gets the strongest backward
+    signal, where the tensor learns. Judged each by its own signal, an encoder's copy
+    that gets none yet (its cross-attention's output projection zero-initialized) read
+    "vanishing" while the same tensor learned through the decoder."""
+    by_name = {layer.name: (e, layer) for e, layer in zip(evidence, layers, strict=True)}
+    for e, layer in zip(evidence, layers, strict=True):
+        group = [n for n in (e.name, *e.tied) if n in by_name]
+        if len(group) < 2 or layer.status == "frozen":
+            continue
+
+        def strength(name: str) -> tuple[float, float]:
+            sig = by_name[name][0].signal
+            return (-1.0, -1.0) if sig is None else (sig.sensitivity, sig.signal_norm or 0.0)
+
+        best = max(group, key=strength)
+        source = by_name[best][1]
+        if best == e.name or source.status == layer.status:
+            continue
+        own = e.signal.signal_norm if e.signal is not None else None
+        gets = (
+            "gets no backward signal of its own (exactly zero)"
+            if own == 0.0
+            else "gets a weaker backward signal"
+        )
+        layer.status = source.status
+        layer.reason = (
+            f"its weights are the same tensor as those of {display_name(best)} (tied), judged "
+            f"there, where the signal is strongest (this use of them {gets}): {source.reason}"
+        )
+        layer.advice = list(source.advice)
 
 
 def _measure(
@@ -325,6 +366,7 @@ def _measure(
         upstream_sens=_upstream(model, upstream, pos),
         time_input_norms=e.time_input_norms,
         params=tuple(e.grad_norms),
+        zero_params=tuple(k for k, v in e.param_norms.items() if v == 0.0),
     )
     return d, facts
 
