@@ -760,3 +760,16 @@ def test_a_signal_that_dies_inside_the_layer_makes_it_dead() -> None:
     unmeasured = dataclasses.replace(router, signal=_signal("mlp.gate", norm=7e-5, input_norm=None))
     assert _verdict(unmeasured, _model())[0] == "converged"
     assert _verdict(router, _model(solved=True))[0] == "converged"
+
+
+def test_a_growing_signal_is_exploding_unless_sgd_was_tried_and_does_not_blow_up() -> None:
+    """The backward signal grows at every later layer (four saturating recurrent layers
+    at weights ×100 amplify it ×4e8): exploding by signal flow alone, but where SGD at the
+    lr was tried (one step without curvature, twenty with it) and does not blow up, the
+    trial decides (ground truth for that stack: 100 SGD steps take its loss 127 → 61)."""
+    ran = [_signal(str(i), norm=10.0 ** (4 - i)) for i in range(5)]
+    layer = _layer(signal=ran[0], position=0, rel_sens=1.0)
+    facts = _model(ran=ran, s_max=ran[0].sensitivity, s_out=ran[-1].sensitivity, lr=1.0)
+    assert _verdict(layer, facts)[0] == "exploding"
+    assert _verdict(layer, dataclasses.replace(facts, trial=_BLEW_UP))[0] == "exploding"
+    assert _verdict(layer, dataclasses.replace(facts, trial=_TRAINS))[0] != "exploding"

@@ -528,24 +528,50 @@ def dead(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     )
 
 
+#: A scale-free gradient below this moves the loss by less than float32 resolves.
+_ROUND_OFF = 1e-7
+#: The signal at a layer's input below this fraction of the one at its output: none passes.
+_ROUND_OFF_SIGNAL = 1e-6
+
+
 def blocked_inside(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """A backward signal reaches its output, yet its gradient and the signal at its input
-    are both exactly zero: the signal dies inside the module, between its output and its
-    weights (a router whose softmax is saturated, so that its top-k choice is certain; a
-    hard choice that passes no gradient). An exactly zero input would not do this: a
+    are both exactly zero, or at round-off: the signal dies inside the module, between its
+    output and its weights (a router whose softmax is saturated, so that its top-k choice
+    is certain; a top-1 router renormalized to weight 1; a hard choice that passes no
+    gradient). Not where the signal reaching it is lost already (``vanishing``). An
+    exactly zero input would not do this: a
     weight whose input is zero still passes the signal back to that input. It neither
     learns nor passes a signal: ``dead``."""
     sig = layer.signal
-    if sig is None or layer.used_by is not None or layer.grad_norm != 0.0:
+    if sig is None or layer.used_by is not None or layer.grad_norm is None:
         return None
-    if not sig.signal_norm or sig.input_signal_norm != 0.0:
+    if not sig.signal_norm or sig.input_signal_norm is None:
         return None
+    if layer.rel_sens is None or layer.rel_sens < model.th.vanishing:
+        return None  # the signal reaching it is lost already (an underflow): vanishing
     if any(not p.endswith("bias") for p in layer.zero_params):
         return None  # a weight of exactly zero passes nothing back: not inside it
+    exact = layer.grad_norm == 0.0 and sig.input_signal_norm == 0.0
+    # Or at round-off: the gradient moves the loss by less than float32 resolves, and
+    # the signal at its input is a millionth of the one at its output (a top-1 router
+    # renormalized to weight 1: its true gradient is zero, its computed one 1e-10).
+    rounded = (
+        layer.g_rel is not None
+        and layer.g_rel < _ROUND_OFF
+        and sig.input_signal_norm <= _ROUND_OFF_SIGNAL * sig.signal_norm
+    )
+    if not (exact or rounded):
+        return None
+    what = (
+        "exactly zero"
+        if exact
+        else f"at round-off ({_e(layer.grad_norm)}, and {_e(sig.input_signal_norm)} at its input)"
+    )
     return Verdict(
         "dead",
         f"a backward signal reaches its output ({_e(sig.signal_norm)}), but none passes "
-        "through it: its gradient and the signal at its input are exactly zero, so the "
+        f"through it: its gradient and the signal at its input are {what}, so the "
         "signal dies inside it, between its output and its weights, as a saturated softmax "
         "(a router certain of its choice) or a hard choice (top-k, argmax) makes it. It "
         "neither learns nor passes a signal.",
@@ -561,9 +587,14 @@ def blocked_inside(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
 
 
 def growing_signal(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
-    """The backward signal grows at every later layer, by ≥ ``th.exploding`` in all."""
+    """The backward signal grows at every later layer, by ≥ ``th.exploding`` in all,
+    unless SGD at the lr was tried and does not blow up (a stack of saturating recurrent
+    layers at weights ×100 amplifies the signal ×1e8 while 100 SGD steps take its loss
+    127 → 61): the trial decides, and the growth alone is no verdict."""
     sig, i = layer.signal, layer.position
     if sig is None or i is None or model.s_out <= 0 or layer.used_by is not None:
+        return None
+    if model.trial is not None and not model.trial.blew_up:
         return None
     growth = sig.sensitivity / model.s_out
     if growth < model.th.exploding or not _grows_back(model.ran, i, model.th.min_chain):
@@ -686,8 +717,16 @@ def opened_by_first_update(layer: LayerFacts, model: ModelFacts) -> Verdict | No
 def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     """The signal reaching the layer is lost on the way back while there is something to
     win: its sensitivity is below ``th.vanishing`` of the largest, no earlier layer gets
-    a stronger share, and its own headroom (when measured) is not negligible."""
-    if not _starved(layer, model.th) or layer.position is None:
+    a stronger share, and its own headroom (when measured) is not negligible. Or, where
+    earlier layers do get a strong share through another path, its own gradient is
+    exactly zero while a signal, crushed, still reaches it: the signal that enters its
+    branch is lost (Mamba with weights ×0.01: x_proj's gets 3e-24 of the largest; SGD
+    never moves it), and an exactly zero gradient leaves no headroom of its own to judge
+    it by (0/0)."""
+    if layer.position is None:
+        return None
+    branch_lost = _branch_lost(layer, model.th)
+    if not (_starved(layer, model.th) or branch_lost):
         return None
     gradient = layer.grad_norm is not None and layer.grad_norm > 0
     if (
@@ -711,6 +750,12 @@ def vanishing(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     else:
         reach = "no backward signal reaches this layer's output (it is exactly zero)"
     parts = [f"gradient {_e(layer.grad_norm)}: {reach}{where}"]
+    if branch_lost and layer.upstream_sens is not None:
+        parts.append(
+            f"little of the signal enters its branch (earlier layers get up to "
+            f"{layer.upstream_sens:.1e} of it through another path), and what does is lost "
+            "before its weights: their gradient is exactly zero"
+        )
     cause = chain_cause(model.ran, layer.position)
     if cause:
         parts.append(cause)
@@ -730,6 +775,21 @@ def _starved(layer: LayerFacts, th: Thresholds) -> bool:
     if layer.rel_sens is None or layer.rel_sens >= th.vanishing or layer.last:
         return False
     return layer.upstream_sens is None or layer.upstream_sens < th.vanishing
+
+
+def _branch_lost(layer: LayerFacts, th: Thresholds) -> bool:
+    """A crushed but nonzero signal reaches it while earlier layers get a strong one, and
+    its own gradient is exactly zero."""
+    sig = layer.signal
+    return (
+        layer.grad_norm == 0.0
+        and not layer.last
+        and layer.used_by is None
+        and sig is not None
+        and bool(sig.signal_norm)
+        and layer.rel_sens is not None
+        and 0.0 < layer.rel_sens < th.vanishing
+    )
 
 
 def _learns_beyond_constant(model: ModelFacts) -> bool:
@@ -782,14 +842,19 @@ def layer_converged(layer: LayerFacts, model: ModelFacts) -> Verdict | None:
     signal = layer.signal.signal_norm if layer.signal is not None else None
     if _flat_start(layer, model):
         return None  # not told from an optimum by first order: ok, and the reason says so
+    if layer.grad_norm == 0 and signal and layer.used_by is not None:
+        # The signal measured is the user's output's, not what reaches these weights.
+        return Verdict(
+            "converged",
+            f"a backward signal reaches {display_name(layer.used_by)}, which uses its weights, "
+            "yet their gradient is exactly zero: none of it reaches them, so they cannot move "
+            "the loss now (what the module computes from them passes nothing back, or the "
+            "input they act on is zero).",
+        )
     if layer.grad_norm == 0 and signal:
         # A weight's gradient pairs the signal at the output with the input: with a
         # signal there, an exactly zero gradient means an exactly zero input.
-        if layer.used_by is not None:
-            where = (
-                f"a backward signal reaches {display_name(layer.used_by)}, which uses its weights"
-            )
-        elif layer.last:
+        if layer.last:
             where = "the loss's own signal reaches its output"
         else:
             where = "a backward signal reaches its output"
