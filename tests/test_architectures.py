@@ -543,6 +543,52 @@ def test_a_collapsed_router_is_dead(collapsed: bool | str) -> None:
     assert contradictions(d, has_norm=True, has_residual=True) == []
 
 
+def _quadrants(n: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Images whose class is the bright quadrant."""
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 4
+    x = 0.5 * torch.randn(n, 3, 16, 16, generator=gen)
+    for i in range(n):
+        r, c = divmod(int(y[i]), 2)
+        x[i, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 1.0
+    return {"pixel_values": x}, y
+
+
+def test_deit_s_zero_tokens_are_not_gates_and_its_collapse_is_not_a_catapult() -> None:
+    """DeiT (transformers, from a config) starts its cls, distillation and position
+    tokens at zero; with LayerNorm's eps 1e-12, SGD collapses it to a constant output.
+    Ground truth: 20 SGD steps at lr 0.1 end at the constant prediction's loss (log 4).
+    The tokens are added, not multiplied: no layer inside their module is held at zero
+    (the patch projection learns), so they are not called a gate that "passes no signal
+    back"; and a trial that ends at the constant's loss is not "training steadies itself
+    (the catapult phase)"."""
+    torch.manual_seed(0)
+    config = transformers.DeiTConfig(
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.DeiTForImageClassification(config)
+    model.train()
+    batch = _quadrants()
+    d = gradsight.diagnose(model, batch, _classes, lr=0.1)
+    losses = _sgd(model, batch, _classes, 0.1, 20)[1]
+    assert abs(losses[-1] - math.log(4)) < 1e-3
+    embeddings = d.layer("deit.embeddings")
+    assert embeddings.grad_norm is not None and embeddings.grad_norm > 1.0
+    assert not any("Its gate (" in layer.reason for layer in d.layers)
+    assert "the catapult phase" not in str(d)
+    assert "no better than predicting a constant" in embeddings.reason
+    assert contradictions(d, has_norm=True, has_residual=True) == []
+
+
 def test_a_vision_transformer_s_blow_up_is_carried_by_its_classifier() -> None:
     """Swin (transformers, from a config) at SGD lr 1 blows up. Ground truth: 30 SGD
     steps end in NaN or far above the start, and of the layers gradsight names only
@@ -566,13 +612,7 @@ def test_a_vision_transformer_s_blow_up_is_carried_by_its_classifier() -> None:
     )
     model = transformers.SwinForImageClassification(config)
     model.train()
-    gen = torch.Generator().manual_seed(0)
-    y = torch.arange(32) % 4
-    x = 0.5 * torch.randn(32, 3, 16, 16, generator=gen)
-    for i in range(32):
-        r, c = divmod(int(y[i]), 2)
-        x[i, :, 8 * r : 8 * r + 8, 8 * c : 8 * c + 8] += 1.0
-    batch = ({"pixel_values": x}, y)
+    batch = _quadrants()
     d = gradsight.diagnose(model, batch, _classes, lr=1.0)
     named = [layer.name for layer in d.layers if layer.status == "exploding"]
     assert d.status == "exploding" and "classifier" in named, d.summary

@@ -1081,8 +1081,8 @@ def _edge_note(product: float, model: ModelFacts) -> str:
     if trial is not None:
         return (
             f"At the edge of stability: {oscillates}, yet {trial.describe()}: "
-            f"{trial.outcome(model.baseline)}. A divergence can still start later, as "
-            "training raises the curvature: watch the loss."
+            f"{trial.outcome(model.baseline, model.th.plateau)}. A divergence can still start "
+            "later, as training raises the curvature: watch the loss."
         )
     return f"At the edge of stability: {oscillates} (expect an early bump in the loss)."
 

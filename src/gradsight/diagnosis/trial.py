@@ -77,13 +77,14 @@ class Trial:
     def blew_up(self) -> bool:
         return self.at is not None
 
-    def outcome(self, baseline: float | None = None) -> str:
+    def outcome(self, baseline: float | None = None, plateau: float = 0.0) -> str:
         """What a trial that did not blow up shows, in words: the loss fell, or it did
         not blow up but did not fall either, or fell to no better than the best constant
-        prediction's loss ``baseline`` (where known): a loss that wanders above what a
-        constant achieves has not steadied."""
+        prediction's loss ``baseline`` (where known; within ``plateau`` of it counts as no
+        better): a loss that wanders above what a constant achieves, or settles on it (a
+        network collapsed to a constant output), has not steadied."""
         last = self.losses[-1]
-        if last < self.losses[0] and (baseline is None or last < baseline):
+        if last < self.losses[0] and (baseline is None or last < (1.0 - plateau) * baseline):
             return "training steadies itself by lowering that curvature (the catapult phase)"
         if last < self.losses[0]:
             return (
@@ -103,7 +104,7 @@ class Trial:
             )
             return (
                 f"{taken} at lr {self.lr:g} take{'s' if steps == 1 else ''} the loss from "
-                f"{start:.3g} to {last:.3g}{self._spike()}"
+                f"{_apart(start, last)}{self._spike()}"
             )
         if not math.isfinite(last):
             return (

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gradsight._format import display_name, one_decimal
@@ -181,6 +181,10 @@ def judge(
     alphas = [
         c.alpha_star for c in curvature.values() if c.alpha_star > 0 and math.isfinite(c.alpha_star)
     ]
+    # Zero gates that hold something back: a layer inside their module gets an exactly
+    # zero gradient (DeiT's zero cls/position tokens are added, not multiplied: the patch
+    # projection inside the same module learns).
+    gates = frozenset(e.name for e in ran_ev if zero_gate(e) and _holds_back(e.name, evidence))
     facts = ModelFacts(
         th=th,
         loss=loss,
@@ -202,7 +206,7 @@ def judge(
         zero_norms=frozenset(
             e.name for e in ran_ev if "Norm" in e.module_type and zero_scale_weight(e)
         ),
-        zero_gates=frozenset(e.name for e in ran_ev if zero_gate(e)),
+        zero_gates=gates,
         frozen_zeros=frozenset(
             h for holders in (stuck.frozen_by.values() if stuck else ()) for h in holders
         ),
@@ -220,7 +224,7 @@ def judge(
         peak = max(peak, sig.sensitivity)
     # Layers whose trained weight is exactly zero while they get a gradient (zero-
     # initialized), by position: the backward signal stops there until their first update.
-    zero = {e.name for e in ran_ev if _zero_weight(e)}
+    zero = {e.name for e in ran_ev if _zero_weight(e, gates)}
     openers = [
         (i, e.name, e.grad_norm or 0.0, e.signal is not None and e.signal.output_norm == 0.0)
         for i, e in enumerate(ran_ev)
@@ -409,10 +413,20 @@ def _held_by(name: str, pos: int | None, holders: Sequence[tuple[int, str]]) -> 
     return (earlier[-1],) if earlier else ()
 
 
-def _zero_weight(e: LayerEvidence) -> bool:
+def _zero_weight(e: LayerEvidence, gates: Collection[str] = ()) -> bool:
     """Its trained weight is exactly zero, and scales its output by zero, while it gets a
-    gradient; or it is a zero gate that gets one (:func:`_zero_gate`)."""
-    return (zero_scale_weight(e) and e.grad_norms.get("weight", 0.0) > 0) or _zero_gate(e)
+    gradient; or it is a zero gate (among ``gates``) that gets one (:func:`_zero_gate`)."""
+    return (zero_scale_weight(e) and e.grad_norms.get("weight", 0.0) > 0) or (
+        e.name in gates and _zero_gate(e)
+    )
+
+
+def _holds_back(name: str, evidence: Sequence[LayerEvidence]) -> bool:
+    """Whether a trainable layer inside module ``name`` gets an exactly zero gradient."""
+    prefix = f"{name}." if name else ""
+    return any(
+        e.name.startswith(prefix) and e.name != name and e.grad_norm == 0.0 for e in evidence
+    )
 
 
 def _zero_gate(e: LayerEvidence) -> bool:
@@ -612,8 +626,9 @@ def _summary(
         product = None if not sgd or model.lr is None else model.lr * whole.lambda_max
         if not blew_up and product is not None and product > model.th.unstable:
             outcome = (
-                f"; yet {trial.describe()}: at the edge of stability, {trial.outcome(base)} "
-                "(watch the loss: a divergence can start later)"
+                f"; yet {trial.describe()}: at the edge of stability, "
+                f"{trial.outcome(base, model.th.plateau)} (watch the loss: a divergence can start "
+                "later)"
                 if trial is not None
                 else ": at the edge of stability, expect an early bump in the loss"
             )
