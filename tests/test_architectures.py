@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -540,6 +541,24 @@ def test_a_collapsed_router_is_dead(collapsed: bool | str) -> None:
             assert ("at round-off" in layer.reason) == (collapsed == "top-1")
         else:
             assert moved > 1e-4 and layer.status == "ok", layer.reason
+    # The experts the collapsed routers never pick get exactly zero gradient, and the
+    # experts' reason says which; ground truth: SGD leaves each of them bit-identical
+    # (and expert 1, routed with weight 5e-25, too).
+    for layer_index in range(2):
+        experts = f"model.layers.{layer_index}.mlp.experts"
+        before = dict(model.get_submodule(experts).named_parameters())
+        after = dict(trained.get_submodule(experts).named_parameters())
+        unmoved = {
+            i for i in range(4) if all(torch.equal(before[n][i], after[n][i]) for n in before)
+        }
+        named = re.search(
+            r"of its 4 experts \(([0-9, ]+)\) get exactly zero", d.layer(experts).reason
+        )
+        if collapsed is True:
+            assert unmoved == {1, 2, 3} and named is not None
+            assert {2, 3} <= {int(i) for i in named.group(1).split(", ")} <= unmoved
+        else:
+            assert not unmoved and named is None
     assert contradictions(d, has_norm=True, has_residual=True) == []
 
 

@@ -195,6 +195,7 @@ def _diagnose(
         )
     grad_of = {id(p): g for p, g in zip(params, grads, strict=True)}
     evidence = _evidence(flow, grad_of, probe.owners)
+    _idle_experts(evidence, walk, grad_of)
     for e in evidence:
         e.time_input_norms = inputs.norms.get(e.name)
     if kind == "adaptive" and optimizer is not None:
@@ -561,6 +562,38 @@ def _frozen_zeros(model: nn.Module, evidence: Sequence[LayerEvidence]) -> dict[s
 
 def _all_zero(p: torch.Tensor) -> bool:
     return bool(p.numel()) and not bool(p.detach().ne(0).any())
+
+
+def _idle_experts(
+    evidence: Sequence[LayerEvidence],
+    walk: ModelWalk,
+    grad_of: Mapping[int, torch.Tensor | None],
+) -> None:
+    """For a mixture of experts' fused expert weights (transformers' ``MixtralExperts``,
+    ``Qwen2MoeExperts``, ``OlmoeExperts``: parameters ``[experts, ...]`` in a module
+    whose class is named ``*Experts``), the experts whose gradient is exactly zero in
+    every one of them: the router sent them no token."""
+    fused = [e for e in evidence if e.module_type.endswith("Experts") and not e.frozen]
+    if not fused:
+        return
+    modules = dict(walk.named_modules)
+    for e in fused:
+        module = modules.get(e.name)
+        if module is None:
+            continue
+        grads = [
+            grad_of.get(id(p))
+            for p in module.parameters(recurse=False)
+            if p.requires_grad and p.ndim >= 3
+        ]
+        sizes = {g.shape[0] for g in grads if g is not None}
+        if not grads or len(sizes) != 1 or any(g is None for g in grads):
+            continue
+        with torch.no_grad():
+            busy = torch.stack([g.flatten(1).ne(0).any(dim=1) for g in grads if g is not None])
+            idle = (~busy.any(dim=0)).nonzero().flatten().tolist()
+        e.experts = sizes.pop()
+        e.idle_experts = tuple(int(i) for i in idle)
 
 
 def _trainable(model: nn.Module, name: str) -> list[nn.Parameter]:

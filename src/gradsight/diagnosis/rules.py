@@ -196,6 +196,9 @@ class LayerFacts:
         last: It is the last layer that ran: its signal is the loss's own.
         upstream_sens: The largest ``rel_sens`` of the layers that ran before it.
         time_input_norms: Recurrent layers: ‖x_t‖ of the input at each time step.
+        experts: A mixture of experts' fused expert weights: how many experts they hold;
+            ``idle_experts``: those whose gradient is exactly zero (no token of the batch
+            routed to them).
         zero_weight: Its trained weight is exactly zero (zero-initialized) while it gets
             a gradient: its output carries nothing yet, and its first update changes that.
         blocked_by: With an exactly zero gradient: the layer with ``zero_weight`` that
@@ -239,6 +242,8 @@ class LayerFacts:
     last: bool = False
     upstream_sens: float | None = None
     time_input_norms: tuple[float, ...] | None = None
+    experts: int = 0
+    idle_experts: tuple[int, ...] = ()
     params: tuple[str, ...] = ()
     zero_params: tuple[str, ...] = ()
     zero_weight: bool = False
@@ -1024,6 +1029,14 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
             else f"Its gate ({', '.join(layer.params)}) is exactly zero (zero-initialized): "
             "the branch it gates carries nothing yet and passes no signal back, until its "
             "first update."
+        )
+    if layer.idle_experts and status != "frozen":
+        idle = layer.idle_experts
+        listed = ", ".join(map(str, idle[:8])) + (" …" if len(idle) > 8 else "")
+        notes.append(
+            f"{len(idle)} of its {layer.experts} experts ({listed}) get exactly zero gradient: "
+            "the router sends them no token of this batch, so they learn nothing from it (a "
+            "load-balancing loss on the router spreads the tokens)."
         )
     frac = layer.dead_fraction
     if status not in ("dead", "frozen", "converged") and frac >= 1:

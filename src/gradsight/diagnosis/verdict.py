@@ -74,6 +74,10 @@ class LayerEvidence:
     time_input_norms: tuple[float, ...] | None = None
     shared: frozenset[str] = frozenset()  # its parameters an earlier module also lists
     tied: tuple[str, ...] = ()  # other modules holding all of its trainable parameters
+    # A mixture of experts' fused expert weights ([experts, ...]): their number, and the
+    # experts whose gradient is exactly zero (no token routed to them).
+    experts: int = 0
+    idle_experts: tuple[int, ...] = ()
     frozen: bool = field(init=False)
     grad_norm: float | None = field(init=False)  # over its trainable parameters
     relative_grad: float | None = field(init=False)  # Σ‖g_p‖·‖p‖ in quadrature
@@ -369,6 +373,8 @@ def _measure(
         last=e.used_by is None and pos is not None and pos == len(model.ran) - 1,
         upstream_sens=_upstream(model, upstream, pos),
         time_input_norms=e.time_input_norms,
+        experts=e.experts,
+        idle_experts=e.idle_experts,
         params=tuple(e.grad_norms),
         zero_params=tuple(k for k, v in e.param_norms.items() if v == 0.0),
     )
