@@ -549,3 +549,39 @@ def test_a_zero_gate_opens_its_branch_unless_a_zero_behind_it_locks_it(zero_out:
         assert set(statuses.values()) == {"ok"}, statuses
         assert "the gate of 1, which gates it, is exactly zero" in d.layer("1.f.0").reason
     assert contradictions(d) == []
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_a_head_whose_gradient_is_on_its_zero_bias_learns(balanced: bool) -> None:
+    """A head behind an exactly zero input (the LayerNorm before it has weight and bias
+    0, as GPT-J with every norm zeroed): its weight gets no gradient, its zero bias does.
+    A relative change of a zero bias says nothing, so it is not "by first order at its
+    optimum" (it read converged, "moves the loss by at most 0.0e+00× its value"): ok,
+    with the reason saying where its gradient is. Ground truth: 20 SGD steps on the head
+    lower the loss. With balanced labels the bias is at its optimum already (a gradient at
+    round-off): converged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.zero_()
+        model[2].bias.zero_()
+    x = torch.randn(60, 4)
+    y = torch.arange(60) % 3 if balanced else torch.zeros(60, dtype=torch.long)
+    d = gradsight.diagnose(model, (x, y), ce, lr=0.5, curvature=False)
+    head = d.layer("2")
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained[2].parameters(), lr=0.5)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = ce(trained(x), y)
+        losses.append(float(loss))
+        loss.backward()
+        opt.step()
+    if balanced:
+        assert losses[-1] > losses[0] - 1e-6
+        assert head.status == "converged", head.reason
+    else:
+        assert losses[-1] < 0.5 * losses[0]
+        assert head.status == "ok" and "its gradient is on its bias, exactly zero" in head.reason

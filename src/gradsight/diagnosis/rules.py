@@ -1162,6 +1162,12 @@ def _headroom_note(layer: LayerFacts) -> str:
                 "the loss"
             )
         return f"a Newton step on this layer alone would win {layer.headroom:.1e} of the loss"
+    if layer.g_rel is None and set(layer.params) - set(layer.zero_params):
+        return (
+            f"its gradient is on its {', '.join(layer.zero_params)}, exactly zero "
+            "(zero-initialized), so a relative change of it says nothing; its first update "
+            "moves it off zero"
+        )
     if layer.g_rel is None:
         return (
             "its parameters are exactly zero (zero-initialized), so a relative change of them "

@@ -180,7 +180,7 @@ def judge(
             or scale == 0
             or g_max > th.converged * scale
             # A zero-initialized layer's first update is still to come.
-            or any(e.zero_with_gradient for e in ran_ev)
+            or any(e.zero_with_gradient or _on_zeros(e, scale, th.converged) for e in ran_ev)
         )
     alphas = [
         c.alpha_star for c in curvature.values() if c.alpha_star > 0 and math.isfinite(c.alpha_star)
@@ -352,8 +352,10 @@ def _measure(
             d.activation_factor = ratio(sig.signal_norm, nxt.input_signal_norm)
     grad_finite = all(math.isfinite(g) for g in e.grad_norms.values())
     g_rel: float | None = (relative_grad or 0.0) / scale if scale > 0 else 0.0
-    if e.zero_with_gradient:
-        g_rel = None  # zero-initialized: no scale-free gradient
+    if e.zero_with_gradient or (_on_zeros(e, scale, model.th.converged)):
+        # Zero-initialized (all of it, or the parameters its gradient is on: a head's
+        # zero bias behind an exactly zero input): no scale-free gradient.
+        g_rel = None
     has_signal = sig is not None and sig.signal_norm is not None
     facts = LayerFacts(
         name=e.name,
@@ -379,6 +381,13 @@ def _measure(
         zero_params=tuple(k for k, v in e.param_norms.items() if v == 0.0),
     )
     return d, facts
+
+
+def _on_zeros(e: LayerEvidence, scale: float, converged: float) -> bool:
+    """Its gradient is all on parameters that are exactly zero (a head's zero bias behind
+    an exactly zero input) and not small against the loss (per unit of parameter: a zero
+    bias at its optimum has a gradient at round-off)."""
+    return e.grad_norm is not None and not e.relative_grad and e.grad_norm > converged * scale
 
 
 def _relative_sensitivity(sig: ModuleSignal | None, s_max: float) -> float | None:
