@@ -712,3 +712,45 @@ def test_bart_with_its_cross_attention_zeroed(zeroed: str) -> None:
         cross = [la for la in d.layers if "encoder_attn." in la.name and "out_proj" not in la.name]
         assert cross and all(layer.status == "dead" for layer in cross)
     assert contradictions(d, has_norm=True, has_residual=True) == []
+
+
+@pytest.mark.parametrize("gated_off", [False, True])
+def test_a_shared_expert_behind_a_dead_gate_is_dead(gated_off: bool) -> None:
+    """Qwen2-MoE (transformers, from a config) with its shared expert's sigmoid gate flat
+    at zero on every token (a constant feature the gate weighs −20). Ground truth: 20 SGD
+    steps leave the shared experts and their gates bit-identical while the model trains.
+    The gate is dead, and so is the expert it shuts, naming it: the expert read
+    "converged: the loss does not depend on it, nothing to win". Healthy twin: ok."""
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(
+        **dict(_SMALL, num_key_value_heads=1),
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+    )
+    model = transformers.Qwen2MoeForCausalLM(config)
+    model.train()
+    if gated_off:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[:, 0] = 1.0
+            for name, module in model.named_modules():
+                if name.endswith("shared_expert_gate"):
+                    module.weight[0, 0] = -20.0
+    ids = _tokens()
+    batch = ({"input_ids": ids}, ids)
+    d = gradsight.diagnose(model, batch, _next_token, lr=0.3, curvature=False)
+    trained, losses = _sgd(model, batch, _next_token, 0.3, 20)
+    assert losses[-1] < losses[0]
+    shared = [layer for layer in d.layers if ".shared_expert" in layer.name]
+    moved = {n.rpartition(".")[0] for n in _moved(model, trained)}
+    assert len(shared) == 8
+    for layer in shared:
+        if gated_off:
+            assert layer.name not in moved and layer.status == "dead", layer.reason
+            if ".shared_expert." in layer.name:
+                gate = layer.name.split(".shared_expert.")[0] + ".shared_expert_gate"
+                assert f"{gate} beside it, which is dead, shuts its branch" in layer.reason
+        else:
+            assert layer.name in moved and layer.status == "ok", layer.reason
+    assert contradictions(d, has_norm=True, has_residual=True) == []

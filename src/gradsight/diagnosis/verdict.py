@@ -261,7 +261,45 @@ def judge(
         d.status, d.reason, d.advice = verdict.status, verdict.reason, list(verdict.advice)
         layers.append(d)
     _judge_tied_once(evidence, layers)
+    _shut_by_a_dead_neighbour(evidence, layers)
     return layers, plateau, _summary(layers, facts, model, curvature)
+
+
+def _shut_by_a_dead_neighbour(
+    evidence: Sequence[LayerEvidence], layers: Sequence[LayerDiagnosis]
+) -> None:
+    """A layer that gets no signal at all (exactly zero) and no gradient, in the same
+    module as a dead layer (a sibling or a sibling's child): that dead layer shuts its
+    branch (Qwen2-MoE's shared expert behind a sigmoid gate flat at zero on every
+    token), so it is dead with it, named, rather than "converged: the loss does not
+    depend on it"."""
+    dead = [layer for layer in layers if layer.status == "dead"]
+    if not dead:
+        return
+    for e, layer in zip(evidence, layers, strict=True):
+        sig = e.signal
+        if (
+            layer.status != "converged"
+            or layer.grad_norm != 0.0
+            or sig is None
+            or sig.signal_norm != 0.0
+            or e.used_by is not None
+        ):
+            continue
+        # Within its grandparent module (a sibling of its parent, as the gate beside the
+        # expert it gates), and not at the top of the model.
+        depth = e.name.count(".")
+        near = [d for d in dead if depth >= 2 and _shared_depth(e.name, d.name) >= depth - 1]
+        if not near:
+            continue
+        shut = near[0]
+        layer.status = "dead"
+        layer.reason = (
+            "no backward signal reaches it (exactly zero) and its gradient is exactly zero: "
+            f"{display_name(shut.name)} beside it, which is dead, shuts its branch, so it "
+            "neither learns nor passes a signal until that one passes something again."
+        )
+        layer.advice = list(shut.advice)
 
 
 def _judge_tied_once(evidence: Sequence[LayerEvidence], layers: Sequence[LayerDiagnosis]) -> None:
