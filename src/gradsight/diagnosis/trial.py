@@ -461,8 +461,7 @@ def _frozen_carriers(
     model: nn.Module | None = None,
 ) -> tuple[dict[str, Carrier], set[str]]:
     """The candidates whose freezing stops the blow-up, so that the rest trains (the loss
-    ends below its start) at least half as well as with the best of them frozen: the
-    ``candidates`` blocks largest by share of the top
+    ends below its start): the ``candidates`` blocks largest by share of the top
     eigenvector, the ``candidates`` largest by gradient norm, and, of those with a
     gradient, the last (the output layer) and the last normalization layer of ``model``
     (forward order); and the candidates whose frozen trial ran. A
@@ -484,13 +483,6 @@ def _frozen_carriers(
         # The rest trains: no blow-up, and the loss ends below where it started.
         if trial is not None and not trial.blew_up and trial.losses[-1] < trial.losses[0]:
             out[name] = Carrier(shares[name], frozen=trial)
-    if out:
-        # Of those, the ones whose freezing trains the rest at least half as well as the
-        # best one (a shortcut BatchNorm frozen in a ResNet whose classifier carries the
-        # blow-up: 1.41 to 0.94, against 0.03 with the classifier frozen).
-        drops = {n: c.frozen.losses[0] - c.frozen.losses[-1] for n, c in out.items() if c.frozen}
-        best = max(drops.values())
-        out = {n: c for n, c in out.items() if drops[n] >= best / 2}
     return out, tried
 
 

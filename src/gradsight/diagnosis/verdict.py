@@ -284,6 +284,7 @@ def _shut_by_a_dead_neighbour(
             or sig is None
             or sig.signal_norm != 0.0
             or e.used_by is not None
+            or e.tied  # one tensor, one verdict: its other holders decide
         ):
             continue
         # Within its grandparent module (a sibling of its parent, as the gate beside the
