@@ -290,8 +290,15 @@ def test_branch_that_gets_little_signal_while_earlier_layers_get_it_is_not_vanis
     """Attention queries at init: tiny sensitivity, yet the embedding before them gets a
     strong signal through the value path and the residual stream."""
     layer = _layer(name="q", rel_sens=3e-5, upstream_sens=0.5, g_rel=0.01, position=1)
-    status, reason, _ = _verdict(layer, _model())
+    residual = _model(traits=ModelTraits(has_residual=True))
+    status, reason, _ = _verdict(layer, residual)
     assert status == "ok" and "Little of the signal enters its branch" in reason
+    assert "a skip connection" in reason
+    # A plain stack (four GRUs at weights ×100) has no other path: the signal grows
+    # again on its way back past the layer; no skip connection is invented.
+    status, reason, _ = _verdict(layer, _model())
+    assert status == "ok" and "grows again on its way back" in reason
+    assert "skip connection" not in reason
     lost = _layer(name="q", rel_sens=3e-5, upstream_sens=1e-5, g_rel=0.01, position=1)
     assert _verdict(lost, _model())[0] == "vanishing"
 

@@ -1057,13 +1057,21 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
         and not layer.last
         and not _starved(layer, model.th)
     ):
-        notes.append(
-            f"Little of the signal enters its branch: the loss's sensitivity to its output is "
-            f"{layer.rel_sens:.1e} of the largest, while earlier layers get up to "
-            f"{layer.upstream_sens:.1e} of it through another path (a skip connection, or "
-            "attention's value path beside its queries and keys), so the signal is not lost "
-            "on the way back."
+        share = (
+            f"the loss's sensitivity to its output is {layer.rel_sens:.1e} of the largest, "
+            f"while earlier layers get up to {layer.upstream_sens:.1e} of it"
         )
+        if model.traits.has_residual or any("ttention" in s.module_type for s in model.ran):
+            notes.append(
+                f"Little of the signal enters its branch: {share} through another path (a "
+                "skip connection, or attention's value path beside its queries and keys), so "
+                "the signal is not lost on the way back."
+            )
+        else:  # a plain stack: no other path, the signal grows again past it
+            notes.append(
+                f"Little of the signal arrives here: {share} (the backward signal grows again "
+                "on its way back past this layer), so it is not lost."
+            )
     fade = _time_fade(layer, model.th)
     if fade is not None and status != "vanishing":
         notes.append(
