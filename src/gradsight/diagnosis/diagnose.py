@@ -492,9 +492,9 @@ def _stuck(run: _Run, evidence: Sequence[LayerEvidence], layers: Sequence[LayerD
     (:func:`~gradsight.diagnosis.stuck.still_zero`), and among them those held by a weight
     of exactly zero: one of their own whose zero holds a saddle
     (:attr:`~gradsight.diagnosis.stuck.Stuck.saddles`: moved off zero, it gets a gradient),
-    or a frozen one (:attr:`~gradsight.diagnosis.stuck.Stuck.unfrozen`: moved off zero, it
-    gives them one). The steps are taken only where a weight of exactly zero, trainable
-    among them or frozen anywhere, could hold them; none where they could not be taken."""
+    or a frozen one (:attr:`~gradsight.diagnosis.stuck.Stuck.frozen_by`: moved off zero,
+    it gives them one). The steps are taken only where a weight of exactly zero,
+    trainable or frozen, could hold them; none where they could not be taken."""
     none = Stuck(set(), set())
     zero = [
         e
