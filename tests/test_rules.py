@@ -780,3 +780,23 @@ def test_a_growing_signal_is_exploding_unless_sgd_was_tried_and_does_not_blow_up
     assert _verdict(layer, facts)[0] == "exploding"
     assert _verdict(layer, dataclasses.replace(facts, trial=_BLEW_UP))[0] == "exploding"
     assert _verdict(layer, dataclasses.replace(facts, trial=_TRAINS))[0] != "exploding"
+
+
+def test_a_signal_amplified_overall_names_the_fall_that_starves_a_layer() -> None:
+    """Four GRUs at weights ×100 after an embedding: from the head back the signal grows
+    ×1.6e3 overall, yet it falls ×4e-4 inside the first GRU, back to the embedding, which
+    is vanishing. The reason said only "amplified"; it names the fall too. A chain that
+    is attenuated overall names its largest fall as before."""
+    from gradsight.diagnosis.chain import chain_cause
+
+    grown = [
+        _signal("embed", norm=1.6e3),
+        *[_signal(f"g{i}", norm=10.0 ** (7 - i)) for i in range(4)],
+    ]
+    grown.append(_signal("head", norm=1.0))
+    text = chain_cause(grown, 0)
+    assert "amplified ×1.6e+03" in text
+    assert "yet the largest single fall, ×1.6e-04, is from layer g0 back to layer embed" in text
+    fading = [_signal(str(i), norm=10.0 ** (-4 + i)) for i in range(5)]
+    text = chain_cause(fading, 0)
+    assert "attenuated" in text and "; the largest single fall" in text and "yet" not in text

@@ -102,10 +102,12 @@ def chain_cause(ran: Sequence[ModuleSignal], i: int) -> str:
         gm = math.exp(sum(math.log(w) for w in f.weight_factors) / len(f.weight_factors))
         causes.append(f"weights scale it ×{gm:.2f} per layer")
     text += (": " + "; ".join(causes) if causes else "") + ")"
-    if steps > 1 and f.worst is not None and f.total < 1 and f.worst[2] < 0.5:
+    if steps > 1 and f.worst is not None and f.worst[2] < 0.5:
+        # Amplified overall, the signal can still fall at one layer (a saturated recurrent
+        # layer behind exploding ones): that fall is what a vanishing layer lost.
         a, b, r = f.worst
         text += (
-            f"; the largest single fall, ×{r:.1e}, is from layer {display_name(b)} back to "
-            f"layer {display_name(a)}"
+            f"; {'yet ' if f.total >= 1 else ''}the largest single fall, ×{r:.1e}, is from "
+            f"layer {display_name(b)} back to layer {display_name(a)}"
         )
     return text
