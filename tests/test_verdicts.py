@@ -585,3 +585,50 @@ def test_a_head_whose_gradient_is_on_its_zero_bias_learns(balanced: bool) -> Non
     else:
         assert losses[-1] < 0.5 * losses[0]
         assert head.status == "ok" and "its gradient is on its bias, exactly zero" in head.reason
+
+
+class _Stacked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 16)
+        self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True)
+        self.head = nn.Linear(32, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(self.embed(ids))[0][:, -1])
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.003])
+def test_a_stacked_lstm_whose_inner_layer_does_not_learn_says_so(scale: float) -> None:
+    """nn.LSTM(num_layers=2) with every matrix ×0.003: one module, but its layer 0 gets
+    under 1e-3 of the scale-free gradient of its layer 1. Ground truth: 20 SGD steps move
+    layer 0's input weights by 5e-4 of what they move layer 1's. The module's reason says
+    its stacked layers learn unevenly. At the default init: nothing of the kind."""
+    torch.manual_seed(0)
+    model = _Stacked()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.mul_(scale)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (32, 8), generator=gen)
+    y = ids[:, 0]
+    d = gradsight.diagnose(model, (ids, y), ce, lr=1.0, curvature=False)
+    trained = copy.deepcopy(model)
+    opt = torch.optim.SGD(trained.parameters(), lr=1.0)
+    for _ in range(20):
+        opt.zero_grad()
+        ce(trained(ids), y).backward()
+        opt.step()
+
+    def moved(name: str) -> float:
+        before, after = getattr(model.lstm, name), getattr(trained.lstm, name)
+        return float((after - before).norm() / before.norm())
+
+    uneven = "Its stacked layers learn unevenly: its layer 0" in d.layer("lstm").reason
+    if scale < 1:
+        assert moved("weight_ih_l0") < 1e-3 * moved("weight_ih_l1")
+        assert uneven
+    else:
+        assert moved("weight_ih_l0") > 1e-2 * moved("weight_ih_l1")
+        assert not uneven

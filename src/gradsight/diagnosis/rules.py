@@ -199,6 +199,9 @@ class LayerFacts:
         experts: A mixture of experts' fused expert weights: how many experts they hold;
             ``idle_experts``: those whose gradient is exactly zero (no token of the batch
             routed to them).
+        stack_fade: A stacked recurrent module (``nn.LSTM(num_layers=2)``): its layer
+            whose scale-free gradient is smallest, the layer whose is largest, and their
+            ratio, where that ratio is below ``th.vanishing``.
         zero_weight: Its trained weight is exactly zero (zero-initialized) while it gets
             a gradient: its output carries nothing yet, and its first update changes that.
         blocked_by: With an exactly zero gradient: the layer with ``zero_weight`` that
@@ -244,6 +247,7 @@ class LayerFacts:
     time_input_norms: tuple[float, ...] | None = None
     experts: int = 0
     idle_experts: tuple[int, ...] = ()
+    stack_fade: tuple[int, int, float] | None = None
     params: tuple[str, ...] = ()
     zero_params: tuple[str, ...] = ()
     zero_weight: bool = False
@@ -1029,6 +1033,13 @@ def _notes(layer: LayerFacts, model: ModelFacts, status: str) -> list[str]:
             else f"Its gate ({', '.join(layer.params)}) is exactly zero (zero-initialized): "
             "the branch it gates carries nothing yet and passes no signal back, until its "
             "first update."
+        )
+    if layer.stack_fade is not None and status not in ("frozen", "vanishing", "dead"):
+        low, high, r = layer.stack_fade
+        notes.append(
+            f"Its stacked layers learn unevenly: its layer {low} gets {r:.1e} of the "
+            f"scale-free gradient of its layer {high}, so layer {low} barely moves: the "
+            "signal fades through its own stack."
         )
     if layer.idle_experts and status != "frozen":
         idle = layer.idle_experts

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -416,10 +417,34 @@ def _measure(
         time_input_norms=e.time_input_norms,
         experts=e.experts,
         idle_experts=e.idle_experts,
+        stack_fade=_stack_fade(e, model.th.vanishing),
         params=tuple(e.grad_norms),
         zero_params=tuple(k for k, v in e.param_norms.items() if v == 0.0),
     )
     return d, facts
+
+
+_STACKED = re.compile(r"_l(\d+)(?:_reverse)?$")
+
+
+def _stack_fade(e: LayerEvidence, vanishing: float) -> tuple[int, int, float] | None:
+    """For a module whose parameters are those of stacked recurrent layers
+    (``weight_ih_l0``, ``weight_hh_l1``, …: ``nn.LSTM(num_layers=2)``), its layers with
+    the smallest and the largest scale-free gradient and their ratio, where it is below
+    ``vanishing``: the signal fades through its own stack (an LSTM at weights ×0.01: its
+    layer 0 gets 1e-8 of its layer 1's, and SGD does not move it)."""
+    layers: dict[int, list[float]] = {}
+    for name, g in e.grad_norms.items():
+        found = _STACKED.search(name)
+        if found is not None:
+            layers.setdefault(int(found.group(1)), []).append(g * e.param_norms.get(name, 0.0))
+    if len(layers) < 2:
+        return None
+    rel = {k: math.hypot(*v) for k, v in layers.items()}
+    low, high = min(rel, key=rel.__getitem__), max(rel, key=rel.__getitem__)
+    if not rel[high] > 0 or rel[low] >= vanishing * rel[high]:
+        return None
+    return low, high, rel[low] / rel[high]
 
 
 def _on_zeros(e: LayerEvidence, scale: float, converged: float) -> bool:
