@@ -135,8 +135,9 @@ def still_zero(
         for _ in range(steps):
             current = [_small_step(c, g) for c, g in zip(current, grads, strict=True)]
             grads = _gradients(model, batch, loss_fn, params, current, walk)
-            zero = {n for n in zero if all(_is_zero(grads[i]) for i in watched[n])}
-            movers = {n: ids for n, ids in movers.items() if all(_is_zero(grads[i]) for i in ids)}
+            zero -= _moving(grads, {n: watched[n] for n in zero})
+            for n in _moving(grads, movers):
+                del movers[n]
             if not zero:
                 return Stuck(set(), set())
         gen = torch.Generator().manual_seed(0)
@@ -151,8 +152,8 @@ def still_zero(
         opened: set[str] = set()
         if held:
             grads = _gradients(model, batch, loss_fn, params, current, walk)
-            opened = {n for n in zero if not all(_is_zero(grads[i]) for i in watched[n])}
-            saddles = {n for n, ids in held.items() if not all(_is_zero(grads[i]) for i in ids)}
+            opened = _moving(grads, {n: watched[n] for n in zero})
+            saddles = _moving(grads, held)
         frozen_by = (
             _frozen_holders(
                 model,
@@ -190,8 +191,7 @@ def _frozen_holders(
 
     def opens(names: Collection[str]) -> set[str]:
         others = {id(p): v for n in names for p, v in zip(frozen_zeros[n], off[n], strict=True)}
-        grads = _gradients(model, batch, loss_fn, params, current, walk, others)
-        return {n for n, ids in watched.items() if not all(_is_zero(grads[i]) for i in ids)}
+        return _moving(_gradients(model, batch, loss_fn, params, current, walk, others), watched)
 
     together = opens(list(frozen_zeros))
     alone = (
@@ -240,6 +240,12 @@ def _small_step(p: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
         return p
     p_norm = float(torch.linalg.vector_norm(p))
     return p - (SIZE * (p_norm if p_norm > 0 else 1.0) / g_norm) * g
+
+
+def _moving(grads: Sequence[torch.Tensor | None], groups: Mapping[str, Sequence[int]]) -> set[str]:
+    """The names in ``groups`` (name → indices into ``grads``) with a gradient that is not
+    exactly zero."""
+    return {n for n, ids in groups.items() if not all(_is_zero(grads[i]) for i in ids)}
 
 
 def _is_zero(g: torch.Tensor | None) -> bool:

@@ -286,12 +286,13 @@ def _shut_by_a_dead_neighbour(
             or sig.signal_norm != 0.0
             or e.used_by is not None
             or e.tied  # one tensor, one verdict: its other holders decide
+            or e.name.count(".") < 2  # near the top of the model: no module to share
         ):
             continue
         # Within its grandparent module (a sibling of its parent, as the gate beside the
-        # expert it gates), and not at the top of the model.
+        # expert it gates).
         depth = e.name.count(".")
-        near = [d for d in dead if depth >= 2 and _shared_depth(e.name, d.name) >= depth - 1]
+        near = [d for d in dead if _shared_depth(e.name, d.name) >= depth - 1]
         if not near:
             continue
         shut = near[0]
@@ -312,15 +313,15 @@ def _judge_tied_once(evidence: Sequence[LayerEvidence], layers: Sequence[LayerDi
     that gets none yet (its cross-attention's output projection zero-initialized) read
     "vanishing" while the same tensor learned through the decoder."""
     by_name = {layer.name: (e, layer) for e, layer in zip(evidence, layers, strict=True)}
+
+    def strength(name: str) -> tuple[float, float]:
+        sig = by_name[name][0].signal
+        return (-1.0, -1.0) if sig is None else (sig.sensitivity, sig.signal_norm or 0.0)
+
     for e, layer in zip(evidence, layers, strict=True):
         group = [n for n in (e.name, *e.tied) if n in by_name]
         if len(group) < 2 or layer.status == "frozen":
             continue
-
-        def strength(name: str) -> tuple[float, float]:
-            sig = by_name[name][0].signal
-            return (-1.0, -1.0) if sig is None else (sig.sensitivity, sig.signal_norm or 0.0)
-
         best = max(group, key=strength)
         source = by_name[best][1]
         if best == e.name or source.status == layer.status:
